@@ -1,0 +1,3 @@
+"""hotdog-ray: train, track and serve convolutional image classifiers on Ray."""
+
+__version__ = "0.1.0"

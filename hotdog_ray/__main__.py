@@ -1,0 +1,3 @@
+from hotdog_ray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""The ``hotdog`` command line: one subcommand per stage, all sharing ``--config`` and ``--set``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+from hotdog_ray.config import Config, ConfigError, load_config
+from hotdog_ray.data import DataError
+from hotdog_ray.prepare import LAYOUTS, PrepareError
+from hotdog_ray.storage import StorageError
+
+log = logging.getLogger("hotdog_ray")
+
+# Errors a user can fix; they get one line on stderr and exit code 2, not a traceback.
+USER_ERRORS = (ConfigError, StorageError, DataError, PrepareError)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and repeatable ``--set section.key=value``."""
+    parser.add_argument("--config", "-c", help="YAML preset (see configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting, e.g. --set data.image_size=64 (repeatable)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from hotdog_ray.prepare import write_sample
+
+    counts = write_sample(args.dest, seed=args.seed)
+    print(f"wrote {sum(counts.values())} digit images to {args.dest}: {counts}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from hotdog_ray.prepare import prepare
+
+    classes = args.classes.split(",") if args.classes else None
+    counts = prepare(
+        args.src, args.dest, layout=args.layout, ratios=args.ratios,
+        val_ratio=args.val_ratio, classes=classes, seed=args.seed,
+    )
+    print(f"wrote {sum(counts.values())} files to {args.dest}: {counts}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from hotdog_ray.data import discover, inspect
+    from hotdog_ray.runtime import init_ray
+
+    cfg = config_from_args(args)
+    root = args.uri or cfg.data.root
+    discover(cfg.data, required=(), root=root)  # fail fast, before Ray starts
+    init_ray()
+    report = inspect(cfg.data, root=root)
+    print(json.dumps(report, indent=2) if args.json else format_inspect(report))
+    return 0
+
+
+def format_inspect(report: dict[str, Any]) -> str:
+    """The inspect report as a table a person reads in a terminal."""
+    lines = [
+        f"dataset {report['root']}: {report['images']} images in {report['num_classes']} classes, "
+        f"{report['unreadable']} unreadable",
+        "",
+        f"{'split':<11}{'images':>8}{'unreadable':>12}  {'majority class':<18}{'share':>7}  size range (WxH)",
+    ]
+    for split, rep in report["splits"].items():
+        lo, hi = rep["min_size"], rep["max_size"]
+        size = f"{lo[0]}x{lo[1]} .. {hi[0]}x{hi[1]}" if lo else "-"
+        lines.append(
+            f"{split:<11}{rep['images']:>8}{rep['unreadable_count']:>12}  {str(rep['majority_class']):<18}"
+            f"{rep['majority_share']:>7.1%}  {size}"
+        )
+    width = max(8, *(len(c) + 2 for c in report["classes"]))
+    lines += ["", "images per class:", f"{'class':<{width}}" + "".join(f"{s:>12}" for s in report["splits"])]
+    for c in report["classes"]:
+        lines.append(f"{c:<{width}}" + "".join(f"{r['counts'][c]:>12}" for r in report["splits"].values()))
+    for split, rep in report["splits"].items():
+        if rep["majority_share"] >= 0.6:
+            lines.append(
+                f"\nnote: always answering {rep['majority_class']!r} scores {rep['majority_share']:.1%} on "
+                f"{split}; judge accuracy against that baseline (balanced accuracy does not flatter it)"
+            )
+    bad = [u for r in report["splits"].values() for u in r["unreadable"]]
+    if bad:
+        lines.append(f"\nunreadable files ({len(bad)}, skipped by training):")
+        lines += [f"  {u['path']}: {u['reason']}" for u in bad[:20]]
+        if len(bad) > 20:
+            lines.append(f"  ... and {len(bad) - 20} more (--json lists all)")
+    return "\n".join(lines)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from hotdog_ray.config import dump_config
+
+    print(dump_config(config_from_args(args)), end="")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hotdog", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, fn: Callable[[argparse.Namespace], int], help: str, config: bool = False):
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        if config:
+            add_config_args(p)
+        return p
+
+    p = command("sample", cmd_sample, "write the bundled sample dataset (scikit-learn digits) as PNG folders")
+    p.add_argument("dest", help="destination folder or URI (s3://bucket/prefix)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+
+    p = command("prepare", cmd_prepare, "turn a seed tutorial's raw layout into train/validation/test folders")
+    p.add_argument("src", help="source folder or URI")
+    p.add_argument("dest", help="destination folder or URI (must be empty)")
+    p.add_argument("--layout", required=True, choices=LAYOUTS)
+    p.add_argument("--ratios", default="0.8,0.1,0.1", help="train,validation[,test] shares (split-folders, filename-labels)")
+    p.add_argument("--val-ratio", type=float, default=0.15, help="validation share carved from train (food101)")
+    p.add_argument("--classes", help="comma-separated classes expected in file names (filename-labels)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("inspect", cmd_inspect, "class counts, unreadable files, sizes and majority baseline of a dataset", True)
+    p.add_argument("uri", nargs="?", help="dataset root (default: data.root of the config)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    command("config", cmd_config, "print the resolved config as YAML", True)
+    return parser
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except USER_ERRORS as exc:
+        print(f"hotdog {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""One validated configuration, shared by the CLI, the jobs, Tune and Serve.
+
+A config is built from the embedded defaults, then a YAML preset (``configs/*.yaml``),
+then ``--set section.key=value`` overrides, and validated once. Unknown keys and
+out-of-range values are rejected with the offending key named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    # extra="forbid" is what turns a typo in a preset into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Section):
+    """Training-split augmentation, in the terms of Keras' ImageDataGenerator used by the seeds."""
+
+    horizontal_flip: bool = False
+    vertical_flip: bool = False
+    rotation: float = Field(0.0, ge=0, le=180, description="max rotation, degrees either way")
+    shear: float = Field(0.0, ge=0, le=45, description="max shear, degrees either way")
+    zoom: float = Field(0.0, ge=0, lt=1, description="zoom in [1-zoom, 1+zoom]")
+    width_shift: float = Field(0.0, ge=0, le=1, description="max horizontal shift, fraction of width")
+    height_shift: float = Field(0.0, ge=0, le=1, description="max vertical shift, fraction of height")
+    brightness: tuple[float, float] | None = Field(
+        None, description="brightness factor range, e.g. [0.1, 0.9] as in the Food-101 seed"
+    )
+
+    @model_validator(mode="after")
+    def _check_brightness(self) -> "AugmentConfig":
+        if self.brightness is not None:
+            lo, hi = self.brightness
+            if not 0 <= lo <= hi:
+                raise ValueError("brightness must be [low, high] with 0 <= low <= high")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return any(
+            (self.horizontal_flip, self.vertical_flip, self.rotation, self.shear, self.zoom,
+             self.width_shift, self.height_shift, self.brightness is not None)
+        )
+
+
+class DataConfig(_Section):
+    """Where the images are and how they become tensors."""
+
+    root: str = Field("data/sample", description="dataset root: local path, file://, s3:// or gs:// URI")
+    image_size: int = Field(32, ge=8, le=1024, description="square side the images are resized to")
+    rescale: Literal["unit", "symmetric"] = Field(
+        "unit", description="unit: x/255 in [0, 1]; symmetric: x/127.5-1 in [-1, 1]"
+    )
+    classes: list[str] | None = Field(None, description="use only these classes (default: all)")
+    max_classes: int | None = Field(
+        None, ge=2, description="use the first N classes in sorted order (the Food-101 seed uses 10)"
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="larger images are rejected as decompression bombs"
+    )
+
+    @model_validator(mode="after")
+    def _one_subset(self) -> "DataConfig":
+        if self.classes is not None and self.max_classes is not None:
+            raise ValueError("set data.classes or data.max_classes, not both")
+        if self.classes is not None and len(set(self.classes)) < 2:
+            raise ValueError("data.classes needs at least two distinct classes")
+        return self
+
+
+class ModelConfig(_Section):
+    """Which architecture to build and its searchable width/dropout."""
+
+    name: str = Field("first_cnn", description="a model of the zoo (`hotdog models`)")
+    filters: int = Field(32, ge=1, le=1024, description="base number of convolution filters")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    pretrained_weights: str | None = Field(
+        None, description="transfer learning: torchvision download, or a local/S3 weights file"
+    )
+
+
+class TrainConfig(_Section):
+    """Ray Train settings; defaults run on a 2-core laptop."""
+
+    num_workers: int = Field(1, ge=0, le=1024, description="0 runs the loop in the driver")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="leave CPUs for Ray Data ingest: 2 workers x 1 CPU on 2 cores hang"
+    )
+    gpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(64, ge=1, le=65536, description="global batch, split across workers")
+    epochs: int = Field(10, ge=1, le=10000)
+    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    seed: int = 42
+    storage_path: str = Field("ray_results", description="checkpoints: local path or s3:// URI")
+    run_name: str | None = None
+
+
+class TuneConfig(_Section):
+    """Ray Tune sweep: search space bounds and ASHA."""
+
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    filters: list[int] = Field(default_factory=lambda: [16, 32, 64])
+    dropout: tuple[float, float] = (0.0, 0.5)
+    learning_rate: tuple[float, float] = (1e-4, 1e-2)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+
+
+class ServeConfig(_Section):
+    """Ray Serve HTTP application."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    model_uri: str | None = Field(None, description="default: models:/<registered_model>@champion")
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_upload_bytes: int = Field(10_000_000, ge=1)
+
+
+class ScoreConfig(_Section):
+    """Nightly batch scoring."""
+
+    input: str | None = None
+    output: str | None = None
+    batch_size: int = Field(64, ge=1)
+    num_actors: int = Field(1, ge=1)
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking and registry."""
+
+    uri: str = Field("sqlite:///mlflow.db", description="overridden by MLFLOW_TRACKING_URI")
+    experiment: str = "hotdog-ray"
+    registered_model: str = "hotdog-classifier"
+    alias: str = "champion"
+
+
+class Config(_Section):
+    """The whole configuration; every stage reads its own section."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{key}: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], value); the value is read as YAML (``3``, ``[1, 2]``, ``null``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``key.sub=value`` override applied."""
+    out: dict[str, Any] = _deep_copy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a plain dict (from YAML, Tune or Serve's user_config) into a Config."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load defaults, then the YAML preset at ``path`` (if any), then ``overrides``."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def dump_config(cfg: Config) -> str:
+    """The config as YAML, loadable again by :func:`load_config`."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"data.image_size": 32, ...}``: the config as flat params (for MLflow)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

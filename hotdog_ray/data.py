@@ -1,0 +1,362 @@
+"""Image-folder datasets on Ray Data: ``<root>/{train,validation,test}/<class>/*``.
+
+The layout is listed once on the driver (paths only, never pixels), checked up front and
+frozen into a :class:`DatasetLayout` whose sorted class list every later stage reuses.
+Pixels stream through Ray Data: bytes are read with ``read_binary_files`` (``read_images``
+fails the whole dataset on one bad file), decoded in ``map_batches`` where unreadable files are
+skipped, logged and counted by a small actor, and handed to training as torch batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from hotdog_ray import storage
+from hotdog_ray.images import ImageError, augment_batch, build_augmentation, decode_image, open_image, to_model_input
+
+if TYPE_CHECKING:
+    import ray.data
+    import torch
+
+    from hotdog_ray.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+
+
+class DataError(ValueError):
+    """The dataset layout is unusable (missing or empty split, a single class, unknown class)."""
+
+
+@dataclass
+class DatasetLayout:
+    """What is where: the frozen class list and each split's files with their label indices."""
+
+    root: storage.Location
+    classes: list[str]
+    files: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in SPLITS if s in self.files]
+
+    def class_counts(self, split: str) -> dict[str, int]:
+        counts = Counter(label for _, label in self.files[split])
+        return {name: counts.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def class_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+
+def select_classes(found: list[str], wanted: list[str] | None, max_classes: int | None) -> list[str]:
+    """Apply the configured class subset to the sorted list of class folders found."""
+    found = sorted(found)
+    if wanted is not None:
+        missing = sorted(set(wanted) - set(found))
+        if missing:
+            raise DataError(f"classes {missing} are not in the dataset (found: {found})")
+        return sorted(set(wanted))
+    if max_classes is not None:
+        return found[:max_classes]
+    return found
+
+
+def discover(
+    cfg: "DataConfig",
+    *,
+    required: Iterable[str] = ("train", "validation"),
+    root: str | None = None,
+) -> DatasetLayout:
+    """List the dataset at ``cfg.root`` and check it, raising :class:`DataError` or
+    :class:`~hotdog_ray.storage.StorageError` before any Ray work.
+
+    The class list comes from the train split when there is one (else from all splits), sorted,
+    then narrowed by ``cfg.classes`` / ``cfg.max_classes``.
+    """
+    loc = storage.check_exists(root or cfg.root)
+    present = [s for s in SPLITS if s in storage.list_dirs(loc)]
+    missing = [s for s in required if s not in present]
+    if missing:
+        raise DataError(
+            f"dataset {loc.uri}: missing split folder(s) {missing}; expected "
+            f"<root>/{{{','.join(SPLITS)}}}/<class>/<image> (found: {present or 'none'})"
+        )
+    class_dirs = {s: storage.list_dirs(loc.join(s)) for s in present}
+    source = class_dirs["train"] if "train" in class_dirs else sorted(set().union(*class_dirs.values()))
+    classes = select_classes(source, cfg.classes, cfg.max_classes)
+    if len(classes) < 2:
+        raise DataError(f"dataset {loc.uri}: need at least two classes, found {classes}")
+    subset = cfg.classes is not None or cfg.max_classes is not None
+    index = {name: i for i, name in enumerate(classes)}
+
+    layout = DatasetLayout(root=loc, classes=classes)
+    for split in present:
+        unknown = sorted(set(class_dirs[split]) - set(classes))
+        if unknown and not subset:
+            raise DataError(f"dataset {loc.uri}: split {split!r} has classes {unknown} that train does not")
+        files: list[tuple[str, int]] = []
+        for name in classes:
+            if name in class_dirs[split]:
+                files.extend((p, index[name]) for p in storage.list_files(loc.join(split, name)))
+        if not files:
+            raise DataError(f"dataset {loc.uri}: split {split!r} has no files")
+        labels = {label for _, label in files}
+        if len(labels) < 2:
+            raise DataError(
+                f"dataset {loc.uri}: split {split!r} has only one class ({classes[labels.pop()]})"
+            )
+        layout.files[split] = files
+        # The line Keras users know from flow_from_directory.
+        log.info("%s: found %d files belonging to %d classes", split, len(files), len(labels))
+    return layout
+
+
+def save_classes(layout: DatasetLayout, uri: str) -> None:
+    """Write the class list (index order) as JSON, for stages that run without the dataset."""
+    storage.write_text(uri, json.dumps({"classes": layout.classes}, indent=2))
+
+
+def load_classes(uri: str) -> list[str]:
+    """Read a class list written by :func:`save_classes`."""
+    return list(json.loads(storage.read_text(uri))["classes"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure batch functions: what runs inside Ray Data tasks, testable without Ray.
+
+
+def label_of(path: str, class_index: dict[str, int]) -> int:
+    """The label index of ``.../<class>/<file>``."""
+    return class_index[posixpath.basename(posixpath.dirname(path))]
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    class_index: dict[str, int],
+    size: int,
+    max_pixels: int,
+    transform: Callable | None = None,
+    on_skip: Callable[[list[tuple[str, str]]], None] | None = None,
+    keep_paths: bool = False,
+) -> dict[str, np.ndarray]:
+    """Decode a batch of ``{"bytes", "path"}`` rows into images and labels (and paths if asked:
+    strings cannot go into torch batches).
+
+    Unreadable files are dropped from the batch and passed to ``on_skip`` with the reason.
+    """
+    images, labels, paths, skipped = [], [], [], []
+    for data, path in zip(batch["bytes"], batch["path"]):
+        try:
+            images.append(decode_image(data, size, max_pixels=max_pixels))
+        except ImageError as exc:
+            skipped.append((str(path), str(exc)))
+            continue
+        labels.append(label_of(path, class_index))
+        paths.append(path)
+    if skipped:
+        for path, reason in skipped:
+            log.warning("skipping %s: %s", path, reason)
+        if on_skip is not None:
+            on_skip(skipped)
+    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    if transform is not None and len(stacked):
+        stacked = augment_batch(stacked, transform)
+    out = {"image": stacked, "label": np.asarray(labels, np.int64)}
+    if keep_paths:
+        out["path"] = np.asarray(paths, dtype=object)
+    return out
+
+
+def probe_batch(batch: dict[str, np.ndarray], *, root_path: str, max_pixels: int) -> dict[str, np.ndarray]:
+    """For ``hotdog inspect``: split, class, size and error of each file (pixels fully decoded)."""
+    out: dict[str, list] = {"split": [], "label": [], "width": [], "height": [], "error": [], "path": []}
+    for data, path in zip(batch["bytes"], batch["path"]):
+        rel = posixpath.relpath(str(path), root_path).split("/")
+        width = height = -1
+        error = ""
+        try:
+            img = open_image(data, max_pixels=max_pixels)
+            width, height = img.size
+        except ImageError as exc:
+            error = str(exc)
+        out["split"].append(rel[0])
+        out["label"].append(rel[1] if len(rel) > 2 else "")
+        out["width"].append(width)
+        out["height"].append(height)
+        out["error"].append(error)
+        out["path"].append(str(path))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray pieces: thin wrappers around the functions above.
+
+
+def _skip_log_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class SkipLog:
+        """Collects unreadable files across tasks and epochs, once per path."""
+
+        def __init__(self) -> None:
+            self.reasons: dict[str, str] = {}
+
+        def add(self, items: list[tuple[str, str]]) -> None:
+            for path, reason in items:
+                self.reasons.setdefault(path, reason)
+
+        def get(self) -> dict[str, str]:
+            return dict(self.reasons)
+
+    return SkipLog
+
+
+class _Reporter:
+    """Picklable callback that hands skipped files to the SkipLog actor."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def __call__(self, items: list[tuple[str, str]]) -> None:
+        import ray
+
+        # Waiting makes the count exact when the epoch ends; skips are rare, so this is cheap.
+        ray.get(self.actor.add.remote(items))
+
+
+class ImagePipeline:
+    """Streaming Ray Data datasets for the splits of one :class:`DatasetLayout`.
+
+    ``dataset("train")`` is augmented when the config asks for it; validation and test never are.
+    """
+
+    def __init__(self, cfg: "DataConfig", layout: DatasetLayout) -> None:
+        self.cfg = cfg
+        self.layout = layout
+        self._skip_log = _skip_log_class().remote()
+
+    @classmethod
+    def from_config(cls, cfg: "DataConfig", *, required: Iterable[str] = ("train", "validation")) -> "ImagePipeline":
+        return cls(cfg, discover(cfg, required=required))
+
+    def dataset(self, split: str, *, augment: bool | None = None, keep_paths: bool = False) -> "ray.data.Dataset":
+        """The split as a lazy Ray dataset of ``{"image": uint8 HWC, "label"[, "path"]}`` rows."""
+        import ray.data
+
+        if split not in self.layout.files:
+            raise DataError(f"dataset {self.layout.root.uri}: no {split!r} split")
+        if augment is None:
+            augment = split == "train"
+        transform = build_augmentation(self.cfg.augment) if augment and split == "train" else None
+        paths = [p for p, _ in self.layout.files[split]]
+        ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=self.layout.root.fs)
+        return ds.map_batches(
+            decode_batch,
+            batch_format="numpy",
+            fn_kwargs={
+                "class_index": self.layout.class_index(),
+                "size": self.cfg.image_size,
+                "max_pixels": self.cfg.max_image_pixels,
+                "transform": transform,
+                "on_skip": _Reporter(self._skip_log),
+                "keep_paths": keep_paths,
+            },
+        )
+
+    def skipped(self) -> dict[str, str]:
+        """Every unreadable file met so far, with the reason."""
+        import ray
+
+        return ray.get(self._skip_log.get.remote())
+
+
+def iter_torch_batches(
+    source: Any,
+    *,
+    batch_size: int,
+    rescale: str,
+    device: "str | torch.device" = "cpu",
+    drop_last: bool = False,
+    local_shuffle_buffer_size: int | None = None,
+    local_shuffle_seed: int | None = None,
+) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    """(NCHW float images, int64 labels) batches from a Ray dataset or a Train shard.
+
+    Images travel as uint8 and are rescaled on ``device``.
+    """
+    for batch in source.iter_torch_batches(
+        batch_size=batch_size,
+        device=device,
+        drop_last=drop_last,
+        local_shuffle_buffer_size=local_shuffle_buffer_size,
+        local_shuffle_seed=local_shuffle_seed,
+    ):
+        yield to_model_input(batch["image"], rescale), batch["label"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspection
+
+
+def inspect(cfg: "DataConfig", root: str | None = None) -> dict[str, Any]:
+    """Per split: class counts, majority-class share, unreadable files and image size range."""
+    import ray.data
+
+    layout = discover(cfg, required=(), root=root)
+    paths = [p for s in layout.splits for p, _ in layout.files[s]]
+    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=layout.root.fs)
+    rows = ds.map_batches(
+        probe_batch,
+        batch_format="numpy",
+        fn_kwargs={"root_path": layout.root.path, "max_pixels": cfg.max_image_pixels},
+    )
+    return summarize(layout, (b for b in rows.iter_batches(batch_format="numpy", batch_size=1024)))
+
+
+def summarize(layout: DatasetLayout, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Fold probe batches into the inspect report (pure: testable without Ray)."""
+    splits: dict[str, dict[str, Any]] = {
+        s: {"counts": {c: 0 for c in layout.classes}, "unreadable": [], "min_size": None, "max_size": None}
+        for s in layout.splits
+    }
+    for batch in batches:
+        for split, label, w, h, err, path in zip(
+            batch["split"], batch["label"], batch["width"], batch["height"], batch["error"], batch["path"]
+        ):
+            rep = splits[str(split)]
+            if err:
+                rep["unreadable"].append({"path": str(path), "reason": str(err)})
+                continue
+            rep["counts"][str(label)] += 1
+            size = (int(w), int(h))
+            rep["min_size"] = size if rep["min_size"] is None else [min(a, b) for a, b in zip(rep["min_size"], size)]
+            rep["max_size"] = size if rep["max_size"] is None else [max(a, b) for a, b in zip(rep["max_size"], size)]
+    total = 0
+    for rep in splits.values():
+        n = sum(rep["counts"].values())
+        total += n
+        rep["images"] = n
+        majority = max(rep["counts"], key=rep["counts"].get) if n else None
+        rep["majority_class"] = majority
+        rep["majority_share"] = rep["counts"][majority] / n if n else 0.0
+        rep["unreadable_count"] = len(rep["unreadable"])
+        rep["min_size"] = list(rep["min_size"]) if rep["min_size"] else None
+        rep["max_size"] = list(rep["max_size"]) if rep["max_size"] else None
+    return {
+        "root": layout.root.uri,
+        "classes": layout.classes,
+        "num_classes": len(layout.classes),
+        "images": total,
+        "unreadable": sum(r["unreadable_count"] for r in splits.values()),
+        "splits": splits,
+    }

@@ -1,0 +1,192 @@
+"""Object storage: one place that turns a URI into a pyarrow filesystem and a path.
+
+Plain paths and ``file://`` are the embedded default; ``s3://bucket/prefix`` is built explicitly
+from the usual AWS variables because pyarrow ignores ``AWS_ENDPOINT_URL`` (apache/arrow#49643),
+which MinIO, Ceph and moto users rely on. Other schemes (``gs://``) go through pyarrow as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+
+
+class StorageError(RuntimeError):
+    """A URI cannot be used: missing bucket, prefix or credentials. The message says which."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: the filesystem, the path inside it, and the URI a user wrote."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    def join(self, *parts: str) -> "Location":
+        """A location below this one (``loc.join("train", "cats")``)."""
+        path = posixpath.join(self.path, *parts)
+        return Location(self.fs, path, _join_uri(self.uri, *parts))
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+
+def _join_uri(uri: str, *parts: str) -> str:
+    base, sep, query = uri.partition("?")
+    joined = base.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts)
+    return joined + (sep + query if sep else "")
+
+
+def _env(*names: str) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the environment, as boto3 and the AWS CLI read it."""
+    return _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def _have_credentials() -> bool:
+    if _env("AWS_ACCESS_KEY_ID") and _env("AWS_SECRET_ACCESS_KEY"):
+        return True
+    if _env("AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        return True
+    shared = _env("AWS_SHARED_CREDENTIALS_FILE") or str(Path.home() / ".aws" / "credentials")
+    return Path(shared).is_file()
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3 filesystem configured from AWS_* variables, custom endpoints included."""
+    kwargs: dict = {}
+    endpoint = s3_endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "https"
+        # A custom endpoint has no instance-metadata credentials: without keys we would only
+        # wait on timeouts and then fail obscurely, so say so now.
+        if not _have_credentials():
+            raise StorageError(
+                f"no S3 credentials for endpoint {endpoint}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+            )
+    region = _env("AWS_REGION", "AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    if _env("AWS_ACCESS_KEY_ID") and _env("AWS_SECRET_ACCESS_KEY"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+        if _env("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | os.PathLike) -> Location:
+    """Turn a path or URI into a :class:`Location`. Does no I/O."""
+    uri = os.fspath(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
+        local = parsed.path if parsed.scheme == "file" else uri
+        path = str(Path(local).expanduser().absolute())
+        return Location(pafs.LocalFileSystem(), path, uri)
+    if parsed.scheme in ("s3", "s3a") and not parsed.query:
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: no bucket in the URI (expected s3://bucket/prefix)")
+        path = posixpath.join(parsed.netloc, parsed.path.lstrip("/")).rstrip("/")
+        return Location(s3_filesystem(), path, uri)
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as exc:  # ArrowInvalid is a ValueError
+        raise StorageError(f"{uri}: unsupported or invalid storage URI ({exc})") from exc
+    return Location(fs, path.rstrip("/"), uri)
+
+
+def check_exists(uri: str | os.PathLike, *, kind: str = "dataset") -> Location:
+    """Resolve ``uri`` and make sure something is there, with one clear error if not.
+
+    Called before any Ray work starts, so a typo in a bucket name fails in a second, not
+    after a cluster spun up.
+    """
+    loc = resolve(uri)
+    try:
+        info = loc.fs.get_file_info(loc.path)
+    except OSError as exc:
+        raise StorageError(_explain(loc, exc, kind)) from exc
+    if info.type == pafs.FileType.NotFound:
+        bucket = loc.path.split("/", 1)[0]
+        if not loc.is_local and "/" in loc.path:
+            try:
+                if loc.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                    raise StorageError(f"{kind} {loc.uri}: bucket {bucket!r} does not exist")
+            except OSError as exc:
+                raise StorageError(_explain(loc, exc, kind)) from exc
+        raise StorageError(f"{kind} {loc.uri}: nothing found at that location")
+    return loc
+
+
+def _explain(loc: Location, exc: OSError, kind: str) -> str:
+    text = str(exc)
+    hint = ""
+    if "ACCESS_DENIED" in text.upper() or "403" in text or "credential" in text.lower():
+        hint = " (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)"
+    elif "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text.upper():
+        hint = " (the bucket does not exist)"
+    return f"{kind} {loc.uri}: cannot be read: {text}{hint}"
+
+
+def list_files(loc: Location) -> list[str]:
+    """All files below ``loc`` (recursive), sorted, skipping hidden files such as ``.DS_Store``."""
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+    return sorted(
+        i.path for i in infos
+        if i.type == pafs.FileType.File and not posixpath.basename(i.path).startswith(".")
+    )
+
+
+def list_dirs(loc: Location) -> list[str]:
+    """Names of the immediate subdirectories of ``loc``, sorted."""
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                  and not i.base_name.startswith("."))
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    """The whole content of one file."""
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write one file, creating parent directories where the filesystem has them."""
+    parent = posixpath.dirname(path)
+    if parent and isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write a small text file (class lists, summaries) to a path or URI."""
+    loc = resolve(uri)
+    write_bytes(loc.fs, loc.path, text.encode())
+
+
+def read_text(uri: str) -> str:
+    """Read a small text file from a path or URI."""
+    loc = resolve(uri)
+    return read_bytes(loc.fs, loc.path).decode()
