@@ -34,7 +34,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         # 16-bit data spans 0..65535; 32-bit float TIFFs are usually 0..1.
         scale = 255.0 if img.mode == "F" and arr.max(initial=0) <= 1.0 else 255.0 / 65535.0
         arr = np.clip(arr * scale, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in _ALPHA_MODES:

@@ -109,7 +109,7 @@ def sample_plan(seed: int = 0, ratios: tuple[float, float, float] = (0.7, 0.15, 
     for split, idx in (("train", train_idx), ("validation", val_idx), ("test", test_idx)):
         for i in sorted(idx):
             buf = io.BytesIO()
-            Image.fromarray(pixels[i], mode="L").save(buf, format="PNG")
+            Image.fromarray(pixels[i]).save(buf, format="PNG")
             plan.append((split, str(digits.target[i]), f"digit_{i:04d}.png", buf.getvalue()))
     return plan
 

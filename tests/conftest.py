@@ -1,0 +1,105 @@
+"""Shared fixtures: one Ray instance per session, a real S3 endpoint on loopback, generated images."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.imagegen import write_image_tree
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole run: starting Ray costs seconds, and two instances on one
+    machine confuse Train's placement-group cleaner (STACK-NOTES)."""
+    import ray
+
+    from hotdog_ray.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@dataclass
+class S3:
+    endpoint: str
+    client: object
+
+    def bucket(self, prefix: str = "test") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def upload_dir(self, local: Path, bucket: str, prefix: str) -> str:
+        for path in sorted(Path(local).rglob("*")):
+            if path.is_file():
+                key = f"{prefix}/{path.relative_to(local).as_posix()}"
+                self.client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+        return f"s3://{bucket}/{prefix}"
+
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server speaking real HTTP on 127.0.0.1, with AWS_ENDPOINT_URL pointing at it."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    try:
+        yield S3(endpoint, client)
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture()
+def s3(s3_server, monkeypatch):
+    """The session's S3 server, with its environment restored after each test."""
+    for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": s3_server.endpoint}.items():
+        monkeypatch.setenv(k, v)
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory):
+    """A small dataset with odd-mode images and planted bad files (see tests/imagegen.py)."""
+    root = tmp_path_factory.mktemp("images")
+    return write_image_tree(root)
+
+
+def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()

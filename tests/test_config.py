@@ -1,0 +1,98 @@
+"""The config: presets, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hotdog_ray.cli import main
+from hotdog_ray.config import Config, ConfigError, apply_overrides, dump_config, flatten, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_valid_and_laptop_sized():
+    cfg = Config()
+    assert cfg.data.root == "data/sample"
+    assert cfg.train.num_workers * cfg.train.cpus_per_worker < 2  # a CPU stays free for ingest
+    assert cfg.tracking.uri.startswith("sqlite:///")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_preset_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_presets_exist():
+    assert "sample.yaml" in {p.name for p in CONFIGS}
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["data.image_size=64", "data.augment.horizontal_flip=true",
+                             "data.classes=[cat, dog]", "train.learning_rate=3e-4", "data.augment.brightness=[0.2, 0.8]"])
+    assert cfg.data.image_size == 64
+    assert cfg.data.augment.horizontal_flip is True
+    assert cfg.data.classes == ["cat", "dog"]
+    assert cfg.train.learning_rate == pytest.approx(3e-4)
+    assert cfg.data.augment.brightness == (0.2, 0.8)
+
+
+def test_overrides_apply_on_top_of_preset(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("data:\n  image_size: 48\n  rescale: symmetric\n")
+    cfg = load_config(preset, ["data.image_size=96"])
+    assert (cfg.data.image_size, cfg.data.rescale) == (96, "symmetric")
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("data.imag_size=64", "data.imag_size"),
+        ("modle.name=x", "modle"),
+        ("data.image_size=4", "data.image_size"),
+        ("data.rescale=imagenet", "data.rescale"),
+        ("data.augment.zoom=1.5", "data.augment.zoom"),
+        ("train.learning_rate=-1", "train.learning_rate"),
+        ("serve.port=70000", "serve.port"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert key in str(err.value)
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="data.classes or data.max_classes"):
+        load_config(None, ["data.classes=[a, b]", "data.max_classes=2"])
+    with pytest.raises(ConfigError, match="brightness"):
+        load_config(None, ["data.augment.brightness=[0.9, 0.1]"])
+
+
+def test_malformed_override_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["data.image_size"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"data": {"root": "x"}}, ["data.root.sub=1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(None, ["data.image_size=40", "model.dropout=0.25"])
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+    assert flatten(cfg)["data.image_size"] == 40
+
+
+def test_cli_reports_config_errors_without_traceback(capsys):
+    assert main(["config", "--set", "data.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "data.bogus: unknown key" in err and "Traceback" not in err
