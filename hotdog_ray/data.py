@@ -148,31 +148,35 @@ def decode_batch(
     on_skip: Callable[[list[tuple[str, str]]], None] | None = None,
     keep_paths: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Decode a batch of ``{"bytes", "path"}`` rows into images and labels (and paths if asked:
-    strings cannot go into torch batches).
+    """Decode a batch of ``{"bytes", "path"}`` rows into ``image``, ``label`` and an ``ok`` flag.
 
-    Unreadable files are dropped from the batch and passed to ``on_skip`` with the reason.
+    Unreadable files keep their row (a zero image, ``ok`` False) and are passed to ``on_skip``
+    with the reason; the caller drops them with an Arrow filter, which keeps the column types
+    even when a whole block was bad. Paths are strings and cannot go into torch batches, so
+    they are kept only on request.
     """
-    images, labels, paths, skipped = [], [], [], []
-    for data, path in zip(batch["bytes"], batch["path"]):
+    n = len(batch["path"])
+    images = np.zeros((n, size, size, 3), np.uint8)
+    ok = np.zeros(n, bool)
+    labels = np.empty(n, np.int64)
+    skipped = []
+    for i, (data, path) in enumerate(zip(batch["bytes"], batch["path"])):
+        labels[i] = label_of(path, class_index)
         try:
-            images.append(decode_image(data, size, max_pixels=max_pixels))
+            images[i] = decode_image(data, size, max_pixels=max_pixels)
+            ok[i] = True
         except ImageError as exc:
             skipped.append((str(path), str(exc)))
-            continue
-        labels.append(label_of(path, class_index))
-        paths.append(path)
     if skipped:
         for path, reason in skipped:
             log.warning("skipping %s: %s", path, reason)
         if on_skip is not None:
             on_skip(skipped)
-    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
-    if transform is not None and len(stacked):
-        stacked = augment_batch(stacked, transform)
-    out = {"image": stacked, "label": np.asarray(labels, np.int64)}
+    if transform is not None and ok.any():
+        images[ok] = augment_batch(images[ok], transform)
+    out = {"image": images, "label": labels, "ok": ok}
     if keep_paths:
-        out["path"] = np.asarray(paths, dtype=object)
+        out["path"] = np.asarray([str(p) for p in batch["path"]], dtype=object)
     return out
 
 
@@ -260,7 +264,7 @@ class ImagePipeline:
         transform = build_augmentation(self.cfg.augment) if augment and split == "train" else None
         paths = [p for p, _ in self.layout.files[split]]
         ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=self.layout.root.fs)
-        return ds.map_batches(
+        decoded = ds.map_batches(
             decode_batch,
             batch_format="numpy",
             fn_kwargs={
@@ -272,6 +276,7 @@ class ImagePipeline:
                 "keep_paths": keep_paths,
             },
         )
+        return decoded.filter(expr="ok").drop_columns(["ok"])
 
     def skipped(self) -> dict[str, str]:
         """Every unreadable file met so far, with the reason."""

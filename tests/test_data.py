@@ -1,0 +1,158 @@
+"""The Ray Data pipeline on the same generated dataset, from a local folder and from S3 on loopback."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from hotdog_ray.config import DataConfig
+from hotdog_ray.data import DataError, ImagePipeline, discover, inspect, iter_torch_batches
+from tests.imagegen import CLASSES, LEVELS, class_of_level
+
+
+@pytest.fixture(params=["local", "s3"])
+def dataset_uri(request, image_tree):
+    if request.param == "local":
+        return str(image_tree.root)
+    s3 = request.getfixturevalue("s3")
+    bucket = s3.bucket("data")
+    return s3.upload_dir(image_tree.root, bucket, "images")
+
+
+def collect(pipeline: ImagePipeline, split: str, rescale: str, **kw):
+    images, labels = [], []
+    for x, y in iter_torch_batches(pipeline.dataset(split, **kw), batch_size=8, rescale=rescale):
+        images.append(x)
+        labels.append(y)
+    return torch.cat(images), torch.cat(labels)
+
+
+@pytest.mark.parametrize("rescale,lo,hi", [("unit", 0.0, 1.0), ("symmetric", -1.0, 1.0)])
+def test_pipeline_yields_exactly_the_good_images(ray_session, image_tree, dataset_uri, rescale, lo, hi):
+    cfg = DataConfig(root=dataset_uri, image_size=16, rescale=rescale)
+    pipeline = ImagePipeline.from_config(cfg)
+    assert pipeline.layout.classes == sorted(CLASSES)
+
+    for split in ("train", "validation"):
+        x, y = collect(pipeline, split, rescale)
+        assert x.shape == (image_tree.good_count(split), 3, 16, 16) and x.dtype == torch.float32
+        assert float(x.min()) >= lo and float(x.max()) <= hi
+        # Labels checked against the pixels, not against the code that assigned them.
+        level = ((x.mean(dim=(1, 2, 3)) - lo) / (hi - lo) * 255).numpy()
+        from_pixels = [pipeline.layout.classes.index(class_of_level(v)) for v in level]
+        assert y.tolist() == from_pixels
+        counts = np.bincount(y.numpy(), minlength=len(CLASSES))
+        assert counts.tolist() == [image_tree.good[split][c] for c in pipeline.layout.classes]
+
+    skipped = pipeline.skipped()
+    reported = sorted(p.split("/images/", 1)[-1] if dataset_uri.startswith("s3") else p for p in skipped)
+    expected = sorted(b if dataset_uri.startswith("s3") else str(image_tree.root / b) for b in image_tree.bad
+                      if b.split("/")[0] in ("train", "validation"))
+    assert reported == expected
+    assert all(reason for reason in skipped.values())
+
+
+def test_bad_files_are_counted_once_across_epochs(ray_session, image_tree):
+    pipeline = ImagePipeline.from_config(DataConfig(root=str(image_tree.root), image_size=8))
+    for _ in range(2):
+        collect(pipeline, "train", "unit")
+    assert len(pipeline.skipped()) == sum(b.startswith("train/") for b in image_tree.bad)
+
+
+def test_only_train_is_augmented(ray_session, image_tree):
+    cfg = DataConfig(
+        root=str(image_tree.root), image_size=16,
+        augment={"rotation": 45, "width_shift": 0.3, "brightness": [0.2, 0.5]},
+    )
+    pipeline = ImagePipeline.from_config(cfg)
+    val_a, _ = collect(pipeline, "validation", "unit")
+    val_b, _ = collect(pipeline, "validation", "unit")
+    assert torch.equal(val_a, val_b)  # never augmented: identical every pass
+
+    plain, _ = collect(pipeline, "train", "unit", augment=False)
+    augmented, _ = collect(pipeline, "train", "unit")
+    assert plain.shape == augmented.shape
+    # brightness 0.2..0.5 darkens every image a lot
+    assert float(augmented.mean()) < 0.6 * float(plain.mean())
+
+
+def test_train_split_shards_across_workers(ray_session, image_tree):
+    pipeline = ImagePipeline.from_config(DataConfig(root=str(image_tree.root), image_size=8))
+    shards = pipeline.dataset("train").streaming_split(2, equal=False)
+    seen = [0, 0]
+
+    def consume(i):
+        for x, _ in iter_torch_batches(shards[i], batch_size=4, rescale="unit"):
+            seen[i] += len(x)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sum(seen) == image_tree.good_count("train")
+
+
+def test_class_subset_and_max_classes(ray_session, image_tree):
+    pipeline = ImagePipeline.from_config(DataConfig(root=str(image_tree.root), image_size=8, classes=["hotdog", "cat"]))
+    assert pipeline.layout.classes == ["cat", "hotdog"]
+    _, y = collect(pipeline, "validation", "unit")
+    assert sorted(set(y.tolist())) == [0, 1]
+    assert len(y) == image_tree.good["validation"]["cat"] + image_tree.good["validation"]["hotdog"]
+
+    layout = discover(DataConfig(root=str(image_tree.root), max_classes=2))
+    assert layout.classes == ["cat", "dog"]
+    with pytest.raises(DataError, match=r"\['pizza'\] are not in the dataset"):
+        discover(DataConfig(root=str(image_tree.root), classes=["cat", "pizza"]))
+
+
+def _copy(image_tree, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(image_tree.root, root)
+    return root
+
+
+def test_layout_errors_are_clear_and_early(image_tree, tmp_path):
+    root = _copy(image_tree, tmp_path)
+    shutil.rmtree(root / "validation")
+    with pytest.raises(DataError, match=r"missing split folder\(s\) \['validation'\]"):
+        discover(DataConfig(root=str(root)))
+    discover(DataConfig(root=str(root)), required=("train",))  # fine when not required
+
+    root = _copy(image_tree, tmp_path / "b")
+    for cls in CLASSES:
+        shutil.rmtree(root / "test" / cls)
+        (root / "test" / cls).mkdir()
+    with pytest.raises(DataError, match="split 'test' has no files"):
+        discover(DataConfig(root=str(root)))
+
+    root = _copy(image_tree, tmp_path / "c")
+    for cls in ("dog", "hotdog"):
+        shutil.rmtree(root / "validation" / cls)
+    with pytest.raises(DataError, match="split 'validation' has only one class"):
+        discover(DataConfig(root=str(root)))
+
+    root = _copy(image_tree, tmp_path / "d")
+    (root / "validation" / "pizza").mkdir()
+    (root / "validation" / "pizza" / "p.png").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"classes \['pizza'\] that train does not"):
+        discover(DataConfig(root=str(root)))
+
+
+def test_inspect_reports_counts_bad_files_sizes_and_majority(ray_session, image_tree, tmp_path):
+    root = _copy(image_tree, tmp_path)
+    # Make validation lopsided, like the hotdog tutorial's 794 of 888 "nohotdog".
+    for i in range(6):
+        shutil.copy(root / "validation" / "dog" / "dog_000.png", root / "validation" / "dog" / f"extra_{i}.png")
+    report = inspect(DataConfig(root=str(root)))
+    assert report["classes"] == list(CLASSES)
+    assert report["unreadable"] == len(image_tree.bad)
+    val = report["splits"]["validation"]
+    assert val["counts"] == {"cat": 3, "dog": 9, "hotdog": 3}
+    assert val["majority_class"] == "dog" and val["majority_share"] == pytest.approx(9 / 15)
+    assert report["splits"]["train"]["min_size"] == [16, 20] and report["splits"]["train"]["max_size"] == [40, 40]
+    assert {u["path"].split("/ds/")[1] for s in report["splits"].values() for u in s["unreadable"]} == set(image_tree.bad)
