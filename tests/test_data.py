@@ -154,5 +154,5 @@ def test_inspect_reports_counts_bad_files_sizes_and_majority(ray_session, image_
     val = report["splits"]["validation"]
     assert val["counts"] == {"cat": 3, "dog": 9, "hotdog": 3}
     assert val["majority_class"] == "dog" and val["majority_share"] == pytest.approx(9 / 15)
-    assert report["splits"]["train"]["min_size"] == [16, 20] and report["splits"]["train"]["max_size"] == [40, 40]
+    assert report["splits"]["train"]["min_size"] == [16, 16] and report["splits"]["train"]["max_size"] == [40, 40]
     assert {u["path"].split("/ds/")[1] for s in report["splits"].values() for u in s["unreadable"]} == set(image_tree.bad)
