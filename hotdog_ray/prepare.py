@@ -115,10 +115,18 @@ def sample_plan(seed: int = 0, ratios: tuple[float, float, float] = (0.7, 0.15, 
 
 
 def write_sample(dest_uri: str, *, seed: int = 0) -> dict[str, int]:
-    """Write the digits sample under ``dest_uri``; returns image counts per split."""
+    """Write the digits sample under ``dest_uri``; returns image counts per split.
+
+    Rerunning over an earlier sample is fine (the files are rewritten byte for byte); a
+    destination holding anything else is refused.
+    """
     dest = storage.resolve(dest_uri)
-    _check_dest_empty(dest)
-    return _write_plan(None, dest, sample_plan(seed))
+    plan = sample_plan(seed)
+    ours = {posixpath.join(dest.path, split, cls, name) for split, cls, name, _ in plan}
+    foreign = [p for p in storage.list_files(dest) if p not in ours]
+    if foreign:
+        raise PrepareError(f"destination {dest.uri} holds other files ({foreign[0]}, ...); choose a new folder")
+    return _write_plan(None, dest, plan)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,3 +162,11 @@ def test_sample_to_s3_reads_back(s3, ray_session):
     layout = discover(DataConfig(root=f"s3://{bucket}/digits"), required=("train", "validation", "test"))
     assert layout.classes == [str(d) for d in range(10)]
     assert sum(len(f) for f in layout.files.values()) == 1797
+
+
+def test_sample_can_be_rewritten_but_not_over_other_data(tmp_path):
+    assert sum(write_sample(str(tmp_path / "s")).values()) == 1797
+    assert sum(write_sample(str(tmp_path / "s")).values()) == 1797  # rerun of the Quickstart
+    (tmp_path / "s" / "train" / "0" / "mine.png").write_bytes(b"x")
+    with pytest.raises(PrepareError, match="holds other files"):
+        write_sample(str(tmp_path / "s"))

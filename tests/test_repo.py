@@ -1,0 +1,32 @@
+"""The repository keeps its promises: two Quickstart commands, CI runs the second verbatim."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def quickstart_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return [line for b in blocks for line in b.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_quickstart_has_exactly_two_commands():
+    assert len(quickstart_commands()) == 2
+
+
+def test_ci_runs_the_readme_test_command():
+    test_cmd = quickstart_commands()[1]
+    assert "pytest" in test_cmd
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_cmd.strip() in ci
+
+
+def test_run_artefacts_are_ignored():
+    ignored = (ROOT / ".gitignore").read_text().split()
+    for item in ("mlflow.db", "ray_results/", ".venv/", "/data/"):
+        assert item in ignored
