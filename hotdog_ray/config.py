@@ -66,6 +66,9 @@ class DataConfig(_Section):
         None, ge=2, description="use the first N classes in sorted order (the Food-101 seed uses 10)"
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    files_per_task: int = Field(
+        256, ge=1, le=100_000, description="images per Ray Data read task (small tasks cost more to schedule)"
+    )
     max_image_pixels: int = Field(
         50_000_000, ge=1, description="larger images are rejected as decompression bombs"
     )

@@ -156,3 +156,13 @@ def test_inspect_reports_counts_bad_files_sizes_and_majority(ray_session, image_
     assert val["majority_class"] == "dog" and val["majority_share"] == pytest.approx(9 / 15)
     assert report["splits"]["train"]["min_size"] == [16, 16] and report["splits"]["train"]["max_size"] == [40, 40]
     assert {u["path"].split("/ds/")[1] for s in report["splits"].values() for u in s["unreadable"]} == set(image_tree.bad)
+
+
+def test_read_tasks_are_sized_by_files_and_cpus():
+    from hotdog_ray.data import plan_read_tasks
+
+    assert plan_read_tasks(3000, 2, 128) == 24  # by files
+    assert plan_read_tasks(3000, 2, 256) == 12
+    assert plan_read_tasks(100, 8, 128) == 16  # at least two per CPU
+    assert plan_read_tasks(5, 8, 128) == 5  # never more tasks than files
+    assert plan_read_tasks(0, 2, 128) == 1
