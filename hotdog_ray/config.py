@@ -86,11 +86,21 @@ class ModelConfig(_Section):
     """Which architecture to build and its searchable width/dropout."""
 
     name: str = Field("first_cnn", description="a model of the zoo (`hotdog models`)")
-    filters: int = Field(32, ge=1, le=1024, description="base number of convolution filters")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    filters: int | None = Field(None, ge=1, le=4096, description="base filter width (None: the seed's)")
+    dropout: float | None = Field(None, ge=0, lt=1, description="dense-head dropout (None: the seed's)")
+    conv_dropout: float | None = Field(None, ge=0, lt=1, description="conv-block dropout (None: the seed's)")
     pretrained_weights: str | None = Field(
-        None, description="transfer learning: torchvision download, or a local/S3 weights file"
+        None, description="transfer learning: 'torchvision' (download) or a local/S3 state-dict file"
     )
+    unfreeze_top: bool = Field(False, description="transfer learning: also train the backbone's top block")
+
+    @model_validator(mode="after")
+    def _known(self) -> "ModelConfig":
+        from hotdog_ray.models import ZOO  # the zoo is the one list of names
+
+        if self.name not in ZOO:
+            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(ZOO)}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -106,9 +116,25 @@ class TrainConfig(_Section):
     epochs: int = Field(10, ge=1, le=10000)
     optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
     learning_rate: float = Field(1e-3, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd and rmsprop")
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["none", "step", "plateau"] = Field(
+        "none", description="step: multiply by lr_gamma every lr_step_epochs; plateau: when val_loss stalls"
+    )
+    lr_step_epochs: int = Field(10, ge=1)
+    lr_gamma: float = Field(0.1, gt=0, lt=1, description="the snacks chapter divides by 10")
+    lr_patience: int = Field(2, ge=0, description="plateau: epochs without improvement before a cut")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a better val_loss (None: off)"
+    )
+    restore_best: bool = Field(True, description="end with the weights of the best val_loss epoch")
+    num_to_keep: int = Field(2, ge=1, description="checkpoints kept, best val_loss first")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+    mixed_precision: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
     seed: int = 42
     storage_path: str = Field("ray_results", description="checkpoints: local path or s3:// URI")
-    run_name: str | None = None
+    run_name: str | None = Field(None, description="rerunning a name resumes it (default: a new name)")
 
 
 class TuneConfig(_Section):

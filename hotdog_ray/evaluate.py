@@ -1,0 +1,120 @@
+"""Honest evaluation: accuracy beside balanced accuracy, macro-F1 and the majority-class baseline,
+a per-class table and a confusion matrix. The metric functions are pure; plotting is separate."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Test-split metrics; ``majority_baseline`` is what always answering the commonest class scores."""
+    from sklearn.metrics import (
+        accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
+    )
+
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    labels = list(range(len(classes)))
+    counts = np.bincount(y_true, minlength=len(classes))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "majority_baseline": float(counts.max() / max(1, counts.sum())),
+        "majority_class": classes[int(counts.argmax())],
+        "num_images": int(len(y_true)),
+        "per_class": [
+            {"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for c, p, r, f, s in zip(classes, precision, recall, f1, support)
+        ],
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "classes": list(classes),
+    }
+
+
+def format_report(m: dict[str, Any]) -> str:
+    """The metrics as the table the seeds print after training."""
+    lines = [
+        f"test images        {m['num_images']}",
+        f"accuracy           {m['accuracy']:.4f}",
+        f"balanced accuracy  {m['balanced_accuracy']:.4f}",
+        f"macro F1           {m['macro_f1']:.4f}",
+        f"majority baseline  {m['majority_baseline']:.4f}  (always '{m['majority_class']}')",
+        "",
+        f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}",
+    ]
+    for row in m["per_class"]:
+        lines.append(f"{row['class']:<20}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{row['support']:>10}")
+    return "\n".join(lines)
+
+
+@torch.inference_mode()
+def predict_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(labels, class probabilities) over (images, labels) batches."""
+    from hotdog_ray.models import probabilities
+
+    model = model.to(device).eval()
+    ys, ps = [], []
+    for x, y in batches:
+        ps.append(probabilities(model(x.to(device))).cpu().numpy())
+        ys.append(y.cpu().numpy())
+    if not ys:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return np.concatenate(ys), np.concatenate(ps)
+
+
+def evaluate_dataset(model: torch.nn.Module, dataset: Any, classes: list[str], rescale: str,
+                     batch_size: int = 256) -> dict[str, Any]:
+    """Metrics of ``model`` over a (streaming) Ray dataset of the pipeline's rows."""
+    from hotdog_ray.data import iter_torch_batches
+
+    y, p = predict_batches(model, iter_torch_batches(dataset, batch_size=batch_size, rescale=rescale))
+    return compute_metrics(y, p.argmax(axis=1), classes)
+
+
+def plot_curves(history: list[dict[str, float]]):
+    """Training vs validation loss and accuracy per epoch (the seeds' two plots, side by side)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "loss", "Training loss vs. validation loss"),
+                           (axes[1], "accuracy", "Training accuracy vs. validation accuracy")):
+        ax.plot(epochs, [h[key] for h in history], "b", label=f"training {key}")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], "r", label=f"validation {key}")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(m: dict[str, Any]):
+    """The confusion matrix with counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    n = len(m["classes"])
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * n + 2), max(4, 0.6 * n + 2)))
+    ConfusionMatrixDisplay(np.asarray(m["confusion_matrix"]), display_labels=m["classes"]).plot(
+        ax=ax, colorbar=False, xticks_rotation=45 if n > 4 else 0
+    )
+    ax.set_title(f"test accuracy {m['accuracy']:.3f}, balanced {m['balanced_accuracy']:.3f}")
+    fig.tight_layout()
+    return fig

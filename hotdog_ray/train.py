@@ -1,0 +1,371 @@
+"""Data-parallel training with Ray Train V2: the main job.
+
+The driver checks the data, opens the MLflow run and starts a ``TorchTrainer``; each worker
+trains on its shard of the streaming training split, validates on its shard of the validation
+split, and the sums are all-reduced so every reported metric is the whole split's. Rank 0
+checkpoints the full state every epoch, so a restarted worker group (``max_failures``) or a rerun
+of the same run name continues where it stopped without repeating an epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hotdog_ray.config import Config, TrainConfig, from_dict
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped and cannot go on by itself (diverged, or out of retries)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The seeds' optimizers: Adam, SGD with momentum (and Nesterov, decay), RMSprop."""
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    return torch.optim.RMSprop(params, lr=cfg.learning_rate, momentum=cfg.momentum if cfg.momentum < 0.5 else 0.0,
+                               weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """Step annealing (the snacks chapter divides by 10) or reduce-on-plateau of val_loss; or None."""
+    if cfg.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
+    if cfg.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.lr_gamma, patience=cfg.lr_patience)
+    return None
+
+
+@dataclass
+class EarlyStopping:
+    """Keras' EarlyStopping(monitor="val_loss", patience, restore_best_weights)."""
+
+    patience: int | None
+    best: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, val_loss: float) -> bool:
+        """Record an epoch; True when it is the best so far."""
+        if val_loss < self.best:
+            self.best, self.best_epoch, self.bad_epochs = val_loss, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self.bad_epochs = float(s["best"]), int(s["best_epoch"]), int(s["bad_epochs"])
+
+
+def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"loss became {loss.item()} at epoch {epoch} step {step}: training diverged; "
+            "lower train.learning_rate or check the data"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-worker loop
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _reduce(values: list[float], device) -> list[float]:
+    """Sum across workers (no-op with one)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _run_epoch(model, batches, optimizer, device, amp: bool, epoch: int, train: bool) -> tuple[float, float, float]:
+    """One pass; returns (summed loss, correct, count) for this worker."""
+    from hotdog_ray.models import loss_fn
+
+    model.train(train)
+    loss_sum = correct = count = 0.0
+    with torch.set_grad_enabled(train):
+        for step, (x, y) in enumerate(batches):
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            check_finite(loss, epoch, step)
+            if train:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            n = y.shape[0]
+            pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
+            loss_sum += loss.item() * n
+            correct += (pred == y).sum().item()
+            count += n
+    return loss_sum, correct, count
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    from hotdog_ray.data import iter_torch_batches
+    from hotdog_ray.models import build_model
+
+    cfg = from_dict(loop_config["config"])
+    classes: list[str] = loop_config["classes"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed + rank)
+    device = ray.train.torch.get_device()
+    amp = cfg.train.mixed_precision and device.type == "cuda"
+
+    model = build_model(cfg.model.name, len(classes), cfg.data.image_size, filters=cfg.model.filters,
+                        dropout=cfg.model.dropout, conv_dropout=cfg.model.conv_dropout,
+                        pretrained_weights=cfg.model.pretrained_weights, unfreeze_top=cfg.model.unfreeze_top)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model.parameters(), cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    stopper = EarlyStopping(cfg.train.early_stopping_patience)
+    start_epoch, history, best_state = 0, [], None
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        stopper.load_state_dict(state["early_stopping"])
+        best_state, history = state.get("best_model"), state["history"]
+        start_epoch = state["epoch"] + 1
+        torch.manual_seed(cfg.train.seed + rank + 1000 * start_epoch)
+        if rank == 0:
+            log.info("resuming from epoch %d", start_epoch)
+    model = ray.train.torch.prepare_model(model)
+
+    fault = loop_config.get("fault_injection") or {}
+    per_worker_batch = max(1, cfg.train.batch_size // world)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if fault and epoch == fault["epoch"] and rank == fault.get("rank", 0) and not Path(fault["marker"]).exists():
+            Path(fault["marker"]).touch()
+            log.warning("fault injection: killing worker %d at epoch %d", rank, epoch)
+            import os
+
+            os._exit(1)
+        t0 = time.perf_counter()
+        batches = iter_torch_batches(train_shard, batch_size=per_worker_batch, rescale=cfg.data.rescale,
+                                     device=device, local_shuffle_buffer_size=4 * per_worker_batch,
+                                     local_shuffle_seed=cfg.train.seed + epoch + 1000 * rank)
+        tr = _run_epoch(model, batches, optimizer, device, amp, epoch, train=True)
+        seconds = time.perf_counter() - t0
+        va = _run_epoch(model, iter_torch_batches(val_shard, batch_size=per_worker_batch, rescale=cfg.data.rescale,
+                                                  device=device), None, device, amp, epoch, train=False)
+        loss_sum, correct, count, v_loss, v_correct, v_count, secs = _reduce([*tr, *va, seconds], device)
+        metrics = {
+            "epoch": epoch,
+            "loss": loss_sum / max(1, count), "accuracy": correct / max(1, count),
+            "val_loss": v_loss / max(1, v_count), "val_accuracy": v_correct / max(1, v_count),
+            "images_per_s": count / max(1e-9, secs / world),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        if stopper.update(epoch, metrics["val_loss"]) and cfg.train.restore_best:
+            best_state = copy.deepcopy(_unwrap(model).state_dict())
+        metrics["best_epoch"] = stopper.best_epoch
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(metrics["val_loss"])
+        elif scheduler is not None:
+            scheduler.step()
+        history.append(metrics)
+        stop = stopper.should_stop or epoch == cfg.train.epochs - 1
+        metrics["stopped_early"] = bool(stopper.should_stop and epoch < cfg.train.epochs - 1)
+        if rank == 0:
+            log.info(
+                "epoch %d/%d  loss %.4f  accuracy %.4f  val_loss %.4f  val_accuracy %.4f  %.0f images/s",
+                epoch + 1, cfg.train.epochs, metrics["loss"], metrics["accuracy"], metrics["val_loss"],
+                metrics["val_accuracy"], metrics["images_per_s"],
+            )
+            state = {
+                "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "epoch": epoch, "early_stopping": stopper.state_dict(), "history": history,
+                "best_model": best_state if cfg.train.restore_best else None,
+                "classes": classes, "config": loop_config["config"],
+            }
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save(state, Path(tmp) / STATE_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        if stop:
+            if metrics["stopped_early"] and rank == 0:
+                log.info("early stopping: no better val_loss for %d epochs (best: epoch %d)",
+                         stopper.patience, stopper.best_epoch + 1)
+            break
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    run_name: str
+    model: nn.Module
+    classes: list[str]
+    history: list[dict[str, float]]
+    test_metrics: dict[str, Any] | None
+    model_version: str | None
+    checkpoint_path: str
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def load_checkpoint_state(path: str) -> dict[str, Any]:
+    """The state dict a checkpoint directory (local or URI) holds."""
+    from ray.train import Checkpoint
+
+    with Checkpoint(path).as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def scaling_config(cfg: TrainConfig):
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+
+
+def run_training(cfg: Config, *, run_name: str | None = None, register: bool = True,
+                 fault_injection: dict[str, Any] | None = None, evaluate_test: bool = True) -> TrainOutcome:
+    """Train ``cfg`` end to end: data checks, MLflow run, Ray Train fit, evaluation, registry.
+
+    ``fault_injection`` ({"epoch", "marker"[, "rank"]}) kills a worker once at that epoch: for
+    tests and failure drills.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from hotdog_ray import evaluate, tracking
+    from hotdog_ray.data import ImagePipeline
+    from hotdog_ray.runtime import init_ray
+
+    pipeline_layout_required = ("train", "validation", "test") if evaluate_test else ("train", "validation")
+    from hotdog_ray.data import discover
+
+    layout = discover(cfg.data, required=pipeline_layout_required)  # fails before Ray starts
+    init_ray()
+    pipeline = ImagePipeline(cfg.data, layout)
+    run_name = run_name or cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    storage_path = cfg.train.storage_path
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).absolute())
+
+    run_id = tracking.start_run(cfg, run_name=run_name, tags={
+        "dataset": layout.root.uri, "classes": ",".join(layout.classes), "model": cfg.model.name,
+        "ray_cluster_cpus": str(ray.cluster_resources().get("CPU", 0)),
+        "ray_cluster_gpus": str(ray.cluster_resources().get("GPU", 0)),
+        "ray_nodes": str(len([n for n in ray.nodes() if n.get("Alive")])),
+        "num_workers": str(cfg.train.num_workers),
+    })
+    tracking.log_dict(run_id, cfg, {"classes": layout.classes}, "classes.json")
+    tracking.log_dict(run_id, cfg, cfg.model_dump(mode="json"), "config.yaml")
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.model_dump(mode="json"), "classes": layout.classes,
+                               "fault_injection": fault_injection},
+            scaling_config=scaling_config(cfg.train),
+            datasets={"train": pipeline.dataset("train"), "validation": pipeline.dataset("validation")},
+            run_config=RunConfig(
+                name=run_name, storage_path=storage_path,
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
+                                                   checkpoint_score_attribute="val_loss",
+                                                   checkpoint_score_order="min"),
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                callbacks=[tracking.epoch_logger(cfg, run_id)],
+            ),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except Exception as exc:
+        tracking.end_run(cfg, status="FAILED")
+        cause = exc
+        while cause.__cause__ is not None and not isinstance(cause, TrainingError):
+            cause = cause.__cause__
+        raise TrainingError(f"training run {run_name} failed: {cause}") from exc
+
+    state = load_checkpoint_state(result.checkpoint.path)
+    from hotdog_ray.models import build_model
+
+    model = build_model(cfg.model.name, len(layout.classes), cfg.data.image_size, filters=cfg.model.filters,
+                        dropout=cfg.model.dropout, conv_dropout=cfg.model.conv_dropout)
+    best = state.get("best_model") if cfg.train.restore_best else None
+    model.load_state_dict(best if best is not None else state["model"])
+    model.eval()
+    history = state["history"]
+
+    skipped = pipeline.skipped()
+    tracking.log_metrics(run_id, cfg, {"skipped_files": len(skipped), "epochs_run": len(history),
+                                       "best_epoch": state["early_stopping"]["best_epoch"]})
+    if skipped:
+        tracking.log_dict(run_id, cfg, skipped, "skipped_files.json")
+    tracking.log_figure(run_id, cfg, evaluate.plot_curves(history), "curves.png")
+
+    test_metrics = None
+    if evaluate_test:
+        test_metrics = evaluate.evaluate_dataset(model, pipeline.dataset("test"), layout.classes, cfg.data.rescale)
+        tracking.log_metrics(run_id, cfg, {f"test_{k}": test_metrics[k] for k in
+                                           ("accuracy", "balanced_accuracy", "macro_f1", "majority_baseline")})
+        tracking.log_dict(run_id, cfg, test_metrics, "evaluation/test_metrics.json")
+        tracking.log_text(run_id, cfg, evaluate.format_report(test_metrics), "evaluation/test_report.txt")
+        tracking.log_figure(run_id, cfg, evaluate.plot_confusion(test_metrics), "evaluation/confusion_matrix.png")
+
+    meta = tracking.model_meta(cfg, layout.classes)
+    version = tracking.log_model(cfg, run_id, model, meta, register=register)
+    tracking.end_run(cfg)
+    return TrainOutcome(run_id, run_name, model, layout.classes, history, test_metrics, version,
+                        result.checkpoint.path, skipped)
