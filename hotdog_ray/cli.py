@@ -12,11 +12,12 @@ from hotdog_ray.config import Config, ConfigError, load_config
 from hotdog_ray.data import DataError
 from hotdog_ray.prepare import LAYOUTS, PrepareError
 from hotdog_ray.storage import StorageError
+from hotdog_ray.train import TrainingError
 
 log = logging.getLogger("hotdog_ray")
 
 # Errors a user can fix; they get one line on stderr and exit code 2, not a traceback.
-USER_ERRORS = (ConfigError, StorageError, DataError, PrepareError)
+USER_ERRORS = (ConfigError, StorageError, DataError, PrepareError, TrainingError)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +103,65 @@ def format_inspect(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from hotdog_ray.evaluate import format_report
+    from hotdog_ray.tracking import tracking_uri
+    from hotdog_ray.train import run_training
+
+    cfg = config_from_args(args)
+    out = run_training(cfg, run_name=args.run_name, register=not args.no_register)
+    print()
+    if out.test_metrics:
+        print(format_report(out.test_metrics))
+        print()
+        print(f"test accuracy {out.test_metrics['accuracy']:.4f}, balanced accuracy "
+              f"{out.test_metrics['balanced_accuracy']:.4f} (majority baseline {out.test_metrics['majority_baseline']:.4f})")
+    best = min(out.history, key=lambda h: h["val_loss"])
+    print(f"epochs run {len(out.history)}, best epoch {best['epoch'] + 1} (val_loss {best['val_loss']:.4f}, "
+          f"val_accuracy {best['val_accuracy']:.4f})")
+    if out.skipped:
+        print(f"skipped {len(out.skipped)} unreadable files (listed in the run's skipped_files.json)")
+    print(f"MLflow run id {out.run_id}" + (f", registered {cfg.tracking.registered_model} version {out.model_version}"
+                                            if out.model_version else ""))
+    print(f"checkpoint {out.checkpoint_path}")
+    print(f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri(cfg)}  (then http://127.0.0.1:5000)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from hotdog_ray.models import zoo_table
+
+    rows = zoo_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<12}{'input':>7}{'classes':>9}{'parameters':>13}{'trainable':>12}  source")
+    for r in rows:
+        print(f"{r['name']:<12}{r['image_size']:>7}{r['num_classes']:>9}{r['parameters']:>13,}{r['trainable']:>12,}  {r['source']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from hotdog_ray.data import ImagePipeline, discover
+    from hotdog_ray.evaluate import evaluate_dataset, format_report
+    from hotdog_ray.runtime import init_ray
+    from hotdog_ray.tracking import load_model
+
+    cfg = config_from_args(args)
+    ref = args.model or f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
+    bundle = load_model(cfg, ref)
+    data_cfg = cfg.data.model_copy(update={
+        "root": args.data or cfg.data.root, "image_size": bundle.meta["image_size"],
+        "rescale": bundle.meta["rescale"], "classes": bundle.classes, "max_classes": None,
+    })
+    layout = discover(data_cfg, required=(args.split,))
+    init_ray()
+    metrics = evaluate_dataset(bundle.model, ImagePipeline(data_cfg, layout).dataset(args.split),
+                               bundle.classes, bundle.meta["rescale"])
+    print(json.dumps(metrics, indent=2) if args.json else format_report(metrics))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from hotdog_ray.config import dump_config
 
@@ -140,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("inspect", cmd_inspect, "class counts, unreadable files, sizes and majority baseline of a dataset", True)
     p.add_argument("uri", nargs="?", help="dataset root (default: data.root of the config)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("train", cmd_train, "train a model with Ray Train, track it in MLflow, evaluate on test", True)
+    p.add_argument("--run-name", help="rerunning a name resumes it from its latest checkpoint")
+    p.add_argument("--no-register", action="store_true", help="do not register the model version")
+
+    p = command("models", cmd_models, "list the model zoo with parameter counts at the seeds' sizes")
+    p.add_argument("--json", action="store_true")
+
+    p = command("evaluate", cmd_evaluate, "test-split metrics of a registered model, run or bundle", True)
+    p.add_argument("--model", help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID (default: the alias)")
+    p.add_argument("--data", help="dataset root (default: data.root)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--json", action="store_true")
 
     command("config", cmd_config, "print the resolved config as YAML", True)
     return parser

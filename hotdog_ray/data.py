@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import posixpath
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -279,8 +280,14 @@ class ImagePipeline:
     def from_config(cls, cfg: "DataConfig", *, required: Iterable[str] = ("train", "validation")) -> "ImagePipeline":
         return cls(cfg, discover(cfg, required=required))
 
-    def dataset(self, split: str, *, augment: bool | None = None, keep_paths: bool = False) -> "ray.data.Dataset":
-        """The split as a lazy Ray dataset of ``{"image": uint8 HWC, "label"[, "path"]}`` rows."""
+    def dataset(self, split: str, *, augment: bool | None = None, keep_paths: bool = False,
+                shuffle_seed: int | None = None) -> "ray.data.Dataset":
+        """The split as a lazy Ray dataset of ``{"image": uint8 HWC, "label"[, "path"]}`` rows.
+
+        With ``shuffle_seed`` the files are shuffled before they are cut into read tasks, and the
+        order of those tasks changes every epoch: files are listed class by class, and a model fed
+        one class at a time collapses to predicting the current one.
+        """
         from ray.data.expressions import col
 
         if split not in self.layout.files:
@@ -289,7 +296,11 @@ class ImagePipeline:
             augment = split == "train"
         transform = build_augmentation(self.cfg.augment) if augment and split == "train" else None
         paths = [p for p, _ in self.layout.files[split]]
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(paths)
         ds = read_bytes_dataset(paths, self.layout.root.fs, self.cfg.files_per_task)
+        if shuffle_seed is not None:
+            ds = ds.randomize_block_order()
         decoded = ds.map_batches(
             decode_batch,
             batch_format="numpy",

@@ -260,11 +260,9 @@ class TrainOutcome:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def load_checkpoint_state(path: str) -> dict[str, Any]:
-    """The state dict a checkpoint directory (local or URI) holds."""
-    from ray.train import Checkpoint
-
-    with Checkpoint(path).as_directory() as d:
+def load_checkpoint_state(checkpoint) -> dict[str, Any]:
+    """The state a Ray Train checkpoint (local or on object storage) holds."""
+    with checkpoint.as_directory() as d:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
@@ -288,7 +286,7 @@ def run_training(cfg: Config, *, run_name: str | None = None, register: bool = T
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from hotdog_ray import evaluate, tracking
+    from hotdog_ray import evaluate, storage, tracking
     from hotdog_ray.data import ImagePipeline
     from hotdog_ray.runtime import init_ray
 
@@ -299,9 +297,8 @@ def run_training(cfg: Config, *, run_name: str | None = None, register: bool = T
     init_ray()
     pipeline = ImagePipeline(cfg.data, layout)
     run_name = run_name or cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    storage_path = cfg.train.storage_path
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).absolute())
+    # Our filesystem, not a bare URI: pyarrow alone ignores AWS_ENDPOINT_URL (STACK-NOTES).
+    checkpoints = storage.resolve(cfg.train.storage_path)
 
     run_id = tracking.start_run(cfg, run_name=run_name, tags={
         "dataset": layout.root.uri, "classes": ",".join(layout.classes), "model": cfg.model.name,
@@ -318,9 +315,10 @@ def run_training(cfg: Config, *, run_name: str | None = None, register: bool = T
             train_loop_config={"config": cfg.model_dump(mode="json"), "classes": layout.classes,
                                "fault_injection": fault_injection},
             scaling_config=scaling_config(cfg.train),
-            datasets={"train": pipeline.dataset("train"), "validation": pipeline.dataset("validation")},
+            datasets={"train": pipeline.dataset("train", shuffle_seed=cfg.train.seed), "validation": pipeline.dataset("validation")},
             run_config=RunConfig(
-                name=run_name, storage_path=storage_path,
+                name=run_name, storage_path=checkpoints.path,
+                storage_filesystem=None if checkpoints.is_local else checkpoints.fs,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
                                                    checkpoint_score_attribute="val_loss",
                                                    checkpoint_score_order="min"),
@@ -338,7 +336,7 @@ def run_training(cfg: Config, *, run_name: str | None = None, register: bool = T
             cause = cause.__cause__
         raise TrainingError(f"training run {run_name} failed: {cause}") from exc
 
-    state = load_checkpoint_state(result.checkpoint.path)
+    state = load_checkpoint_state(result.checkpoint)
     from hotdog_ray.models import build_model
 
     model = build_model(cfg.model.name, len(layout.classes), cfg.data.image_size, filters=cfg.model.filters,

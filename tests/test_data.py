@@ -166,3 +166,14 @@ def test_read_tasks_are_sized_by_files_and_cpus():
     assert plan_read_tasks(100, 8, 128) == 16  # at least two per CPU
     assert plan_read_tasks(5, 8, 128) == 5  # never more tasks than files
     assert plan_read_tasks(0, 2, 128) == 1
+
+
+def test_training_order_mixes_classes(ray_session, image_tree):
+    pipeline = ImagePipeline.from_config(DataConfig(root=str(image_tree.root), image_size=8, files_per_task=4))
+    plain = [int(y) for _, ys in iter_torch_batches(pipeline.dataset("train"), batch_size=64, rescale="unit") for y in ys]
+    mixed = [int(y) for _, ys in iter_torch_batches(pipeline.dataset("train", shuffle_seed=1), batch_size=64,
+                                                   rescale="unit") for y in ys]
+    changes = lambda seq: sum(a != b for a, b in zip(seq, seq[1:]))  # noqa: E731
+    assert sorted(plain) == sorted(mixed)
+    assert changes(plain) <= 2 * len(CLASSES)  # listed class by class
+    assert changes(mixed) > len(mixed) // 3

@@ -1,4 +1,4 @@
-"""Check a dataset from inside the cluster: ``ray job submit -- python jobs/inspect.py --config configs/X.yaml``.
+"""Check a dataset from inside the cluster: ``ray job submit -- python jobs/inspect_data.py --config configs/X.yaml``.
 
 Same options as ``hotdog inspect``; exits 2 with one line when the dataset is unusable.
 """

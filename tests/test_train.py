@@ -1,0 +1,145 @@
+"""Training with Ray Train for real: two workers, S3 in and out, a killed worker, early stopping,
+divergence, and the MLflow run and registry it leaves behind."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from hotdog_ray.config import load_config
+from hotdog_ray.evaluate import predict_batches
+from hotdog_ray.tracking import load_model, tracking_uri
+from hotdog_ray.train import EarlyStopping, TrainingError, run_training
+
+
+def tiny_config(tmp_path, root: str, *overrides: str):
+    return load_config(None, [
+        f"data.root={root}", "data.image_size=16", "model.name=first_cnn", "model.filters=4",
+        "train.batch_size=8", "train.epochs=2", "train.cpus_per_worker=0.5", "train.learning_rate=0.01",
+        f"train.storage_path={tmp_path / 'ckpt'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.max_failures=1", *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def s3_run(ray_session, s3_server, image_tree, tmp_path_factory):
+    """One 2-worker run that reads from S3 and checkpoints to S3; several tests inspect it."""
+    tmp = tmp_path_factory.mktemp("s3run")
+    bucket = s3_server.bucket("train")
+    root = s3_server.upload_dir(image_tree.root, bucket, "data")
+    cfg = tiny_config(tmp, root, "train.num_workers=2", f"train.storage_path=s3://{bucket}/checkpoints")
+    return cfg, run_training(cfg), bucket, s3_server
+
+
+def test_two_workers_from_s3_checkpoint_to_s3(s3_run, image_tree):
+    cfg, out, bucket, s3 = s3_run
+    assert [h["epoch"] for h in out.history] == [0, 1]
+    keys = [o["Key"] for o in s3.client.list_objects_v2(Bucket=bucket, Prefix="checkpoints/")["Contents"]]
+    assert any(k.endswith("/state.pt") for k in keys)
+    # every bad file of train, validation and test was skipped and reported
+    assert len(out.skipped) == len(image_tree.bad)
+    assert out.test_metrics["num_images"] == image_tree.good_count("test")
+
+
+def test_mlflow_run_has_params_curves_artifacts_and_version(s3_run):
+    from mlflow.tracking import MlflowClient
+
+    cfg, out, *_ = s3_run
+    client = MlflowClient(tracking_uri(cfg))
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "first_cnn" and run.data.params["train.num_workers"] == "2"
+    assert run.data.tags["classes"] == "cat,dog,hotdog" and run.data.tags["dataset"].startswith("s3://")
+    assert [m.step for m in client.get_metric_history(out.run_id, "val_loss")] == [0, 1]
+    for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_majority_baseline"):
+        assert key in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(out.run_id)} | {
+        a.path for d in ("model", "evaluation") for a in client.list_artifacts(out.run_id, d)}
+    assert {"curves.png", "classes.json", "config.yaml", "model/weights.pt", "model/model.json",
+            "evaluation/confusion_matrix.png", "evaluation/test_report.txt"} <= artifacts
+    assert out.model_version == "1"
+    assert client.get_model_version(cfg.tracking.registered_model, "1").run_id == out.run_id
+
+
+def test_model_from_registry_predicts_what_it_predicted_before(s3_run):
+    cfg, out, *_ = s3_run
+    bundle = load_model(cfg, f"models:/{cfg.tracking.registered_model}/{out.model_version}")
+    assert bundle.classes == out.classes and bundle.meta["image_size"] == 16
+    x = torch.rand(6, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(bundle.model(x), out.model.eval()(x))
+
+
+def test_killed_worker_resumes_without_repeating_an_epoch(ray_session, image_tree, tmp_path):
+    cfg = tiny_config(tmp_path, str(image_tree.root), "train.num_workers=2", "train.epochs=4")
+    marker = tmp_path / "killed"
+    out = run_training(cfg, fault_injection={"epoch": 2, "marker": str(marker), "rank": 1},
+                       register=False, evaluate_test=False)
+    assert marker.exists()  # a worker really died
+    assert [h["epoch"] for h in out.history] == [0, 1, 2, 3]
+
+
+def test_rerunning_a_finished_run_name_resumes_instead_of_restarting(ray_session, image_tree, tmp_path):
+    cfg = tiny_config(tmp_path, str(image_tree.root), "train.epochs=2", "train.num_workers=1")
+    run_training(cfg, run_name="same-name", register=False, evaluate_test=False)
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3})})
+    out = run_training(longer, run_name="same-name", register=False, evaluate_test=False)
+    assert [h["epoch"] for h in out.history] == [0, 1, 2]
+
+
+def _swap_validation_labels(image_tree, tmp_path):
+    root = tmp_path / "swapped"
+    shutil.copytree(image_tree.root, root)
+    val = root / "validation"
+    (val / "cat").rename(val / "tmp")
+    (val / "dog").rename(val / "cat")
+    (val / "tmp").rename(val / "dog")
+    return root
+
+
+def test_early_stopping_stops_and_restores_best_weights(ray_session, image_tree, tmp_path):
+    # Validation labels contradict training, so the better the model fits, the worse val_loss gets.
+    root = _swap_validation_labels(image_tree, tmp_path)
+    cfg = tiny_config(tmp_path, str(root), "train.epochs=12", "train.early_stopping_patience=2",
+                      "train.num_workers=1", "train.learning_rate=0.02")
+    out = run_training(cfg, register=False, evaluate_test=False)
+    best = min(range(len(out.history)), key=lambda i: out.history[i]["val_loss"])
+    assert len(out.history) == best + 3 < 12
+    assert out.history[-1]["stopped_early"]
+    # the returned weights are the best epoch's: they reproduce its val_loss
+    from hotdog_ray.data import ImagePipeline, iter_torch_batches
+    from hotdog_ray.models import loss_fn
+
+    pipe = ImagePipeline.from_config(cfg.data)
+    y, p = predict_batches(out.model, iter_torch_batches(pipe.dataset("validation"), batch_size=64, rescale="unit"))
+    logits = torch.logit(torch.from_numpy(p[:, 1:2]).double().clamp(1e-7, 1 - 1e-7)) if p.shape[1] == 2 else torch.log(torch.from_numpy(p))
+    assert loss_fn(logits.float(), torch.from_numpy(y)).item() == pytest.approx(out.history[best]["val_loss"], rel=1e-3)
+
+
+def test_diverging_loss_fails_clearly_and_marks_the_run_failed(ray_session, image_tree, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_config(tmp_path, str(image_tree.root), "train.optimizer=sgd", "train.learning_rate=10",
+                      "train.momentum=0.99", "train.epochs=6", "train.max_failures=0", "train.num_workers=1")
+    with pytest.raises(TrainingError, match="diverged"):
+        run_training(cfg, register=False, evaluate_test=False)
+    client = MlflowClient(tracking_uri(cfg))
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert runs[0].info.status == "FAILED"
+
+
+def test_early_stopping_state_machine():
+    es = EarlyStopping(patience=2)
+    assert es.update(0, 1.0) and not es.should_stop
+    assert not es.update(1, 1.1) and not es.should_stop
+    assert es.update(2, 0.9)
+    es.update(3, 0.95)
+    es.update(4, 0.99)
+    assert es.should_stop and es.best_epoch == 2
+    restored = EarlyStopping(patience=2)
+    restored.load_state_dict(es.state_dict())
+    assert restored == es
+    assert not EarlyStopping(patience=None).should_stop
