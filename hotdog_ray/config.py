@@ -128,6 +128,9 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many epochs without a better val_loss (None: off)"
     )
+    max_loss: float = Field(
+        1e3, gt=0, description="a batch loss above this (or NaN/inf) counts as exploded and stops the run"
+    )
     restore_best: bool = Field(True, description="end with the weights of the best val_loss epoch")
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept, best val_loss first")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")

@@ -6,7 +6,6 @@ input size, rescale) and rebuilt through the zoo: nothing is ever unpickled.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -67,6 +66,16 @@ def end_run(cfg: "Config", status: str = "FINISHED") -> None:
     _mlflow(cfg).end_run(status=status)
 
 
+DIVERGED_TAG = "diverged"
+
+
+def run_tag(cfg: "Config", run_id: str, key: str) -> str | None:
+    """A tag of a run, or None."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri(cfg)).get_run(run_id).data.tags.get(key)
+
+
 def _epoch_logger_class():
     import ray.train
 
@@ -82,6 +91,9 @@ def _epoch_logger_class():
             m = metrics[0]
             numeric = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and k != "epoch"}
             client = MlflowClient(self.uri)
+            if m.get("diverged"):
+                # Train V2's Result keeps the last checkpointed metrics only; the tag carries the reason home.
+                client.set_tag(self.run_id, DIVERGED_TAG, m["diverged"])
             for k, v in numeric.items():
                 client.log_metric(self.run_id, k, v, step=int(m["epoch"]))
 
@@ -209,9 +221,3 @@ def log_metrics(run_id: str, cfg: "Config", metrics: dict[str, float]) -> None:
     client = MlflowClient(tracking_uri(cfg))
     for k, v in metrics.items():
         client.log_metric(run_id, k, float(v))
-
-
-def state_bytes(state: dict) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()

@@ -86,11 +86,18 @@ class EarlyStopping:
         self.best, self.best_epoch, self.bad_epochs = float(s["best"]), int(s["best_epoch"]), int(s["bad_epochs"])
 
 
-def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
-    if not torch.isfinite(loss):
+def check_loss(loss: torch.Tensor, epoch: int, step: int, max_loss: float) -> None:
+    """Stop on a NaN, infinite or exploded batch loss: continuing would only burn compute.
+
+    Every worker takes the same decision (one tiny all-reduce), so no rank is left waiting in a
+    gradient all-reduce that the others have abandoned.
+    """
+    value = loss.item()
+    bad = not math.isfinite(value) or value > max_loss
+    if _reduce([float(bad)], loss.device)[0] > 0:
         raise TrainingError(
-            f"loss became {loss.item()} at epoch {epoch} step {step}: training diverged; "
-            "lower train.learning_rate or check the data"
+            f"loss became {value:.4g} at epoch {epoch} step {step} (limit train.max_loss={max_loss:g}): "
+            "training diverged; lower train.learning_rate or check the data"
         )
 
 
@@ -112,7 +119,8 @@ def _reduce(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def _run_epoch(model, batches, optimizer, device, amp: bool, epoch: int, train: bool) -> tuple[float, float, float]:
+def _run_epoch(model, batches, optimizer, device, amp: bool, epoch: int, train: bool,
+               max_loss: float) -> tuple[float, float, float]:
     """One pass; returns (summed loss, correct, count) for this worker."""
     from hotdog_ray.models import loss_fn
 
@@ -125,7 +133,7 @@ def _run_epoch(model, batches, optimizer, device, amp: bool, epoch: int, train: 
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
-            check_finite(loss, epoch, step)
+            check_loss(loss, epoch, step, max_loss)
             if train:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -196,10 +204,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batches = iter_torch_batches(train_shard, batch_size=per_worker_batch, rescale=cfg.data.rescale,
                                      device=device, local_shuffle_buffer_size=4 * per_worker_batch,
                                      local_shuffle_seed=cfg.train.seed + epoch + 1000 * rank)
-        tr = _run_epoch(model, batches, optimizer, device, amp, epoch, train=True)
+        try:
+            tr = _run_epoch(model, batches, optimizer, device, amp, epoch, train=True, max_loss=cfg.train.max_loss)
+        except TrainingError as err:
+            # Report instead of raising: a raised error would count as a worker failure and be
+            # retried from the last checkpoint, diverging again.
+            ray.train.report({"epoch": epoch, "diverged": str(err)})
+            return
         seconds = time.perf_counter() - t0
         va = _run_epoch(model, iter_torch_batches(val_shard, batch_size=per_worker_batch, rescale=cfg.data.rescale,
-                                                  device=device), None, device, amp, epoch, train=False)
+                                                  device=device), None, device, amp, epoch, train=False,
+                        max_loss=math.inf)
         loss_sum, correct, count, v_loss, v_correct, v_count, secs = _reduce([*tr, *va, seconds], device)
         metrics = {
             "epoch": epoch,
@@ -329,6 +344,9 @@ def run_training(cfg: Config, *, run_name: str | None = None, register: bool = T
         result = trainer.fit()
         if result.error:
             raise result.error
+        diverged = tracking.run_tag(cfg, run_id, tracking.DIVERGED_TAG)
+        if diverged:
+            raise TrainingError(diverged)
     except Exception as exc:
         tracking.end_run(cfg, status="FAILED")
         cause = exc

@@ -33,7 +33,7 @@ def test_vgg16_head_matches_the_seed_and_backbone_is_frozen():
     assert count_parameters(unfrozen, trainable_only=True) > 4_326_401
 
 
-@pytest.mark.parametrize("name,size", [("first_cnn", 16), ("catdog_cnn", 16), ("food_cnn", 64), ("snacks_cnn", 16),
+@pytest.mark.parametrize("name,size", [("first_cnn", 16), ("catdog_cnn", 16), ("food_cnn", 96), ("snacks_cnn", 16),
                                        ("resnet18", 32)])
 def test_forward_shapes_and_searchable_width(name, size):
     narrow = build_model(name, 3, size, filters=8)

@@ -12,7 +12,7 @@ import torch
 from hotdog_ray.config import load_config
 from hotdog_ray.evaluate import predict_batches
 from hotdog_ray.tracking import load_model, tracking_uri
-from hotdog_ray.train import EarlyStopping, TrainingError, run_training
+from hotdog_ray.train import EarlyStopping, TrainingError, check_loss, run_training
 
 
 def tiny_config(tmp_path, root: str, *overrides: str):
@@ -123,12 +123,24 @@ def test_diverging_loss_fails_clearly_and_marks_the_run_failed(ray_session, imag
     from mlflow.tracking import MlflowClient
 
     cfg = tiny_config(tmp_path, str(image_tree.root), "train.optimizer=sgd", "train.learning_rate=10",
-                      "train.momentum=0.99", "train.epochs=6", "train.max_failures=0", "train.num_workers=1")
+                      "train.momentum=0.99", "train.epochs=6", "train.max_loss=50", "train.num_workers=1")
     with pytest.raises(TrainingError, match="diverged"):
         run_training(cfg, register=False, evaluate_test=False)
     client = MlflowClient(tracking_uri(cfg))
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert runs[0].info.status == "FAILED"
+    assert "max_loss" in runs[0].data.tags["diverged"]
+    assert len(client.get_metric_history(runs[0].info.run_id, "loss")) < 6  # stopped, not trained on
+
+
+@pytest.mark.parametrize("value,ok", [(0.7, True), (50.0, True), (50.1, False), (float("nan"), False),
+                                      (float("inf"), False)])
+def test_check_loss_rejects_nan_inf_and_explosions(value, ok):
+    if ok:
+        check_loss(torch.tensor(value), epoch=0, step=0, max_loss=50)
+    else:
+        with pytest.raises(TrainingError, match="diverged"):
+            check_loss(torch.tensor(value), epoch=3, step=7, max_loss=50)
 
 
 def test_early_stopping_state_machine():
