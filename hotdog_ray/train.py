@@ -86,7 +86,7 @@ class EarlyStopping:
         self.best, self.best_epoch, self.bad_epochs = float(s["best"]), int(s["best_epoch"]), int(s["bad_epochs"])
 
 
-def check_loss(loss: torch.Tensor, epoch: int, step: int, max_loss: float) -> None:
+def check_loss(loss: torch.Tensor, epoch: int, step: int, max_loss: float) -> float:
     """Stop on a NaN, infinite or exploded batch loss: continuing would only burn compute.
 
     Every worker takes the same decision (one tiny all-reduce), so no rank is left waiting in a
@@ -99,6 +99,7 @@ def check_loss(loss: torch.Tensor, epoch: int, step: int, max_loss: float) -> No
             f"loss became {value:.4g} at epoch {epoch} step {step} (limit train.max_loss={max_loss:g}): "
             "training diverged; lower train.learning_rate or check the data"
         )
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,9 +114,10 @@ def _reduce(values: list[float], device) -> list[float]:
     """Sum across workers (no-op with one)."""
     import torch.distributed as dist
 
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+    dist.all_reduce(t)
     return t.tolist()
 
 
@@ -125,7 +127,8 @@ def _run_epoch(model, batches, optimizer, device, amp: bool, epoch: int, train: 
     from hotdog_ray.models import loss_fn
 
     model.train(train)
-    loss_sum = correct = count = 0.0
+    loss_sum = count = 0.0
+    correct = torch.zeros((), dtype=torch.int64, device=device)  # summed on device: no sync per step
     with torch.set_grad_enabled(train):
         for step, (x, y) in enumerate(batches):
             if device.type == "cuda":
@@ -133,17 +136,17 @@ def _run_epoch(model, batches, optimizer, device, amp: bool, epoch: int, train: 
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
-            check_loss(loss, epoch, step, max_loss)
+            value = check_loss(loss, epoch, step, max_loss) if train else loss.item()
             if train:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             n = y.shape[0]
             pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
-            loss_sum += loss.item() * n
-            correct += (pred == y).sum().item()
+            loss_sum += value * n
+            correct += (pred == y).sum()
             count += n
-    return loss_sum, correct, count
+    return loss_sum, float(correct.item()), count
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
