@@ -16,7 +16,7 @@ from PIL import Image
 from tests.imagegen import write_image_tree
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -66,7 +66,7 @@ def s3_server():
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -103,3 +103,8 @@ def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr, mode=mode).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start their own Ray head run last, after the shared in-process Ray is done."""
+    items.sort(key=lambda item: item.get_closest_marker("ray_head") is not None)
