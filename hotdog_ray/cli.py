@@ -12,12 +12,13 @@ from hotdog_ray.config import Config, ConfigError, load_config
 from hotdog_ray.data import DataError
 from hotdog_ray.prepare import LAYOUTS, PrepareError
 from hotdog_ray.storage import StorageError
+from hotdog_ray.tracking import ModelError
 from hotdog_ray.train import TrainingError
 
 log = logging.getLogger("hotdog_ray")
 
 # Errors a user can fix; they get one line on stderr and exit code 2, not a traceback.
-USER_ERRORS = (ConfigError, StorageError, DataError, PrepareError, TrainingError)
+USER_ERRORS = (ConfigError, StorageError, DataError, PrepareError, TrainingError, ModelError)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -145,10 +146,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hotdog_ray.data import ImagePipeline, discover
     from hotdog_ray.evaluate import evaluate_dataset, format_report
     from hotdog_ray.runtime import init_ray
-    from hotdog_ray.tracking import load_model
+    from hotdog_ray.tracking import default_model_ref, load_model
 
     cfg = config_from_args(args)
-    ref = args.model or f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
+    ref = args.model or default_model_ref(cfg)
     bundle = load_model(cfg, ref)
     data_cfg = cfg.data.model_copy(update={
         "root": args.data or cfg.data.root, "image_size": bundle.meta["image_size"],
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = command("evaluate", cmd_evaluate, "test-split metrics of a registered model, run or bundle", True)
-    p.add_argument("--model", help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID (default: the alias)")
+    p.add_argument("--model", help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID (default: the alias tracking.alias, else the newest version)")
     p.add_argument("--data", help="dataset root (default: data.root)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--json", action="store_true")

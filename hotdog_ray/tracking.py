@@ -169,8 +169,39 @@ def log_model(cfg: "Config", run_id: str, model: torch.nn.Module, meta: dict[str
     return str(version.version)
 
 
+class ModelError(LookupError):
+    """A model reference that names no model in the tracking store."""
+
+
+def default_model_ref(cfg: "Config") -> str:
+    """The registered model's alias (``tracking.alias``) when it is set, else its newest version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client, name = MlflowClient(tracking_uri(cfg)), cfg.tracking.registered_model
+    try:
+        client.get_model_version_by_alias(name, cfg.tracking.alias)
+        return f"models:/{name}@{cfg.tracking.alias}"
+    except MlflowException:
+        versions = client.search_model_versions(f"name='{name}'")
+    if not versions:
+        raise ModelError(f"no versions of registered model {name!r} in {tracking_uri(cfg)}: train one first")
+    latest = max(int(v.version) for v in versions)
+    log.info("%s has no alias %r; using its newest version %d", name, cfg.tracking.alias, latest)
+    return f"models:/{name}/{latest}"
+
+
 def load_model(cfg: "Config", ref: str) -> ModelBundle:
     """Load ``models:/<name>/<version>``, ``models:/<name>@<alias>``, ``runs:/<id>`` or a local bundle dir."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _load_model(cfg, ref)
+    except (MlflowException, FileNotFoundError) as exc:
+        raise ModelError(f"cannot load model {ref} from {tracking_uri(cfg)}: {exc}") from exc
+
+
+def _load_model(cfg: "Config", ref: str) -> ModelBundle:
     import mlflow
     from mlflow.tracking import MlflowClient
 
