@@ -149,6 +149,17 @@ def _run_epoch(model, batches, optimizer, device, amp: bool, epoch: int, train: 
     return loss_sum, float(correct.item()), count
 
 
+def _quiet_train_reports() -> None:
+    """Ray Train logs two long lines per report and checkpoint; our one line per epoch is the progress."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # Train V2 names this logger by file path, outside "ray.train"
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # pragma: no cover - other Ray versions
+        pass
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
     import ray.train
@@ -157,6 +168,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from hotdog_ray.data import iter_torch_batches
     from hotdog_ray.models import build_model
 
+    _quiet_train_reports()
     cfg = from_dict(loop_config["config"])
     classes: list[str] = loop_config["classes"]
     ctx = ray.train.get_context()
