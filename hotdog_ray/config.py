@@ -175,7 +175,9 @@ class ScoreConfig(_Section):
 class TrackingConfig(_Section):
     """MLflow tracking and registry."""
 
-    uri: str = Field("sqlite:///mlflow.db", description="overridden by MLFLOW_TRACKING_URI")
+    uri: str | None = Field(
+        None, description="MLflow store; default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (working directory)"
+    )
     experiment: str = "hotdog-ray"
     registered_model: str = "hotdog-classifier"
     alias: str = "champion"

@@ -22,10 +22,12 @@ def init_ray(num_cpus: int | None = None) -> None:
         kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
     try:
-        # Ray Data's per-operator progress bars swamp a terminal on small jobs; keep the summary.
+        # Ray Data's per-operator progress bars swamp a terminal on small jobs.
         from ray.data import DataContext
 
-        DataContext.get_current().enable_progress_bars = False
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False  # two lines per dataset per epoch; our epoch line is the progress
     except Exception:  # pragma: no cover - older Ray
         pass
     log.info("Ray resources: %s", ray.cluster_resources())

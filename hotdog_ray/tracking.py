@@ -23,23 +23,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def tracking_uri(cfg: "Config") -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the config's; relative SQLite paths made absolute so
-    that Ray processes with another working directory write to the same file."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    """The store: ``tracking.uri`` when set, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
+
+    Relative SQLite paths are made absolute so that Ray processes with another working directory
+    write to the same file. Nothing here touches MLflow's process-wide state: every call names its
+    store, so two configs in one process (tests, Tune) never write to each other's.
+    """
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix):]).absolute())
     return uri
 
 
-def _mlflow(cfg: "Config"):
-    import mlflow
+def _client(cfg: "Config"):
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    return mlflow
+    return MlflowClient(tracking_uri(cfg))
 
 
 def git_commit() -> str:
@@ -52,18 +56,21 @@ def git_commit() -> str:
 
 def start_run(cfg: "Config", *, run_name: str, tags: dict[str, str]) -> str:
     """Create the MLflow run with the config as params; returns its id (the run stays open)."""
+    from mlflow.entities import Param, RunTag
+
     from hotdog_ray.config import flatten
 
-    mlflow = _mlflow(cfg)
-    mlflow.set_experiment(cfg.tracking.experiment)
-    run = mlflow.start_run(run_name=run_name)
-    mlflow.log_params({k: ("" if v is None else str(v)[:500]) for k, v in flatten(cfg).items()})
-    mlflow.set_tags({"git_commit": git_commit(), **tags})
-    return run.info.run_id
+    client = _client(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
+    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    params = [Param(k, "" if v is None else str(v)[:500]) for k, v in flatten(cfg).items()]
+    client.log_batch(run_id, params=params, tags=[RunTag(k, v) for k, v in {"git_commit": git_commit(), **tags}.items()])
+    return run_id
 
 
-def end_run(cfg: "Config", status: str = "FINISHED") -> None:
-    _mlflow(cfg).end_run(status=status)
+def end_run(cfg: "Config", run_id: str, status: str = "FINISHED") -> None:
+    _client(cfg).set_terminated(run_id, status=status)
 
 
 DIVERGED_TAG = "diverged"
@@ -71,9 +78,7 @@ DIVERGED_TAG = "diverged"
 
 def run_tag(cfg: "Config", run_id: str, key: str) -> str | None:
     """A tag of a run, or None."""
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri(cfg)).get_run(run_id).data.tags.get(key)
+    return _client(cfg).get_run(run_id).data.tags.get(key)
 
 
 def _epoch_logger_class():
@@ -150,9 +155,7 @@ def load_bundle(directory: str | Path) -> ModelBundle:
 def log_model(cfg: "Config", run_id: str, model: torch.nn.Module, meta: dict[str, Any], *,
               register: bool = True) -> str | None:
     """Log the model under the run's ``model/`` artifacts and register a new version; returns it."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri(cfg))
+    client = _client(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         save_bundle(tmp, model, meta)
         client.log_artifacts(run_id, tmp, MODEL_DIR)
@@ -176,9 +179,7 @@ class ModelError(LookupError):
 def default_model_ref(cfg: "Config") -> str:
     """The registered model's alias (``tracking.alias``) when it is set, else its newest version."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client, name = MlflowClient(tracking_uri(cfg)), cfg.tracking.registered_model
+    client, name = _client(cfg), cfg.tracking.registered_model
     try:
         client.get_model_version_by_alias(name, cfg.tracking.alias)
         return f"models:/{name}@{cfg.tracking.alias}"
@@ -203,9 +204,8 @@ def load_model(cfg: "Config", ref: str) -> ModelBundle:
 
 def _load_model(cfg: "Config", ref: str) -> ModelBundle:
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri(cfg))
+    client = _client(cfg)
     if ref.startswith("models:/"):
         name, _, rest = ref[len("models:/"):].partition("/")
         if "@" in name:
@@ -220,35 +220,26 @@ def _load_model(cfg: "Config", ref: str) -> ModelBundle:
     else:
         bundle = load_bundle(ref)
         return bundle
-    mlflow.set_tracking_uri(tracking_uri(cfg))
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri(cfg))
         bundle = load_bundle(local)
     bundle.meta.update(meta_extra)
     return bundle
 
 
 def log_figure(run_id: str, cfg: "Config", fig, name: str) -> None:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri(cfg)).log_figure(run_id, fig, name)
+    _client(cfg).log_figure(run_id, fig, name)
 
 
 def log_dict(run_id: str, cfg: "Config", data: Any, name: str) -> None:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri(cfg)).log_dict(run_id, data, name)
+    _client(cfg).log_dict(run_id, data, name)
 
 
 def log_text(run_id: str, cfg: "Config", text: str, name: str) -> None:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri(cfg)).log_text(run_id, text, name)
+    _client(cfg).log_text(run_id, text, name)
 
 
 def log_metrics(run_id: str, cfg: "Config", metrics: dict[str, float]) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri(cfg))
+    client = _client(cfg)
     for k, v in metrics.items():
         client.log_metric(run_id, k, float(v))

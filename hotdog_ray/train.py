@@ -363,7 +363,7 @@ def run_training(cfg: Config, *, run_name: str | None = None, register: bool = T
         if diverged:
             raise TrainingError(diverged)
     except Exception as exc:
-        tracking.end_run(cfg, status="FAILED")
+        tracking.end_run(cfg, run_id, status="FAILED")
         cause = exc
         while cause.__cause__ is not None and not isinstance(cause, TrainingError):
             cause = cause.__cause__
@@ -397,6 +397,6 @@ def run_training(cfg: Config, *, run_name: str | None = None, register: bool = T
 
     meta = tracking.model_meta(cfg, layout.classes)
     version = tracking.log_model(cfg, run_id, model, meta, register=register)
-    tracking.end_run(cfg)
+    tracking.end_run(cfg, run_id)
     return TrainOutcome(run_id, run_name, model, layout.classes, history, test_metrics, version,
                         result.checkpoint.path, skipped)

@@ -57,7 +57,7 @@ def registered(tmp_path_factory, image_tree):
     model = build_model("first_cnn", len(CLASSES), 16, filters=4).eval()
     run_id = start_run(cfg, run_name="for-evaluate", tags={})
     version = log_model(cfg, run_id, model, model_meta(cfg, list(CLASSES)))
-    end_run(cfg)
+    end_run(cfg, run_id)
     return cfg, model, run_id, version
 
 
