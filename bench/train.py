@@ -90,7 +90,7 @@ def run_ours(cfg, x: np.ndarray, y: np.ndarray, classes: int) -> list[float]:
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
-    from hotdog_ray.train import scaling_config, train_loop_per_worker
+    from hotdog_ray.train import ordered_ingest, scaling_config, train_loop_per_worker
 
     def dataset(n: int):
         # Blocks as big as our image reader makes them (data.files_per_task files each).
@@ -103,6 +103,7 @@ def run_ours(cfg, x: np.ndarray, y: np.ndarray, classes: int) -> list[float]:
         train_loop_config={"config": cfg.model_dump(mode="json"), "classes": [f"c{i}" for i in range(classes)]},
         scaling_config=scaling_config(cfg.train),
         datasets={"train": dataset(len(x)), "validation": dataset(min(len(x), 4 * cfg.train.batch_size))},
+        dataset_config=ordered_ingest(),
         run_config=RunConfig(name=f"bench-{int(time.time())}", storage_path=cfg.train.storage_path),
     )
     result = trainer.fit()

@@ -14,11 +14,12 @@ from hotdog_ray.prepare import LAYOUTS, PrepareError
 from hotdog_ray.storage import StorageError
 from hotdog_ray.tracking import ModelError
 from hotdog_ray.train import TrainingError
+from hotdog_ray.tune import SweepError
 
 log = logging.getLogger("hotdog_ray")
 
 # Errors a user can fix; they get one line on stderr and exit code 2, not a traceback.
-USER_ERRORS = (ConfigError, StorageError, DataError, PrepareError, TrainingError, ModelError)
+USER_ERRORS = (ConfigError, StorageError, DataError, PrepareError, TrainingError, ModelError, SweepError)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -143,23 +144,65 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from hotdog_ray.data import ImagePipeline, discover
-    from hotdog_ray.evaluate import evaluate_dataset, format_report
-    from hotdog_ray.runtime import init_ray
+    from hotdog_ray.evaluate import evaluate_model, format_report
     from hotdog_ray.tracking import default_model_ref, load_model
 
     cfg = config_from_args(args)
-    ref = args.model or default_model_ref(cfg)
-    bundle = load_model(cfg, ref)
-    data_cfg = cfg.data.model_copy(update={
-        "root": args.data or cfg.data.root, "image_size": bundle.meta["image_size"],
-        "rescale": bundle.meta["rescale"], "classes": bundle.classes, "max_classes": None,
-    })
-    layout = discover(data_cfg, required=(args.split,))
-    init_ray()
-    metrics = evaluate_dataset(bundle.model, ImagePipeline(data_cfg, layout).dataset(args.split),
-                               bundle.classes, bundle.meta["rescale"])
+    bundle = load_model(cfg, args.model or default_model_ref(cfg))
+    metrics = evaluate_model(cfg, bundle, root=args.data, split=args.split)
     print(json.dumps(metrics, indent=2) if args.json else format_report(metrics))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from hotdog_ray.tracking import tracking_uri
+    from hotdog_ray.tune import format_trials, run_sweep
+
+    cfg = config_from_args(args)
+    out = run_sweep(cfg, name=args.name, resume=args.resume, promote=False if args.no_promote else None)
+    print()
+    print(format_trials(out.trials))
+    print()
+    best = out.best
+    print(f"sweep {out.name}: {len(out.trials)} trials, {out.stopped_early} stopped early by ASHA; "
+          f"best trial {best['trial_id']} (val_loss {best['best_val_loss']:.4f})")
+    if out.decision is not None:
+        d = out.decision
+        print(f"promotion: {'promoted version ' + str(d.version) if d.promoted else 'kept the champion'} ({d.reason})")
+    print(f"MLflow sweep run id {out.run_id}; resume with: hotdog tune --name {out.name} --resume ...")
+    print(f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri(cfg)}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from hotdog_ray import promote
+
+    cfg = config_from_args(args)
+    if args.force:
+        decision = promote.force(cfg, args.force)
+    else:
+        decision = promote.promote(cfg, args.run, data_root=args.data)
+    print(json.dumps(decision.as_dict(), indent=2) if args.json else
+          f"{'promoted' if decision.promoted else 'kept the champion'}: {decision.reason}; "
+          f"{cfg.tracking.registered_model}@{cfg.tracking.alias} is version {decision.version}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    import datetime
+
+    from hotdog_ray.tracking import recent_runs
+
+    rows = recent_runs(config_from_args(args), args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    print(f"{'started':<17}{'kind':<7}{'status':<10}{'val_loss':>9}{'val_acc':>9}{'test_bal':>9}  {'name':<40}run id")
+    for r in rows:
+        start = datetime.datetime.fromtimestamp(r["start"] / 1000).strftime("%Y-%m-%d %H:%M")
+        print(f"{start:<17}{r['kind']:<7}{r['status']:<10}{fmt(r['val_loss']):>9}{fmt(r['val_accuracy']):>9}"
+              f"{fmt(r['test_balanced_accuracy']):>9}  {r['name'][:39]:<40}{r['run_id']}")
     return 0
 
 
@@ -213,6 +256,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID (default: the alias tracking.alias, else the newest version)")
     p.add_argument("--data", help="dataset root (default: data.root)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--json", action="store_true")
+
+    p = command("tune", cmd_tune, "search filters, dropout and learning rate with Ray Tune and ASHA; promote the best", True)
+    p.add_argument("--name", help="sweep name (default: tune.name, else a new one)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of that name")
+    p.add_argument("--no-promote", action="store_true", help="do not evaluate and promote the best trial")
+
+    p = command("promote", cmd_promote, "move the registry alias to a run's model if it beats the champion on test", True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="MLflow run id whose logged model is the candidate")
+    which.add_argument("--force", metavar="VERSION", help="point the alias at this version without evaluating")
+    p.add_argument("--data", help="dataset root for the comparison (default: data.root)")
+    p.add_argument("--json", action="store_true")
+
+    p = command("runs", cmd_runs, "recent training runs, sweeps and trials with their key metrics", True)
+    p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
 
     command("config", cmd_config, "print the resolved config as YAML", True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -141,15 +141,53 @@ class TrainConfig(_Section):
 
 
 class TuneConfig(_Section):
-    """Ray Tune sweep: search space bounds and ASHA."""
+    """Ray Tune sweep: the search space around the base config, ASHA, and promotion.
 
-    num_samples: int = Field(8, ge=1)
+    Every trial is the base config with the sampled values put in (``model.filters``,
+    ``model.dropout``, ``train.learning_rate``, optionally ``train.optimizer`` and
+    ``train.batch_size``) and trained by the same code as ``hotdog train``.
+    """
+
+    name: str | None = Field(None, description="sweep name; rerunning it with --resume continues it")
+    num_samples: int = Field(8, ge=1, le=10000, description="trials")
     max_concurrent_trials: int = Field(2, ge=1)
-    filters: list[int] = Field(default_factory=lambda: [16, 32, 64])
-    dropout: tuple[float, float] = (0.0, 0.5)
-    learning_rate: tuple[float, float] = (1e-4, 1e-2)
-    grace_period: int = Field(1, ge=1)
+    cpus_per_trial: float = Field(
+        0.01, gt=0, description="the trial's driver only; its Train workers take train.cpus_per_worker"
+    )
+    filters: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1,
+                               description="base filter widths to choose from")
+    dropout: tuple[float, float] | None = Field((0.0, 0.5), description="uniform range; None: keep the model's")
+    learning_rate: tuple[float, float] = Field((1e-4, 1e-2), description="log-uniform range")
+    optimizers: list[Literal["adam", "sgd", "rmsprop"]] | None = Field(None, description="choices; None: train.optimizer")
+    batch_sizes: list[int] | None = Field(None, description="choices; None: train.batch_size")
+    asha: bool = Field(True, description="stop poor trials early; off runs every trial to the end (bench)")
+    max_epochs: int | None = Field(None, ge=1, description="ASHA's max_t (default: train.epochs)")
+    grace_period: int = Field(1, ge=1, description="epochs every trial gets before ASHA may stop it")
     reduction_factor: int = Field(2, ge=2)
+    seed: int | None = Field(None, description="sampler seed (default: train.seed): same seed, same trials")
+    promote: bool = Field(True, description="evaluate the best trial and move tracking.alias to it if it wins")
+    promote_metric: Literal["balanced_accuracy", "accuracy", "macro_f1"] = "balanced_accuracy"
+
+    @field_validator("filters", "batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError("must be a non-empty list of positive integers")
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] <= v[1] < 1:
+            raise ValueError(f"dropout range must satisfy 0 <= low <= high < 1, got {list(v)}")
+        return v
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 10:
+            raise ValueError(f"learning_rate range must satisfy 0 < low <= high <= 10, got {list(v)}")
+        return v
 
 
 class ServeConfig(_Section):

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 import numpy as np
 
 from hotdog_ray import storage
-from hotdog_ray.images import ImageError, augment_batch, build_augmentation, decode_image, open_image, to_model_input
+from hotdog_ray.images import (
+    ImageError,
+    augment_batch,
+    augmentation_seed,
+    build_augmentation,
+    decode_image,
+    open_image,
+    to_model_input,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -147,6 +155,8 @@ def decode_batch(
     size: int,
     max_pixels: int,
     transform: Callable | None = None,
+    seed: int | None = None,
+    epoch: int | None = None,
     on_skip: Callable[[list[tuple[str, str]]], None] | None = None,
     keep_paths: bool = False,
 ) -> dict[str, np.ndarray]:
@@ -155,7 +165,9 @@ def decode_batch(
     Unreadable files keep their row (a zero image, ``ok`` False) and are passed to ``on_skip``
     with the reason; the caller drops them with an Arrow filter, which keeps the column types
     even when a whole block was bad. Paths are strings and cannot go into torch batches, so
-    they are kept only on request.
+    they are kept only on request. With ``seed``, each image's augmentation is drawn from
+    (seed, epoch, path); ``epoch`` defaults to Ray Data's count of this dataset's executions,
+    which is the epoch when Train iterates a shard once per epoch.
     """
     n = len(batch["path"])
     images = np.zeros((n, size, size, 3), np.uint8)
@@ -175,11 +187,26 @@ def decode_batch(
         if on_skip is not None:
             on_skip(skipped)
     if transform is not None and ok.any():
-        images[ok] = augment_batch(images[ok], transform)
+        seeds = None
+        if seed is not None:
+            epoch = _execution_index() if epoch is None else epoch
+            seeds = [augmentation_seed(seed, epoch, str(p)) for p, good in zip(batch["path"], ok) if good]
+        images[ok] = augment_batch(images[ok], transform, seeds)
     out = {"image": images, "label": labels, "ok": ok}
     if keep_paths:
         out["path"] = np.asarray([str(p) for p in batch["path"]], dtype=object)
     return out
+
+
+def _execution_index() -> int:
+    """How many times this dataset has been executed before (0 outside a Ray Data task).
+
+    Ray Data keeps this counter on the dataset's context and uses it itself to reseed
+    ``RandomSeedConfig(reseed_after_execution=True)`` every epoch; there is no public getter.
+    """
+    from ray.data import DataContext
+
+    return int(getattr(DataContext.get_current(), "_execution_idx", 0))
 
 
 def probe_batch(batch: dict[str, np.ndarray], *, root_path: str, max_pixels: int) -> dict[str, np.ndarray]:
@@ -286,8 +313,10 @@ class ImagePipeline:
 
         With ``shuffle_seed`` the files are shuffled before they are cut into read tasks, and the
         order of those tasks changes every epoch: files are listed class by class, and a model fed
-        one class at a time collapses to predicting the current one.
+        one class at a time collapses to predicting the current one. The seed also fixes every
+        augmentation draw, so with ``preserve_order`` each epoch's rows are reproducible.
         """
+        from ray.data import RandomSeedConfig
         from ray.data.expressions import col
 
         if split not in self.layout.files:
@@ -300,7 +329,7 @@ class ImagePipeline:
             random.Random(shuffle_seed).shuffle(paths)
         ds = read_bytes_dataset(paths, self.layout.root.fs, self.cfg.files_per_task)
         if shuffle_seed is not None:
-            ds = ds.randomize_block_order()
+            ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True))
         decoded = ds.map_batches(
             decode_batch,
             batch_format="numpy",
@@ -309,6 +338,7 @@ class ImagePipeline:
                 "size": self.cfg.image_size,
                 "max_pixels": self.cfg.max_image_pixels,
                 "transform": transform,
+                "seed": shuffle_seed,
                 "on_skip": _Reporter(self._skip_log),
                 "keep_paths": keep_paths,
             },

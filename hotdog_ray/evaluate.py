@@ -4,10 +4,14 @@ a per-class table and a confusion matrix. The metric functions are pure; plottin
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from hotdog_ray.config import Config
+    from hotdog_ray.tracking import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,26 @@ def evaluate_dataset(model: torch.nn.Module, dataset: Any, classes: list[str], r
     return compute_metrics(y, p.argmax(axis=1), classes)
 
 
+def evaluate_model(cfg: "Config", bundle: "ModelBundle", *, root: str | None = None,
+                   split: str = "test") -> dict[str, Any]:
+    """Metrics of a loaded model on ``split`` of ``root`` (default ``data.root``).
+
+    Images are read at the model's own input size and rescale and labelled with its own class
+    list, so models trained at different sizes are compared on the same files.
+    """
+    from hotdog_ray.data import ImagePipeline, discover
+    from hotdog_ray.runtime import init_ray
+
+    data_cfg = cfg.data.model_copy(update={
+        "root": root or cfg.data.root, "image_size": bundle.meta["image_size"],
+        "rescale": bundle.meta["rescale"], "classes": bundle.classes, "max_classes": None,
+    })
+    layout = discover(data_cfg, required=(split,))
+    init_ray()
+    return evaluate_dataset(bundle.model, ImagePipeline(data_cfg, layout).dataset(split), bundle.classes,
+                            bundle.meta["rescale"])
+
+
 def plot_curves(history: list[dict[str, float]]):
     """Training vs validation loss and accuracy per epoch (the seeds' two plots, side by side)."""
     import matplotlib
@@ -98,6 +122,29 @@ def plot_curves(history: list[dict[str, float]]):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(trials: list[dict[str, Any]]):
+    """Validation loss per trial over epochs; trials ASHA stopped are dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for t in trials:
+        if not t["curve"]:
+            continue
+        epochs, losses = zip(*t["curve"])
+        ax.plot([e + 1 for e in epochs], losses, "--" if t["status"] != "finished" else "-", marker=".",
+                label=f"{t['trial_id']} ({t['status']})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Validation loss per trial")
+    if len(trials) <= 12:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

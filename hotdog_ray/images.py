@@ -6,8 +6,9 @@ Training, serving and batch scoring all go through :func:`decode_image` and
 
 from __future__ import annotations
 
+import hashlib
 import io
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -122,8 +123,32 @@ def build_augmentation(cfg: "AugmentConfig") -> Callable[[torch.Tensor], torch.T
     return v2.Compose(steps)
 
 
-def augment_batch(images: np.ndarray, transform: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-    """Apply ``transform`` to each HWC uint8 image separately (each gets its own random draw)."""
+def augment_batch(
+    images: np.ndarray,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    seeds: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Apply ``transform`` to each HWC uint8 image separately (each gets its own random draw).
+
+    With ``seeds`` (one per image) each draw is seeded, so an image's augmentation does not
+    depend on which task or in which order it was processed; the caller's RNG is left as it was.
+    """
     chw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    out = torch.stack([transform(img) for img in chw])
+    if seeds is None:
+        out = torch.stack([transform(img) for img in chw])
+    else:
+        with torch.random.fork_rng(devices=[]):
+            out = torch.stack([_seeded(transform, img, seed) for img, seed in zip(chw, seeds)])
     return out.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _seeded(transform: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor, seed: int) -> torch.Tensor:
+    # The CPU generator alone: torch.manual_seed also seeds every accelerator backend, 100x slower.
+    torch.default_generator.manual_seed(seed)
+    return transform(img)
+
+
+def augmentation_seed(seed: int, epoch: int, path: str) -> int:
+    """A per-image, per-epoch seed: stable across processes (unlike ``hash``), distinct per epoch."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{path}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF

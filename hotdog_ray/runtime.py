@@ -11,23 +11,24 @@ log = logging.getLogger(__name__)
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local one.
 
-    Idempotent: a second call, or a call inside a Ray job, reuses the running instance.
+    Idempotent: a second call, or a call inside a Ray job or a Tune trial, reuses the running instance.
     """
     import ray
 
-    if ray.is_initialized():
-        return
-    kwargs: dict = {"log_to_driver": True}
-    if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
-        kwargs["num_cpus"] = num_cpus
-    ray.init(**kwargs)
-    try:
-        # Ray Data's per-operator progress bars swamp a terminal on small jobs.
-        from ray.data import DataContext
+    if not ray.is_initialized():
+        kwargs: dict = {"log_to_driver": True}
+        if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+        ray.init(**kwargs)
+        log.info("Ray resources: %s", ray.cluster_resources())
+    quiet_ray_data()
 
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False  # two lines per dataset per epoch; our epoch line is the progress
-    except Exception:  # pragma: no cover - older Ray
-        pass
-    log.info("Ray resources: %s", ray.cluster_resources())
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress bars and per-execution banners swamp a terminal on small jobs; our
+    per-epoch line is the progress. Applies to this process (the driver, or a Tune trial)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import tempfile
@@ -54,8 +55,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def start_run(cfg: "Config", *, run_name: str, tags: dict[str, str]) -> str:
-    """Create the MLflow run with the config as params; returns its id (the run stays open)."""
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own key: the UI nests child runs under it
+
+
+def start_run(cfg: "Config", *, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    """Create the MLflow run with the config as params; returns its id (the run stays open).
+
+    With ``parent_run_id`` the run is a child (a sweep's trial) and shows nested under it.
+    """
     from mlflow.entities import Param, RunTag
 
     from hotdog_ray.config import flatten
@@ -65,12 +72,59 @@ def start_run(cfg: "Config", *, run_name: str, tags: dict[str, str]) -> str:
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
     run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
     params = [Param(k, "" if v is None else str(v)[:500]) for k, v in flatten(cfg).items()]
+    if parent_run_id:
+        tags = {**tags, PARENT_TAG: parent_run_id}
     client.log_batch(run_id, params=params, tags=[RunTag(k, v) for k, v in {"git_commit": git_commit(), **tags}.items()])
     return run_id
 
 
+def child_runs(cfg: "Config", parent_run_id: str) -> list:
+    """The runs nested under ``parent_run_id`` (a sweep's trials), oldest first."""
+    client = _client(cfg)
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=10_000)
+
+
 def end_run(cfg: "Config", run_id: str, status: str = "FINISHED") -> None:
     _client(cfg).set_terminated(run_id, status=status)
+
+
+def reopen_run(cfg: "Config", run_id: str) -> None:
+    """Mark an ended run as running again (a resumed sweep continues its own run)."""
+    _client(cfg).update_run(run_id, status="RUNNING")
+
+
+def find_runs(cfg: "Config", tags: dict[str, str]) -> list:
+    """Runs of ``tracking.experiment`` carrying all of ``tags``, newest first."""
+    client = _client(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return []
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"])
+
+
+def recent_runs(cfg: "Config", limit: int = 20) -> list[dict[str, Any]]:
+    """The newest runs of ``tracking.experiment`` with their key metrics (for ``hotdog runs``)."""
+    client = _client(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return []
+    rows = []
+    for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
+                                  max_results=limit):
+        tags, m = run.data.tags, run.data.metrics
+        kind = tags.get("kind") or ("trial" if PARENT_TAG in tags else "train")
+        rows.append({
+            "run_id": run.info.run_id, "name": run.info.run_name, "kind": kind, "status": run.info.status,
+            "start": run.info.start_time, "model": tags.get("model", ""),
+            "val_loss": m.get("best_val_loss", m.get("val_loss")),
+            "val_accuracy": m.get("best_val_accuracy", m.get("val_accuracy")),
+            "test_balanced_accuracy": m.get("test_balanced_accuracy"),
+            "parent": tags.get(PARENT_TAG), "promotion": tags.get("promotion"),
+        })
+    return rows
 
 
 DIVERGED_TAG = "diverged"
@@ -94,7 +148,8 @@ def _epoch_logger_class():
             from mlflow.tracking import MlflowClient
 
             m = metrics[0]
-            numeric = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and k != "epoch"}
+            numeric = {k: float(v) for k, v in m.items()
+                       if isinstance(v, (int, float)) and k != "epoch" and math.isfinite(v)}
             client = MlflowClient(self.uri)
             if m.get("diverged"):
                 # Train V2's Result keeps the last checkpointed metrics only; the tag carries the reason home.
@@ -159,17 +214,49 @@ def log_model(cfg: "Config", run_id: str, model: torch.nn.Module, meta: dict[str
     with tempfile.TemporaryDirectory() as tmp:
         save_bundle(tmp, model, meta)
         client.log_artifacts(run_id, tmp, MODEL_DIR)
-    if not register:
-        return None
+    return register_run_model(cfg, run_id) if register else None
+
+
+def register_run_model(cfg: "Config", run_id: str) -> str:
+    """Register the model logged by ``run_id`` as a new version of ``tracking.registered_model``."""
+    client = _client(cfg)
     name = cfg.tracking.registered_model
     try:
         client.get_registered_model(name)
     except Exception:
         client.create_registered_model(name, description="hotdog-ray image classifier")
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_DIR}"
-    version = client.create_model_version(name, source, run_id=run_id, tags={"model": meta["name"]})
+    version = client.create_model_version(name, source, run_id=run_id, tags={"model": run_tag(cfg, run_id, "model") or ""})
     log.info("registered %s version %s", name, version.version)
     return str(version.version)
+
+
+def alias_version(cfg: "Config") -> str | None:
+    """The version ``tracking.alias`` points at, or None when the alias is not set."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client(cfg).get_model_version_by_alias(cfg.tracking.registered_model, cfg.tracking.alias).version)
+    except MlflowException:
+        return None
+
+
+def version_run_id(cfg: "Config", version: str) -> str | None:
+    """The run that produced a registered version."""
+    return _client(cfg).get_model_version(cfg.tracking.registered_model, version).run_id
+
+
+def set_alias(cfg: "Config", version: str) -> None:
+    """Point ``tracking.alias`` at ``version`` (which must exist)."""
+    from mlflow.exceptions import MlflowException
+
+    client, name = _client(cfg), cfg.tracking.registered_model
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise ModelError(f"{name} has no version {version} in {tracking_uri(cfg)}") from exc
+    client.set_registered_model_alias(name, cfg.tracking.alias, version)
+    log.info("%s@%s -> version %s", name, cfg.tracking.alias, version)
 
 
 class ModelError(LookupError):
@@ -237,6 +324,12 @@ def log_dict(run_id: str, cfg: "Config", data: Any, name: str) -> None:
 
 def log_text(run_id: str, cfg: "Config", text: str, name: str) -> None:
     _client(cfg).log_text(run_id, text, name)
+
+
+def set_tags(cfg: "Config", run_id: str, tags: dict[str, str]) -> None:
+    client = _client(cfg)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
 
 
 def log_metrics(run_id: str, cfg: "Config", metrics: dict[str, float]) -> None:

@@ -224,7 +224,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         except TrainingError as err:
             # Report instead of raising: a raised error would count as a worker failure and be
             # retried from the last checkpoint, diverging again.
-            ray.train.report({"epoch": epoch, "diverged": str(err)})
+            # val_loss rides along so a Tune scheduler keyed on it accepts the result.
+            ray.train.report({"epoch": epoch, "diverged": str(err), "val_loss": math.inf})
             return
         seconds = time.perf_counter() - t0
         va = _run_epoch(model, iter_torch_batches(val_shard, batch_size=per_worker_batch, rescale=cfg.data.rescale,
@@ -305,25 +306,41 @@ def scaling_config(cfg: TrainConfig):
     return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
 
 
+def ordered_ingest() -> "ray.train.DataConfig":
+    """Train's default ingest options, but rows reach the workers in a fixed order.
+
+    Block order and augmentation are seeded (see ``ImagePipeline.dataset``); keeping the order
+    of tasks' outputs makes a seeded CPU run reproducible. The cost is small: read tasks are
+    few and large, so one slow task rarely holds the others back.
+    """
+    from ray.data import DataContext
+    from ray.train import DataConfig
+
+    options = copy.deepcopy(DataContext.get_current().execution_options)
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
 def run_training(cfg: Config, *, run_name: str | None = None, register: bool = True,
-                 fault_injection: dict[str, Any] | None = None, evaluate_test: bool = True) -> TrainOutcome:
+                 fault_injection: dict[str, Any] | None = None, evaluate_test: bool = True,
+                 parent_run_id: str | None = None, callbacks: list | None = None,
+                 tags: dict[str, str] | None = None) -> TrainOutcome:
     """Train ``cfg`` end to end: data checks, MLflow run, Ray Train fit, evaluation, registry.
 
     ``fault_injection`` ({"epoch", "marker"[, "rank"]}) kills a worker once at that epoch: for
-    tests and failure drills.
+    tests and failure drills. A Tune trial passes its sweep's ``parent_run_id`` and a callback
+    that forwards each epoch's metrics to Tune.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from hotdog_ray import evaluate, storage, tracking
-    from hotdog_ray.data import ImagePipeline
+    from hotdog_ray.data import ImagePipeline, discover
     from hotdog_ray.runtime import init_ray
 
-    pipeline_layout_required = ("train", "validation", "test") if evaluate_test else ("train", "validation")
-    from hotdog_ray.data import discover
-
-    layout = discover(cfg.data, required=pipeline_layout_required)  # fails before Ray starts
+    required = ("train", "validation", "test") if evaluate_test else ("train", "validation")
+    layout = discover(cfg.data, required=required)  # fails before Ray starts
     init_ray()
     pipeline = ImagePipeline(cfg.data, layout)
     run_name = run_name or cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -335,8 +352,8 @@ def run_training(cfg: Config, *, run_name: str | None = None, register: bool = T
         "ray_cluster_cpus": str(ray.cluster_resources().get("CPU", 0)),
         "ray_cluster_gpus": str(ray.cluster_resources().get("GPU", 0)),
         "ray_nodes": str(len([n for n in ray.nodes() if n.get("Alive")])),
-        "num_workers": str(cfg.train.num_workers),
-    })
+        "num_workers": str(cfg.train.num_workers), **(tags or {}),
+    }, parent_run_id=parent_run_id)
     tracking.log_dict(run_id, cfg, {"classes": layout.classes}, "classes.json")
     tracking.log_dict(run_id, cfg, cfg.model_dump(mode="json"), "config.yaml")
     try:
@@ -345,7 +362,9 @@ def run_training(cfg: Config, *, run_name: str | None = None, register: bool = T
             train_loop_config={"config": cfg.model_dump(mode="json"), "classes": layout.classes,
                                "fault_injection": fault_injection},
             scaling_config=scaling_config(cfg.train),
-            datasets={"train": pipeline.dataset("train", shuffle_seed=cfg.train.seed), "validation": pipeline.dataset("validation")},
+            datasets={"train": pipeline.dataset("train", shuffle_seed=cfg.train.seed),
+                      "validation": pipeline.dataset("validation")},
+            dataset_config=ordered_ingest(),
             run_config=RunConfig(
                 name=run_name, storage_path=checkpoints.path,
                 storage_filesystem=None if checkpoints.is_local else checkpoints.fs,
@@ -353,7 +372,7 @@ def run_training(cfg: Config, *, run_name: str | None = None, register: bool = T
                                                    checkpoint_score_attribute="val_loss",
                                                    checkpoint_score_order="min"),
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                callbacks=[tracking.epoch_logger(cfg, run_id)],
+                callbacks=[tracking.epoch_logger(cfg, run_id), *(callbacks or [])],
             ),
         )
         result = trainer.fit()

@@ -185,3 +185,24 @@ def test_training_order_mixes_classes(ray_session, image_tree):
     assert sorted(plain) == sorted(mixed)
     assert changes(plain) == len(CLASSES) - 1  # listed class by class
     assert changes(mixed) > len(mixed) // 3
+
+
+def test_seeded_training_epochs_are_reproducible_and_differ_from_each_other(ray_session, image_tree):
+    from ray.data import DataContext
+
+    from hotdog_ray.config import AugmentConfig
+
+    cfg = DataConfig(root=str(image_tree.root), image_size=8, files_per_task=4,
+                     augment=AugmentConfig(horizontal_flip=True, rotation=30))
+
+    def two_epochs(seed: int) -> list[torch.Tensor]:
+        # Train iterates one dataset once per epoch; a fresh pipeline stands for a fresh run.
+        ds = ImagePipeline.from_config(cfg).dataset("train", shuffle_seed=seed)
+        ds.context.execution_options.preserve_order = True
+        return [torch.cat([x for x, _ in iter_torch_batches(ds, batch_size=16, rescale="unit")]) for _ in range(2)]
+
+    run_a, run_b, other = two_epochs(7), two_epochs(7), two_epochs(8)
+    assert DataContext.get_current().execution_options.preserve_order is False  # set per dataset only
+    assert torch.equal(run_a[0], run_b[0]) and torch.equal(run_a[1], run_b[1])
+    assert not torch.equal(run_a[0], run_a[1])  # a new order and new draws every epoch
+    assert not torch.equal(run_a[0], other[0])

@@ -10,7 +10,15 @@ import torch
 from PIL import Image
 
 from hotdog_ray.config import AugmentConfig
-from hotdog_ray.images import ImageError, augment_batch, build_augmentation, decode_image, open_image, to_model_input
+from hotdog_ray.images import (
+    ImageError,
+    augment_batch,
+    augmentation_seed,
+    build_augmentation,
+    decode_image,
+    open_image,
+    to_model_input,
+)
 from tests.imagegen import VARIANTS, encode, truncated_jpeg, truncated_png
 
 
@@ -123,3 +131,24 @@ def test_seed_style_augmentation_changes_pixels_but_not_shape():
     assert not np.array_equal(out, batch)
     # brightness in [0.1, 0.9] can only darken on average
     assert out.mean() < batch.mean()
+
+
+def test_seeded_augmentation_is_reproducible_and_leaves_the_global_rng_alone():
+    transform = build_augmentation(AugmentConfig(rotation=40, zoom=0.2, horizontal_flip=True))
+    batch = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    seeds = [augmentation_seed(42, 0, f"train/cat/{i}.jpg") for i in range(6)]
+    state = torch.get_rng_state()
+    first = augment_batch(batch, transform, seeds)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert np.array_equal(first, augment_batch(batch, transform, seeds))
+    # each image's draw is its own: the same image and seed give the same pixels in any batch
+    assert np.array_equal(first[3:], augment_batch(batch[3:], transform, seeds[3:]))
+    assert not np.array_equal(first, augment_batch(batch, transform, [s + 1 for s in seeds]))
+
+
+def test_augmentation_seed_differs_by_seed_epoch_and_path():
+    base = augmentation_seed(42, 0, "a.jpg")
+    assert base == augmentation_seed(42, 0, "a.jpg")
+    assert len({base, augmentation_seed(43, 0, "a.jpg"), augmentation_seed(42, 1, "a.jpg"),
+                augmentation_seed(42, 0, "b.jpg")}) == 4
+    assert 0 <= base < 2**63

@@ -155,3 +155,13 @@ def test_early_stopping_state_machine():
     restored.load_state_dict(es.state_dict())
     assert restored == es
     assert not EarlyStopping(patience=None).should_stop
+
+
+def test_fixed_seed_reproduces_an_augmented_cpu_run(ray_session, image_tree, tmp_path):
+    args = ("train.epochs=2", "train.num_workers=1", "data.augment.horizontal_flip=true",
+            "data.augment.rotation=20", "model.dropout=0.3")
+    a = run_training(tiny_config(tmp_path / "a", str(image_tree.root), *args), register=False, evaluate_test=False)
+    b = run_training(tiny_config(tmp_path / "b", str(image_tree.root), *args), register=False, evaluate_test=False)
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+    assert [[h[k] for k in keys] for h in a.history] == [[h[k] for k in keys] for h in b.history]
+    assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())

@@ -1,0 +1,98 @@
+"""Promotion: move the registry alias (``tracking.alias``, default ``champion``) to a new model
+only when it beats the current one on the same test data.
+
+Serving and scoring load ``models:/<registered_model>@<alias>``, so this is the one gate
+between a sweep and production traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hotdog_ray.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decision:
+    """What promotion did and why; logged as ``promotion.json`` on the sweep's run."""
+
+    promoted: bool
+    reason: str
+    metric: str
+    candidate: str
+    candidate_score: float | None = None
+    champion_version: str | None = None
+    champion_score: float | None = None
+    version: str | None = None  # the alias's version afterwards
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(metric: str, candidate: float, champion: float | None) -> tuple[bool, str]:
+    """Promote only a strict improvement (pure; ties keep the champion, which is already serving)."""
+    if champion is None:
+        return True, f"no current champion; candidate {metric} {candidate:.4f}"
+    if candidate > champion:
+        return True, f"candidate {metric} {candidate:.4f} beats champion {champion:.4f}"
+    return False, f"candidate {metric} {candidate:.4f} does not beat champion {champion:.4f}"
+
+
+def promote(cfg: "Config", run_id: str, *, data_root: str | None = None, record_run_id: str | None = None) -> Decision:
+    """Evaluate the model logged by ``run_id`` and the current champion on the test split of
+    ``data_root`` (default ``data.root``); register the candidate and move the alias only if it wins.
+
+    The comparison is recorded on ``record_run_id`` (a sweep's parent run) when given.
+    """
+    from hotdog_ray import tracking
+    from hotdog_ray.evaluate import evaluate_model
+
+    metric = cfg.tune.promote_metric
+    candidate = tracking.load_model(cfg, f"runs:/{run_id}")
+    cand_score = float(evaluate_model(cfg, candidate, root=data_root)[metric])
+    champ_version = tracking.alias_version(cfg)
+    champ_score = None
+    if champ_version is not None:
+        champion = tracking.load_model(cfg, f"models:/{cfg.tracking.registered_model}/{champ_version}")
+        if tracking.version_run_id(cfg, champ_version) == run_id:
+            return _record(cfg, record_run_id, Decision(False, "the candidate already is the champion", metric,
+                                                        run_id, cand_score, champ_version, cand_score, champ_version))
+        if champion.classes != candidate.classes:
+            return _record(cfg, record_run_id, Decision(
+                False, f"champion version {champ_version} predicts other classes ({champion.classes}); "
+                       f"not comparable, use `hotdog promote --force VERSION`",
+                metric, run_id, cand_score, champ_version, None, champ_version))
+        champ_score = float(evaluate_model(cfg, champion, root=data_root)[metric])
+    promoted, reason = decide(metric, cand_score, champ_score)
+    version = champ_version
+    if promoted:
+        version = tracking.register_run_model(cfg, run_id)
+        tracking.set_alias(cfg, version)
+    decision = Decision(promoted, reason, metric, run_id, cand_score, champ_version, champ_score, version)
+    log.info("promotion: %s (%s)", "promoted" if promoted else "kept the champion", reason)
+    return _record(cfg, record_run_id, decision)
+
+
+def force(cfg: "Config", version: str) -> Decision:
+    """Point the alias at ``version`` without evaluating: for humans (rollbacks, hotfixes)."""
+    from hotdog_ray import tracking
+
+    before = tracking.alias_version(cfg)
+    tracking.set_alias(cfg, version)
+    return Decision(True, f"forced by a human (was version {before})", cfg.tune.promote_metric, f"version {version}",
+                    champion_version=before, version=version)
+
+
+def _record(cfg: "Config", run_id: str | None, decision: Decision) -> Decision:
+    from hotdog_ray import tracking
+
+    if run_id:
+        tracking.log_dict(run_id, cfg, decision.as_dict(), "promotion.json")
+        tracking.set_tags(cfg, run_id, {"promotion": "promoted" if decision.promoted else "kept",
+                                        "promotion_reason": decision.reason[:500]})
+    return decision
