@@ -116,6 +116,13 @@ def resolve(uri: str | os.PathLike) -> Location:
     return Location(fs, path.rstrip("/"), uri)
 
 
+def pinned(uri: str | os.PathLike) -> str:
+    """``uri`` with a local relative path made absolute (other URIs unchanged), for processes
+    that run in another working directory (Tune trials run in their trial folder)."""
+    loc = resolve(uri)
+    return loc.path if loc.is_local else loc.uri
+
+
 def check_exists(uri: str | os.PathLike, *, kind: str = "dataset") -> Location:
     """Resolve ``uri`` and make sure something is there, with one clear error if not.
 

@@ -135,7 +135,12 @@ def run_sweep(cfg: Config, *, name: str | None = None, resume: bool = False,
     layout = discover(cfg.data, required=("train", "validation", "test"))  # fails before Ray starts
     name = name or cfg.tune.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     epochs = max_epochs(cfg)
-    base_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+    # Trials run in their own folders: pin every relative location to this working directory.
+    base_cfg = cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"root": storage.pinned(cfg.data.root)}),
+        "train": cfg.train.model_copy(update={"epochs": epochs, "storage_path": storage.pinned(cfg.train.storage_path)}),
+        "tracking": cfg.tracking.model_copy(update={"uri": tracking.tracking_uri(cfg)}),
+    })
     where = storage.resolve(cfg.train.storage_path)
     path = where.join(name)
     init_ray()

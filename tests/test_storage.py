@@ -82,3 +82,12 @@ def test_listing_skips_hidden_files_and_sorts(tmp_path):
     loc = resolve(tmp_path)
     assert [p.rsplit("/", 1)[1] for p in storage.list_files(loc)] == ["a.png", "z.png"]
     assert storage.list_dirs(loc) == ["b"]
+
+
+def test_pinned_makes_local_relative_paths_absolute_only(tmp_path, monkeypatch):
+    from hotdog_ray.storage import pinned
+
+    monkeypatch.chdir(tmp_path)
+    assert pinned("data/sample") == str(tmp_path / "data" / "sample")
+    assert pinned(f"file://{tmp_path}/x") == f"{tmp_path}/x"
+    assert pinned("s3://bucket/prefix") == "s3://bucket/prefix"

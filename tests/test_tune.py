@@ -101,7 +101,19 @@ def good_sweep(ray_session, image_tree, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     cfg = sweep_config(tmp, str(image_tree.root), "tune.num_samples=3", "tune.learning_rate=[0.00001,0.05]",
                        "tune.dropout=[0.0,0.3]", "tune.seed=3", "train.epochs=3", "tune.max_concurrent_trials=2")
-    return cfg, run_sweep(cfg, name="good")
+    # Relative locations, as in the presets: trials run in their own folders and must still find them.
+    relative = cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"root": os.path.relpath(image_tree.root, tmp)}),
+        "train": cfg.train.model_copy(update={"storage_path": "runs"}),
+        "tracking": cfg.tracking.model_copy(update={"uri": "sqlite:///mlflow.db"}),
+    })
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        out = run_sweep(relative, name="good")
+    finally:
+        os.chdir(cwd)
+    return cfg, out
 
 
 def test_sweep_stops_poor_trials_and_nests_every_trial_in_mlflow(good_sweep):
