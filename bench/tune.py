@@ -64,7 +64,9 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"sweep of {args.samples} trials x up to {args.epochs} epochs, {args.concurrency} at a time ({args.config})")
+    # The sweep may run fewer at once than asked (see hotdog_ray.tune.fit_concurrency); its log says so.
+    print(f"sweep of {args.samples} trials x up to {args.epochs} epochs, up to {args.concurrency} at a time "
+          f"({args.config})")
     for name, r in (("every trial to the end", full), ("ASHA", asha)):
         print(f"  {name:<24}{r['seconds']:>8.1f} s  {r['epochs_trained']:>4} epochs  "
               f"best val_accuracy {r['best_val_accuracy']:.4f}  stopped early {r['stopped_early']}")

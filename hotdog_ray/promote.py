@@ -58,10 +58,10 @@ def promote(cfg: "Config", run_id: str, *, data_root: str | None = None, record_
     champ_version = tracking.alias_version(cfg)
     champ_score = None
     if champ_version is not None:
-        champion = tracking.load_model(cfg, f"models:/{cfg.tracking.registered_model}/{champ_version}")
         if tracking.version_run_id(cfg, champ_version) == run_id:
             return _record(cfg, record_run_id, Decision(False, "the candidate already is the champion", metric,
                                                         run_id, cand_score, champ_version, cand_score, champ_version))
+        champion = tracking.load_model(cfg, f"models:/{cfg.tracking.registered_model}/{champ_version}")
         if champion.classes != candidate.classes:
             return _record(cfg, record_run_id, Decision(
                 False, f"champion version {champ_version} predicts other classes ({champion.classes}); "
