@@ -206,6 +206,16 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hotdog_ray import serve
+
+    cfg = config_from_args(args)
+    if args.model:
+        cfg.serve.model_uri = args.model
+    serve.run(cfg)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from hotdog_ray.config import dump_config
 
@@ -273,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("runs", cmd_runs, "recent training runs, sweeps and trials with their key metrics", True)
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
+
+    p = command("serve", cmd_serve, "serve the promoted model over HTTP with Ray Serve (API, web page, hot reload)", True)
+    p.add_argument("--model", help="model to serve instead of serve.model_uri (default: the registry alias)")
 
     command("config", cmd_config, "print the resolved config as YAML", True)
     return parser

@@ -151,8 +151,12 @@ class TuneConfig(_Section):
     name: str | None = Field(None, description="sweep name; rerunning it with --resume continues it")
     num_samples: int = Field(8, ge=1, le=10000, description="trials")
     max_concurrent_trials: int = Field(2, ge=1)
+    trial_mode: Literal["process", "train"] = Field(
+        "process", description="process: a trial trains on one device in its own process, with one Train "
+        "worker's resources (train.cpus_per_worker, train.gpus_per_worker); starts in seconds, best for small "
+        "CNNs (bench/tune.py). train: a trial is a data-parallel Ray Train run of train.num_workers workers")
     cpus_per_trial: float = Field(
-        0.01, gt=0, description="the trial's driver only; its Train workers take train.cpus_per_worker"
+        0.01, gt=0, description="trial_mode train: the trial's driver only; its Train workers take train.cpus_per_worker"
     )
     filters: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1,
                                description="base filter widths to choose from")
@@ -160,6 +164,10 @@ class TuneConfig(_Section):
     learning_rate: tuple[float, float] = Field((1e-4, 1e-2), description="log-uniform range")
     optimizers: list[Literal["adam", "sgd", "rmsprop"]] | None = Field(None, description="choices; None: train.optimizer")
     batch_sizes: list[int] | None = Field(None, description="choices; None: train.batch_size")
+    sampler: Literal["random", "optuna"] = Field(
+        "random", description="random search, or Optuna's TPE (pip install 'hotdog-ray[optuna]'), which "
+        "models the finished trials to pick the next values")
+    startup_trials: int = Field(3, ge=1, description="optuna: random trials before TPE takes over")
     asha: bool = Field(True, description="stop poor trials early; off runs every trial to the end (bench)")
     max_epochs: int | None = Field(None, ge=1, description="ASHA's max_t (default: train.epochs)")
     grace_period: int = Field(1, ge=1, description="epochs every trial gets before ASHA may stop it")
@@ -191,14 +199,36 @@ class TuneConfig(_Section):
 
 
 class ServeConfig(_Section):
-    """Ray Serve HTTP application."""
+    """Online predictions: the Ray Serve HTTP application (``hotdog serve``, ``serving/``)."""
 
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 to accept other machines")
     port: int = Field(8000, ge=1, le=65535)
-    model_uri: str | None = Field(None, description="default: models:/<registered_model>@champion")
-    max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_upload_bytes: int = Field(10_000_000, ge=1)
+    model_uri: str | None = Field(
+        None, description="models:/<name>@<alias>, models:/<name>/<version>, runs:/<id> or a bundle folder; "
+        "default: the registry's tracking.alias, else its newest version")
+    reload_interval_s: float = Field(
+        30.0, ge=0, description="how often replicas check whether the alias moved (0: only on a user_config change)")
+    max_batch_size: int = Field(16, ge=1, description="dynamic batching: most images in one forward pass")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="dynamic batching: longest wait to fill a batch")
+    max_upload_bytes: int = Field(10_000_000, ge=1, description="larger request bodies get 413")
+    max_images_per_request: int = Field(32, ge=1, description="POST /predict/batch limit")
+    min_image_side: int = Field(8, ge=1, description="smaller images are refused")
+    top_k: int = Field(5, ge=1)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0, description="autoscaling target per replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="per replica; at least max_batch_size")
+    cpus_per_replica: float = Field(1.0, ge=0)
+    gpus_per_replica: float = Field(0.0, ge=0, description="> 0: GPU replicas (mixed precision)")
+
+    @model_validator(mode="after")
+    def _batching_fits(self) -> "ServeConfig":
+        # A replica never sees more than max_ongoing_requests at once: a larger batch never fills.
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be at least max_batch_size")
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        return self
 
 
 class ScoreConfig(_Section):

@@ -135,6 +135,20 @@ def run_tag(cfg: "Config", run_id: str, key: str) -> str | None:
     return _client(cfg).get_run(run_id).data.tags.get(key)
 
 
+def log_epoch(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
+    """One epoch's finite numeric metrics at step ``epoch``; a divergence becomes a tag on the run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if metrics.get("diverged"):
+        # Train V2's Result keeps the last checkpointed metrics only; the tag carries the reason home.
+        client.set_tag(run_id, DIVERGED_TAG, metrics["diverged"])
+    numeric = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and k != "epoch" and math.isfinite(v)}
+    for k, v in numeric.items():
+        client.log_metric(run_id, k, v, step=int(metrics["epoch"]))
+
+
 def _epoch_logger_class():
     import ray.train
 
@@ -145,17 +159,7 @@ def _epoch_logger_class():
             self.uri, self.run_id = uri, run_id
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            from mlflow.tracking import MlflowClient
-
-            m = metrics[0]
-            numeric = {k: float(v) for k, v in m.items()
-                       if isinstance(v, (int, float)) and k != "epoch" and math.isfinite(v)}
-            client = MlflowClient(self.uri)
-            if m.get("diverged"):
-                # Train V2's Result keeps the last checkpointed metrics only; the tag carries the reason home.
-                client.set_tag(self.run_id, DIVERGED_TAG, m["diverged"])
-            for k, v in numeric.items():
-                client.log_metric(self.run_id, k, v, step=int(m["epoch"]))
+            log_epoch(self.uri, self.run_id, metrics[0])
 
     return EpochLogger
 
@@ -300,7 +304,8 @@ def _load_model(cfg: "Config", ref: str) -> ModelBundle:
             version = client.get_model_version_by_alias(name, alias)
         else:
             version = client.get_model_version(name, rest)
-        source, meta_extra = version.source, {"registered_model": name, "version": version.version}
+        source = version.source
+        meta_extra = {"registered_model": name, "version": str(version.version), "run_id": version.run_id}
     elif ref.startswith("runs:/"):
         run_id = ref[len("runs:/"):].strip("/")
         source, meta_extra = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_DIR}", {"run_id": run_id}
@@ -312,6 +317,26 @@ def _load_model(cfg: "Config", ref: str) -> ModelBundle:
         bundle = load_bundle(local)
     bundle.meta.update(meta_extra)
     return bundle
+
+
+def resolve_model_ref(cfg: "Config", ref: str) -> str:
+    """The concrete model a reference names now: an alias becomes ``models:/<name>/<version>``.
+
+    Serving compares this between polls to notice that the alias moved.
+    """
+    if ref.startswith("models:/") and "@" in ref:
+        name, alias = ref[len("models:/"):].split("@", 1)
+        try:
+            version = _client(cfg).get_model_version_by_alias(name, alias).version
+        except Exception as exc:  # noqa: BLE001 - MLflow raises several types for "no such alias"
+            raise ModelError(f"cannot resolve {ref} in {tracking_uri(cfg)}: {exc}") from exc
+        return f"models:/{name}/{version}"
+    return ref
+
+
+def run_metrics(cfg: "Config", run_id: str) -> dict[str, float]:
+    """A run's latest metrics (a served model's training and test scores)."""
+    return dict(_client(cfg).get_run(run_id).data.metrics)
 
 
 def log_figure(run_id: str, cfg: "Config", fig, name: str) -> None:

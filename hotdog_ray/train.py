@@ -160,21 +160,100 @@ def _quiet_train_reports() -> None:
         pass
 
 
+class TrainSession:
+    """What the loop needs from Ray Train: rank, device, shards, checkpoints and reports."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return load_checkpoint_state(checkpoint) if checkpoint else None
+
+    def shard(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        import ray.train
+
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+class TrialSession:
+    """The same loop in a Tune trial's own process, on one device: no Train worker group to start.
+
+    Epochs go to Tune (for ASHA) and to the MLflow run directly; checkpoints are Tune's, so a
+    trial restarted by a resumed sweep continues from its last epoch.
+    """
+
+    def __init__(self, cfg: Config, datasets: dict[str, Any], uri: str, run_id: str) -> None:
+        self.rank, self.world = 0, 1
+        self.device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
+        self.datasets, self.uri, self.run_id = datasets, uri, run_id
+        self.state: dict[str, Any] | None = None
+
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        self.state = load_checkpoint_state(checkpoint) if checkpoint else None
+        return self.state
+
+    def shard(self, name: str):
+        return self.datasets[name]
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        from ray import tune
+
+        from hotdog_ray.tracking import log_epoch
+
+        log_epoch(self.uri, self.run_id, metrics)
+        if state is None:
+            tune.report(metrics)
+            return
+        self.state = state
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / STATE_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
-    import ray.train
-    import ray.train.torch
+    _quiet_train_reports()
+    fit_loop(from_dict(loop_config["config"]), loop_config["classes"], TrainSession(),
+             loop_config.get("fault_injection"))
 
+
+def fit_loop(cfg: Config, classes: list[str], session: "TrainSession | TrialSession",
+             fault: dict[str, Any] | None = None) -> None:
+    """The training loop: epochs of train and validation, early stopping, a checkpoint per epoch."""
     from hotdog_ray.data import iter_torch_batches
     from hotdog_ray.models import build_model
 
-    _quiet_train_reports()
-    cfg = from_dict(loop_config["config"])
-    classes: list[str] = loop_config["classes"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(cfg.train.seed + rank)
-    device = ray.train.torch.get_device()
     amp = cfg.train.mixed_precision and device.type == "cuda"
 
     model = build_model(cfg.model.name, len(classes), cfg.data.image_size, filters=cfg.model.filters,
@@ -187,10 +266,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stopper = EarlyStopping(cfg.train.early_stopping_patience)
     start_epoch, history, best_state = 0, [], None
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    state = session.checkpoint_state()
+    if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
@@ -201,12 +278,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.manual_seed(cfg.train.seed + rank + 1000 * start_epoch)
         if rank == 0:
             log.info("resuming from epoch %d", start_epoch)
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare(model)
 
-    fault = loop_config.get("fault_injection") or {}
+    fault = fault or {}
     per_worker_batch = max(1, cfg.train.batch_size // world)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
+    train_shard, val_shard = session.shard("train"), session.shard("validation")
 
     for epoch in range(start_epoch, cfg.train.epochs):
         if fault and epoch == fault["epoch"] and rank == fault.get("rank", 0) and not Path(fault["marker"]).exists():
@@ -225,7 +301,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # Report instead of raising: a raised error would count as a worker failure and be
             # retried from the last checkpoint, diverging again.
             # val_loss rides along so a Tune scheduler keyed on it accepts the result.
-            ray.train.report({"epoch": epoch, "diverged": str(err), "val_loss": math.inf})
+            session.report({"epoch": epoch, "diverged": str(err), "val_loss": math.inf})
             return
         seconds = time.perf_counter() - t0
         va = _run_epoch(model, iter_torch_batches(val_shard, batch_size=per_worker_batch, rescale=cfg.data.rescale,
@@ -255,18 +331,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 epoch + 1, cfg.train.epochs, metrics["loss"], metrics["accuracy"], metrics["val_loss"],
                 metrics["val_accuracy"], metrics["images_per_s"],
             )
-            state = {
+            session.report(metrics, {
                 "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "epoch": epoch, "early_stopping": stopper.state_dict(), "history": history,
                 "best_model": best_state if cfg.train.restore_best else None,
-                "classes": classes, "config": loop_config["config"],
-            }
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(state, Path(tmp) / STATE_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                "classes": classes, "config": cfg.model_dump(mode="json"),
+            })
         else:
-            ray.train.report(metrics)
+            session.report(metrics)
         if stop:
             if metrics["stopped_early"] and rank == 0:
                 log.info("early stopping: no better val_loss for %d epochs (best: epoch %d)",
@@ -324,18 +397,17 @@ def ordered_ingest() -> "ray.train.DataConfig":
 def run_training(cfg: Config, *, run_name: str | None = None, register: bool = True,
                  fault_injection: dict[str, Any] | None = None, evaluate_test: bool = True,
                  parent_run_id: str | None = None, callbacks: list | None = None,
-                 tags: dict[str, str] | None = None) -> TrainOutcome:
+                 tags: dict[str, str] | None = None, in_trial: bool = False) -> TrainOutcome:
     """Train ``cfg`` end to end: data checks, MLflow run, Ray Train fit, evaluation, registry.
 
     ``fault_injection`` ({"epoch", "marker"[, "rank"]}) kills a worker once at that epoch: for
-    tests and failure drills. A Tune trial passes its sweep's ``parent_run_id`` and a callback
-    that forwards each epoch's metrics to Tune.
+    tests and failure drills. A Tune trial passes its sweep's ``parent_run_id``, and either a
+    callback that forwards each epoch's metrics to Tune (Train inside Tune) or ``in_trial``
+    (the loop runs in the trial's own process, on one device, reporting to Tune itself).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
-    from hotdog_ray import evaluate, storage, tracking
+    from hotdog_ray import evaluate, tracking
     from hotdog_ray.data import ImagePipeline, discover
     from hotdog_ray.runtime import init_ray
 
@@ -344,40 +416,22 @@ def run_training(cfg: Config, *, run_name: str | None = None, register: bool = T
     init_ray()
     pipeline = ImagePipeline(cfg.data, layout)
     run_name = run_name or cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    # Our filesystem, not a bare URI: pyarrow alone ignores AWS_ENDPOINT_URL (STACK-NOTES).
-    checkpoints = storage.resolve(cfg.train.storage_path)
 
     run_id = tracking.start_run(cfg, run_name=run_name, tags={
         "dataset": layout.root.uri, "classes": ",".join(layout.classes), "model": cfg.model.name,
         "ray_cluster_cpus": str(ray.cluster_resources().get("CPU", 0)),
         "ray_cluster_gpus": str(ray.cluster_resources().get("GPU", 0)),
         "ray_nodes": str(len([n for n in ray.nodes() if n.get("Alive")])),
-        "num_workers": str(cfg.train.num_workers), **(tags or {}),
+        "num_workers": "1" if in_trial else str(cfg.train.num_workers), **(tags or {}),
     }, parent_run_id=parent_run_id)
     tracking.log_dict(run_id, cfg, {"classes": layout.classes}, "classes.json")
     tracking.log_dict(run_id, cfg, cfg.model_dump(mode="json"), "config.yaml")
     try:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"config": cfg.model_dump(mode="json"), "classes": layout.classes,
-                               "fault_injection": fault_injection},
-            scaling_config=scaling_config(cfg.train),
-            datasets={"train": pipeline.dataset("train", shuffle_seed=cfg.train.seed),
-                      "validation": pipeline.dataset("validation")},
-            dataset_config=ordered_ingest(),
-            run_config=RunConfig(
-                name=run_name, storage_path=checkpoints.path,
-                storage_filesystem=None if checkpoints.is_local else checkpoints.fs,
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
-                                                   checkpoint_score_attribute="val_loss",
-                                                   checkpoint_score_order="min"),
-                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                callbacks=[tracking.epoch_logger(cfg, run_id), *(callbacks or [])],
-            ),
-        )
-        result = trainer.fit()
-        if result.error:
-            raise result.error
+        if in_trial:
+            state, checkpoint_path = _fit_in_trial(cfg, pipeline, layout.classes, run_id)
+        else:
+            state, checkpoint_path = _fit_ray_train(cfg, pipeline, layout.classes, run_name, run_id,
+                                                    fault_injection, callbacks)
         diverged = tracking.run_tag(cfg, run_id, tracking.DIVERGED_TAG)
         if diverged:
             raise TrainingError(diverged)
@@ -388,7 +442,6 @@ def run_training(cfg: Config, *, run_name: str | None = None, register: bool = T
             cause = cause.__cause__
         raise TrainingError(f"training run {run_name} failed: {cause}") from exc
 
-    state = load_checkpoint_state(result.checkpoint)
     from hotdog_ray.models import build_model
 
     model = build_model(cfg.model.name, len(layout.classes), cfg.data.image_size, filters=cfg.model.filters,
@@ -418,4 +471,55 @@ def run_training(cfg: Config, *, run_name: str | None = None, register: bool = T
     version = tracking.log_model(cfg, run_id, model, meta, register=register)
     tracking.end_run(cfg, run_id)
     return TrainOutcome(run_id, run_name, model, layout.classes, history, test_metrics, version,
-                        result.checkpoint.path, skipped)
+                        checkpoint_path, skipped)
+
+
+def _fit_ray_train(cfg: Config, pipeline, classes: list[str], run_name: str, run_id: str,
+                   fault_injection: dict[str, Any] | None, callbacks: list | None) -> tuple[dict[str, Any], str]:
+    """Data-parallel fit on a Ray Train worker group; the last checkpoint's state and its path."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from hotdog_ray import storage, tracking
+
+    # Our filesystem, not a bare URI: pyarrow alone ignores AWS_ENDPOINT_URL (STACK-NOTES).
+    checkpoints = storage.resolve(cfg.train.storage_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "classes": classes,
+                           "fault_injection": fault_injection},
+        scaling_config=scaling_config(cfg.train),
+        datasets={"train": pipeline.dataset("train", shuffle_seed=cfg.train.seed),
+                  "validation": pipeline.dataset("validation")},
+        dataset_config=ordered_ingest(),
+        run_config=RunConfig(
+            name=run_name, storage_path=checkpoints.path,
+            storage_filesystem=None if checkpoints.is_local else checkpoints.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
+                                               checkpoint_score_attribute="val_loss",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[tracking.epoch_logger(cfg, run_id), *(callbacks or [])],
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return load_checkpoint_state(result.checkpoint), result.checkpoint.path
+
+
+def _fit_in_trial(cfg: Config, pipeline, classes: list[str], run_id: str) -> tuple[dict[str, Any], str]:
+    """Single-device fit in the current Tune trial's process; the last epoch's state and the trial's folder."""
+    from ray import tune
+
+    from hotdog_ray import tracking
+
+    datasets = {"train": pipeline.dataset("train", shuffle_seed=cfg.train.seed),
+                "validation": pipeline.dataset("validation")}
+    for ds in datasets.values():
+        ds.context.execution_options.preserve_order = True  # as ordered_ingest() does for Train
+    session = TrialSession(cfg, datasets, tracking.tracking_uri(cfg), run_id)
+    fit_loop(cfg, classes, session)
+    if session.state is None:
+        raise TrainingError("the trial reported no epoch")
+    return session.state, tune.get_context().get_trial_dir()

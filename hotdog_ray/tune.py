@@ -68,6 +68,23 @@ def max_epochs(cfg: Config) -> int:
     return cfg.tune.max_epochs or cfg.train.epochs
 
 
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What one trial reserves: one Train worker's share (process mode), or its driver's (train mode,
+    whose workers reserve their own)."""
+    if cfg.tune.trial_mode == "train":
+        return {"CPU": cfg.tune.cpus_per_trial}
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    return resources
+
+
+def trial_cpus(cfg: Config) -> float:
+    """CPUs one trial holds while it runs, workers included."""
+    workers = cfg.train.num_workers * cfg.train.cpus_per_worker if cfg.tune.trial_mode == "train" else 0.0
+    return trial_resources(cfg)["CPU"] + workers
+
+
 def fit_concurrency(requested: int, cluster_cpus: float, trial_cpus: float) -> int:
     """How many trials may run at once so that one whole CPU stays free for Ray Data's tasks.
 
@@ -89,19 +106,58 @@ def summarize_trials(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: str, parent_run_id: str) -> None:
     """One trial: the training job with the sampled values, nested under the sweep's run.
 
-    The Train run's name is the trial's id, so a trial restarted by a resumed sweep picks up
-    its own last checkpoint instead of starting over.
+    In process mode the loop runs right here and reports to Tune; in train mode a Train run
+    does, and a callback forwards its epochs. A trial restarted by a resumed sweep continues
+    from its own last checkpoint (Tune's, or the Train run named after the trial), and one that
+    had already finished only reports its result again.
     """
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
+    from hotdog_ray import tracking
     from hotdog_ray.train import run_training
 
     cfg = trial_config(base, params)
     trial_id = tune.get_context().get_trial_id()
+    done = [r for r in tracking.find_runs(cfg, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
+            if r.info.status == "FINISHED" and r.data.tags.get(tracking.PARENT_TAG) == parent_run_id]
+    if done:
+        # Tune had not recorded its end when the driver died: training again would log a second run.
+        metrics = done[0].data.metrics
+        log.info("trial %s had finished before the sweep was interrupted (run %s)", trial_id, done[0].info.run_id)
+        tune.report({**metrics, "epoch": int(metrics.get("epochs_run", 1)) - 1})
+        return
+    in_trial = cfg.tune.trial_mode == "process"
+    callbacks = [] if in_trial else [_tune_report_callback()]
     run_training(cfg, run_name=f"{sweep}-{trial_id}", register=False, evaluate_test=False,
-                 parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
+                 parent_run_id=parent_run_id, callbacks=callbacks, in_trial=in_trial,
                  tags={SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
+
+
+def _tune_report_callback():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return TuneReportCallback()
+
+
+def searcher(cfg: Config, seed: int, concurrency: int):
+    """Seeded random search, or Optuna's TPE, at most ``concurrency`` trials at a time.
+
+    Tune ignores ``max_concurrent_trials`` beside a search algorithm instance: the limit goes here.
+    """
+    if cfg.tune.sampler == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
+    try:
+        import optuna
+    except ImportError as exc:
+        raise SweepError("tune.sampler=optuna needs Optuna: pip install 'hotdog-ray[optuna]'") from exc
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune.startup_trials)
+    return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrency)
 
 
 # --- the sweep --------------------------------------------------------------------------------
@@ -126,7 +182,6 @@ def run_sweep(cfg: Config, *, name: str | None = None, resume: bool = False,
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from hotdog_ray import storage, tracking
     from hotdog_ray.data import discover
@@ -145,11 +200,11 @@ def run_sweep(cfg: Config, *, name: str | None = None, resume: bool = False,
     path = where.join(name)
     init_ray()
 
-    trial_cpus = cfg.tune.cpus_per_trial + cfg.train.num_workers * cfg.train.cpus_per_worker
-    concurrency = fit_concurrency(cfg.tune.max_concurrent_trials, ray.cluster_resources().get("CPU", 0), trial_cpus)
+    cpus = trial_cpus(cfg)
+    concurrency = fit_concurrency(cfg.tune.max_concurrent_trials, ray.cluster_resources().get("CPU", 0), cpus)
     if concurrency < cfg.tune.max_concurrent_trials:
         log.warning("running %d trial(s) at a time, not %d: each reserves %.2f CPUs and Ray Data needs one "
-                    "whole CPU free (cluster: %g CPUs)", concurrency, cfg.tune.max_concurrent_trials, trial_cpus,
+                    "whole CPU free (cluster: %g CPUs)", concurrency, cfg.tune.max_concurrent_trials, cpus,
                     ray.cluster_resources().get("CPU", 0))
 
     run_id = _sweep_run(cfg, name, layout.root.uri) if resume else None
@@ -158,7 +213,7 @@ def run_sweep(cfg: Config, *, name: str | None = None, resume: bool = False,
                                                               "dataset": layout.root.uri})
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base_cfg.model_dump(mode="json"), sweep=name, parent_run_id=run_id),
-        {"CPU": cfg.tune.cpus_per_trial},
+        trial_resources(cfg),
     )
     fs = None if where.is_local else where.fs
     if resume and tune.Tuner.can_restore(path.path, storage_filesystem=fs):
@@ -179,8 +234,7 @@ def run_sweep(cfg: Config, *, name: str | None = None, resume: bool = False,
             param_space=search_space(cfg),
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=cfg.tune.num_samples,
-                # Tune ignores max_concurrent_trials beside a generator instance: the limit goes here.
-                search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=concurrency),
+                search_alg=searcher(cfg, seed, concurrency),
             ),
             run_config=tune.RunConfig(name=name, storage_path=where.path, storage_filesystem=fs, verbose=1),
         )
@@ -234,20 +288,25 @@ def _trials_table(cfg: Config, results: Any, run_id: str) -> list[dict[str, Any]
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id") or f"unreported-{len(rows)}"
         df = result.metrics_dataframe
-        curve = [] if df is None or METRIC not in df else [
-            (int(e), float(v)) for e, v in zip(df.get("epoch", range(len(df))), df[METRIC]) if v == v]
+        # One point per epoch (a finished trial reports its last epoch again when a resume restarts it).
+        points: dict[int, tuple[float, float | None]] = {}
+        if df is not None and METRIC in df:
+            accs = df["val_accuracy"] if "val_accuracy" in df else [None] * len(df)
+            for e, v, a in zip(df.get("epoch", range(len(df))), df[METRIC], accs):
+                if v == v and e == e:
+                    points[int(e)] = (float(v), float(a) if a is not None and a == a else None)
+        curve = [(e, v) for e, (v, _) in sorted(points.items())]
         child = children.get(trial_id)
         status = ("error" if result.error is not None
                   else "finished" if child is not None and child.info.status == "FINISHED"
                   else "stopped")
-        best_i = min(range(len(curve)), key=lambda i: curve[i][1]) if curve else None
-        accs = list(df["val_accuracy"]) if df is not None and "val_accuracy" in df else []
+        best = min(points, key=lambda e: points[e][0]) if points else None
         rows.append({
             "trial_id": trial_id, "status": status,
             "params": {k: v for k, v in result.config.items()},
             "epochs": len(curve),
-            "best_val_loss": curve[best_i][1] if best_i is not None else math.inf,
-            "best_val_accuracy": float(accs[best_i]) if best_i is not None and best_i < len(accs) else None,
+            "best_val_loss": points[best][0] if best is not None else math.inf,
+            "best_val_accuracy": points[best][1] if best is not None else None,
             "curve": curve,
             "run_id": child.info.run_id if child is not None else None,
             "error": str(result.error)[:300] if result.error is not None else None,

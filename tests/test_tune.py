@@ -16,7 +16,8 @@ import pytest
 from hotdog_ray.config import ConfigError, load_config
 from hotdog_ray.promote import decide
 from hotdog_ray.tracking import alias_version, child_runs, tracking_uri
-from hotdog_ray.tune import fit_concurrency, format_trials, run_sweep, search_space, summarize_trials, trial_config
+from hotdog_ray.tune import (fit_concurrency, format_trials, run_sweep, search_space, searcher, summarize_trials,
+                             trial_config, trial_cpus, trial_resources)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,6 +84,25 @@ def test_concurrency_leaves_a_whole_cpu_for_ray_data():
     assert fit_concurrency(2, 4, 0.51) == 2
     assert fit_concurrency(8, 16, 2.01) == 7
     assert fit_concurrency(3, 1, 0.5) == 1  # never zero
+
+
+def test_sampler_is_seeded_random_search_or_optuna():
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    assert isinstance(searcher(load_config(None, []), seed=1, concurrency=2), BasicVariantGenerator)
+    optuna = searcher(load_config(None, ["tune.sampler=optuna", "tune.startup_trials=4"]), seed=1, concurrency=2)
+    assert isinstance(optuna, ConcurrencyLimiter) and optuna.max_concurrent == 2
+    assert optuna.searcher._sampler._n_startup_trials == 4
+
+
+def test_trials_take_one_worker_or_just_a_driver():
+    process = load_config(None, ["train.cpus_per_worker=0.5", "train.num_workers=2"])
+    assert trial_resources(process) == {"CPU": 0.5} and trial_cpus(process) == 0.5
+    train = load_config(None, ["train.cpus_per_worker=0.5", "train.num_workers=2", "tune.trial_mode=train"])
+    assert trial_resources(train) == {"CPU": 0.01} and trial_cpus(train) == pytest.approx(1.01)
+    gpu = load_config(None, ["train.use_gpu=true", "train.gpus_per_worker=0.25"])
+    assert trial_resources(gpu)["GPU"] == 0.25
 
 
 def test_promotion_needs_a_strict_improvement():
@@ -160,7 +180,9 @@ def test_best_trial_is_promoted_and_a_worse_sweep_keeps_the_champion(good_sweep,
     # a learning rate too small to learn anything in one epoch
     worse = cfg.model_copy(update={
         "train": cfg.train.model_copy(update={"epochs": 1}),
-        "tune": cfg.tune.model_copy(update={"num_samples": 1, "learning_rate": (1e-7, 1e-7), "seed": 5}),
+        # and trained the other way, as a data-parallel Train run inside the trial
+        "tune": cfg.tune.model_copy(update={"num_samples": 1, "learning_rate": (1e-7, 1e-7), "seed": 5,
+                                            "trial_mode": "train"}),
     })
     second = run_sweep(worse, name="worse")
     assert not second.decision.promoted
@@ -172,7 +194,8 @@ def test_best_trial_is_promoted_and_a_worse_sweep_keeps_the_champion(good_sweep,
 @pytest.mark.ray_head
 def test_killed_sweep_resumes_and_accounts_for_every_trial(image_tree, tmp_path):
     """The sweep's driver is killed after its first trial finished; a second run with --resume
-    finishes the rest, and every planned trial ends up in the trials table and in MLflow."""
+    finishes the rest, and every planned trial ends up in the trials table and in MLflow.
+    The sampler is Optuna's, whose state (the trials it has seen) must survive the kill too."""
     import ray
 
     ray.shutdown()  # the job starts its own Ray, as on a laptop; two instances confuse Train
@@ -181,7 +204,8 @@ def test_killed_sweep_resumes_and_accounts_for_every_trial(image_tree, tmp_path)
             "--set", "train.batch_size=8", "--set", "train.cpus_per_worker=0.5", "--set", "train.epochs=1",
             "--set", f"train.storage_path={tmp_path / 'runs'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "--set", "tune.num_samples=2", "--set", "tune.max_concurrent_trials=1", "--set", "tune.filters=[4]",
-            "--set", "tune.asha=false", "--no-promote"]
+            "--set", "tune.asha=false", "--set", "tune.sampler=optuna", "--set", "tune.startup_trials=1",
+            "--no-promote"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,0 +1,154 @@
+"""Online serving throughput and latency: our Ray Serve app against one plain uvicorn process.
+
+In one run, on loopback, with the same model and the same FastAPI handlers (``create_api``):
+  * ours: ``hotdog_ray.serve`` on Ray Serve, with dynamic batching, and again without it
+    (``serve.max_batch_size=1``);
+  * baseline: what a user would write otherwise, one ``uvicorn`` process running the handlers with
+    a direct forward pass per request, no Ray.
+Each is loaded by ``bench/loadgen.py`` in its own process at concurrency 1 and 32. Printed:
+requests/s, p50 and p99 latency, the throughput ratio at 32 and the p50 difference at 1.
+
+    python bench/serve.py --config configs/sample.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/readyz", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not become ready")
+
+
+def load(url: str, concurrency: int, n: int) -> dict:
+    out = subprocess.run([sys.executable, str(HERE / "loadgen.py"), url + "/predict", "--requests", str(n),
+                          "--concurrency", str(concurrency), "--json"], capture_output=True, text=True, timeout=900)
+    if not out.stdout.strip():
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout)
+
+
+def measure(url: str, args) -> dict:
+    return {1: load(url, 1, args.requests_c1), 32: load(url, 32, args.requests_c32)}
+
+
+def register_model(cfg) -> str:
+    """The preset's architecture with fresh weights, registered: speed does not depend on the weights."""
+    import torch
+
+    from hotdog_ray.models import build_model
+    from hotdog_ray.tracking import end_run, log_model, model_meta, start_run
+
+    torch.manual_seed(0)
+    classes = ["hotdog", "not_hotdog"]
+    model = build_model(cfg.model.name, len(classes), cfg.data.image_size, filters=cfg.model.filters,
+                        dropout=cfg.model.dropout).eval()
+    run_id = start_run(cfg, run_name="bench-serve", tags={})
+    version = log_model(cfg, run_id, model, model_meta(cfg, classes))
+    end_run(cfg, run_id)
+    return version
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/sample.yaml")
+    ap.add_argument("--requests-c1", type=int, default=400)
+    ap.add_argument("--requests-c32", type=int, default=3000)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default="bench/out/serve.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from hotdog_ray.config import load_config
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        db = f"sqlite:///{tmp}/mlflow.db"
+        cfg = load_config(args.config, [f"tracking.uri={db}", "serve.reload_interval_s=0", *args.overrides])
+        version = register_model(cfg)
+        model_uri = f"models:/{cfg.tracking.registered_model}/{version}"
+
+        # Baseline first, alone on the machine: one uvicorn process, the same handlers, no Ray.
+        port = free_port()
+        env = {**os.environ, "HOTDOG_BENCH_CONFIG": args.config, "HOTDOG_BENCH_MODEL": model_uri,
+               "HOTDOG_BENCH_SET": "\n".join([f"tracking.uri={db}", *args.overrides])}
+        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "--app-dir", str(HERE),
+                                   "serve_baseline:app", "--host", "127.0.0.1", "--port", str(port),
+                                   "--log-level", "warning"], env=env, cwd=REPO)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}")
+            results["uvicorn baseline"] = measure(f"http://127.0.0.1:{port}", args)
+        finally:
+            server.terminate()
+            server.wait()
+
+        import ray
+        from ray import serve
+
+        from hotdog_ray.serve import _deployment
+
+        ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}"
+        for name, batch in (("Ray Serve, batching", cfg.serve.max_batch_size), ("Ray Serve, no batching", 1)):
+            c = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model_uri": model_uri,
+                                                                            "max_batch_size": batch})})
+            serve.run(_deployment(c).bind(c.model_dump(mode="json")), name="bench", route_prefix="/")
+            wait_ready(url)
+            results[name] = measure(url, args)
+            serve.delete("bench")
+        serve.shutdown()
+        ray.shutdown()
+
+    base, ours = results["uvicorn baseline"], results["Ray Serve, batching"]
+    summary = {
+        "config": args.config, "model": cfg.model.name, "image_size": cfg.data.image_size,
+        "max_batch_size": cfg.serve.max_batch_size, "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
+        "results": {k: {str(c): v for c, v in r.items()} for k, r in results.items()},
+        "throughput_ratio_c32": round(ours[32]["rps"] / base[32]["rps"], 3),
+        "p50_diff_ms_c1": round(ours[1]["p50_ms"] - base[1]["p50_ms"], 2),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+    print(f"{cfg.model.name} at {cfg.data.image_size} px, 64x48 JPEG posts, loopback ({summary['machine']})")
+    print(f"  {'server':<24}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for name, r in results.items():
+        for c, s in r.items():
+            print(f"  {name:<24}{c:>5}{s['rps']:>9.1f}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}{s['errors']:>8}")
+    print(f"  throughput ratio at 32 (Serve batching / uvicorn): {summary['throughput_ratio_c32']:.3f}")
+    print(f"  p50 difference at 1 (Serve batching - uvicorn):   {summary['p50_diff_ms_c1']:+.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

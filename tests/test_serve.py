@@ -1,0 +1,290 @@
+"""Ray Serve for real on loopback: HTTP answers equal the offline predictor, every bad input
+gets a 4xx with a reason and leaves the replica healthy, a promoted model is picked up under
+load without a failed request, a load test from a second process, and the page in Chromium."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from hotdog_ray.config import load_config
+from hotdog_ray.models import build_model
+from hotdog_ray.predict import Predictor
+from hotdog_ray.tracking import ModelBundle, end_run, log_model, model_meta, set_alias, start_run
+from tests.conftest import free_port
+from tests.imagegen import CLASSES, LEVELS, encode, truncated_jpeg
+from tests.test_predict import _png, _png_header_claiming
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def register(cfg, seed: int) -> tuple[str, torch.nn.Module]:
+    """A first_cnn with seeded random weights, logged and registered; (version, model)."""
+    torch.manual_seed(seed)
+    model = build_model("first_cnn", len(CLASSES), 16, filters=4).eval()
+    run_id = start_run(cfg, run_name=f"serve-{seed}", tags={})
+    version = log_model(cfg, run_id, model, model_meta(cfg, list(CLASSES)))
+    end_run(cfg, run_id)
+    return version, model
+
+
+class App:
+    def __init__(self, cfg, url: str, models: dict[str, torch.nn.Module]) -> None:
+        self.cfg, self.url, self.models = cfg, url, models
+
+    def offline(self, version: str) -> Predictor:
+        return Predictor(ModelBundle(self.models[version], model_meta(self.cfg, list(CLASSES))), device="cpu",
+                         min_side=self.cfg.serve.min_image_side)
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return requests.post(self.url + path, timeout=60, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def app(ray_session, tmp_path_factory):
+    from ray import serve
+
+    from hotdog_ray.serve import _deployment
+
+    tmp = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    cfg = load_config(None, [
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "data.image_size=16", "model.name=first_cnn",
+        "model.filters=4", f"serve.port={port}", "serve.reload_interval_s=0.5", "serve.cpus_per_replica=0.25",
+        "serve.max_upload_bytes=300000", "serve.max_images_per_request=4",
+    ])
+    version, model = register(cfg, seed=1)
+    set_alias(cfg, version)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(_deployment(cfg).bind(cfg.model_dump(mode="json")), name="hotdog", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/readyz", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    yield App(cfg, url, {version: model})
+    serve.shutdown()
+
+
+def test_health_readiness_model_and_docs(app):
+    assert requests.get(app.url + "/healthz", timeout=10).json() == {"status": "ok"}
+    ready = requests.get(app.url + "/readyz", timeout=10).json()
+    assert ready["ready"] and ready["model"] == {"name": "hotdog-classifier", "version": "1"}
+    info = requests.get(app.url + "/model", timeout=10).json()
+    assert info["classes"] == list(CLASSES) and info["image_size"] == 16 and info["version"] == "1"
+    assert info["key"] == "models:/hotdog-classifier/1"
+    spec = requests.get(app.url + "/openapi.json", timeout=10).json()
+    assert {"/predict", "/predict/batch", "/explain", "/model", "/healthz", "/readyz"} <= set(spec["paths"])
+    assert requests.get(app.url + "/docs", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"),
+                                      ("I;16", "PNG"), ("RGB-exif", "JPEG")])
+def test_prediction_over_http_equals_the_offline_predictor(app, mode, fmt):
+    offline = app.offline("1")
+    for cls in CLASSES:
+        data = encode(LEVELS[cls], mode, fmt, (30, 20), seed=4)
+        expected = offline.predict(data).probabilities
+        multipart = app.post("/predict", files={"file": (f"{cls}.img", data, "application/octet-stream")})
+        raw = app.post("/predict", data=data, headers={"Content-Type": "image/jpeg"})
+        for r in (multipart, raw):
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["probabilities"] == pytest.approx(expected, abs=1e-5)
+            assert out["label"] == max(expected, key=expected.get)
+            assert out["model"] == {"name": "hotdog-classifier", "version": "1"}
+            assert [t["label"] for t in out["top_k"]][0] == out["label"]
+
+
+def test_batch_request_gives_one_result_or_error_per_image(app):
+    good = encode(LEVELS["dog"], "RGB", "JPEG", (30, 30))
+    files = [("files", ("a.jpg", good)), ("files", ("b.jpg", b"")), ("files", ("c.png", _png(np.zeros((1, 1, 3), np.uint8)))),
+             ("files", ("d.jpg", good))]
+    r = app.post("/predict/batch", files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["filename"] for x in results] == ["a.jpg", "b.jpg", "c.png", "d.jpg"]
+    assert results[1]["error"] == "empty file" and "too small" in results[2]["error"]
+    expected = app.offline("1").predict(good).probabilities
+    assert results[0]["probabilities"] == pytest.approx(expected, abs=1e-5) == results[3]["probabilities"]
+
+
+@pytest.mark.parametrize("case,status,reason", [
+    ("empty", 422, "empty file"),
+    ("text", 422, "not a readable image"),
+    ("pdf", 422, "not a readable image"),
+    ("truncated", 422, "image"),
+    ("1x1", 422, "too small"),
+    ("bomb", 422, "too large"),
+    ("oversize", 413, "over the limit"),
+    ("content-type", 415, "is not an image"),
+    ("too-many", 400, "too many images"),
+    ("no-file", 400, "no file"),
+])
+def test_bad_input_gets_a_4xx_with_a_reason_and_the_replica_stays_healthy(app, case, status, reason):
+    bodies = {
+        "empty": b"", "text": b"hello, I am text\n" * 10, "pdf": b"%PDF-1.4\n%%EOF\n", "truncated": truncated_jpeg(),
+        "1x1": _png(np.zeros((1, 1, 3), np.uint8)), "bomb": _png_header_claiming(60_000, 60_000),
+    }
+    if case in bodies:
+        r = app.post("/predict", data=bodies[case], headers={"Content-Type": "image/jpeg"})
+    elif case == "oversize":
+        r = app.post("/predict", data=np.random.default_rng(0).bytes(400_000), headers={"Content-Type": "image/png"})
+    elif case == "content-type":
+        r = app.post("/predict", data=b"just text", headers={"Content-Type": "text/plain"})
+    elif case == "too-many":
+        good = encode(LEVELS["cat"], "RGB", "JPEG", (20, 20))
+        r = app.post("/predict/batch", files=[("files", (f"{i}.jpg", good)) for i in range(5)])
+    else:
+        r = app.post("/predict", files={"note": (None, "not a file")})
+    assert r.status_code == status, r.text
+    assert reason in r.json()["error"]
+    ok = app.post("/predict", data=encode(LEVELS["cat"], "RGB", "JPEG", (20, 20)), headers={"Content-Type": "image/jpeg"})
+    assert ok.status_code == 200 and requests.get(app.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_explain_returns_the_prediction_and_a_heatmap_png(app):
+    import base64
+
+    data = encode(LEVELS["hotdog"], "RGB", "JPEG", (40, 30))
+    r = app.post("/explain", files={"file": ("h.jpg", data)})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["probabilities"] == pytest.approx(app.offline("1").predict(data).probabilities, abs=1e-5)
+    prefix = "data:image/png;base64,"
+    assert out["heatmap_png"].startswith(prefix)
+    img = Image.open(io.BytesIO(base64.b64decode(out["heatmap_png"][len(prefix):])))
+    assert img.format == "PNG" and img.size == (40, 30)
+
+
+def test_load_from_a_second_process_has_no_errors(app):
+    """A few thousand requests at concurrency 32 from another process (bench/loadgen.py)."""
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "loadgen.py"), app.url + "/predict",
+                          "--requests", "2000", "--concurrency", "32", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    stats = json.loads(out.stdout)
+    assert stats["ok"] == 2000 and stats["errors"] == 0, stats
+    assert 0 < stats["p50_ms"] <= stats["p99_ms"]
+    print(f"load test: {stats['rps']:.0f} requests/s, p50 {stats['p50_ms']:.1f} ms, p99 {stats['p99_ms']:.1f} ms")
+
+
+def test_a_promoted_model_is_served_without_a_failed_request(app):
+    """Move the alias to a new version while 4 clients post continuously: every request
+    succeeds, answers switch from version 1 to 2 once, and v2's answers are v2's offline ones."""
+    version, model = register(app.cfg, seed=2)
+    app.models[version] = model
+    data = encode(LEVELS["dog"], "RGB", "JPEG", (30, 30))
+    seen: list[tuple[float, int, str, dict]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                r = s.post(app.url + "/predict", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
+                out = r.json() if r.headers.get("content-type") == "application/json" else {}
+                seen.append((time.monotonic(), r.status_code, out.get("model", {}).get("version"),
+                             out.get("probabilities")))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)
+        set_alias(app.cfg, version)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(v == version for _, _, v, _ in seen[-5:]):
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert all(status == 200 for _, status, _, _ in seen), [s for s in seen if s[1] != 200][:3]
+    versions = [v for _, _, v, _ in sorted(seen, key=lambda s: s[0])]
+    assert versions[0] == "1" and versions[-1] == version
+    switch = versions.index(version)
+    assert set(versions[:switch]) == {"1"} and versions[switch:].count("1") <= 4  # only requests already in flight
+    for v in ("1", version):
+        expected = app.offline(v).predict(data).probabilities
+        assert all(p == pytest.approx(expected, abs=1e-5) for _, _, vv, p in seen if vv == v)
+    assert requests.get(app.url + "/model", timeout=10).json()["version"] == version
+
+
+def _chromium() -> tuple[str, str] | None:
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+def test_web_page_in_headless_chromium(app, tmp_path):
+    """Pick a photo on the page: the label, the probabilities and the heatmap appear."""
+    import os
+
+    found = _chromium()
+    if found is None:
+        if os.environ.get("HOTDOG_REQUIRE_BROWSER"):
+            pytest.fail("HOTDOG_REQUIRE_BROWSER is set but chromium or chromedriver is missing")
+        pytest.skip("no chromium + chromedriver on this machine (apt-get install chromium chromium-driver; CI does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = tmp_path / "dog.jpg"
+    photo.write_bytes(encode(LEVELS["dog"], "RGB", "JPEG", (60, 40)))
+    expected = app.offline(_current_version(app)).predict(photo.read_bytes())
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(found[1]), options=options)
+    try:
+        driver.get(app.url + "/")
+        WebDriverWait(driver, 30).until(lambda d: "version" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "file").send_keys(str(photo))
+        WebDriverWait(driver, 60).until(
+            lambda d: (d.find_element(By.ID, "heatmap").get_attribute("src") or "").startswith("data:image/png")
+            or d.find_element(By.ID, "error").text)
+        assert driver.find_element(By.ID, "verdict").text == expected.label
+        assert driver.find_element(By.ID, "error").text == ""
+        rows = driver.find_elements(By.CSS_SELECTOR, "#probs .row")
+        assert rows and rows[0].text.startswith(expected.label)
+        # the heatmap really is an image the browser decoded
+        assert driver.execute_script("return document.getElementById('heatmap').naturalWidth") == 60
+    finally:
+        driver.quit()
+
+
+def _current_version(app) -> str:
+    return requests.get(app.url + "/model", timeout=10).json()["version"]
+
+
+def test_serve_config_file_is_valid_for_serve_deploy():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
+    (application,) = schema.applications
+    assert application.import_path == "hotdog_ray.serve:build_app"
+    assert (REPO / application.args["config"]).is_file()
