@@ -93,7 +93,9 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         db = f"sqlite:///{tmp}/mlflow.db"
-        cfg = load_config(args.config, [f"tracking.uri={db}", "serve.reload_interval_s=0", *args.overrides])
+        # No access log line per request, as the baseline's uvicorn runs with --log-level warning.
+        cfg = load_config(args.config, [f"tracking.uri={db}", "serve.reload_interval_s=0", "serve.access_log=false",
+                                        *args.overrides])
         version = register_model(cfg)
         model_uri = f"models:/{cfg.tracking.registered_model}/{version}"
 

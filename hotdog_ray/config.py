@@ -220,6 +220,7 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; at least max_batch_size")
     cpus_per_replica: float = Field(1.0, ge=0)
     gpus_per_replica: float = Field(0.0, ge=0, description="> 0: GPU replicas (mixed precision)")
+    access_log: bool = Field(True, description="a log line per request in the replicas' logs")
 
     @model_validator(mode="after")
     def _batching_fits(self) -> "ServeConfig":

@@ -326,6 +326,7 @@ def _deployment(cfg: Config):
                             "target_ongoing_requests": s.target_ongoing_requests},
         ray_actor_options=actor,
         user_config={"reload_token": None, "model_uri": s.model_uri},
+        logging_config={"enable_access_log": s.access_log},
     )
 
 
