@@ -43,7 +43,7 @@ def wait_ready(url: str, timeout: float = 120) -> None:
         try:
             if requests.get(url + "/readyz", timeout=5).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not up yet, or still starting
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{url} did not become ready")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import threading
 import time
 from importlib import resources
@@ -93,7 +94,8 @@ class ModelService:
         p = self.predictor
         if p is None:
             return {"loaded": False, "error": self.last_error}
-        return {**p.info, "loaded": True, "key": self.key, "metrics": self.metrics}
+        # pid: which server process answered (a reload keeps it; a restarted replica does not)
+        return {**p.info, "loaded": True, "key": self.key, "metrics": self.metrics, "pid": os.getpid()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,12 +351,12 @@ def run(cfg: Config, *, blocking: bool = True, name: str = "hotdog") -> None:
     from hotdog_ray.runtime import init_ray
 
     init_ray()
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(_deployment(cfg).bind(cfg.model_dump(mode="json")), name=name, route_prefix="/", blocking=False)
-    log.info("serving on http://%s:%d (docs at /docs)", cfg.serve.host, cfg.serve.port)
-    if blocking:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.shutdown()
+    try:  # Ctrl-C at any point, even while the app is still starting, stops Serve cleanly
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        serve.run(_deployment(cfg).bind(cfg.model_dump(mode="json")), name=name, route_prefix="/", blocking=False)
+        log.info("serving on http://%s:%d (docs at /docs); Ctrl-C stops", cfg.serve.host, cfg.serve.port)
+        while blocking:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("stopping")
+        serve.shutdown()

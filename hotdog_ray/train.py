@@ -5,6 +5,10 @@ trains on its shard of the streaming training split, validates on its shard of t
 split, and the sums are all-reduced so every reported metric is the whole split's. Rank 0
 checkpoints the full state every epoch, so a restarted worker group (``max_failures``) or a rerun
 of the same run name continues where it stopped without repeating an epoch.
+
+The loop (:func:`fit_loop`) talks to its host through a small session object: Ray Train's
+(:class:`TrainSession`) or, for a Tune trial that trains in its own process, Tune's
+(:class:`TrialSession`), so sweeps reuse this very code.
 """
 
 from __future__ import annotations

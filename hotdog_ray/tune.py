@@ -1,9 +1,11 @@
 """Hyperparameter sweeps with Ray Tune: random search, ASHA, one MLflow child run per trial.
 
-Each trial is a Tune function that calls :func:`hotdog_ray.train.run_training` (Train inside
-Tune, the pattern Ray 2.60 supports), so a trial trains, checkpoints and logs exactly as
-``hotdog train`` does. A callback forwards every epoch's metrics to Tune, where ASHA stops the
-poor trials. The sweep's MLflow run holds the search space, the trials table, a plot of
+Each trial is a Tune function that calls :func:`hotdog_ray.train.run_training`, so a trial
+trains, checkpoints and logs exactly as ``hotdog train`` does: by default on one device in the
+trial's own process (``tune.trial_mode=process``: no worker group to start, which made small
+sweeps 2.7x faster, bench/RESULTS.md), or as a data-parallel Ray Train run (``train``, the
+Train-inside-Tune pattern Ray 2.60 supports). Every epoch's metrics reach Tune, where ASHA stops
+the poor trials. The sweep's MLflow run holds the search space, the trials table, a plot of
 validation loss per trial and the promotion decision.
 """
 

@@ -74,7 +74,7 @@ def app(ray_session, tmp_path_factory):
         try:
             if requests.get(url + "/readyz", timeout=5).status_code == 200:
                 break
-        except requests.ConnectionError:
+        except requests.RequestException:  # not up yet, or still starting
             pass
         time.sleep(0.5)
     yield App(cfg, url, {version: model})
@@ -226,6 +226,41 @@ def test_a_promoted_model_is_served_without_a_failed_request(app):
     assert requests.get(app.url + "/model", timeout=10).json()["version"] == version
 
 
+def test_a_user_config_change_reloads_at_once(app):
+    """With polling off, a moved alias is picked up only when the deployment's user_config changes
+    (what ``serve deploy`` with a new reload_token does)."""
+    from ray import serve
+
+    from hotdog_ray.serve import _deployment
+
+    cfg = app.cfg.model_copy(update={"serve": app.cfg.serve.model_copy(update={"reload_interval_s": 0})})
+    deployment = _deployment(cfg)
+
+    def deploy(token: int) -> None:
+        # Only user_config changes. `serve deploy` applies that in place (reconfigure); the
+        # imperative serve.run used here may start a new replica instead, which loads the alias too.
+        serve.run(deployment.options(user_config={"reload_token": token, "model_uri": None})
+                  .bind(cfg.model_dump(mode="json")), name="ondemand", route_prefix="/ondemand")
+
+    url = app.url + "/ondemand"
+    deploy(0)
+    try:
+        before = requests.get(url + "/model", timeout=10).json()
+        version, model = register(app.cfg, seed=5)
+        app.models[version] = model
+        set_alias(app.cfg, version)
+        time.sleep(1.5)
+        assert requests.get(url + "/model", timeout=10).json()["version"] == before["version"]  # no polling
+        deploy(1)
+        after = requests.get(url + "/model", timeout=10).json()
+        assert after["version"] == version
+        data = encode(LEVELS["cat"], "RGB", "JPEG", (20, 20))
+        r = requests.post(url + "/predict", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
+        assert r.json()["probabilities"] == pytest.approx(app.offline(version).predict(data).probabilities, abs=1e-5)
+    finally:
+        serve.delete("ondemand")
+
+
 def _chromium() -> tuple[str, str] | None:
     import shutil
 
@@ -288,3 +323,51 @@ def test_serve_config_file_is_valid_for_serve_deploy():
     (application,) = schema.applications
     assert application.import_path == "hotdog_ray.serve:build_app"
     assert (REPO / application.args["config"]).is_file()
+
+
+@pytest.mark.ray_head
+def test_hotdog_serve_command_serves_a_bundle_until_interrupted(tmp_path):
+    """``hotdog serve`` as a user runs it: its own Ray, the page and the API on the configured port,
+    a model given as a bundle folder, and a clean stop on Ctrl-C."""
+    import os
+    import signal
+
+    import ray
+
+    from hotdog_ray.tracking import save_bundle
+
+    ray.shutdown()  # the command starts its own Ray, as on a laptop
+    cfg = load_config(None, ["data.image_size=16", "model.name=first_cnn", "model.filters=4"])
+    torch.manual_seed(3)
+    model = build_model("first_cnn", len(CLASSES), 16, filters=4).eval()
+    save_bundle(tmp_path / "bundle", model, model_meta(cfg, list(CLASSES)))
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "hotdog"), "serve", "--model", str(tmp_path / "bundle"),
+           "--set", f"serve.port={port}", "--set", "serve.cpus_per_replica=0.5",
+           "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if requests.get(url + "/readyz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:  # not up yet, or still starting
+                pass
+            time.sleep(1)
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        data = encode(LEVELS["cat"], "RGB", "JPEG", (30, 30))
+        r = requests.post(url + "/predict", files={"file": ("cat.jpg", data)}, timeout=60)
+        assert r.status_code == 200, r.text
+        offline = Predictor(ModelBundle(model, model_meta(cfg, list(CLASSES))), device="cpu")
+        assert r.json()["probabilities"] == pytest.approx(offline.predict(data).probabilities, abs=1e-5)
+        assert "Is it a hotdog?" in requests.get(url + "/", timeout=10).text
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the command shuts Serve down and exits cleanly
+        assert proc.wait(timeout=90) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
