@@ -22,10 +22,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import requests
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -35,18 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_ready(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/readyz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:  # not up yet, or still starting
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not become ready")
 
 
 def load(url: str, concurrency: int, n: int) -> dict:
@@ -89,6 +75,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from hotdog_ray.config import load_config
+    from hotdog_ray.serve import wait_ready
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +94,8 @@ def main() -> None:
                                    "serve_baseline:app", "--host", "127.0.0.1", "--port", str(port),
                                    "--log-level", "warning"], env=env, cwd=REPO)
         try:
-            wait_ready(f"http://127.0.0.1:{port}")
+            if not wait_ready(f"http://127.0.0.1:{port}", alive=lambda: server.poll() is None):
+                raise RuntimeError("the baseline server did not start")
             results["uvicorn baseline"] = measure(f"http://127.0.0.1:{port}", args)
         finally:
             server.terminate()
@@ -126,7 +114,8 @@ def main() -> None:
             c = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model_uri": model_uri,
                                                                             "max_batch_size": batch})})
             serve.run(_deployment(c).bind(c.model_dump(mode="json")), name="bench", route_prefix="/")
-            wait_ready(url)
+            if not wait_ready(url):
+                raise RuntimeError(f"{name} did not become ready")
             results[name] = measure(url, args)
             serve.delete("bench")
         serve.shutdown()

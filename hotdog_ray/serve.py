@@ -332,6 +332,23 @@ def _deployment(cfg: Config):
     )
 
 
+def wait_ready(url: str, timeout: float = 120, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Poll ``url``/readyz until it answers 200 (True), ``timeout`` passes or ``alive()`` turns False."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/readyz", timeout=5) as r:
+                if r.status == 200:
+                    return True
+        except (OSError, urllib.error.URLError):  # not listening yet, 503 while loading, or slow to start
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def build_app(args: dict[str, Any]):
     """Serve application builder: ``{"config": "configs/x.yaml", "set": ["serve.port=8001", ...]}``.
 

@@ -11,7 +11,7 @@ import torch
 
 from hotdog_ray.config import DataConfig
 from hotdog_ray.data import DataError, ImagePipeline, discover, inspect, iter_torch_batches
-from tests.imagegen import CLASSES, LEVELS, class_of_level
+from tests.imagegen import CLASSES, class_of_level
 
 
 @pytest.fixture(params=["local", "s3"])

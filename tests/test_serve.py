@@ -21,6 +21,7 @@ from PIL import Image
 from hotdog_ray.config import load_config
 from hotdog_ray.models import build_model
 from hotdog_ray.predict import Predictor
+from hotdog_ray.serve import wait_ready
 from hotdog_ray.tracking import ModelBundle, end_run, log_model, model_meta, set_alias, start_run
 from tests.conftest import free_port
 from tests.imagegen import CLASSES, LEVELS, encode, truncated_jpeg
@@ -69,14 +70,7 @@ def app(ray_session, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(_deployment(cfg).bind(cfg.model_dump(mode="json")), name="hotdog", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/readyz", timeout=5).status_code == 200:
-                break
-        except requests.RequestException:  # not up yet, or still starting
-            pass
-        time.sleep(0.5)
+    assert wait_ready(url, timeout=60)
     yield App(cfg, url, {version: model})
     serve.shutdown()
 
@@ -349,15 +343,8 @@ def test_hotdog_serve_command_serves_a_bundle_until_interrupted(tmp_path):
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if requests.get(url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:  # not up yet, or still starting
-                pass
-            time.sleep(1)
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        ready = wait_ready(url, timeout=180, alive=lambda: proc.poll() is None)
+        assert ready, (tmp_path / "serve.log").read_text()[-3000:]
         data = encode(LEVELS["cat"], "RGB", "JPEG", (30, 30))
         r = requests.post(url + "/predict", files={"file": ("cat.jpg", data)}, timeout=60)
         assert r.status_code == 200, r.text
