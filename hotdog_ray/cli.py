@@ -14,12 +14,13 @@ from hotdog_ray.prepare import LAYOUTS, PrepareError
 from hotdog_ray.storage import StorageError
 from hotdog_ray.tracking import ModelError
 from hotdog_ray.train import TrainingError
+from hotdog_ray.score import ScoreError
 from hotdog_ray.tune import SweepError
 
 log = logging.getLogger("hotdog_ray")
 
 # Errors a user can fix; they get one line on stderr and exit code 2, not a traceback.
-USER_ERRORS = (ConfigError, StorageError, DataError, PrepareError, TrainingError, ModelError, SweepError)
+USER_ERRORS = (ConfigError, StorageError, DataError, PrepareError, TrainingError, ModelError, SweepError, ScoreError)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +207,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from hotdog_ray.score import score
+
+    summary = score(config_from_args(args), input=args.input, output=args.output, date=args.date, model=args.model)
+    print(json.dumps(asdict(summary), indent=2) if args.json else
+          f"scored {summary.scored} of {summary.files} files ({summary.failed} unreadable) with "
+          f"{summary.model} version {summary.model_version} in {summary.seconds:.1f} s "
+          f"({summary.images_per_s:.0f} images/s) -> {summary.output}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from hotdog_ray import serve
 
@@ -282,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("runs", cmd_runs, "recent training runs, sweeps and trials with their key metrics", True)
     p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+
+    p = command("score", cmd_score, "score a night's images with the promoted model into a Parquet partition", True)
+    p.add_argument("--input", help="prefix or list file of images; {date} becomes the run date (default: score.input)")
+    p.add_argument("--output", help="Parquet root, gets date=YYYY-MM-DD/ (default: score.output)")
+    p.add_argument("--date", help="run date YYYY-MM-DD, to backfill (default: today, UTC)")
+    p.add_argument("--model", help="model to score with (default: serve.model_uri, else the registry alias)")
     p.add_argument("--json", action="store_true")
 
     p = command("serve", cmd_serve, "serve the promoted model over HTTP with Ray Serve (API, web page, hot reload)", True)

@@ -233,12 +233,13 @@ class ServeConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    """Nightly batch scoring."""
+    """Nightly batch scoring (``hotdog score``, ``jobs/batch_score.py``); the model is serve.model_uri's."""
 
-    input: str | None = None
-    output: str | None = None
+    input: str | None = Field(None, description="prefix or list file of image URIs; {date} becomes the run date")
+    output: str | None = Field(None, description="Parquet root; the run writes <output>/date=YYYY-MM-DD/")
     batch_size: int = Field(64, ge=1)
-    num_actors: int = Field(1, ge=1)
+    num_actors: int = Field(1, ge=1, description="model actors (ActorPoolStrategy size)")
+    gpus_per_actor: float = Field(0.0, ge=0)
 
 
 class TrackingConfig(_Section):

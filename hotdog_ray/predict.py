@@ -28,6 +28,16 @@ log = logging.getLogger(__name__)
 __all__ = ["Explanation", "ImageError", "Prediction", "Predictor", "grad_cam", "overlay_png"]
 
 
+def open_for_model(data: bytes, size: int, *, max_pixels: int = 50_000_000, min_side: int = 8,
+                     draft: bool = True) -> Image.Image:
+    """Decode to an upright RGB image ready to resize, or raise :class:`ImageError` (empty, not an
+    image, truncated, too large, too small). ``draft`` lets JPEGs decode at reduced size, as training does."""
+    img = open_image(data, max_pixels=max_pixels, draft_size=size if draft else None)
+    if min(img.size) < min_side:
+        raise ImageError(f"image too small: {img.width}x{img.height}, need at least {min_side} pixels a side")
+    return img
+
+
 @dataclass
 class Prediction:
     """The answer for one image: top class, every class's probability, the top k."""
@@ -100,10 +110,7 @@ class Predictor:
     def open(self, data: bytes, *, draft: bool = True) -> Image.Image:
         """Decode to an upright RGB image, or raise :class:`ImageError` (empty, not an image, truncated,
         too large, too small). ``draft`` lets JPEGs decode at reduced size, as training does."""
-        img = open_image(data, max_pixels=self.max_pixels, draft_size=self.image_size if draft else None)
-        if min(img.size) < self.min_side:
-            raise ImageError(f"image too small: {img.width}x{img.height}, need at least {self.min_side} pixels a side")
-        return img
+        return open_for_model(data, self.image_size, max_pixels=self.max_pixels, min_side=self.min_side, draft=draft)
 
     def preprocess(self, data: bytes) -> np.ndarray:
         """Bytes to the model's HWC uint8 input, exactly as training decodes them."""

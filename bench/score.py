@@ -1,0 +1,130 @@
+"""Batch scoring throughput and memory: our Ray Data job against a single-process loop.
+
+In one run, over the same generated files and the same model: ``hotdog_ray.score.score`` (read
+bytes, decode in parallel tasks, model in an actor pool, Parquet out) against the loop a user
+would write otherwise (read, decode and preprocess with the same predictor, batched forward in
+plain PyTorch, one process). Printed: images/s of each and their ratio, and the peak memory of
+all processes on the machine above what was in use before (sampled every 0.2 s) for the job at
+each input size, to show it stays flat as inputs grow.
+
+    python bench/score.py --sizes 5000 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def write_images(folder: Path, n: int, side: int = 48) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(np.roll(base, i, axis=1)).save(buf, "JPEG", quality=90)
+        (folder / f"img_{i:06d}.jpg").write_bytes(buf.getvalue())
+
+
+class PeakMemory:
+    """Peak of the machine's used memory above its level at start, sampled in a thread."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.start = psutil.virtual_memory().used
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._psutil.virtual_memory().used - self.start)
+            time.sleep(0.2)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def baseline(files: list[Path], predictor, batch_size: int) -> float:
+    """images/s of the single-process loop."""
+    t0 = time.perf_counter()
+    for i in range(0, len(files), batch_size):
+        arrays = [predictor.preprocess(f.read_bytes()) for f in files[i:i + batch_size]]
+        predictor.predict_arrays(np.stack(arrays))
+    return len(files) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/sample.yaml")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default="bench/out/score.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    from hotdog_ray.config import load_config
+    from hotdog_ray.models import build_model
+    from hotdog_ray.predict import Predictor
+    from hotdog_ray.runtime import init_ray
+    from hotdog_ray.score import score
+    from hotdog_ray.tracking import end_run, log_model, model_meta, set_alias, start_run
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(args.config, [f"tracking.uri=sqlite:///{tmp}/mlflow.db", *args.overrides])
+        torch.manual_seed(0)
+        classes = ["hotdog", "not_hotdog"]
+        model = build_model(cfg.model.name, 2, cfg.data.image_size, filters=cfg.model.filters).eval()
+        run_id = start_run(cfg, run_name="bench-score", tags={})
+        set_alias(cfg, log_model(cfg, run_id, model, model_meta(cfg, classes)))
+        end_run(cfg, run_id)
+        init_ray()
+        for n in args.sizes:
+            folder = Path(tmp) / f"in-{n}"
+            write_images(folder, n)
+            files = sorted(folder.iterdir())
+            with PeakMemory() as mem:
+                t0 = time.perf_counter()
+                summary = score(cfg, input=str(folder), output=f"{tmp}/out-{n}", date="2026-11-23")
+                ours = n / (time.perf_counter() - t0)
+            assert summary.files == n and summary.failed == 0
+            predictor = Predictor.from_config(cfg, device="cpu")
+            base = baseline(files, predictor, cfg.score.batch_size)
+            rows.append({"images": n, "ours_images_per_s": round(ours, 1), "baseline_images_per_s": round(base, 1),
+                         "ratio": round(ours / base, 3), "peak_memory_mib": round(mem.peak / 2**20)})
+    result = {"config": args.config, "model": cfg.model.name, "image_size": cfg.data.image_size,
+              "num_actors": cfg.score.num_actors, "batch_size": cfg.score.batch_size, "rows": rows,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch_threads": torch.get_num_threads()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"{cfg.model.name} at {cfg.data.image_size} px, 48x48 JPEGs, {result['machine']}")
+    print(f"  {'images':>8}{'ours img/s':>12}{'loop img/s':>12}{'ratio':>8}{'peak MiB (ours)':>17}")
+    for r in rows:
+        print(f"  {r['images']:>8}{r['ours_images_per_s']:>12.1f}{r['baseline_images_per_s']:>12.1f}"
+              f"{r['ratio']:>8.3f}{r['peak_memory_mib']:>17}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Nightly batch scoring with Ray Data: every input file gets exactly one row, published atomically.
+
+Ray Data reads the files as bytes (one bad file cannot fail the job), decodes them in parallel
+tasks with the shared predictor's preprocessing, and scores them in an actor pool. Rows are
+written as Parquet to a staging folder; only when the row count equals the input count is the
+``date=YYYY-MM-DD`` partition replaced by it, so a rerun replaces and a crashed run leaves the
+published partition as it was.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from hotdog_ray.config import Config, from_dict
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "_summary.json"  # leading underscore: Parquet readers skip it
+
+
+class ScoreError(RuntimeError):
+    """The scoring run cannot start or did not account for every input; nothing was published."""
+
+
+def run_date(value: str | dt.date | None) -> dt.date:
+    """The date a run scores (``--date`` to backfill; default today, UTC)."""
+    if value is None:
+        return dt.datetime.now(dt.timezone.utc).date()
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise ScoreError(f"--date {value!r} is not YYYY-MM-DD") from None
+
+
+def expand(template: str, date: dt.date) -> str:
+    """``{date}`` in a path becomes the run date (``s3://b/incoming/{date}/``)."""
+    return template.replace("{date}", date.isoformat())
+
+
+def partition_name(date: dt.date) -> str:
+    return f"date={date.isoformat()}"
+
+
+@dataclass
+class ScoreSummary:
+    date: str
+    input: str
+    output: str
+    files: int
+    scored: int
+    failed: int
+    seconds: float
+    images_per_s: float
+    model: str
+    model_version: str | None
+    run_id: str
+    mlflow_run_id: str | None = None
+
+
+def decode_for_scoring(batch: dict[str, np.ndarray], *, size: int, max_pixels: int,
+                       min_side: int) -> dict[str, np.ndarray]:
+    """``{"bytes", "path"}`` rows to model input; an undecodable file keeps its row with the reason."""
+    from hotdog_ray.images import ImageError, resize
+    from hotdog_ray.predict import open_for_model
+
+    n = len(batch["path"])
+    images = np.zeros((n, size, size, 3), np.uint8)
+    errors = [""] * n  # "" rather than None: an all-None column would change type between stages
+    for i, data in enumerate(batch["bytes"]):
+        try:
+            images[i] = resize(open_for_model(bytes(data), size, max_pixels=max_pixels, min_side=min_side), size)
+        except ImageError as exc:
+            errors[i] = str(exc)
+    return {"path": np.asarray([str(p) for p in batch["path"]], dtype=object), "image": images,
+            "error": np.asarray(errors, dtype=object)}
+
+
+class Scorer:
+    """Actor for ``map_batches``: loads the model once, scores the decodable rows of each batch."""
+
+    def __init__(self, raw_config: dict[str, Any], model_ref: str, run_id: str) -> None:
+        from hotdog_ray.predict import Predictor
+
+        cfg = from_dict(raw_config)
+        self.predictor = Predictor.from_config(cfg, model_ref, device="cuda" if cfg.score.gpus_per_actor else "cpu")
+        self.run_id = run_id
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import pyarrow as pa
+
+        p = self.predictor
+        classes = p.classes
+        errors = [str(e) if e else None for e in batch["error"]]
+        ok = np.asarray([e is None for e in errors], bool)
+        probs = np.full((len(ok), len(classes)), np.nan, np.float32)
+        if ok.any():
+            probs[ok] = p.predict_arrays(batch["image"][ok])
+        best = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(axis=1), 0)
+        info = p.info
+        now = dt.datetime.now(dt.timezone.utc)
+        n = len(ok)
+        return pa.table({
+            "path": pa.array(list(batch["path"]), pa.string()),
+            "label": pa.array([classes[b] if k else None for b, k in zip(best, ok)], pa.string()),
+            "probability": pa.array([float(probs[i, b]) if k else None for i, (b, k) in enumerate(zip(best, ok))],
+                                    pa.float32()),
+            "probabilities": pa.array([dict(zip(classes, map(float, row))) if k else None for row, k in zip(probs, ok)],
+                                      pa.map_(pa.string(), pa.float32())),
+            "model_name": pa.array([info["name"]] * n, pa.string()),
+            "model_version": pa.array([info["version"]] * n, pa.string()),
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+            "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            "error": pa.array(errors, pa.string()),
+        })
+
+
+def list_inputs(uri: str) -> tuple[Any, list[str]]:
+    """(filesystem, paths) of every file under a prefix, or of every line of a list file."""
+    import pyarrow.fs as pafs
+
+    from hotdog_ray import storage
+
+    loc = storage.resolve(uri)
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.File:
+        lines = [line.strip() for line in storage.read_bytes(loc.fs, loc.path).decode().splitlines()]
+        uris = [line for line in lines if line and not line.startswith("#")]
+        return (storage.resolve(uris[0]).fs if uris else loc.fs), [storage.resolve(u).path for u in uris]
+    if info.type == pafs.FileType.NotFound:
+        raise ScoreError(f"input {uri} does not exist")
+    return loc.fs, storage.list_files(loc)
+
+
+def score(cfg: Config, *, input: str | None = None, output: str | None = None,
+          date: str | dt.date | None = None, model: str | None = None) -> ScoreSummary:
+    """Score a night's images and publish ``<output>/date=YYYY-MM-DD/`` (replacing an earlier run's)."""
+    import ray.data
+
+    from hotdog_ray import storage, tracking
+    from hotdog_ray.data import read_bytes_dataset
+    from hotdog_ray.runtime import init_ray
+
+    day = run_date(date)
+    input, output = input or cfg.score.input, output or cfg.score.output
+    if not input or not output:
+        raise ScoreError("give the input and output (--input/--output or score.input/score.output)")
+    in_uri, out_uri = expand(input, day), expand(output, day).rstrip("/")
+    fs, paths = list_inputs(in_uri)
+    ref = model or cfg.serve.model_uri or tracking.default_model_ref(cfg)
+    key = tracking.resolve_model_ref(cfg, ref)  # every actor scores the same version, even if the alias moves
+    run_id = f"{day.isoformat()}-{uuid.uuid4().hex[:8]}"
+    out = storage.resolve(out_uri)
+    staging, final = out.join("_staging", f"{partition_name(day)}-{run_id}"), out.join(partition_name(day))
+    log.info("scoring %d files from %s with %s into %s", len(paths), in_uri, key, final.uri)
+    init_ray()
+    t0 = time.perf_counter()
+
+    from hotdog_ray.predict import Predictor
+
+    probe = Predictor.from_config(cfg, key, device="cpu")  # fails here, before any work, if the model is missing
+    size = probe.image_size
+    if paths:
+        ds = read_bytes_dataset(paths, fs, cfg.data.files_per_task).map_batches(
+            decode_for_scoring, fn_kwargs={"size": size, "max_pixels": cfg.data.max_image_pixels,
+                                           "min_side": cfg.serve.min_image_side},
+            batch_size=None, num_cpus=0.5,  # own resources: decoding stays in parallel tasks, not in the model actors
+        ).map_batches(
+            Scorer, fn_constructor_kwargs={"raw_config": cfg.model_dump(mode="json"), "model_ref": key,
+                                           "run_id": run_id},
+            compute=ray.data.ActorPoolStrategy(size=cfg.score.num_actors), batch_size=cfg.score.batch_size,
+            num_gpus=cfg.score.gpus_per_actor or None,
+        )
+        ds.write_parquet(staging.path, filesystem=out.fs)
+    rows, failed = _count(out.fs, staging.path)
+    if rows != len(paths):
+        raise ScoreError(f"wrote {rows} rows for {len(paths)} files; nothing published (staging: {staging.uri})")
+    seconds = time.perf_counter() - t0
+    summary = ScoreSummary(
+        date=day.isoformat(), input=in_uri, output=final.uri, files=len(paths), scored=rows - failed,
+        failed=failed, seconds=round(seconds, 3), images_per_s=round(len(paths) / max(seconds, 1e-9), 1),
+        model=probe.info["name"], model_version=probe.info["version"], run_id=run_id,
+    )
+    storage.write_bytes(out.fs, f"{staging.path}/{SUMMARY_FILE}", json.dumps(asdict(summary), indent=2).encode())
+    _publish(out.fs, staging.path, final.path)
+    _clean_stale_staging(out, day)
+    summary.mlflow_run_id = _track(cfg, summary)
+    log.info("published %s: %d scored, %d failed, %.1f images/s", final.uri, summary.scored, summary.failed,
+             summary.images_per_s)
+    return summary
+
+
+def _track(cfg: Config, summary: ScoreSummary) -> str:
+    """The run as an MLflow scoring run: counts, throughput, the model it used, the summary."""
+    from hotdog_ray import tracking
+
+    run_id = tracking.start_run(cfg, run_name=f"score-{summary.run_id}", tags={
+        "kind": "scoring", "date": summary.date, "input": summary.input, "output": summary.output,
+        "model_version": summary.model_version or ""})
+    tracking.log_metrics(run_id, cfg, {"files": summary.files, "scored": summary.scored, "failed": summary.failed,
+                                       "seconds": summary.seconds, "images_per_s": summary.images_per_s})
+    tracking.log_dict(run_id, cfg, asdict(summary), "summary.json")
+    tracking.end_run(cfg, run_id)
+    return run_id
+
+
+def _clean_stale_staging(out, day: dt.date) -> None:
+    """Remove what killed runs of this date left in staging (their data was never published)."""
+    import pyarrow.fs as pafs
+
+    from hotdog_ray import storage
+
+    root = out.join("_staging")
+    for name in storage.list_dirs(root):
+        if name.startswith(partition_name(day) + "-"):
+            log.info("removing %s/%s, left by an interrupted run", root.uri, name)
+            out.fs.delete_dir(root.join(name).path)
+    if not storage.list_dirs(root) and out.fs.get_file_info(root.path).type == pafs.FileType.Directory:
+        out.fs.delete_dir(root.path)
+
+
+def _count(fs, path: str) -> tuple[int, int]:
+    """(rows, rows with an error) of the Parquet under ``path`` (0, 0 when nothing was written)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return 0, 0
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["error"])
+    return table.num_rows, table.num_rows - int(pc.sum(pc.is_null(table["error"])).as_py() or 0)
+
+
+def _publish(fs, staging: str, final: str) -> None:
+    """Replace ``final`` by ``staging``: a rename where the filesystem has one, else copy then delete."""
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(final).type != pafs.FileType.NotFound:
+        fs.delete_dir(final)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(staging, final)
+        return
+    pafs.copy_files(staging, final, source_filesystem=fs, destination_filesystem=fs)
+    fs.delete_dir(staging)

@@ -1,0 +1,175 @@
+"""Batch scoring for real: one Parquet row per input file (bad ones with their reason), answers
+equal to the shared predictor's, a rerun replaces the partition, and S3 on loopback works too."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from hotdog_ray.config import load_config
+from hotdog_ray.models import build_model
+from hotdog_ray.predict import Predictor
+from hotdog_ray.score import ScoreError, expand, run_date, score
+from hotdog_ray.tracking import ModelBundle, end_run, log_model, model_meta, set_alias, start_run
+from tests.imagegen import CLASSES, LEVELS, VARIANTS, encode, truncated_jpeg
+
+BAD = {"empty.jpg": b"", "notes.jpg": b"plain text\n" * 5, "report.pdf": b"%PDF-1.4\n%%EOF\n",
+       "cut.jpg": truncated_jpeg()}
+
+
+def test_date_expansion_and_parsing():
+    day = dt.date(2026, 11, 23)
+    assert expand("s3://b/incoming/{date}/", day) == "s3://b/incoming/2026-11-23/"
+    assert run_date("2026-01-02") == dt.date(2026, 1, 2)
+    with pytest.raises(ScoreError, match="YYYY-MM-DD"):
+        run_date("yesterday")
+
+
+@pytest.fixture(scope="module")
+def scoring(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("score")
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "data.image_size=16",
+                             "model.name=first_cnn", "model.filters=4", "score.batch_size=4"])
+    torch.manual_seed(0)
+    model = build_model("first_cnn", len(CLASSES), 16, filters=4).eval()
+    run_id = start_run(cfg, run_name="for-scoring", tags={})
+    set_alias(cfg, log_model(cfg, run_id, model, model_meta(cfg, list(CLASSES))))
+    end_run(cfg, run_id)
+    return cfg, Predictor(ModelBundle(model, model_meta(cfg, list(CLASSES))), device="cpu")
+
+
+def write_inputs(folder: Path) -> dict[str, bytes]:
+    files = {}
+    for i, (mode, fmt, size) in enumerate(VARIANTS * 2):
+        cls = CLASSES[i % len(CLASSES)]
+        files[f"sub/{cls}_{i}.{'jpg' if fmt == 'JPEG' else 'png'}"] = encode(LEVELS[cls], mode, fmt, size, seed=i)
+    files.update(BAD)
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return files
+
+
+def read_partition(uri_path: str, fs=None):
+    return pads.dataset(uri_path, filesystem=fs, format="parquet").to_table()
+
+
+def check(table, files: dict[str, bytes], predictor: Predictor) -> None:
+    rows = {Path(p).name if Path(p).name in BAD else "/".join(Path(p).parts[-2:]): i
+            for i, p in enumerate(table["path"].to_pylist())}
+    assert table.num_rows == len(files) == len(rows)  # one row per input, no duplicates
+    for name, data in files.items():
+        row = {k: table[k][rows[name]].as_py() for k in table.column_names}
+        if name in BAD:
+            assert row["error"] and row["label"] is None and row["probabilities"] is None
+        else:
+            assert row["error"] is None
+            expected = predictor.predict(data).probabilities
+            got = dict(row["probabilities"])
+            assert got == pytest.approx(expected, abs=1e-5) and row["label"] == max(expected, key=expected.get)
+            assert row["model_version"] == "1" and row["model_name"] == "hotdog-classifier"
+
+
+def test_every_file_gets_one_row_and_a_rerun_replaces_the_partition(ray_session, scoring, tmp_path):
+    cfg, predictor = scoring
+    files = write_inputs(tmp_path / "incoming" / "2026-11-23")
+    args = {"input": str(tmp_path / "incoming" / "{date}"), "output": str(tmp_path / "predictions"), "date": "2026-11-23"}
+    first = score(cfg, **args)
+    part = tmp_path / "predictions" / "date=2026-11-23"
+    assert (first.files, first.scored, first.failed) == (len(files), len(files) - len(BAD), len(BAD))
+    table = read_partition(str(part))
+    check(table, files, predictor)
+    assert json.loads((part / "_summary.json").read_text())["files"] == len(files)
+
+    second = score(cfg, **args)
+    again = read_partition(str(part))
+    check(again, files, predictor)
+    assert set(again["run_id"].to_pylist()) == {second.run_id} != {first.run_id}
+    assert not (tmp_path / "predictions" / "_staging").exists()  # nothing left behind
+    import pandas as pd
+
+    df = pd.read_parquet(part)
+    assert len(df) == len(files) and df["error"].notna().sum() == len(BAD)
+
+
+def test_scoring_from_and_to_s3(ray_session, scoring, s3, tmp_path):
+    cfg, predictor = scoring
+    files = write_inputs(tmp_path / "in")
+    bucket = s3.bucket("score")
+    src = s3.upload_dir(tmp_path / "in", bucket, "incoming/2026-11-23")
+    summary = score(cfg, input=src.replace("2026-11-23", "{date}"), output=f"s3://{bucket}/predictions",
+                    date="2026-11-23")
+    assert summary.files == len(files) and summary.output == f"s3://{bucket}/predictions/date=2026-11-23"
+    from hotdog_ray import storage
+
+    loc = storage.resolve(summary.output)
+    check(read_partition(loc.path, loc.fs), files, predictor)
+
+
+def test_a_missing_input_fails_before_any_work(scoring, tmp_path):
+    cfg, _ = scoring
+    with pytest.raises(ScoreError, match="does not exist"):
+        score(cfg, input=str(tmp_path / "nope"), output=str(tmp_path / "out"), date="2026-11-23")
+    assert not (tmp_path / "out").exists()
+
+
+
+@pytest.mark.ray_head
+def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(scoring, tmp_path):
+    """jobs/batch_score.py as a subprocess with its own Ray: a first run publishes; a second one is
+    SIGKILLed while writing; the partition is still the first run's; a third run replaces it whole."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    ray.shutdown()  # the job starts its own Ray, as on a laptop
+    cfg, predictor = scoring
+    incoming = tmp_path / "incoming"
+    names = []
+    for i in range(1500):
+        name = f"img_{i:04d}.png"
+        (incoming / name).parent.mkdir(parents=True, exist_ok=True)
+        (incoming / name).write_bytes(encode(LEVELS[CLASSES[i % 3]], "L", "PNG", (12, 12), seed=i))
+        names.append(name)
+    out = tmp_path / "predictions"
+    part = out / "date=2026-11-23"
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "jobs" / "batch_score.py"),
+           "--input", str(incoming), "--output", str(out), "--date", "2026-11-23", "--json",
+           "--set", f"tracking.uri={cfg.tracking.uri}", "--set", "score.batch_size=8", "--set", "data.files_per_task=16"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    first_run = json.loads(first.stdout[first.stdout.index("{"):])["run_id"]
+
+    victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and victim.poll() is None:
+            staged = list((out / "_staging").glob("date=2026-11-23-*/*.parquet")) if (out / "_staging").exists() else []
+            if staged:
+                break
+            time.sleep(0.05)
+        assert victim.poll() is None, "the run finished before it could be killed"
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, env=env)
+    kept = read_partition(str(part))
+    assert kept.num_rows == len(names) and set(kept["run_id"].to_pylist()) == {first_run}
+
+    third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
+    third_run = json.loads(third.stdout[third.stdout.index("{"):])["run_id"]
+    table = read_partition(str(part))
+    assert table.num_rows == len(names) and set(table["run_id"].to_pylist()) == {third_run}
+    assert sorted(Path(p).name for p in table["path"].to_pylist()) == names
+    assert not (out / "_staging").exists()
