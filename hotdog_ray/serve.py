@@ -120,12 +120,13 @@ def create_api(get_service: Callable[[], ModelService], cfg: ServeConfig, infer:
     async def _http_error(_request: Request, exc: HTTPError) -> JSONResponse:
         return JSONResponse({"error": exc.reason}, status_code=exc.status)
 
-    def ready() -> tuple[ModelService, "Predictor"]:
+    def ready() -> "Predictor":
+        """The model to answer with; a request keeps it even if a reload swaps in another meanwhile."""
         service = get_service()
         predictor = service.predictor
         if predictor is None:
             raise HTTPError(503, f"no model loaded yet ({service.last_error or 'loading'})")
-        return service, predictor
+        return predictor
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -185,6 +186,16 @@ def create_api(get_service: Callable[[], ModelService], cfg: ServeConfig, infer:
                            (415, "content type is not an image"), (422, "not a usable image (the reason says why)"),
                            (503, "no model loaded yet"))}
 
+    async def on_one_image(request: Request, work: Callable[["Predictor", bytes], Awaitable[dict[str, Any]]]):
+        """The POST endpoints that take one image: read it, run ``work``, and turn bad bytes into a 422."""
+        predictor = ready()
+        (name, data), = await images_of(request, 1)
+        try:
+            result = await work(predictor, data)
+        except ImageError as err:
+            raise HTTPError(422, f"{name}: {err}") from None
+        return {**result, "model": model_of(predictor)}
+
     def model_of(predictor: "Predictor") -> dict[str, Any]:
         info = predictor.info
         return {"name": info["name"], "version": info["version"]}
@@ -212,18 +223,12 @@ def create_api(get_service: Callable[[], ModelService], cfg: ServeConfig, infer:
     @app.post("/predict", summary="Classify one image (multipart file field, or the raw image as the body)",
               openapi_extra=body_doc("file", many=False), responses=errors)
     async def predict(request: Request) -> dict[str, Any]:
-        _, predictor = ready()
-        (name, data), = await images_of(request, 1)
-        try:
-            result = await predict_one(predictor, data)
-        except ImageError as err:
-            raise HTTPError(422, f"{name}: {err}") from None
-        return {**result, "model": model_of(predictor)}
+        return await on_one_image(request, predict_one)
 
     @app.post("/predict/batch", summary="Classify several images (multipart); one result or error per image",
               openapi_extra=body_doc("files", many=True), responses=errors)
     async def predict_batch(request: Request) -> dict[str, Any]:
-        _, predictor = ready()
+        predictor = ready()
         files = await images_of(request, cfg.max_images_per_request)
 
         async def one(name: str, data: bytes) -> dict[str, Any]:
@@ -238,14 +243,12 @@ def create_api(get_service: Callable[[], ModelService], cfg: ServeConfig, infer:
     @app.post("/explain", summary="Classify one image and show where the model looked (Grad-CAM PNG overlay)",
               openapi_extra=body_doc("file", many=False), responses=errors)
     async def explain(request: Request) -> dict[str, Any]:
-        _, predictor = ready()
-        (name, data), = await images_of(request, 1)
-        try:
+        async def work(predictor: "Predictor", data: bytes) -> dict[str, Any]:
             ex = await asyncio.to_thread(predictor.explain, data)
-        except ImageError as err:
-            raise HTTPError(422, f"{name}: {err}") from None
-        return {**ex.prediction.to_dict(), "model": model_of(predictor),
-                "heatmap_png": "data:image/png;base64," + base64.b64encode(ex.overlay_png).decode()}
+            return {**ex.prediction.to_dict(),
+                    "heatmap_png": "data:image/png;base64," + base64.b64encode(ex.overlay_png).decode()}
+
+        return await on_one_image(request, work)
 
     return app
 
