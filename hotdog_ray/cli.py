@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("score", cmd_score, "score a night's images with the promoted model into a Parquet partition", True)
     p.add_argument("--input", help="prefix or list file of images; {date} becomes the run date (default: score.input)")
     p.add_argument("--output", help="Parquet root, gets date=YYYY-MM-DD/ (default: score.output)")
-    p.add_argument("--date", help="run date YYYY-MM-DD, to backfill (default: today, UTC)")
+    p.add_argument("--date", help="run date: YYYY-MM-DD to backfill, today (default) or yesterday; UTC")
     p.add_argument("--model", help="model to score with (default: serve.model_uri, else the registry alias)")
     p.add_argument("--json", action="store_true")
 

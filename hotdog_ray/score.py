@@ -31,15 +31,20 @@ class ScoreError(RuntimeError):
 
 
 def run_date(value: str | dt.date | None) -> dt.date:
-    """The date a run scores (``--date`` to backfill; default today, UTC)."""
-    if value is None:
-        return dt.datetime.now(dt.timezone.utc).date()
+    """The date a run scores: YYYY-MM-DD to backfill, ``today`` (the default) or ``yesterday``, in UTC.
+
+    A nightly job that runs after midnight scores ``yesterday``: that day's images are complete.
+    """
     if isinstance(value, dt.date):
         return value
+    today = dt.datetime.now(dt.timezone.utc).date()
+    relative = {None: today, "today": today, "yesterday": today - dt.timedelta(days=1)}
+    if value in relative:
+        return relative[value]
     try:
         return dt.date.fromisoformat(value)
     except ValueError:
-        raise ScoreError(f"--date {value!r} is not YYYY-MM-DD") from None
+        raise ScoreError(f"--date {value!r} is not YYYY-MM-DD, today or yesterday") from None
 
 
 def expand(template: str, date: dt.date) -> str:

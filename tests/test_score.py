@@ -26,8 +26,11 @@ def test_date_expansion_and_parsing():
     day = dt.date(2026, 11, 23)
     assert expand("s3://b/incoming/{date}/", day) == "s3://b/incoming/2026-11-23/"
     assert run_date("2026-01-02") == dt.date(2026, 1, 2)
+    today = dt.datetime.now(dt.timezone.utc).date()
+    assert run_date(None) == run_date("today") == today
+    assert run_date("yesterday") == today - dt.timedelta(days=1)  # the nightly job's date (k8s/)
     with pytest.raises(ScoreError, match="YYYY-MM-DD"):
-        run_date("yesterday")
+        run_date("last week")
 
 
 @pytest.fixture(scope="module")

@@ -308,17 +308,6 @@ def _current_version(app) -> str:
     return requests.get(app.url + "/model", timeout=10).json()["version"]
 
 
-def test_serve_config_file_is_valid_for_serve_deploy():
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
-
-    raw = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
-    (application,) = schema.applications
-    assert application.import_path == "hotdog_ray.serve:build_app"
-    assert (REPO / application.args["config"]).is_file()
-
-
 @pytest.mark.ray_head
 def test_hotdog_serve_command_serves_a_bundle_until_interrupted(tmp_path):
     """``hotdog serve`` as a user runs it: its own Ray, the page and the API on the configured port,
