@@ -1,4 +1,13 @@
-"""``jobs/train.py`` as a real ``ray job submit`` to a local Ray head that the test starts.
+"""The cluster jobs as KubeRay runs them, on this machine: a real ``ray job submit`` of the entrypoints
+in ``k8s/`` to a local Ray head that the test starts.
+
+The head is started bare (no MLflow or S3 settings in its environment) from the repository root,
+as a KubeRay head starts in the image's app folder, and jobs are submitted without a working_dir
+(a RayJob cannot upload one). What the pods get from the ConfigMap ``hotdog-env`` and the Secret
+``hotdog-s3`` comes in the job's runtime env, with two local stand-ins: moto's S3 server on
+loopback (bucket ``hotdog-data``, as the manifests name it) and an MLflow server started with the
+command of ``k8s/mlflow.yaml``. The only changes to the entrypoints are options appended to make the
+run laptop-sized and CPU-only (later ``--set`` wins).
 
 These tests run last (see conftest): the head is a second Ray instance, so the in-process one
 is shut down first (two at once confuse Train's placement-group cleaner, STACK-NOTES).
@@ -6,89 +15,202 @@ is shut down first (two at once confuse Train's placement-group cleaner, STACK-N
 
 from __future__ import annotations
 
+import datetime as dt
+import io
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.ray_head
 
 REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
 BIN = Path(sys.executable).parent
+BUCKET = "hotdog-data"
+# Settings a bare cluster node does not have: the jobs must get them from the runtime env.
+NODE_UNSET = ("AWS_", "MLFLOW_")
+
+SMALL = ["data.image_size=16", "model.name=first_cnn", "model.filters=4", "train.batch_size=8", "train.epochs=2",
+         "train.num_workers=1", "train.use_gpu=false", "train.cpus_per_worker=0.5",
+         "score.num_actors=1", "score.gpus_per_actor=0", "score.batch_size=8"]
 
 
-def _env() -> dict[str, str]:
+def _env(bare: bool = False) -> dict[str, str]:
     # The head's job drivers run `python` from PATH: make it this interpreter, which has the package.
     # Ray 2.60 clusters use token auth; the job client needs this to send the token (STACK-NOTES).
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+    env = {k: v for k, v in os.environ.items() if not (bare and k.startswith(NODE_UNSET))}
+    return {**env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
             "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except urllib.error.HTTPError:  # answering (401 without the token) is up
+            return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A local head started with ``ray start``; yields the dashboard (job API) address."""
+    """A local head started with ``ray start`` in the repository root; yields the job API address."""
     import ray
 
     ray.shutdown()
     port, dashboard = free_port(), free_port()
-    env = _env()
+    env = _env(bare=True)
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
                     "--dashboard-host=127.0.0.1", "--num-cpus=2", "--num-gpus=0"],
-                   env=env, check=True, capture_output=True, timeout=180)
+                   env=env, cwd=REPO, check=True, capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 60
-        while True:  # the job API comes up a little after `ray start` returns
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=5)
-                break
-            except urllib.error.HTTPError:  # answering (401 without the token) is up
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
+        _wait_http(f"{address}/api/version", 60)  # the job API comes up a little after `ray start` returns
         yield address
     finally:
         subprocess.run([str(BIN / "ray"), "stop"], env=env, capture_output=True, timeout=120)
 
 
-def test_train_job_submitted_to_a_ray_head_trains_tracks_and_registers(ray_head, image_tree, tmp_path):
-    from mlflow.tracking import MlflowClient
+def _manifest(file: str, kind: str) -> dict:
+    return next(d for d in yaml.safe_load_all((K8S / file).read_text()) if d and d["kind"] == kind)
 
-    db = tmp_path / "mlflow.db"
-    overrides = [
-        f"data.root={image_tree.root}", "data.image_size=16", "model.name=first_cnn", "model.filters=4",
-        "train.batch_size=8", "train.epochs=2", "train.cpus_per_worker=0.5",
-        f"train.storage_path={tmp_path / 'ckpt'}", f"tracking.uri=sqlite:///{db}",
-    ]
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
-           "python", "jobs/train.py", "--config", "configs/sample.yaml",
-           *[a for o in overrides for a in ("--set", o)]]
-    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+
+@dataclass
+class Platform:
+    """What the manifests expect around them, on loopback."""
+
+    runtime_env: dict
+    mlflow_uri: str
+    date: dt.date
+    incoming: list[str]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3_server, tmp_path_factory):
+    """The tracking server, run with k8s/mlflow.yaml's own command and environment (artifacts to S3)."""
+    deployment = _manifest("mlflow.yaml", "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    script = container["args"][0]
+    assert "--host 0.0.0.0 --port 5000" in script
+    port = free_port()
+    script = script.replace("--host 0.0.0.0 --port 5000", f"--host 127.0.0.1 --port {port}")  # loopback here
+    s3_server.client.create_bucket(Bucket=BUCKET)
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    # Stand-ins for the optional Secrets: a store of our own, moto's credentials.
+    env["MLFLOW_BACKEND_STORE_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    env.update(AWS_ENDPOINT_URL=s3_server.endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+               AWS_REGION="us-east-1")
+    proc = subprocess.Popen([*container["command"], script], env={**_env(bare=True), **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{uri}/health", 120, proc)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_mlflow_server_answers_its_service_names_and_refuses_others(mlflow_server):
+    """MLflow checks the Host header: in-cluster clients use the Service's DNS names."""
+    def status(host: str) -> int:
+        request = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1",
+                                         headers={"Host": host})
+        try:
+            return urllib.request.urlopen(request, timeout=10).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    for host in ("mlflow:5000", "mlflow.hotdog:5000", "mlflow.hotdog.svc.cluster.local:5000", "localhost:5000"):
+        assert status(host) == 200, host
+    assert status("mlflow.evil.example.com") == 403  # the DNS-rebinding guard is on
+
+
+@pytest.fixture(scope="module")
+def platform(s3_server, mlflow_server, image_tree):
+    from hotdog_ray.score import run_date
+
+    s3_server.upload_dir(image_tree.root, BUCKET, "hotdog")  # data.root of the RayJobs
+    date = run_date("yesterday")  # the scoring RayJob's --date
+    incoming = []
+    for path in sorted((image_tree.root / "test").rglob("*.*")) + [image_tree.root / "train" / "cat" / "empty.jpg"]:
+        key = f"incoming/{date.isoformat()}/{path.parent.name}_{path.name}"
+        s3_server.client.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
+        incoming.append(key)
+    settings = _manifest("config.yaml", "ConfigMap")["data"]
+    credentials = _manifest("secrets.example.yaml", "Secret")["stringData"]
+    env_vars = {**settings, "MLFLOW_TRACKING_URI": mlflow_server,  # the Service `mlflow`, here
+                "AWS_ENDPOINT_URL": s3_server.endpoint,  # the ConfigMap's S3-compatible option
+                **{k: "testing" for k in credentials}}
+    return Platform({"env_vars": env_vars}, mlflow_server, date, incoming)
+
+
+def _submit(address: str, entrypoint: str, runtime_env: dict) -> str:
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env),
+           "--", *shlex.split(entrypoint)]  # as KubeRay's submitter pod: its shell splits the entrypoint
+    proc = subprocess.run(cmd, env=_env(bare=True), cwd=REPO, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out.lower()
+    return out
 
+
+def _entrypoint(file: str, kind: str = "RayJob") -> str:
+    return " ".join(_manifest(file, kind)["spec"]["entrypoint"].split())
+
+
+def test_train_and_score_rayjobs_run_on_a_ray_head(ray_head, platform, s3_server):
+    """rayjob-train.yaml then score-rayjob.yaml: the model trained, tracked and registered on the
+    MLflow server (artifacts in S3) is the one that scores yesterday's incoming images into Parquet."""
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    overrides = " ".join(f"--set {o}" for o in SMALL)
+    out = _submit(ray_head, f"{_entrypoint('rayjob-train.yaml')} {overrides}", platform.runtime_env)
     run_id = re.search(r"MLflow run id ([0-9a-f]{32})", out).group(1)
-    assert re.search(r"test accuracy \d\.\d{4}, balanced accuracy \d\.\d{4}", out)
-    client = MlflowClient(f"sqlite:///{db}")
+    client = MlflowClient(platform.mlflow_uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["model.name"] == "first_cnn"
-    assert len(client.get_metric_history(run_id, "val_loss")) == 2
-    versions = client.search_model_versions(f"run_id='{run_id}'")
-    assert len(versions) == 1
-    # The job ran on the head's cluster, not a private Ray started by the driver.
-    assert float(run.data.tags["ray_cluster_cpus"]) == 2.0
+    assert run.data.params["data.root"] == f"s3://{BUCKET}/hotdog"  # the manifest's, not a local path
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server to S3
+    assert float(run.data.tags["ray_cluster_cpus"]) == 2.0  # ran on the head's cluster
+    (version,) = client.search_model_versions(f"run_id='{run_id}'")
+    keys = [o["Key"] for o in s3_server.client.list_objects_v2(Bucket=BUCKET)["Contents"]]
+    assert any(k.startswith("runs/") for k in keys), "checkpoints on S3 (train.storage_path)"
+    assert any(k.startswith("mlflow-artifacts/") for k in keys), "the model's files in the artifact bucket"
+
+    out = _submit(ray_head, f"{_entrypoint('score-rayjob.yaml')} {overrides}", platform.runtime_env)
+    prefix = f"predictions/date={platform.date.isoformat()}/"
+    keys = [o["Key"] for o in s3_server.client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
+    tables = [pq.read_table(io.BytesIO(s3_server.client.get_object(Bucket=BUCKET, Key=k)["Body"].read()))
+              for k in keys if k.endswith(".parquet")]
+    rows = [r for t in tables for r in t.to_pylist()]
+    assert sorted(r["path"].rsplit("/", 1)[1] for r in rows) == sorted(k.rsplit("/", 1)[1] for k in platform.incoming)
+    assert {r["model_version"] for r in rows} == {str(version.version)}
+    assert [r["path"] for r in rows if r["error"]] == [p for p in (r["path"] for r in rows) if p.endswith("cat_empty.jpg")]
 
 
 def test_a_failing_job_fails_the_submission_with_the_reason(ray_head, tmp_path):
