@@ -21,8 +21,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RAY_DATA_DISABLE_PROGRESS_BARS=1
 
-# The base image's user (uid 1000); pods run it as non-root (runAsNonRoot in k8s/).
-USER ray
+# The base image's user `ray`, by number so that Kubernetes can check runAsNonRoot against it.
+USER 1000:100
 # Jobs are submitted without a working_dir (a RayJob cannot upload one): the head's `ray start`
 # runs here, so `python jobs/train.py --config configs/...` resolves against this folder.
 WORKDIR /home/ray/app
