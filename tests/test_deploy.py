@@ -177,7 +177,7 @@ def test_kustomization_covers_every_manifest_but_the_documented_ones():
     assert {v["configMap"]["name"] for v in volumes if "configMap" in v} == {generator["name"]}
     container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     mount = container["volumeMounts"][0]["mountPath"]
-    assert container["args"] == ["create", "-f", f"{mount}/score-rayjob.yaml"]
+    assert container["command"] == ["/bin/kubectl", "create", "-f", f"{mount}/score-rayjob.yaml"]
     # `kubectl create` with generateName: a new RayJob each night, never a clash with the last one.
     score = yaml.safe_load((K8S / "score-rayjob.yaml").read_text())
     assert score["metadata"]["generateName"] and "name" not in score["metadata"]
