@@ -166,6 +166,7 @@ def score(cfg: Config, *, input: str | None = None, output: str | None = None,
     run_id = f"{day.isoformat()}-{uuid.uuid4().hex[:8]}"
     out = storage.resolve(out_uri)
     staging, final = out.join("_staging", f"{partition_name(day)}-{run_id}"), out.join(partition_name(day))
+    restore_interrupted_publish(out, day)
     log.info("scoring %d files from %s with %s into %s", len(paths), in_uri, key, final.uri)
     init_ray()
     t0 = time.perf_counter()
@@ -195,27 +196,32 @@ def score(cfg: Config, *, input: str | None = None, output: str | None = None,
         failed=failed, seconds=round(seconds, 3), images_per_s=round(len(paths) / max(seconds, 1e-9), 1),
         model=probe.info["name"], model_version=probe.info["version"], run_id=run_id,
     )
-    storage.write_bytes(out.fs, f"{staging.path}/{SUMMARY_FILE}", json.dumps(asdict(summary), indent=2).encode())
-    _publish(out.fs, staging.path, final.path)
-    _clean_stale_staging(out, day)
-    summary.mlflow_run_id = _track(cfg, summary)
+    # The MLflow run first, so that the summary beside the Parquet names it.
+    summary.mlflow_run_id = tracking.start_run(cfg, run_name=f"score-{run_id}", tags={
+        "kind": "scoring", "date": summary.date, "input": in_uri, "output": final.uri,
+        "model_version": summary.model_version or ""})
+    try:
+        storage.write_bytes(out.fs, f"{staging.path}/{SUMMARY_FILE}", json.dumps(asdict(summary), indent=2).encode())
+        _publish(out.fs, staging.path, final.path)
+        _clean_stale_staging(out, day)
+    except BaseException:
+        tracking.end_run(cfg, summary.mlflow_run_id, status="FAILED")
+        raise
+    _track(cfg, summary)
     log.info("published %s: %d scored, %d failed, %.1f images/s", final.uri, summary.scored, summary.failed,
              summary.images_per_s)
     return summary
 
 
-def _track(cfg: Config, summary: ScoreSummary) -> str:
-    """The run as an MLflow scoring run: counts, throughput, the model it used, the summary."""
+def _track(cfg: Config, summary: ScoreSummary) -> None:
+    """Finish the scoring run in MLflow: counts, throughput and the summary."""
     from hotdog_ray import tracking
 
-    run_id = tracking.start_run(cfg, run_name=f"score-{summary.run_id}", tags={
-        "kind": "scoring", "date": summary.date, "input": summary.input, "output": summary.output,
-        "model_version": summary.model_version or ""})
+    run_id = summary.mlflow_run_id
     tracking.log_metrics(run_id, cfg, {"files": summary.files, "scored": summary.scored, "failed": summary.failed,
                                        "seconds": summary.seconds, "images_per_s": summary.images_per_s})
     tracking.log_dict(run_id, cfg, asdict(summary), "summary.json")
     tracking.end_run(cfg, run_id)
-    return run_id
 
 
 def _clean_stale_staging(out, day: dt.date) -> None:
@@ -245,14 +251,54 @@ def _count(fs, path: str) -> tuple[int, int]:
     return table.num_rows, table.num_rows - int(pc.sum(pc.is_null(table["error"])).as_py() or 0)
 
 
+REPLACED = ".replaced"  # suffix, in staging, of a published partition being swapped out
+
+
 def _publish(fs, staging: str, final: str) -> None:
-    """Replace ``final`` by ``staging``: a rename where the filesystem has one, else copy then delete."""
+    """Replace ``final`` by ``staging`` so that a crash at any point loses no published row.
+
+    Local filesystems: two renames (the old partition aside into staging, the new one in), then the
+    old copy is deleted; a run killed between the renames leaves the old copy, which the next run
+    puts back before it starts (``restore_interrupted_publish``). Object stores have no rename: the
+    staged files are copied in first (Ray Data names each run's files apart), then the earlier run's
+    files are deleted, so a crash in between leaves both runs' rows (told apart by ``run_id``) until
+    the next run of the date replaces them, rather than a partition with rows missing.
+    """
     import pyarrow.fs as pafs
 
-    if fs.get_file_info(final).type != pafs.FileType.NotFound:
-        fs.delete_dir(final)
+    exists = fs.get_file_info(final).type != pafs.FileType.NotFound
     if isinstance(fs, pafs.LocalFileSystem):
+        aside = staging + REPLACED
+        if exists:
+            fs.move(final, aside)
         fs.move(staging, final)
+        if exists:
+            fs.delete_dir(aside)
         return
+    before = {i.path for i in fs.get_file_info(pafs.FileSelector(final, recursive=True))
+              if i.type == pafs.FileType.File} if exists else set()
     pafs.copy_files(staging, final, source_filesystem=fs, destination_filesystem=fs)
+    staged = {i.path.replace(staging, final, 1) for i in fs.get_file_info(pafs.FileSelector(staging, recursive=True))
+              if i.type == pafs.FileType.File}
+    for path in sorted(before - staged):
+        fs.delete_file(path)
     fs.delete_dir(staging)
+
+
+def restore_interrupted_publish(out, day: dt.date) -> bool:
+    """Put back a partition that a run killed mid-publish left aside in staging (local filesystems)."""
+    import pyarrow.fs as pafs
+
+    from hotdog_ray import storage
+
+    final, root = out.join(partition_name(day)), out.join("_staging")
+    if out.fs.get_file_info(final.path).type != pafs.FileType.NotFound:
+        return False
+    if out.fs.get_file_info(root.path).type == pafs.FileType.NotFound:
+        return False
+    aside = [n for n in storage.list_dirs(root) if n.startswith(partition_name(day) + "-") and n.endswith(REPLACED)]
+    if not aside:
+        return False
+    log.warning("restoring %s, left aside by a run killed while publishing", final.uri)
+    out.fs.move(root.join(aside[0]).path, final.path)
+    return True

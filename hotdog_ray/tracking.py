@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,8 +146,15 @@ def log_epoch(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
         client.set_tag(run_id, DIVERGED_TAG, metrics["diverged"])
     numeric = {k: float(v) for k, v in metrics.items()
                if isinstance(v, (int, float)) and k != "epoch" and math.isfinite(v)}
-    for k, v in numeric.items():
-        client.log_metric(run_id, k, v, step=int(metrics["epoch"]))
+    _log_batch(client, run_id, numeric, step=int(metrics["epoch"]))
+
+
+def _log_batch(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Metrics in one request (a remote tracking server costs a round trip per call)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 def _epoch_logger_class():
@@ -358,6 +366,4 @@ def set_tags(cfg: "Config", run_id: str, tags: dict[str, str]) -> None:
 
 
 def log_metrics(run_id: str, cfg: "Config", metrics: dict[str, float]) -> None:
-    client = _client(cfg)
-    for k, v in metrics.items():
-        client.log_metric(run_id, k, float(v))
+    _log_batch(_client(cfg), run_id, metrics)

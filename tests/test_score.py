@@ -33,6 +33,83 @@ def test_date_expansion_and_parsing():
         run_date("last week")
 
 
+class Killed(BaseException):
+    """Stands for the process dying at that call (nothing after it runs)."""
+
+
+def _staged(fs, path: str, run_id: str, n: int) -> None:
+    """A run's staged output: one Parquet file (named apart per run, as Ray Data names them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs.create_dir(path)
+    with fs.open_output_stream(f"{path}/{run_id}_000000.parquet") as f:
+        pq.write_table(pa.table({"run_id": [run_id] * n}), f)
+
+
+def _runs(fs, path: str) -> list[str]:
+    return sorted(read_partition(path, fs)["run_id"].to_pylist())
+
+
+def test_a_run_killed_while_publishing_locally_loses_nothing(tmp_path):
+    """Two renames swap the partition; killed between them, the next run puts the old one back first."""
+    import pyarrow.fs as pafs
+
+    from hotdog_ray import storage
+    from hotdog_ray.score import _publish, restore_interrupted_publish
+
+    class DiesOnSecondMove(pafs.LocalFileSystem):
+        moves = 0
+
+        def move(self, src, dest):
+            DiesOnSecondMove.moves += 1
+            if DiesOnSecondMove.moves == 2:
+                raise Killed
+            return super().move(src, dest)
+
+    day = dt.date(2026, 11, 23)
+    out = storage.resolve(str(tmp_path / "predictions"))
+    final = out.join("date=2026-11-23").path
+    _staged(out.fs, out.join("_staging", "date=2026-11-23-a").path, "a", 3)
+    _publish(out.fs, out.join("_staging", "date=2026-11-23-a").path, final)
+    assert _runs(out.fs, final) == ["a"] * 3
+
+    _staged(out.fs, out.join("_staging", "date=2026-11-23-b").path, "b", 2)
+    with pytest.raises(Killed):
+        _publish(DiesOnSecondMove(), out.join("_staging", "date=2026-11-23-b").path, final)
+    assert not Path(final).exists()  # the instant between the renames: the old partition is aside
+    assert restore_interrupted_publish(out, day)  # what the next run does before anything else
+    assert _runs(out.fs, final) == ["a"] * 3
+    assert not restore_interrupted_publish(out, day)  # nothing left to restore
+
+
+def test_a_run_killed_while_publishing_to_s3_loses_nothing(s3):
+    """S3 has no rename: new files go in before the old ones go, so a crash never leaves rows missing."""
+    import pyarrow.fs as pafs
+
+    from hotdog_ray import storage
+    from hotdog_ray.score import _publish
+
+    class DiesOnDelete(pafs.S3FileSystem):
+        def delete_file(self, path):
+            raise Killed
+
+    bucket = s3.bucket("publish")
+    out = storage.resolve(f"s3://{bucket}/predictions")
+    final = out.join("date=2026-11-23").path
+    for run, n in (("a", 3), ("b", 2)):
+        _staged(out.fs, out.join("_staging", f"date=2026-11-23-{run}").path, run, n)
+    _publish(out.fs, out.join("_staging", "date=2026-11-23-a").path, final)
+    dying = DiesOnDelete(endpoint_override=s3.endpoint.removeprefix("http://"), scheme="http",
+                         access_key="testing", secret_key="testing", region="us-east-1")
+    with pytest.raises(Killed):
+        _publish(dying, out.join("_staging", "date=2026-11-23-b").path, final)
+    assert _runs(out.fs, final) == ["a"] * 3 + ["b"] * 2  # both runs' rows, told apart by run_id; none lost
+    _staged(out.fs, out.join("_staging", "date=2026-11-23-c").path, "c", 4)
+    _publish(out.fs, out.join("_staging", "date=2026-11-23-c").path, final)  # the next run replaces both
+    assert _runs(out.fs, final) == ["c"] * 4
+
+
 @pytest.fixture(scope="module")
 def scoring(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("score")
@@ -87,7 +164,13 @@ def test_every_file_gets_one_row_and_a_rerun_replaces_the_partition(ray_session,
     assert (first.files, first.scored, first.failed) == (len(files), len(files) - len(BAD), len(BAD))
     table = read_partition(str(part))
     check(table, files, predictor)
-    assert json.loads((part / "_summary.json").read_text())["files"] == len(files)
+    written = json.loads((part / "_summary.json").read_text())
+    assert written["files"] == len(files) and written["mlflow_run_id"] == first.mlflow_run_id
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(cfg.tracking.uri).get_run(first.mlflow_run_id)  # the summary names the scoring run
+    assert run.info.status == "FINISHED" and run.data.tags["kind"] == "scoring"
+    assert run.data.metrics["files"] == len(files) and run.data.tags["output"] == first.output
 
     second = score(cfg, **args)
     again = read_partition(str(part))
