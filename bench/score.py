@@ -7,7 +7,8 @@ plain PyTorch, one process). Printed: images/s of each and their ratio, and the 
 all processes on the machine above what was in use before (sampled every 0.2 s) for the job at
 each input size, to show it stays flat as inputs grow.
 
-    python bench/score.py --sizes 5000 50000
+    python bench/score.py --sizes 5000 50000                                        # small images
+    python bench/score.py --config configs/hotdog.yaml --side 384 --sizes 2000 10000  # photos, 120 px model
 """
 
 from __future__ import annotations
@@ -27,11 +28,18 @@ import numpy as np
 
 
 def write_images(folder: Path, n: int, side: int = 48) -> None:
+    """``n`` JPEGs, each a shifted copy of one random image; above 64 px a smooth, photo-like one
+    (pure noise would make every file as large as its pixels)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
+    if side <= 64:
+        base = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
+    else:
+        coarse = Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).resize((side, side), Image.BICUBIC)
+        grain = rng.integers(-8, 8, (side, side, 3))
+        base = np.clip(np.asarray(coarse, np.int16) + grain, 0, 255).astype(np.uint8)
     for i in range(n):
         buf = io.BytesIO()
         Image.fromarray(np.roll(base, i, axis=1)).save(buf, "JPEG", quality=90)
@@ -77,6 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/sample.yaml")
     ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000])
+    ap.add_argument("--side", type=int, default=48, help="side of the generated JPEGs")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="bench/out/score.json")
     args = ap.parse_args()
@@ -103,7 +112,7 @@ def main() -> None:
         init_ray()
         for n in args.sizes:
             folder = Path(tmp) / f"in-{n}"
-            write_images(folder, n)
+            write_images(folder, n, args.side)
             files = sorted(folder.iterdir())
             with PeakMemory() as mem:
                 t0 = time.perf_counter()
@@ -114,12 +123,12 @@ def main() -> None:
             base = baseline(files, predictor, cfg.score.batch_size)
             rows.append({"images": n, "ours_images_per_s": round(ours, 1), "baseline_images_per_s": round(base, 1),
                          "ratio": round(ours / base, 3), "peak_memory_mib": round(mem.peak / 2**20)})
-    result = {"config": args.config, "model": cfg.model.name, "image_size": cfg.data.image_size,
+    result = {"config": args.config, "model": cfg.model.name, "image_size": cfg.data.image_size, "jpeg_side": args.side,
               "num_actors": cfg.score.num_actors, "batch_size": cfg.score.batch_size, "rows": rows,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch_threads": torch.get_num_threads()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"{cfg.model.name} at {cfg.data.image_size} px, 48x48 JPEGs, {result['machine']}")
+    print(f"{cfg.model.name} at {cfg.data.image_size} px, {args.side}x{args.side} JPEGs, {result['machine']}")
     print(f"  {'images':>8}{'ours img/s':>12}{'loop img/s':>12}{'ratio':>8}{'peak MiB (ours)':>17}")
     for r in rows:
         print(f"  {r['images']:>8}{r['ours_images_per_s']:>12.1f}{r['baseline_images_per_s']:>12.1f}"
