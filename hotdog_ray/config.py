@@ -239,6 +239,9 @@ class ScoreConfig(_Section):
     output: str | None = Field(None, description="Parquet root; the run writes <output>/date=YYYY-MM-DD/")
     batch_size: int = Field(64, ge=1)
     num_actors: int = Field(1, ge=1, description="model actors (ActorPoolStrategy size)")
+    cpus_per_actor: float = Field(
+        1.0, gt=0, description="CPUs each model actor reserves; below 1 lets several actors share the cores "
+        "that decoding tasks also need (keep num_actors x cpus_per_actor under the CPU count)")
     gpus_per_actor: float = Field(0.0, ge=0)
 
 

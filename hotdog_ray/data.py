@@ -267,8 +267,9 @@ def plan_read_tasks(num_files: int, num_cpus: int, files_per_task: int) -> int:
     return max(1, min(num_files, max(2 * num_cpus, math.ceil(num_files / files_per_task))))
 
 
-def read_bytes_dataset(paths: list[str], fs: Any, files_per_task: int) -> "ray.data.Dataset":
-    """``{"bytes", "path"}`` rows for ``paths``, in right-sized read tasks."""
+def read_bytes_dataset(paths: list[str], fs: Any, files_per_task: int,
+                       num_cpus: float | None = None) -> "ray.data.Dataset":
+    """``{"bytes", "path"}`` rows for ``paths``, in right-sized read tasks (``num_cpus`` each, default 1)."""
     import ray
     import ray.data
 
@@ -276,6 +277,7 @@ def read_bytes_dataset(paths: list[str], fs: Any, files_per_task: int) -> "ray.d
     return ray.data.read_binary_files(
         paths, include_paths=True, filesystem=fs,
         override_num_blocks=plan_read_tasks(len(paths), cpus, files_per_task),
+        **({"ray_remote_args": {"num_cpus": num_cpus}} if num_cpus is not None else {}),
     )
 
 

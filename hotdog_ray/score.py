@@ -24,6 +24,7 @@ from hotdog_ray.config import Config, from_dict
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "_summary.json"  # leading underscore: Parquet readers skip it
+DECODE_CPUS = 0.5  # each fused read-and-decode task
 
 
 class ScoreError(RuntimeError):
@@ -169,6 +170,7 @@ def score(cfg: Config, *, input: str | None = None, output: str | None = None,
     restore_interrupted_publish(out, day)
     log.info("scoring %d files from %s with %s into %s", len(paths), in_uri, key, final.uri)
     init_ray()
+    _check_cpus(cfg)
     t0 = time.perf_counter()
 
     from hotdog_ray.predict import Predictor
@@ -176,15 +178,17 @@ def score(cfg: Config, *, input: str | None = None, output: str | None = None,
     probe = Predictor.from_config(cfg, key, device="cpu")  # fails here, before any work, if the model is missing
     size = probe.image_size
     if paths:
-        ds = read_bytes_dataset(paths, fs, cfg.data.files_per_task).map_batches(
+        # Reading and decoding share their resources so that Ray Data fuses them into one task (bytes
+        # never cross the object store), and that half a CPU each leaves room beside the model actors.
+        ds = read_bytes_dataset(paths, fs, cfg.data.files_per_task, num_cpus=DECODE_CPUS).map_batches(
             decode_for_scoring, fn_kwargs={"size": size, "max_pixels": cfg.data.max_image_pixels,
                                            "min_side": cfg.serve.min_image_side},
-            batch_size=None, num_cpus=0.5,  # own resources: decoding stays in parallel tasks, not in the model actors
+            batch_size=None, num_cpus=DECODE_CPUS,
         ).map_batches(
             Scorer, fn_constructor_kwargs={"raw_config": cfg.model_dump(mode="json"), "model_ref": key,
                                            "run_id": run_id},
             compute=ray.data.ActorPoolStrategy(size=cfg.score.num_actors), batch_size=cfg.score.batch_size,
-            num_gpus=cfg.score.gpus_per_actor or None,
+            num_cpus=cfg.score.cpus_per_actor, num_gpus=cfg.score.gpus_per_actor or None,
         )
         ds.write_parquet(staging.path, filesystem=out.fs)
     rows, failed = _count(out.fs, staging.path)
@@ -211,6 +215,18 @@ def score(cfg: Config, *, input: str | None = None, output: str | None = None,
     log.info("published %s: %d scored, %d failed, %.1f images/s", final.uri, summary.scored, summary.failed,
              summary.images_per_s)
     return summary
+
+
+def _check_cpus(cfg: Config) -> None:
+    """Warn when the model actors would hold every CPU: decoding tasks would wait for good."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    wanted = cfg.score.num_actors * cfg.score.cpus_per_actor + DECODE_CPUS
+    if cpus and wanted > cpus:
+        log.warning("score.num_actors x score.cpus_per_actor (%g) leaves less than %g of the cluster's %g CPUs "
+                    "for decoding: unless the autoscaler adds nodes the job will stall; lower them",
+                    cfg.score.num_actors * cfg.score.cpus_per_actor, DECODE_CPUS, cpus)
 
 
 def _track(cfg: Config, summary: ScoreSummary) -> None:

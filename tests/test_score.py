@@ -185,6 +185,8 @@ def test_every_file_gets_one_row_and_a_rerun_replaces_the_partition(ray_session,
 
 def test_scoring_from_and_to_s3(ray_session, scoring, s3, tmp_path):
     cfg, predictor = scoring
+    # Two model actors sharing the cores with the decoding tasks (2 x 0.75 + 0.5 CPUs).
+    cfg = cfg.model_copy(update={"score": cfg.score.model_copy(update={"num_actors": 2, "cpus_per_actor": 0.75})})
     files = write_inputs(tmp_path / "in")
     bucket = s3.bucket("score")
     src = s3.upload_dir(tmp_path / "in", bucket, "incoming/2026-11-23")
@@ -195,6 +197,19 @@ def test_scoring_from_and_to_s3(ray_session, scoring, s3, tmp_path):
 
     loc = storage.resolve(summary.output)
     check(read_partition(loc.path, loc.fs), files, predictor)
+
+
+def test_actors_that_would_hold_every_cpu_are_warned_about(ray_session, scoring, caplog):
+    from hotdog_ray.score import _check_cpus
+
+    cfg, _ = scoring
+    fits = cfg.model_copy(update={"score": cfg.score.model_copy(update={"num_actors": 2, "cpus_per_actor": 0.75})})
+    starves = cfg.model_copy(update={"score": cfg.score.model_copy(update={"num_actors": 2, "cpus_per_actor": 1.0})})
+    with caplog.at_level("WARNING", logger="hotdog_ray.score"):
+        _check_cpus(fits)
+        assert not caplog.records
+        _check_cpus(starves)
+    assert "stall" in caplog.text and "2 CPUs" in caplog.text
 
 
 def test_a_missing_input_fails_before_any_work(scoring, tmp_path):
