@@ -189,6 +189,9 @@ def test_the_launcher_may_create_rayjobs_and_nothing_more():
     (rule,) = docs["Role"]["rules"]
     assert rule["apiGroups"] == ["ray.io"] and rule["resources"] == ["rayjobs"]
     assert "create" in rule["verbs"] and not {"delete", "update", "patch", "*"} & set(rule["verbs"])
+    (subject,) = docs["RoleBinding"]["subjects"]
+    namespace = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
+    assert (subject["kind"], subject["name"], subject["namespace"]) == ("ServiceAccount", "hotdog-score-launcher", namespace)
     cron = next(d for _, d in k8s_documents() if d["kind"] == "CronJob")
     assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"] == "hotdog-score-launcher"
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"  # never two scoring runs of one night at once
