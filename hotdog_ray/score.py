@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "_summary.json"  # leading underscore: Parquet readers skip it
 DECODE_CPUS = 0.5  # each fused read-and-decode task
+REPLACED = ".replaced"  # suffix, in staging, of a published partition being swapped out
 
 
 class ScoreError(RuntimeError):
@@ -267,9 +268,6 @@ def _count(fs, path: str) -> tuple[int, int]:
     return table.num_rows, table.num_rows - int(pc.sum(pc.is_null(table["error"])).as_py() or 0)
 
 
-REPLACED = ".replaced"  # suffix, in staging, of a published partition being swapped out
-
-
 def _publish(fs, staging: str, final: str) -> None:
     """Replace ``final`` by ``staging`` so that a crash at any point loses no published row.
 
@@ -309,8 +307,6 @@ def restore_interrupted_publish(out, day: dt.date) -> bool:
 
     final, root = out.join(partition_name(day)), out.join("_staging")
     if out.fs.get_file_info(final.path).type != pafs.FileType.NotFound:
-        return False
-    if out.fs.get_file_info(root.path).type == pafs.FileType.NotFound:
         return False
     aside = [n for n in storage.list_dirs(root) if n.startswith(partition_name(day) + "-") and n.endswith(REPLACED)]
     if not aside:
