@@ -81,6 +81,30 @@ def baseline(files: list[Path], predictor, batch_size: int) -> float:
     return len(files) / (time.perf_counter() - t0)
 
 
+def stage_costs(files: list[Path], predictor, batch_size: int) -> dict[str, float]:
+    """ms per image of the loop's two stages: decode + preprocess, and the batched forward pass on
+    one and on two PyTorch threads (what bounds any speed-up from parallel scoring on this machine)."""
+    import torch
+
+    sample = files[:200]
+    t0 = time.perf_counter()
+    batch = np.stack([predictor.preprocess(f.read_bytes()) for f in sample])
+    costs = {"decode_ms": 1000 * (time.perf_counter() - t0) / len(sample)}
+    batch = batch[:batch_size]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            predictor.predict_arrays(batch)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(5):
+                predictor.predict_arrays(batch)
+            costs[f"forward_ms_{n}_threads"] = 1000 * (time.perf_counter() - t0) / (5 * len(batch))
+    finally:
+        torch.set_num_threads(threads)
+    return {k: round(v, 2) for k, v in costs.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/sample.yaml")
@@ -123,8 +147,10 @@ def main() -> None:
             base = baseline(files, predictor, cfg.score.batch_size)
             rows.append({"images": n, "ours_images_per_s": round(ours, 1), "baseline_images_per_s": round(base, 1),
                          "ratio": round(ours / base, 3), "peak_memory_mib": round(mem.peak / 2**20)})
+        costs = stage_costs(files, predictor, cfg.score.batch_size)
     result = {"config": args.config, "model": cfg.model.name, "image_size": cfg.data.image_size, "jpeg_side": args.side,
-              "num_actors": cfg.score.num_actors, "batch_size": cfg.score.batch_size, "rows": rows,
+              "num_actors": cfg.score.num_actors, "cpus_per_actor": cfg.score.cpus_per_actor,
+              "batch_size": cfg.score.batch_size, "rows": rows, "stage_costs": costs,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch_threads": torch.get_num_threads()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
@@ -133,6 +159,8 @@ def main() -> None:
     for r in rows:
         print(f"  {r['images']:>8}{r['ours_images_per_s']:>12.1f}{r['baseline_images_per_s']:>12.1f}"
               f"{r['ratio']:>8.3f}{r['peak_memory_mib']:>17}")
+    print(f"  loop stages, ms per image: decode {costs['decode_ms']}, forward {costs['forward_ms_1_threads']} "
+          f"on 1 thread / {costs['forward_ms_2_threads']} on 2")
 
 
 if __name__ == "__main__":

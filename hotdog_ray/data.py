@@ -276,8 +276,7 @@ def read_bytes_dataset(paths: list[str], fs: Any, files_per_task: int,
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     return ray.data.read_binary_files(
         paths, include_paths=True, filesystem=fs,
-        override_num_blocks=plan_read_tasks(len(paths), cpus, files_per_task),
-        **({"ray_remote_args": {"num_cpus": num_cpus}} if num_cpus is not None else {}),
+        override_num_blocks=plan_read_tasks(len(paths), cpus, files_per_task), num_cpus=num_cpus,
     )
 
 
