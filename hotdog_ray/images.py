@@ -2,6 +2,8 @@
 
 Training, serving and batch scoring all go through :func:`decode_image` and
 :func:`to_model_input`, so a served prediction sees exactly the pixels training saw.
+Decoding needs no torch: it is imported where tensors are made, so that decoding tasks in
+Ray workers do not pay its import (two CPU-seconds a process).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import io
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 if TYPE_CHECKING:
+    import torch
+
     from hotdog_ray.config import AugmentConfig
 
 # Modes PIL decodes 16- or 32-bit single-channel data into (16-bit PNG, TIFF).
@@ -79,6 +82,16 @@ def resize(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def open_for_model(data: bytes, size: int, *, max_pixels: int = 50_000_000, min_side: int = 8,
+                   draft: bool = True) -> Image.Image:
+    """Decode to an upright RGB image ready to resize, or raise :class:`ImageError` (empty, not an
+    image, truncated, too large, too small). ``draft`` lets JPEGs decode at reduced size, as training does."""
+    img = open_image(data, max_pixels=max_pixels, draft_size=size if draft else None)
+    if min(img.size) < min_side:
+        raise ImageError(f"image too small: {img.width}x{img.height}, need at least {min_side} pixels a side")
+    return img
+
+
 def decode_image(data: bytes, size: int, *, max_pixels: int = 50_000_000) -> np.ndarray:
     """Bytes to a ``size`` x ``size`` x 3 uint8 array, or raise :class:`ImageError`."""
     return resize(open_image(data, max_pixels=max_pixels, draft_size=size), size)
@@ -133,6 +146,8 @@ def augment_batch(
     With ``seeds`` (one per image) each draw is seeded, so an image's augmentation does not
     depend on which task or in which order it was processed; the caller's RNG is left as it was.
     """
+    import torch
+
     chw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     if seeds is None:
         out = torch.stack([transform(img) for img in chw])
@@ -143,6 +158,8 @@ def augment_batch(
 
 
 def _seeded(transform: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor, seed: int) -> torch.Tensor:
+    import torch
+
     # The CPU generator alone: torch.manual_seed also seeds every accelerator backend, 100x slower.
     torch.default_generator.manual_seed(seed)
     return transform(img)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hotdog_ray.images import ImageError, open_image, resize, to_model_input
+from hotdog_ray.images import ImageError, open_for_model, resize, to_model_input
 from hotdog_ray.models import last_conv_layer, probabilities
 
 if TYPE_CHECKING:
@@ -26,16 +26,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["Explanation", "ImageError", "Prediction", "Predictor", "grad_cam", "overlay_png"]
-
-
-def open_for_model(data: bytes, size: int, *, max_pixels: int = 50_000_000, min_side: int = 8,
-                     draft: bool = True) -> Image.Image:
-    """Decode to an upright RGB image ready to resize, or raise :class:`ImageError` (empty, not an
-    image, truncated, too large, too small). ``draft`` lets JPEGs decode at reduced size, as training does."""
-    img = open_image(data, max_pixels=max_pixels, draft_size=size if draft else None)
-    if min(img.size) < min_side:
-        raise ImageError(f"image too small: {img.width}x{img.height}, need at least {min_side} pixels a side")
-    return img
 
 
 @dataclass
