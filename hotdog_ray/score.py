@@ -209,6 +209,10 @@ def score(cfg: Config, *, input: str | None = None, output: str | None = None,
             compute=ray.data.ActorPoolStrategy(size=cfg.score.num_actors), batch_size=cfg.score.batch_size,
             num_cpus=cfg.score.cpus_per_actor, num_gpus=cfg.score.gpus_per_actor or None,
         )
+        # Ray Data's per-operator reservations hold back CPUs for the model actors that they do not
+        # use while decoding is the bottleneck: on 2 CPUs decoding ran one task at a time, and the
+        # job was 35-45% slower on photos (bench/RESULTS.md). Memory stays bounded by backpressure.
+        ds.context.op_resource_reservation_enabled = False
         ds.write_parquet(staging.path, filesystem=out.fs)
     rows, failed = _count(out.fs, staging.path)
     if rows != len(paths):
