@@ -220,34 +220,61 @@ def test_a_promoted_model_is_served_without_a_failed_request(app):
     assert requests.get(app.url + "/model", timeout=10).json()["version"] == version
 
 
-def test_a_user_config_change_reloads_at_once(app):
-    """With polling off, a moved alias is picked up only when the deployment's user_config changes
-    (what ``serve deploy`` with a new reload_token does)."""
+def test_a_user_config_change_reloads_in_place(app, tmp_path):
+    """With polling off, a moved alias is picked up only when the app's user_config changes, and
+    then in place: after ``serve deploy`` with a new reload_token the same replica serves the new model."""
+    import os
+
+    import ray
+    import yaml
     from ray import serve
+    from ray.util.state import list_actors
 
-    from hotdog_ray.serve import _deployment
-
-    cfg = app.cfg.model_copy(update={"serve": app.cfg.serve.model_copy(update={"reload_interval_s": 0})})
-    deployment = _deployment(cfg)
+    settings = tmp_path / "ondemand.yaml"
+    settings.write_text(yaml.safe_dump(app.cfg.model_dump(mode="json")))
+    dashboard = f"http://{ray.init(ignore_reinit_error=True).dashboard_url}"
+    url = app.url + "/ondemand"
 
     def deploy(token: int) -> None:
-        # Only user_config changes. `serve deploy` applies that in place (reconfigure); the
-        # imperative serve.run used here may start a new replica instead, which loads the alias too.
-        serve.run(deployment.options(user_config={"reload_token": token, "model_uri": None})
-                  .bind(cfg.model_dump(mode="json")), name="ondemand", route_prefix="/ondemand")
+        config = tmp_path / f"serve-{token}.yaml"
+        config.write_text(yaml.safe_dump({"applications": [{
+            "name": "ondemand", "route_prefix": "/ondemand", "import_path": "hotdog_ray.serve:build_app",
+            "args": {"config": str(settings), "set": ["serve.reload_interval_s=0"]},
+            "deployments": [{"name": "hotdog", "user_config": {"reload_token": token, "model_uri": None}}],
+        }]}))
+        # Ray 2.60 clusters use token auth; the CLI sends the token with this set (STACK-NOTES).
+        done = subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(config), "-a", dashboard],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"})
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
-    url = app.url + "/ondemand"
+    def replicas() -> set[str]:
+        return {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+                if a.class_name.startswith("ServeReplica:ondemand:")}
+
+    def model_version(want: str | None = None, timeout: float = 90) -> str | None:
+        """The version the app serves, once it answers (and serves ``want``, when given)."""
+        deadline, seen = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            r = requests.get(url + "/model", timeout=10)
+            seen = r.json()["version"] if r.status_code == 200 else None
+            if seen is not None and (want is None or seen == want):
+                return seen
+            time.sleep(0.25)
+        return seen
+
     deploy(0)
     try:
-        before = requests.get(url + "/model", timeout=10).json()
+        before = model_version()
+        assert before is not None, "the app deployed through the REST API did not start"
+        running = replicas()
         version, model = register(app.cfg, seed=5)
         app.models[version] = model
         set_alias(app.cfg, version)
         time.sleep(1.5)
-        assert requests.get(url + "/model", timeout=10).json()["version"] == before["version"]  # no polling
+        assert model_version() == before  # no polling: the alias moved, the app did not notice
         deploy(1)
-        after = requests.get(url + "/model", timeout=10).json()
-        assert after["version"] == version
+        assert model_version(want=version) == version
+        assert running and replicas() == running, "the replica was replaced, not reconfigured in place"
         data = encode(LEVELS["cat"], "RGB", "JPEG", (20, 20))
         r = requests.post(url + "/predict", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
         assert r.json()["probabilities"] == pytest.approx(app.offline(version).predict(data).probabilities, abs=1e-5)
