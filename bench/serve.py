@@ -2,13 +2,15 @@
 
 In one run, on loopback, with the same model and the same FastAPI handlers (``create_api``):
   * ours: ``hotdog_ray.serve`` on Ray Serve, with dynamic batching, and again without it
-    (``serve.max_batch_size=1``);
+    (``serve.max_batch_size=1``): HTTP enters through HAProxy (``serve.haproxy``, or Serve's Python
+    proxy with ``--ingress proxy``), one replica per core by default (``--replicas``);
   * baseline: what a user would write otherwise, one ``uvicorn`` process running the handlers with
     a direct forward pass per request, no Ray.
 Each is loaded by ``bench/loadgen.py`` in its own process at concurrency 1 and 32. Printed:
 requests/s, p50 and p99 latency, the throughput ratio at 32 and the p50 difference at 1.
 
     python bench/serve.py --config configs/sample.yaml
+    python bench/serve.py --config configs/sample.yaml --ingress proxy --replicas 1   # the old path
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ def main() -> None:
     ap.add_argument("--config", default="configs/sample.yaml")
     ap.add_argument("--requests-c1", type=int, default=400)
     ap.add_argument("--requests-c32", type=int, default=3000)
+    ap.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
+                    help="HTTP into Serve: HAProxy straight to the replicas, or Serve's Python proxy")
+    ap.add_argument("--replicas", type=int, default=os.cpu_count(),
+                    help="Serve replicas (serve.min/max_replicas); the baseline is always one process")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="bench/out/serve.json")
     args = ap.parse_args()
@@ -82,7 +88,8 @@ def main() -> None:
         db = f"sqlite:///{tmp}/mlflow.db"
         # No access log line per request, as the baseline's uvicorn runs with --log-level warning.
         cfg = load_config(args.config, [f"tracking.uri={db}", "serve.reload_interval_s=0", "serve.access_log=false",
-                                        *args.overrides])
+                                        f"serve.min_replicas={args.replicas}", f"serve.max_replicas={args.replicas}",
+                                        f"serve.haproxy={str(args.ingress == 'haproxy').lower()}", *args.overrides])
         version = register_model(cfg)
         model_uri = f"models:/{cfg.tracking.registered_model}/{version}"
 
@@ -104,8 +111,12 @@ def main() -> None:
         import ray
         from ray import serve
 
-        from hotdog_ray.serve import _deployment
+        from hotdog_ray.serve import DRAIN_ENV, HAPROXY_ENV, _deployment
 
+        # Read by the processes Ray starts, so set before ray.init. A replica leaving HAProxy drains
+        # for 30 s by default (for load balancers); the bench deletes its app between runs.
+        os.environ[HAPROXY_ENV] = "1" if cfg.serve.haproxy else "0"
+        os.environ.setdefault(DRAIN_ENV, "1")
         ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -125,6 +136,7 @@ def main() -> None:
     summary = {
         "config": args.config, "model": cfg.model.name, "image_size": cfg.data.image_size,
         "max_batch_size": cfg.serve.max_batch_size, "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
+        "ingress": args.ingress, "replicas": cfg.serve.max_replicas, "cpus_per_replica": cfg.serve.cpus_per_replica,
         "results": {k: {str(c): v for c, v in r.items()} for k, r in results.items()},
         "throughput_ratio_c32": round(ours[32]["rps"] / base[32]["rps"], 3),
         "p50_diff_ms_c1": round(ours[1]["p50_ms"] - base[1]["p50_ms"], 2),
@@ -133,6 +145,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))
     print(f"{cfg.model.name} at {cfg.data.image_size} px, 64x48 JPEG posts, loopback ({summary['machine']})")
+    print(f"  Serve: {args.ingress} ingress, {cfg.serve.max_replicas} replica(s) x {cfg.serve.cpus_per_replica} CPU, "
+          f"batches of up to {cfg.serve.max_batch_size}, wait {cfg.serve.batch_wait_timeout_s * 1000:g} ms")
     print(f"  {'server':<24}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for name, r in results.items():
         for c, s in r.items():

@@ -209,7 +209,7 @@ class ServeConfig(_Section):
     reload_interval_s: float = Field(
         30.0, ge=0, description="how often replicas check whether the alias moved (0: only on a user_config change)")
     max_batch_size: int = Field(16, ge=1, description="dynamic batching: most images in one forward pass")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="dynamic batching: longest wait to fill a batch")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, description="dynamic batching: longest wait to fill a batch")
     max_upload_bytes: int = Field(10_000_000, ge=1, description="larger request bodies get 413")
     max_images_per_request: int = Field(32, ge=1, description="POST /predict/batch limit")
     min_image_side: int = Field(8, ge=1, description="smaller images are refused")
@@ -221,6 +221,10 @@ class ServeConfig(_Section):
     cpus_per_replica: float = Field(1.0, ge=0)
     gpus_per_replica: float = Field(0.0, ge=0, description="> 0: GPU replicas (mixed precision)")
     access_log: bool = Field(True, description="a log line per request in the replicas' logs")
+    haproxy: bool = Field(
+        True, description="HTTP enters through HAProxy straight to the replicas (Ray Serve's HAProxy ingress) "
+        "instead of Serve's Python proxy; applies to the Ray that `hotdog serve` starts itself (a running "
+        "cluster keeps the RAY_SERVE_ENABLE_HA_PROXY it was started with)")
 
     @model_validator(mode="after")
     def _batching_fits(self) -> "ServeConfig":

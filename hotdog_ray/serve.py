@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Ray Serve's switch from its Python proxy to HAProxy routing straight to the replicas.
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+
 # Content types a client may post an image as, besides multipart/form-data.
 RAW_TYPES = ("image/", "application/octet-stream")
 
@@ -365,14 +369,37 @@ def build_app(args: dict[str, Any]):
 
 
 def run(cfg: Config, *, blocking: bool = True, name: str = "hotdog") -> None:
-    """``hotdog serve``: start (or join) Ray, start Serve's HTTP proxy on ``serve.host:port`` and the app."""
+    """``hotdog serve``: start (or join) Ray, start Serve's HTTP ingress on ``serve.host:port`` and the app.
+
+    Ray started here routes HTTP through HAProxy when ``serve.haproxy`` (the default): one C process
+    forwards to the replicas' own HTTP servers, where Serve's Python proxy would cost an extra
+    process hop and most of a core under load (bench/RESULTS.md).
+    """
+    import ray
     from ray import serve
 
     from hotdog_ray.runtime import init_ray
 
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        log.info("joining a running Ray: its HTTP ingress is the one it was started with (RAY_SERVE_ENABLE_HA_PROXY)")
+    else:
+        # Serve reads the ingress mode from the environment of the processes Ray starts, so it must be
+        # set before ray.init; a RAY_SERVE_ENABLE_HA_PROXY the user exported wins over the config.
+        os.environ.setdefault(HAPROXY_ENV, "1" if cfg.serve.haproxy else "0")
+        # Ray holds a leaving replica 30 s so that outside load balancers notice; the only balancer
+        # here is Serve's own HAProxy, updated by the controller, and Ctrl-C would wait the 30 s.
+        os.environ.setdefault(DRAIN_ENV, "5")
     init_ray()
     try:  # Ctrl-C at any point, even while the app is still starting, stops Serve cleanly
-        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        try:
+            serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        except Exception:
+            if os.environ.get(HAPROXY_ENV) == "1":
+                # HAProxy also binds fixed stats and metrics ports (Ray's template) on every interface.
+                log.error("HAProxy did not start; is port %d, 8404 (stats) or 9101 (metrics) taken? Move them "
+                          "with RAY_SERVE_HAPROXY_STATS_PORT / RAY_SERVE_HAPROXY_METRICS_PORT, or use Serve's own "
+                          "proxy with --set serve.haproxy=false", cfg.serve.port)
+            raise
         serve.run(_deployment(cfg).bind(cfg.model_dump(mode="json")), name=name, route_prefix="/", blocking=False)
         log.info("serving on http://%s:%d (docs at /docs); Ctrl-C stops", cfg.serve.host, cfg.serve.port)
         while blocking:

@@ -29,7 +29,13 @@ def ray_session():
     import ray
 
     from hotdog_ray.runtime import init_ray
+    from hotdog_ray.serve import DRAIN_ENV, HAPROXY_ENV
 
+    # Serve's tests run behind HAProxy, as `hotdog serve` does by default. A replica leaving HAProxy
+    # drains for 30 s so load balancers notice; nothing here needs that wait (the env reaches the
+    # `hotdog serve` subprocess too).
+    os.environ.setdefault(HAPROXY_ENV, "1")
+    os.environ.setdefault(DRAIN_ENV, "1")
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()

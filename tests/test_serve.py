@@ -21,7 +21,7 @@ from PIL import Image
 from hotdog_ray.config import load_config
 from hotdog_ray.models import build_model
 from hotdog_ray.predict import Predictor
-from hotdog_ray.serve import wait_ready
+from hotdog_ray.serve import HAPROXY_ENV, wait_ready
 from hotdog_ray.tracking import ModelBundle, end_run, log_model, model_meta, set_alias, start_run
 from tests.conftest import free_port
 from tests.imagegen import CLASSES, LEVELS, encode, truncated_jpeg
@@ -85,6 +85,31 @@ def test_health_readiness_model_and_docs(app):
     spec = requests.get(app.url + "/openapi.json", timeout=10).json()
     assert {"/predict", "/predict/batch", "/explain", "/model", "/healthz", "/readyz"} <= set(spec["paths"])
     assert requests.get(app.url + "/docs", timeout=10).status_code == 200
+
+
+def listener(port: int, timeout: float = 10) -> str:
+    """The name of the local process listening on ``port`` ("" if none is found in ``timeout``).
+
+    Polled: HAProxy hands its socket to a new process on every config reload."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in psutil.process_iter(["name"]):
+            try:
+                conns = proc.net_connections("tcp")
+            except (psutil.AccessDenied, psutil.NoSuchProcess):
+                continue
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+                return proc.info["name"]
+        time.sleep(0.2)
+    return ""
+
+
+def test_http_enters_through_haproxy(app):
+    """The port is HAProxy's (``serve.haproxy``), not Serve's Python proxy, and it reaches the replica."""
+    assert listener(int(app.url.rsplit(":", 1)[1])) == "haproxy"
+    assert requests.get(app.url + "/healthz", timeout=10).status_code == 200
 
 
 @pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"),
@@ -359,7 +384,9 @@ def test_hotdog_serve_command_serves_a_bundle_until_interrupted(tmp_path):
            "--set", f"serve.port={port}", "--set", "serve.cpus_per_replica=0.5",
            "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {k: v for k, v in os.environ.items() if k != HAPROXY_ENV}  # the config decides, not the suite's env
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         ready = wait_ready(url, timeout=180, alive=lambda: proc.poll() is None)
@@ -370,6 +397,7 @@ def test_hotdog_serve_command_serves_a_bundle_until_interrupted(tmp_path):
         offline = Predictor(ModelBundle(model, model_meta(cfg, list(CLASSES))), device="cpu")
         assert r.json()["probabilities"] == pytest.approx(offline.predict(data).probabilities, abs=1e-5)
         assert "Is it a hotdog?" in requests.get(url + "/", timeout=10).text
+        assert listener(port) == "haproxy"  # serve.haproxy's default in the Ray the command started
         proc.send_signal(signal.SIGINT)  # Ctrl-C: the command shuts Serve down and exits cleanly
         assert proc.wait(timeout=90) == 0, (tmp_path / "serve.log").read_text()[-3000:]
     finally:
