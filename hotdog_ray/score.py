@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "_summary.json"  # leading underscore: Parquet readers skip it
 DECODE_CPUS = 0.5  # each fused read-and-decode task
+WRITE_CPUS = 0.25  # each Parquet write task
 REPLACED = ".replaced"  # suffix, in staging, of a published partition being swapped out
 
 
@@ -213,7 +214,9 @@ def score(cfg: Config, *, input: str | None = None, output: str | None = None,
         # use while decoding is the bottleneck: on 2 CPUs decoding ran one task at a time, and the
         # job was 35-45% slower on photos (bench/RESULTS.md). Memory stays bounded by backpressure.
         ds.context.op_resource_reservation_enabled = False
-        ds.write_parquet(staging.path, filesystem=out.fs)
+        # Writes take a quarter CPU: at 1 CPU they could not start beside the model actors and the
+        # decoding tasks, so every block waited in the object store until the model was done.
+        ds.write_parquet(staging.path, filesystem=out.fs, ray_remote_args={"num_cpus": WRITE_CPUS})
     rows, failed = _count(out.fs, staging.path)
     if rows != len(paths):
         raise ScoreError(f"wrote {rows} rows for {len(paths)} files; nothing published (staging: {staging.uri})")

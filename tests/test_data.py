@@ -168,6 +168,29 @@ def test_read_tasks_are_sized_by_files_and_cpus():
     assert plan_read_tasks(0, 2, 128) == 1
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_read_files_reads_every_file_whole_and_in_order(request, tmp_path, where):
+    from hotdog_ray import storage
+    from hotdog_ray.data import read_files
+
+    contents = [bytes([i]) * (1 + 1000 * i) for i in range(12)]
+    for i, data in enumerate(contents):
+        (tmp_path / f"f{i:02d}.bin").write_bytes(data)
+    root = str(tmp_path)
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        root = s3.upload_dir(tmp_path, s3.bucket("read"), "files")
+    loc = storage.resolve(root)
+    paths = storage.list_files(loc)
+    assert len(paths) == len(contents)
+    for threads in (1, 4):  # object stores read on threads, in the order given
+        out = read_files({"path": np.asarray(paths[::-1], dtype=object)}, fs=loc.fs, threads=threads)
+        assert list(out["path"]) == paths[::-1]
+        assert list(out["bytes"]) == contents[::-1]
+    with pytest.raises(OSError):  # an I/O error fails the task, which Ray retries
+        read_files({"path": np.asarray([loc.join("missing.bin").path], dtype=object)}, fs=loc.fs)
+
+
 def test_training_order_mixes_classes(ray_session, image_tree):
     from ray.data import DataContext
 
