@@ -269,22 +269,6 @@ def plan_read_tasks(num_files: int, num_cpus: int, files_per_task: int) -> int:
 
 # Reads in flight per task on object stores, where each read is a round trip rather than CPU work.
 REMOTE_READ_THREADS = 16
-READ_ATTEMPTS = 3  # per file: object stores throttle (503 SlowDown) and drop connections now and then
-
-
-def read_file(fs: Any, path: str, *, attempts: int = READ_ATTEMPTS, backoff_s: float = 0.2) -> bytes:
-    """One file's bytes, retrying transient I/O errors; a missing file fails at once."""
-    import time
-
-    for attempt in range(1, attempts):
-        try:
-            return storage.read_bytes(fs, path)
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
-            raise
-        except OSError as exc:
-            log.warning("reading %s failed (%s); retry %d of %d", path, exc, attempt, attempts - 1)
-            time.sleep(backoff_s * 2 ** (attempt - 1))
-    return storage.read_bytes(fs, path)
 
 
 def read_files(batch: dict[str, np.ndarray], *, fs: Any, threads: int = 1) -> dict[str, np.ndarray]:
@@ -297,9 +281,9 @@ def read_files(batch: dict[str, np.ndarray], *, fs: Any, threads: int = 1) -> di
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(min(threads, len(paths))) as pool:
-            data = list(pool.map(lambda p: read_file(fs, p), paths))
+            data = list(pool.map(lambda p: storage.read_bytes(fs, p), paths))
     else:
-        data = [read_file(fs, p) for p in paths]
+        data = [storage.read_bytes(fs, p) for p in paths]
     out = np.empty(len(data), dtype=object)
     out[:] = data
     return {"path": np.asarray(paths, dtype=object), "bytes": out}
@@ -311,8 +295,9 @@ def read_bytes_dataset(paths: list[str], fs: Any, files_per_task: int,
 
     The paths are cut into blocks here and each task reads its block's files itself: Ray Data's
     ``read_binary_files`` spent ~0.35 ms of CPU per file on bookkeeping, more than decoding a small
-    image costs (bench/RESULTS.md). Transient I/O errors are retried per file; a file that stays
-    unreadable fails the dataset rather than being dropped.
+    image costs (bench/RESULTS.md). Object stores' transient errors are retried per request by the
+    filesystem (``storage.s3_filesystem``); a file that stays unreadable fails the dataset rather
+    than being dropped.
     """
     import pyarrow as pa
     import pyarrow.fs as pafs

@@ -18,6 +18,8 @@ import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
 
+S3_ATTEMPTS = 5  # tries per S3 request unless AWS_MAX_ATTEMPTS says otherwise
+
 
 class StorageError(RuntimeError):
     """A URI cannot be used: missing bucket, prefix or credentials. The message says which."""
@@ -70,9 +72,21 @@ def _have_credentials() -> bool:
     return Path(shared).is_file()
 
 
+def s3_attempts() -> int:
+    """Tries per S3 request (``AWS_MAX_ATTEMPTS``, the AWS SDKs' own variable; default 5).
+
+    Object stores throttle (503 SlowDown) and drop connections now and then; the SDK's standard
+    strategy retries those with backoff and never a missing key, for every request we make.
+    """
+    value = _env("AWS_MAX_ATTEMPTS") or str(S3_ATTEMPTS)
+    if not value.isdigit() or int(value) < 1:
+        raise StorageError(f"AWS_MAX_ATTEMPTS={value!r} is not a whole number of tries (1 or more)")
+    return int(value)
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
-    """An S3 filesystem configured from AWS_* variables, custom endpoints included."""
-    kwargs: dict = {}
+    """An S3 filesystem configured from AWS_* variables, custom endpoints and retries included."""
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s3_attempts())}
     endpoint = s3_endpoint()
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")

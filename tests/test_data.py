@@ -191,35 +191,6 @@ def test_read_files_reads_every_file_whole_and_in_order(request, tmp_path, where
         read_files({"path": np.asarray([loc.join("missing.bin").path], dtype=object)}, fs=loc.fs)
 
 
-def test_read_file_retries_transient_errors_but_not_missing_files(tmp_path):
-    import pyarrow.fs as pafs
-
-    from hotdog_ray.data import read_file
-
-    (tmp_path / "a.bin").write_bytes(b"abc")
-
-    class Flaky:
-        """A filesystem whose first reads fail as a throttling object store's do."""
-
-        def __init__(self, failures: int) -> None:
-            self.failures, self.calls, self.fs = failures, 0, pafs.LocalFileSystem()
-
-        def open_input_stream(self, path: str):
-            self.calls += 1
-            if self.calls <= self.failures:
-                raise OSError("AWS Error SLOW_DOWN during GetObject operation")
-            return self.fs.open_input_stream(path)
-
-    fs = Flaky(failures=2)
-    assert read_file(fs, str(tmp_path / "a.bin"), attempts=3, backoff_s=0) == b"abc" and fs.calls == 3
-    with pytest.raises(OSError, match="SLOW_DOWN"):  # still failing after the last attempt
-        read_file(Flaky(failures=3), str(tmp_path / "a.bin"), attempts=3, backoff_s=0)
-    fs = Flaky(failures=0)
-    with pytest.raises(FileNotFoundError):
-        read_file(fs, str(tmp_path / "missing.bin"), attempts=3, backoff_s=0)
-    assert fs.calls == 1
-
-
 def test_training_order_mixes_classes(ray_session, image_tree):
     from ray.data import DataContext
 

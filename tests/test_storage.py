@@ -91,3 +91,100 @@ def test_pinned_makes_local_relative_paths_absolute_only(tmp_path, monkeypatch):
     assert pinned("data/sample") == str(tmp_path / "data" / "sample")
     assert pinned(f"file://{tmp_path}/x") == f"{tmp_path}/x"
     assert pinned("s3://bucket/prefix") == "s3://bucket/prefix"
+
+
+class ThrottlingProxy:
+    """A real HTTP hop in front of moto that answers the first ``throttle`` GETs of a key with the
+    503 SlowDown an object store sends when throttling, and counts the requests for each key."""
+
+    SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+                 b"<Message>Please reduce your request rate.</Message></Error>")
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import threading
+        from collections import Counter
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        self.throttle: dict[str, int] = {}
+        self.requests: Counter = Counter()
+        proxy, host = self, urlparse(upstream).netloc
+
+        class Handler(BaseHTTPRequestHandler):
+            def relay(self) -> None:
+                key = self.path.split("?")[0]
+                proxy.requests[key] += 1
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "GET" and proxy.throttle.get(key, 0) > 0:
+                    proxy.throttle[key] -= 1
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.SLOW_DOWN)))
+                    self.end_headers()
+                    self.wfile.write(proxy.SLOW_DOWN)
+                    return
+                conn = http.client.HTTPConnection(host, timeout=30)
+                conn.request(self.command, self.path, body=body or None, headers=dict(self.headers))
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():  # HEAD keeps the object's Content-Length
+                    if name.lower() not in ("transfer-encoding", "connection") and (
+                            self.command == "HEAD" or name.lower() != "content-length"):
+                        self.send_header(name, value)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = relay
+
+            def log_message(self, *args) -> None:  # keep the test output clean
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_s3_requests_ride_out_throttling_but_a_missing_key_fails_at_once(s3, monkeypatch):
+    bucket = s3.bucket()
+    # Larger than the error's XML: pyarrow reads a GET's body into a buffer the size of the object.
+    image = bytes(range(256)) * 16
+    s3.client.put_object(Bucket=bucket, Key="in/a.jpg", Body=image)
+    proxy = ThrottlingProxy(s3.endpoint)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        key, uri = f"/{bucket}/in/a.jpg", f"s3://{bucket}/in/a.jpg"
+
+        monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)  # our default: 5 tries
+        proxy.throttle[key] = 2  # two SlowDowns, then the object: read on the third try
+        loc = resolve(uri)
+        assert storage.read_bytes(loc.fs, loc.path) == image
+        assert proxy.throttle[key] == 0
+
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # no retries (pyarrow's default would try 3 times)
+        proxy.throttle[key] = 1  # throttled: the error names the cause
+        loc = resolve(uri)
+        with pytest.raises(OSError, match="SLOW_DOWN|SERVICE_UNAVAILABLE"):
+            storage.read_bytes(loc.fs, loc.path)
+        assert proxy.throttle[key] == 0
+
+        with pytest.raises(FileNotFoundError):
+            storage.read_bytes(loc.fs, loc.path.replace("a.jpg", "missing.jpg"))
+        assert proxy.requests[f"/{bucket}/in/missing.jpg"] == 1  # a missing key is not retried
+    finally:
+        proxy.close()
+
+
+def test_max_attempts_must_be_a_whole_number(s3, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "many")
+    with pytest.raises(StorageError, match="AWS_MAX_ATTEMPTS"):
+        resolve("s3://bucket/x")
