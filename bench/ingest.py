@@ -50,6 +50,7 @@ def make_photos(root: Path, n: int, src: tuple[int, int], seed: int = 0) -> list
 
 # --- baseline: what a user writes without Ray ---------------------------------------------------
 
+
 def _load(args: tuple[str, int]) -> np.ndarray:
     path, size = args
     img = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
@@ -71,14 +72,17 @@ def run_baseline(pool, paths: list[Path], size: int) -> int:
 
 # --- ours ---------------------------------------------------------------------------------------
 
+
 def run_ours(root: Path, size: int, files_per_task: int | None = None) -> int:
-    from hotdog_ray.config import DataConfig
+    from hotdog_ray.config import DataSettings
     from hotdog_ray.data import ImagePipeline, iter_torch_batches
 
     extra = {"files_per_task": files_per_task} if files_per_task else {}
-    pipeline = ImagePipeline.from_config(DataConfig(root=str(root), image_size=size, **extra))
+    pipeline = ImagePipeline.from_config(DataSettings(root=str(root), image_size=size, **extra))
     n = 0
-    for x, _ in iter_torch_batches(pipeline.dataset("train", augment=False), batch_size=BATCH, rescale="unit"):
+    for x, _ in iter_torch_batches(
+        pipeline.dataset("train", augment=False), batch_size=BATCH, rescale="unit"
+    ):
         assert x.dtype == torch.float32 and x.shape[1:] == (3, size, size)
         n += x.shape[0]
     return n
@@ -104,7 +108,9 @@ def main() -> None:
         init_ray(num_cpus=args.procs)
         pool = mp.get_context("fork").Pool(args.procs)
         ours, base = [], []
-        run_ours(root, args.size, args.files_per_task)  # warm-up: worker processes and imports, as in any long job
+        run_ours(
+            root, args.size, args.files_per_task
+        )  # warm-up: worker processes and imports, as in any long job
         for _ in range(args.repeats):
             t = time.perf_counter()
             n = run_ours(root, args.size, args.files_per_task)
@@ -127,7 +133,9 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"ingest, {len(paths)} JPEGs {args.src} -> {args.size}px, {args.procs} processes, median of {args.repeats}")
+    print(
+        f"ingest, {len(paths)} JPEGs {args.src} -> {args.size}px, {args.procs} processes, median of {args.repeats}"
+    )
     print(f"  ray data pipeline   {result['ours_images_per_s']:>9.1f} images/s")
     print(f"  multiprocessing PIL {result['baseline_images_per_s']:>9.1f} images/s")
     print(f"  ratio               {result['ratio']:>9.3f}")

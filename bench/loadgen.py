@@ -36,6 +36,7 @@ async def _run(url: str, body: bytes, requests: int, concurrency: int, warmup: i
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
         async def worker() -> None:
             for i in remaining:
                 t0 = time.perf_counter()
@@ -59,11 +60,18 @@ async def _run(url: str, body: bytes, requests: int, concurrency: int, warmup: i
         seconds = time.perf_counter() - start
     ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
     return {
-        "url": url, "requests": requests, "concurrency": concurrency, "ok": len(latencies), "errors": len(errors),
-        "error_samples": sorted(set(errors))[:5], "seconds": round(seconds, 3),
+        "url": url,
+        "requests": requests,
+        "concurrency": concurrency,
+        "ok": len(latencies),
+        "errors": len(errors),
+        "error_samples": sorted(set(errors))[:5],
+        "seconds": round(seconds, 3),
         "rps": len(latencies) / seconds if seconds > 0 else 0.0,
-        "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-        "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
     }
 
 
@@ -86,8 +94,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(stats))
     else:
-        print(f"{stats['ok']} ok, {stats['errors']} errors in {stats['seconds']:.1f} s: {stats['rps']:.0f} requests/s, "
-              f"p50 {stats['p50_ms']:.1f} ms, p99 {stats['p99_ms']:.1f} ms")
+        print(
+            f"{stats['ok']} ok, {stats['errors']} errors in {stats['seconds']:.1f} s: {stats['rps']:.0f} requests/s, "
+            f"p50 {stats['p50_ms']:.1f} ms, p99 {stats['p99_ms']:.1f} ms"
+        )
     sys.exit(1 if stats["errors"] else 0)
 
 

@@ -38,7 +38,9 @@ def write_images(folder: Path, n: int, side: int = 48) -> None:
     if side <= 64:
         base = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
     else:
-        coarse = Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).resize((side, side), Image.BICUBIC)
+        coarse = Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).resize(
+            (side, side), Image.BICUBIC
+        )
         grain = rng.integers(-8, 8, (side, side, 3))
         base = np.clip(np.asarray(coarse, np.int16) + grain, 0, 255).astype(np.uint8)
     for i in range(n):
@@ -77,7 +79,7 @@ def baseline(files: list[Path], predictor, batch_size: int) -> float:
     """images/s of the single-process loop."""
     t0 = time.perf_counter()
     for i in range(0, len(files), batch_size):
-        arrays = [predictor.preprocess(f.read_bytes()) for f in files[i:i + batch_size]]
+        arrays = [predictor.preprocess(f.read_bytes()) for f in files[i : i + batch_size]]
         predictor.predict_arrays(np.stack(arrays))
     return len(files) / (time.perf_counter() - t0)
 
@@ -118,12 +120,13 @@ def main() -> None:
 
     import torch
 
+    from hotdog_ray import registry, tracking
+    from hotdog_ray.bundle import model_meta
     from hotdog_ray.config import load_config
     from hotdog_ray.models import build_model
     from hotdog_ray.predict import Predictor
     from hotdog_ray.runtime import init_ray
     from hotdog_ray.score import score
-    from hotdog_ray.tracking import end_run, log_model, model_meta, set_alias, start_run
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,9 +134,9 @@ def main() -> None:
         torch.manual_seed(0)
         classes = ["hotdog", "not_hotdog"]
         model = build_model(cfg.model.name, 2, cfg.data.image_size, filters=cfg.model.filters).eval()
-        run_id = start_run(cfg, run_name="bench-score", tags={})
-        set_alias(cfg, log_model(cfg, run_id, model, model_meta(cfg, classes)))
-        end_run(cfg, run_id)
+        with tracking.run(cfg.tracking, name="bench-score") as run:
+            run.log_model(model, model_meta(cfg, classes))
+        registry.set_alias(cfg.tracking, registry.register(cfg.tracking, run.id))
         init_ray()
         for n in args.sizes:
             folder = Path(tmp) / f"in-{n}"
@@ -150,23 +153,45 @@ def main() -> None:
             assert summary.files == n and summary.failed == 0
             after = baseline(files, predictor, cfg.score.batch_size)
             base = (before + after) / 2
-            rows.append({"images": n, "ours_images_per_s": round(ours, 1), "baseline_images_per_s": round(base, 1),
-                         "baseline_before_after": [round(before, 1), round(after, 1)],
-                         "ratio": round(ours / base, 3), "peak_memory_mib": round(mem.peak / 2**20)})
+            rows.append(
+                {
+                    "images": n,
+                    "ours_images_per_s": round(ours, 1),
+                    "baseline_images_per_s": round(base, 1),
+                    "baseline_before_after": [round(before, 1), round(after, 1)],
+                    "ratio": round(ours / base, 3),
+                    "peak_memory_mib": round(mem.peak / 2**20),
+                }
+            )
         costs = stage_costs(files, predictor, cfg.score.batch_size)
-    result = {"config": args.config, "model": cfg.model.name, "image_size": cfg.data.image_size, "jpeg_side": args.side,
-              "num_actors": cfg.score.num_actors, "cpus_per_actor": cfg.score.cpus_per_actor,
-              "batch_size": cfg.score.batch_size, "rows": rows, "stage_costs": costs,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch_threads": torch.get_num_threads()}
+    result = {
+        "config": args.config,
+        "model": cfg.model.name,
+        "image_size": cfg.data.image_size,
+        "jpeg_side": args.side,
+        "num_actors": cfg.score.num_actors,
+        "cpus_per_actor": cfg.score.cpus_per_actor,
+        "batch_size": cfg.score.batch_size,
+        "rows": rows,
+        "stage_costs": costs,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "torch_threads": torch.get_num_threads(),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"{cfg.model.name} at {cfg.data.image_size} px, {args.side}x{args.side} JPEGs, {result['machine']}")
-    print(f"  {'images':>8}{'ours img/s':>12}{'loop img/s':>12}{'ratio':>8}{'peak MiB (ours)':>17}  loop before/after")
+    print(
+        f"  {'images':>8}{'ours img/s':>12}{'loop img/s':>12}{'ratio':>8}{'peak MiB (ours)':>17}  loop before/after"
+    )
     for r in rows:
-        print(f"  {r['images']:>8}{r['ours_images_per_s']:>12.1f}{r['baseline_images_per_s']:>12.1f}"
-              f"{r['ratio']:>8.3f}{r['peak_memory_mib']:>17}  {r['baseline_before_after']}")
-    print(f"  loop stages, ms per image: decode {costs['decode_ms']}, forward {costs['forward_ms_1_threads']} "
-          f"on 1 thread / {costs['forward_ms_2_threads']} on 2")
+        print(
+            f"  {r['images']:>8}{r['ours_images_per_s']:>12.1f}{r['baseline_images_per_s']:>12.1f}"
+            f"{r['ratio']:>8.3f}{r['peak_memory_mib']:>17}  {r['baseline_before_after']}"
+        )
+    print(
+        f"  loop stages, ms per image: decode {costs['decode_ms']}, forward {costs['forward_ms_1_threads']} "
+        f"on 1 thread / {costs['forward_ms_2_threads']} on 2"
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
@@ -38,8 +37,21 @@ def free_port() -> int:
 
 
 def load(url: str, concurrency: int, n: int) -> dict:
-    out = subprocess.run([sys.executable, str(HERE / "loadgen.py"), url + "/predict", "--requests", str(n),
-                          "--concurrency", str(concurrency), "--json"], capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "loadgen.py"),
+            url + "/predict",
+            "--requests",
+            str(n),
+            "--concurrency",
+            str(concurrency),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if not out.stdout.strip():
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout)
@@ -53,17 +65,22 @@ def register_model(cfg) -> str:
     """The preset's architecture with fresh weights, registered: speed does not depend on the weights."""
     import torch
 
+    from hotdog_ray import registry, tracking
+    from hotdog_ray.bundle import model_meta
     from hotdog_ray.models import build_model
-    from hotdog_ray.tracking import end_run, log_model, model_meta, start_run
 
     torch.manual_seed(0)
     classes = ["hotdog", "not_hotdog"]
-    model = build_model(cfg.model.name, len(classes), cfg.data.image_size, filters=cfg.model.filters,
-                        dropout=cfg.model.dropout).eval()
-    run_id = start_run(cfg, run_name="bench-serve", tags={})
-    version = log_model(cfg, run_id, model, model_meta(cfg, classes))
-    end_run(cfg, run_id)
-    return version
+    model = build_model(
+        cfg.model.name,
+        len(classes),
+        cfg.data.image_size,
+        filters=cfg.model.filters,
+        dropout=cfg.model.dropout,
+    ).eval()
+    with tracking.run(cfg.tracking, name="bench-serve") as run:
+        run.log_model(model, model_meta(cfg, classes))
+    return registry.register(cfg.tracking, run.id)
 
 
 def main() -> None:
@@ -71,10 +88,18 @@ def main() -> None:
     ap.add_argument("--config", default="configs/sample.yaml")
     ap.add_argument("--requests-c1", type=int, default=400)
     ap.add_argument("--requests-c32", type=int, default=3000)
-    ap.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
-                    help="HTTP into Serve: HAProxy straight to the replicas, or Serve's Python proxy")
-    ap.add_argument("--replicas", type=int, default=os.cpu_count(),
-                    help="Serve replicas (serve.min/max_replicas); the baseline is always one process")
+    ap.add_argument(
+        "--ingress",
+        choices=["haproxy", "proxy"],
+        default="haproxy",
+        help="HTTP into Serve: HAProxy straight to the replicas, or Serve's Python proxy",
+    )
+    ap.add_argument(
+        "--replicas",
+        type=int,
+        default=os.cpu_count(),
+        help="Serve replicas (serve.min/max_replicas); the baseline is always one process",
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="bench/out/serve.json")
     args = ap.parse_args()
@@ -87,19 +112,48 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         db = f"sqlite:///{tmp}/mlflow.db"
         # No access log line per request, as the baseline's uvicorn runs with --log-level warning.
-        cfg = load_config(args.config, [f"tracking.uri={db}", "serve.reload_interval_s=0", "serve.access_log=false",
-                                        f"serve.min_replicas={args.replicas}", f"serve.max_replicas={args.replicas}",
-                                        f"serve.haproxy={str(args.ingress == 'haproxy').lower()}", *args.overrides])
+        cfg = load_config(
+            args.config,
+            [
+                f"tracking.uri={db}",
+                "serve.reload_interval_s=0",
+                "serve.access_log=false",
+                f"serve.min_replicas={args.replicas}",
+                f"serve.max_replicas={args.replicas}",
+                f"serve.haproxy={str(args.ingress == 'haproxy').lower()}",
+                *args.overrides,
+            ],
+        )
         version = register_model(cfg)
         model_uri = f"models:/{cfg.tracking.registered_model}/{version}"
 
         # Baseline first, alone on the machine: one uvicorn process, the same handlers, no Ray.
         port = free_port()
-        env = {**os.environ, "HOTDOG_BENCH_CONFIG": args.config, "HOTDOG_BENCH_MODEL": model_uri,
-               "HOTDOG_BENCH_SET": "\n".join([f"tracking.uri={db}", *args.overrides])}
-        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "--app-dir", str(HERE),
-                                   "serve_baseline:app", "--host", "127.0.0.1", "--port", str(port),
-                                   "--log-level", "warning"], env=env, cwd=REPO)
+        env = {
+            **os.environ,
+            "HOTDOG_BENCH_CONFIG": args.config,
+            "HOTDOG_BENCH_MODEL": model_uri,
+            "HOTDOG_BENCH_SET": "\n".join([f"tracking.uri={db}", *args.overrides]),
+        }
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "--app-dir",
+                str(HERE),
+                "serve_baseline:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            cwd=REPO,
+        )
         try:
             if not wait_ready(f"http://127.0.0.1:{port}", alive=lambda: server.poll() is None):
                 raise RuntimeError("the baseline server did not start")
@@ -111,7 +165,7 @@ def main() -> None:
         import ray
         from ray import serve
 
-        from hotdog_ray.serve import DRAIN_ENV, HAPROXY_ENV, _deployment
+        from hotdog_ray.serve import DRAIN_ENV, HAPROXY_ENV, deployment
 
         # Read by the processes Ray starts, so set before ray.init. A replica leaving HAProxy drains
         # for 30 s by default (for load balancers); the bench deletes its app between runs.
@@ -122,9 +176,12 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
         for name, batch in (("Ray Serve, batching", cfg.serve.max_batch_size), ("Ray Serve, no batching", 1)):
-            c = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model_uri": model_uri,
-                                                                            "max_batch_size": batch})})
-            serve.run(_deployment(c).bind(c.model_dump(mode="json")), name="bench", route_prefix="/")
+            c = cfg.model_copy(
+                update={
+                    "serve": cfg.serve.model_copy(update={"model_uri": model_uri, "max_batch_size": batch})
+                }
+            )
+            serve.run(deployment(c).bind(c.model_dump(mode="json")), name="bench", route_prefix="/")
             if not wait_ready(url):
                 raise RuntimeError(f"{name} did not become ready")
             results[name] = measure(url, args)
@@ -134,9 +191,14 @@ def main() -> None:
 
     base, ours = results["uvicorn baseline"], results["Ray Serve, batching"]
     summary = {
-        "config": args.config, "model": cfg.model.name, "image_size": cfg.data.image_size,
-        "max_batch_size": cfg.serve.max_batch_size, "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
-        "ingress": args.ingress, "replicas": cfg.serve.max_replicas, "cpus_per_replica": cfg.serve.cpus_per_replica,
+        "config": args.config,
+        "model": cfg.model.name,
+        "image_size": cfg.data.image_size,
+        "max_batch_size": cfg.serve.max_batch_size,
+        "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
+        "ingress": args.ingress,
+        "replicas": cfg.serve.max_replicas,
+        "cpus_per_replica": cfg.serve.cpus_per_replica,
         "results": {k: {str(c): v for c, v in r.items()} for k, r in results.items()},
         "throughput_ratio_c32": round(ours[32]["rps"] / base[32]["rps"], 3),
         "p50_diff_ms_c1": round(ours[1]["p50_ms"] - base[1]["p50_ms"], 2),
@@ -145,8 +207,10 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))
     print(f"{cfg.model.name} at {cfg.data.image_size} px, 64x48 JPEG posts, loopback ({summary['machine']})")
-    print(f"  Serve: {args.ingress} ingress, {cfg.serve.max_replicas} replica(s) x {cfg.serve.cpus_per_replica} CPU, "
-          f"batches of up to {cfg.serve.max_batch_size}, wait {cfg.serve.batch_wait_timeout_s * 1000:g} ms")
+    print(
+        f"  Serve: {args.ingress} ingress, {cfg.serve.max_replicas} replica(s) x {cfg.serve.cpus_per_replica} CPU, "
+        f"batches of up to {cfg.serve.max_batch_size}, wait {cfg.serve.batch_wait_timeout_s * 1000:g} ms"
+    )
     print(f"  {'server':<24}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for name, r in results.items():
         for c, s in r.items():

@@ -18,4 +18,4 @@ def app():
     cfg = load_config(os.environ.get("HOTDOG_BENCH_CONFIG"), overrides)
     service = ModelService(cfg, os.environ["HOTDOG_BENCH_MODEL"])
     service.refresh()
-    return create_api(lambda: service, cfg.serve, direct_infer)
+    return create_api(service, cfg.serve, direct_infer)

@@ -26,23 +26,35 @@ import torch
 def make_arrays(n: int, size: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed training data: uint8 NHWC images with int64 labels."""
     rng = np.random.default_rng(seed)
-    return (rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-            rng.integers(0, classes, n).astype(np.int64))
+    return (
+        rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        rng.integers(0, classes, n).astype(np.int64),
+    )
 
 
 def bench_config(args: argparse.Namespace, storage: str):
     from hotdog_ray.config import load_config
 
-    return load_config(None, [
-        f"model.name={args.model}", f"data.image_size={args.size}", f"train.batch_size={args.batch}",
-        f"train.epochs={args.epochs}", "train.num_workers=1", f"train.cpus_per_worker={args.threads}",
-        f"train.use_gpu={str(args.device == 'cuda').lower()}",
-        f"train.mixed_precision={str(args.mixed_precision).lower()}",
-        "train.learning_rate=0.001", f"train.storage_path={storage}", "train.max_failures=0",
-    ])
+    return load_config(
+        None,
+        [
+            f"model.name={args.model}",
+            f"data.image_size={args.size}",
+            f"train.batch_size={args.batch}",
+            f"train.epochs={args.epochs}",
+            "train.num_workers=1",
+            f"train.cpus_per_worker={args.threads}",
+            f"train.use_gpu={str(args.device == 'cuda').lower()}",
+            f"train.mixed_precision={str(args.mixed_precision).lower()}",
+            "train.learning_rate=0.001",
+            f"train.storage_path={storage}",
+            "train.max_failures=0",
+        ],
+    )
 
 
 # --- baseline: what a user writes without Ray ---------------------------------------------------
+
 
 def run_baseline(cfg, x: np.ndarray, y: np.ndarray, classes: int, device: str) -> list[float]:
     """Images/s of each epoch of a plain loop over in-memory tensors."""
@@ -64,7 +76,7 @@ def run_baseline(cfg, x: np.ndarray, y: np.ndarray, classes: int, device: str) -
         order = torch.randperm(len(images))
         t0 = time.perf_counter()
         for i in range(0, len(order), cfg.train.batch_size):
-            idx = order[i:i + cfg.train.batch_size]
+            idx = order[i : i + cfg.train.batch_size]
             xb = to_model_input(images[idx].to(dev, non_blocking=True), cfg.data.rescale)
             yb = labels[idx].to(dev, non_blocking=True)
             if dev.type == "cuda":
@@ -84,6 +96,7 @@ def run_baseline(cfg, x: np.ndarray, y: np.ndarray, classes: int, device: str) -
 
 # --- ours ---------------------------------------------------------------------------------------
 
+
 def run_ours(cfg, x: np.ndarray, y: np.ndarray, classes: int) -> list[float]:
     """Images/s of each epoch as our Ray Train loop reports them."""
     import ray
@@ -100,7 +113,10 @@ def run_ours(cfg, x: np.ndarray, y: np.ndarray, classes: int) -> list[float]:
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "classes": [f"c{i}" for i in range(classes)]},
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "classes": [f"c{i}" for i in range(classes)],
+        },
         scaling_config=scaling_config(cfg.train),
         datasets={"train": dataset(len(x)), "validation": dataset(min(len(x), 4 * cfg.train.batch_size))},
         dataset_config=ordered_ingest(),
@@ -120,9 +136,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2048)
     ap.add_argument("--classes", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=4, help="per run; the first of each run is a warm-up, not counted")
+    ap.add_argument(
+        "--epochs", type=int, default=4, help="per run; the first of each run is a warm-up, not counted"
+    )
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads / CPUs of the Train worker, both sides")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads / CPUs of the Train worker, both sides"
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--mixed-precision", action="store_true", help="bf16 autocast (GPU only)")
     ap.add_argument("--out", default="bench/out/train.json")
@@ -142,19 +162,29 @@ def main() -> None:
 
     o, b = statistics.median(ours), statistics.median(base)
     result = {
-        "model": args.model, "input_size": args.size, "images": args.images, "batch_size": args.batch,
-        "epochs_counted": args.repeats * (args.epochs - 1), "threads": args.threads, "device": args.device,
+        "model": args.model,
+        "input_size": args.size,
+        "images": args.images,
+        "batch_size": args.batch,
+        "epochs_counted": args.repeats * (args.epochs - 1),
+        "threads": args.threads,
+        "device": args.device,
         "mixed_precision": args.mixed_precision,
-        "ours_images_per_s": round(o, 1), "baseline_images_per_s": round(b, 1), "ratio": round(o / b, 3),
-        "ours_per_epoch": [round(v, 1) for v in ours], "baseline_per_epoch": [round(v, 1) for v in base],
+        "ours_images_per_s": round(o, 1),
+        "baseline_images_per_s": round(b, 1),
+        "ratio": round(o / b, 3),
+        "ours_per_epoch": [round(v, 1) for v in ours],
+        "baseline_per_epoch": [round(v, 1) for v in base],
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}",
+        f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"training, {args.model} at {args.size}px, batch {args.batch}, {args.images} images, "
-          f"{args.device}{' bf16' if args.mixed_precision else ''}, {args.threads} thread(s), "
-          f"median of {args.repeats} x {args.epochs - 1} epochs per side")
+    print(
+        f"training, {args.model} at {args.size}px, batch {args.batch}, {args.images} images, "
+        f"{args.device}{' bf16' if args.mixed_precision else ''}, {args.threads} thread(s), "
+        f"median of {args.repeats} x {args.epochs - 1} epochs per side"
+    )
     print(f"  ray train loop (1 worker) {o:>9.1f} images/s")
     print(f"  plain pytorch loop        {b:>9.1f} images/s")
     print(f"  ratio                     {o / b:>9.3f}")

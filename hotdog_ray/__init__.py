@@ -1,3 +1,8 @@
 """hotdog-ray: train, track and serve convolutional image classifiers on Ray."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("hotdog-ray")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

@@ -1,4 +1,8 @@
-"""The ``hotdog`` command line: one subcommand per stage, all sharing ``--config`` and ``--set``."""
+"""The ``hotdog`` command line: one subcommand per stage, all sharing ``--config`` and ``--set``.
+
+Each command imports its stage inside its function: ``hotdog --help`` must answer at once, without
+torch, Ray or MLflow.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +10,33 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from hotdog_ray.config import Config, ConfigError, load_config
-from hotdog_ray.data import DataError
-from hotdog_ray.prepare import LAYOUTS, PrepareError
-from hotdog_ray.storage import StorageError
-from hotdog_ray.tracking import ModelError
-from hotdog_ray.train import TrainingError
-from hotdog_ray.score import ScoreError
-from hotdog_ray.tune import SweepError
+from hotdog_ray import __version__
+from hotdog_ray.errors import HotdogError
+
+if TYPE_CHECKING:
+    from hotdog_ray.config import Config
 
 log = logging.getLogger("hotdog_ray")
-
-# Errors a user can fix; they get one line on stderr and exit code 2, not a traceback.
-USER_ERRORS = (ConfigError, StorageError, DataError, PrepareError, TrainingError, ModelError, SweepError, ScoreError)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """``--config FILE`` and repeatable ``--set section.key=value``."""
     parser.add_argument("--config", "-c", help="YAML preset (see configs/)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one setting, e.g. --set data.image_size=64 (repeatable)",
     )
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace) -> "Config":
+    from hotdog_ray.config import load_config
+
     return load_config(args.config, args.overrides)
 
 
@@ -52,8 +56,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     classes = args.classes.split(",") if args.classes else None
     counts = prepare(
-        args.src, args.dest, layout=args.layout, ratios=args.ratios,
-        val_ratio=args.val_ratio, classes=classes, seed=args.seed,
+        args.src,
+        args.dest,
+        layout=args.layout,
+        ratios=args.ratios,
+        val_ratio=args.val_ratio,
+        classes=classes,
+        seed=args.seed,
     )
     print(f"wrote {sum(counts.values())} files to {args.dest}: {counts}")
     return 0
@@ -108,7 +117,7 @@ def format_inspect(report: dict[str, Any]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hotdog_ray.evaluate import format_report
-    from hotdog_ray.tracking import tracking_uri
+    from hotdog_ray.registry import tracking_uri
     from hotdog_ray.train import run_training
 
     cfg = config_from_args(args)
@@ -117,17 +126,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out.test_metrics:
         print(format_report(out.test_metrics))
         print()
-        print(f"test accuracy {out.test_metrics['accuracy']:.4f}, balanced accuracy "
-              f"{out.test_metrics['balanced_accuracy']:.4f} (majority baseline {out.test_metrics['majority_baseline']:.4f})")
+        print(
+            f"test accuracy {out.test_metrics['accuracy']:.4f}, balanced accuracy "
+            f"{out.test_metrics['balanced_accuracy']:.4f} (majority baseline {out.test_metrics['majority_baseline']:.4f})"
+        )
     best = min(out.history, key=lambda h: h["val_loss"])
-    print(f"epochs run {len(out.history)}, best epoch {best['epoch'] + 1} (val_loss {best['val_loss']:.4f}, "
-          f"val_accuracy {best['val_accuracy']:.4f})")
+    print(
+        f"epochs run {len(out.history)}, best epoch {best['epoch'] + 1} (val_loss {best['val_loss']:.4f}, "
+        f"val_accuracy {best['val_accuracy']:.4f})"
+    )
     if out.skipped:
         print(f"skipped {len(out.skipped)} unreadable files (listed in the run's skipped_files.json)")
-    print(f"MLflow run id {out.run_id}" + (f", registered {cfg.tracking.registered_model} version {out.model_version}"
-                                            if out.model_version else ""))
+    print(
+        f"MLflow run id {out.run_id}"
+        + (
+            f", registered {cfg.tracking.registered_model} version {out.model_version}"
+            if out.model_version
+            else ""
+        )
+    )
     print(f"checkpoint {out.checkpoint_path}")
-    print(f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri(cfg)}  (then http://127.0.0.1:5000)")
+    print(
+        f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri(cfg.tracking)}  (then http://127.0.0.1:5000)"
+    )
     return 0
 
 
@@ -138,25 +159,34 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'model':<12}{'input':>7}{'classes':>9}{'parameters':>13}{'trainable':>12}  source")
+    print(
+        f"{'model':<12}{'input':>7}{'classes':>9}{'parameters':>13}{'trainable':>12}  {'width key':<18}source"
+    )
     for r in rows:
-        print(f"{r['name']:<12}{r['image_size']:>7}{r['num_classes']:>9}{r['parameters']:>13,}{r['trainable']:>12,}  {r['source']}")
+        print(
+            f"{r['name']:<12}{r['image_size']:>7}{r['num_classes']:>9}{r['parameters']:>13,}{r['trainable']:>12,}  "
+            f"{r['width_key']:<18}{r['source']}"
+        )
+    print(
+        "\nwidth key: the setting tune.filters searches; model.filters is a recipe CNN's base convolution width, "
+        "model.head_units the units of a transfer model's new dense head"
+    )
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from hotdog_ray.evaluate import evaluate_model, format_report
-    from hotdog_ray.tracking import default_model_ref, load_model
+    from hotdog_ray.registry import default_model_ref, load_model
 
     cfg = config_from_args(args)
-    bundle = load_model(cfg, args.model or default_model_ref(cfg))
+    bundle = load_model(cfg.tracking, args.model or default_model_ref(cfg.tracking))
     metrics = evaluate_model(cfg, bundle, root=args.data, split=args.split)
     print(json.dumps(metrics, indent=2) if args.json else format_report(metrics))
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from hotdog_ray.tracking import tracking_uri
+    from hotdog_ray.registry import tracking_uri
     from hotdog_ray.tune import format_trials, run_sweep
 
     cfg = config_from_args(args)
@@ -165,13 +195,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(format_trials(out.trials))
     print()
     best = out.best
-    print(f"sweep {out.name}: {len(out.trials)} trials, {out.stopped_early} stopped early by ASHA; "
-          f"best trial {best['trial_id']} (val_loss {best['best_val_loss']:.4f})")
+    print(
+        f"sweep {out.name}: {len(out.trials)} trials, {out.stopped_early} stopped early by ASHA; "
+        f"best trial {best['trial_id']} (val_loss {best['best_val_loss']:.4f})"
+    )
     if out.decision is not None:
         d = out.decision
-        print(f"promotion: {'promoted version ' + str(d.version) if d.promoted else 'kept the champion'} ({d.reason})")
+        print(
+            f"promotion: {'promoted version ' + str(d.version) if d.promoted else 'kept the champion'} ({d.reason})"
+        )
     print(f"MLflow sweep run id {out.run_id}; resume with: hotdog tune --name {out.name} --resume ...")
-    print(f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri(cfg)}")
+    print(f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri(cfg.tracking)}")
     return 0
 
 
@@ -183,9 +217,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
         decision = promote.force(cfg, args.force)
     else:
         decision = promote.promote(cfg, args.run, data_root=args.data)
-    print(json.dumps(decision.as_dict(), indent=2) if args.json else
-          f"{'promoted' if decision.promoted else 'kept the champion'}: {decision.reason}; "
-          f"{cfg.tracking.registered_model}@{cfg.tracking.alias} is version {decision.version}")
+    print(
+        json.dumps(decision.as_dict(), indent=2)
+        if args.json
+        else f"{'promoted' if decision.promoted else 'kept the champion'}: {decision.reason}; "
+        f"{cfg.tracking.registered_model}@{cfg.tracking.alias} is version {decision.version}"
+    )
     return 0
 
 
@@ -194,16 +231,20 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     from hotdog_ray.tracking import recent_runs
 
-    rows = recent_runs(config_from_args(args), args.limit)
+    rows = recent_runs(config_from_args(args).tracking, args.limit)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    print(f"{'started':<17}{'kind':<7}{'status':<10}{'val_loss':>9}{'val_acc':>9}{'test_bal':>9}  {'name':<40}run id")
+    print(
+        f"{'started':<17}{'kind':<7}{'status':<10}{'val_loss':>9}{'val_acc':>9}{'test_bal':>9}  {'name':<40}run id"
+    )
     for r in rows:
         start = datetime.datetime.fromtimestamp(r["start"] / 1000).strftime("%Y-%m-%d %H:%M")
-        print(f"{start:<17}{r['kind']:<7}{r['status']:<10}{fmt(r['val_loss']):>9}{fmt(r['val_accuracy']):>9}"
-              f"{fmt(r['test_balanced_accuracy']):>9}  {r['name'][:39]:<40}{r['run_id']}")
+        print(
+            f"{start:<17}{r['kind']:<7}{r['status']:<10}{fmt(r['val_loss']):>9}{fmt(r['val_accuracy']):>9}"
+            f"{fmt(r['test_balanced_accuracy']):>9}  {r['name'][:39]:<40}{r['run_id']}"
+        )
     return 0
 
 
@@ -212,11 +253,16 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from hotdog_ray.score import score
 
-    summary = score(config_from_args(args), input=args.input, output=args.output, date=args.date, model=args.model)
-    print(json.dumps(asdict(summary), indent=2) if args.json else
-          f"scored {summary.scored} of {summary.files} files ({summary.failed} unreadable) with "
-          f"{summary.model} version {summary.model_version} in {summary.seconds:.1f} s "
-          f"({summary.images_per_s:.0f} images/s) -> {summary.output}")
+    summary = score(
+        config_from_args(args), input=args.input, output=args.output, date=args.date, model=args.model
+    )
+    print(
+        json.dumps(asdict(summary), indent=2)
+        if args.json
+        else f"scored {summary.scored} of {summary.files} files ({summary.failed} unreadable) with "
+        f"{summary.model} version {summary.model_version} in {summary.seconds:.1f} s "
+        f"({summary.images_per_s:.0f} images/s) -> {summary.output}"
+    )
     return 0
 
 
@@ -241,8 +287,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hotdog", description=__doc__)
+    from hotdog_ray.prepare import LAYOUTS  # numpy and pyarrow only: --help stays well under a second
+
+    parser = argparse.ArgumentParser(prog="hotdog", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"hotdog-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, fn: Callable[[argparse.Namespace], int], help: str, config: bool = False):
@@ -256,41 +305,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="destination folder or URI (s3://bucket/prefix)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
 
-    p = command("prepare", cmd_prepare, "turn a seed tutorial's raw layout into train/validation/test folders")
+    p = command(
+        "prepare", cmd_prepare, "turn a recipe tutorial's raw layout into train/validation/test folders"
+    )
     p.add_argument("src", help="source folder or URI")
     p.add_argument("dest", help="destination folder or URI (must be empty)")
     p.add_argument("--layout", required=True, choices=LAYOUTS)
-    p.add_argument("--ratios", default="0.8,0.1,0.1", help="train,validation[,test] shares (split-folders, filename-labels)")
-    p.add_argument("--val-ratio", type=float, default=0.15, help="validation share carved from train (food101)")
+    p.add_argument(
+        "--ratios",
+        default="0.8,0.1,0.1",
+        help="train,validation[,test] shares (split-folders, filename-labels)",
+    )
+    p.add_argument(
+        "--val-ratio", type=float, default=0.15, help="validation share carved from train (food101)"
+    )
     p.add_argument("--classes", help="comma-separated classes expected in file names (filename-labels)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = command("inspect", cmd_inspect, "class counts, unreadable files, sizes and majority baseline of a dataset", True)
+    p = command(
+        "inspect",
+        cmd_inspect,
+        "class counts, unreadable files, sizes and majority baseline of a dataset",
+        True,
+    )
     p.add_argument("uri", nargs="?", help="dataset root (default: data.root of the config)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = command("train", cmd_train, "train a model with Ray Train, track it in MLflow, evaluate on test", True)
+    p = command(
+        "train", cmd_train, "train a model with Ray Train, track it in MLflow, evaluate on test", True
+    )
     p.add_argument("--run-name", help="rerunning a name resumes it from its latest checkpoint")
     p.add_argument("--no-register", action="store_true", help="do not register the model version")
 
-    p = command("models", cmd_models, "list the model zoo with parameter counts at the seeds' sizes")
+    p = command("models", cmd_models, "list the model zoo with parameter counts at the recipes' sizes")
     p.add_argument("--json", action="store_true")
 
     p = command("evaluate", cmd_evaluate, "test-split metrics of a registered model, run or bundle", True)
-    p.add_argument("--model", help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID (default: the alias tracking.alias, else the newest version)")
+    p.add_argument(
+        "--model",
+        help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID (default: the alias tracking.alias, else the newest version)",
+    )
     p.add_argument("--data", help="dataset root (default: data.root)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--json", action="store_true")
 
-    p = command("tune", cmd_tune, "search filters, dropout and learning rate with Ray Tune and ASHA; promote the best", True)
+    p = command(
+        "tune",
+        cmd_tune,
+        "search filters, dropout and learning rate with Ray Tune and ASHA; promote the best",
+        True,
+    )
     p.add_argument("--name", help="sweep name (default: tune.name, else a new one)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of that name")
     p.add_argument("--no-promote", action="store_true", help="do not evaluate and promote the best trial")
 
-    p = command("promote", cmd_promote, "move the registry alias to a run's model if it beats the champion on test", True)
+    p = command(
+        "promote",
+        cmd_promote,
+        "move the registry alias to a run's model if it beats the champion on test",
+        True,
+    )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="MLflow run id whose logged model is the candidate")
-    which.add_argument("--force", metavar="VERSION", help="point the alias at this version without evaluating")
+    which.add_argument(
+        "--force", metavar="VERSION", help="point the alias at this version without evaluating"
+    )
     p.add_argument("--data", help="dataset root for the comparison (default: data.root)")
     p.add_argument("--json", action="store_true")
 
@@ -298,14 +377,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
 
-    p = command("score", cmd_score, "score a night's images with the promoted model into a Parquet partition", True)
-    p.add_argument("--input", help="prefix or list file of images; {date} becomes the run date (default: score.input)")
+    p = command(
+        "score", cmd_score, "score a night's images with the promoted model into a Parquet partition", True
+    )
+    p.add_argument(
+        "--input", help="prefix or list file of images; {date} becomes the run date (default: score.input)"
+    )
     p.add_argument("--output", help="Parquet root, gets date=YYYY-MM-DD/ (default: score.output)")
     p.add_argument("--date", help="run date: YYYY-MM-DD to backfill, today (default) or yesterday; UTC")
     p.add_argument("--model", help="model to score with (default: serve.model_uri, else the registry alias)")
     p.add_argument("--json", action="store_true")
 
-    p = command("serve", cmd_serve, "serve the promoted model over HTTP with Ray Serve (API, web page, hot reload)", True)
+    p = command(
+        "serve",
+        cmd_serve,
+        "serve the promoted model over HTTP with Ray Serve (API, web page, hot reload)",
+        True,
+    )
     p.add_argument("--model", help="model to serve instead of serve.model_uri (default: the registry alias)")
 
     command("config", cmd_config, "print the resolved config as YAML", True)
@@ -325,9 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return args.fn(args)
-    except USER_ERRORS as exc:
+    except HotdogError as exc:
         print(f"hotdog {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"hotdog {args.command}: interrupted", file=sys.stderr)
+        return 130  # the shell's code for a command stopped by Ctrl-C
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,9 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
+from hotdog_ray.errors import ConfigError
+from hotdog_ray.images import MAX_PIXELS
 
 
 class _Section(BaseModel):
@@ -23,8 +22,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class AugmentConfig(_Section):
-    """Training-split augmentation, in the terms of Keras' ImageDataGenerator used by the seeds."""
+class AugmentSettings(_Section):
+    """Training-split augmentation, in the terms of Keras' ImageDataGenerator used by the recipes."""
 
     horizontal_flip: bool = False
     vertical_flip: bool = False
@@ -34,11 +33,11 @@ class AugmentConfig(_Section):
     width_shift: float = Field(0.0, ge=0, le=1, description="max horizontal shift, fraction of width")
     height_shift: float = Field(0.0, ge=0, le=1, description="max vertical shift, fraction of height")
     brightness: tuple[float, float] | None = Field(
-        None, description="brightness factor range, e.g. [0.1, 0.9] as in the Food-101 seed"
+        None, description="brightness factor range, e.g. [0.1, 0.9] as in the Food-101 recipe"
     )
 
     @model_validator(mode="after")
-    def _check_brightness(self) -> "AugmentConfig":
+    def _check_brightness(self) -> "AugmentSettings":
         if self.brightness is not None:
             lo, hi = self.brightness
             if not 0 <= lo <= hi:
@@ -48,12 +47,20 @@ class AugmentConfig(_Section):
     @property
     def enabled(self) -> bool:
         return any(
-            (self.horizontal_flip, self.vertical_flip, self.rotation, self.shear, self.zoom,
-             self.width_shift, self.height_shift, self.brightness is not None)
+            (
+                self.horizontal_flip,
+                self.vertical_flip,
+                self.rotation,
+                self.shear,
+                self.zoom,
+                self.width_shift,
+                self.height_shift,
+                self.brightness is not None,
+            )
         )
 
 
-class DataConfig(_Section):
+class DataSettings(_Section):
     """Where the images are and how they become tensors."""
 
     root: str = Field("data/sample", description="dataset root: local path, file://, s3:// or gs:// URI")
@@ -63,18 +70,18 @@ class DataConfig(_Section):
     )
     classes: list[str] | None = Field(None, description="use only these classes (default: all)")
     max_classes: int | None = Field(
-        None, ge=2, description="use the first N classes in sorted order (the Food-101 seed uses 10)"
+        None, ge=2, description="use the first N classes in sorted order (the Food-101 recipe uses 10)"
     )
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
     files_per_task: int = Field(
         256, ge=1, le=100_000, description="images per Ray Data read task (small tasks cost more to schedule)"
     )
     max_image_pixels: int = Field(
-        50_000_000, ge=1, description="larger images are rejected as decompression bombs"
+        MAX_PIXELS, ge=1, description="larger images are rejected as decompression bombs"
     )
 
     @model_validator(mode="after")
-    def _one_subset(self) -> "DataConfig":
+    def _one_subset(self) -> "DataSettings":
         if self.classes is not None and self.max_classes is not None:
             raise ValueError("set data.classes or data.max_classes, not both")
         if self.classes is not None and len(set(self.classes)) < 2:
@@ -82,28 +89,61 @@ class DataConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
-    """Which architecture to build and its searchable width/dropout."""
+class ModelSettings(_Section):
+    """Which architecture to build and its searchable width and dropout.
+
+    Widths mean one thing per family (``hotdog models`` lists which key each model takes): the
+    recipe CNNs' convolution width is ``filters``; the transfer models keep their backbone and take
+    the width of their new dense head as ``head_units``.
+    """
 
     name: str = Field("first_cnn", description="a model of the zoo (`hotdog models`)")
-    filters: int | None = Field(None, ge=1, le=4096, description="base filter width (None: the seed's)")
-    dropout: float | None = Field(None, ge=0, lt=1, description="dense-head dropout (None: the seed's)")
-    conv_dropout: float | None = Field(None, ge=0, lt=1, description="conv-block dropout (None: the seed's)")
+    filters: int | None = Field(
+        None, ge=1, le=4096, description="recipe CNNs: base convolution width (None: the recipe's)"
+    )
+    head_units: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description="transfer models: units of the head's first dense layer (None: the recipe's)",
+    )
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="dropout before the dense layer(s) (None: the recipe's)"
+    )
+    conv_dropout: float | None = Field(
+        None, ge=0, lt=1, description="recipe CNNs: dropout after the convolution blocks (None: the recipe's)"
+    )
     pretrained_weights: str | None = Field(
         None, description="transfer learning: 'torchvision' (download) or a local/S3 state-dict file"
     )
     unfreeze_top: bool = Field(False, description="transfer learning: also train the backbone's top block")
 
     @model_validator(mode="after")
-    def _known(self) -> "ModelConfig":
-        from hotdog_ray.models import ZOO  # the zoo is the one list of names
+    def _known(self) -> "ModelSettings":
+        from hotdog_ray.models import TRANSFER, ZOO  # the zoo is the one list of names
 
         if self.name not in ZOO:
             raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(ZOO)}")
+        transfer = self.name in TRANSFER
+        if transfer and self.filters is not None:
+            raise ValueError(
+                f"{self.name} keeps its backbone's filters; set model.head_units for its head's width"
+            )
+        if transfer and self.conv_dropout is not None:
+            raise ValueError(f"{self.name} has no convolution blocks of its own; use model.dropout")
+        if not transfer and self.head_units is not None:
+            raise ValueError(f"{self.name} is a recipe CNN; set its width with model.filters")
         return self
 
+    @property
+    def width_key(self) -> str:
+        """The config key of this model's searchable width (``filters`` or ``head_units``)."""
+        from hotdog_ray.models import TRANSFER
 
-class TrainConfig(_Section):
+        return "head_units" if self.name in TRANSFER else "filters"
+
+
+class TrainSettings(_Section):
     """Ray Train settings; defaults run on a 2-core laptop."""
 
     num_workers: int = Field(1, ge=0, le=1024, description="0 runs the loop in the driver")
@@ -140,7 +180,7 @@ class TrainConfig(_Section):
     run_name: str | None = Field(None, description="rerunning a name resumes it (default: a new name)")
 
 
-class TuneConfig(_Section):
+class TuneSettings(_Section):
     """Ray Tune sweep: the search space around the base config, ASHA, and promotion.
 
     Every trial is the base config with the sampled values put in (``model.filters``,
@@ -152,28 +192,44 @@ class TuneConfig(_Section):
     num_samples: int = Field(8, ge=1, le=10000, description="trials")
     max_concurrent_trials: int = Field(2, ge=1)
     trial_mode: Literal["process", "train"] = Field(
-        "process", description="process: a trial trains on one device in its own process, with one Train "
+        "process",
+        description="process: a trial trains on one device in its own process, with one Train "
         "worker's resources (train.cpus_per_worker, train.gpus_per_worker); starts in seconds, best for small "
-        "CNNs (bench/tune.py). train: a trial is a data-parallel Ray Train run of train.num_workers workers")
-    cpus_per_trial: float = Field(
-        0.01, gt=0, description="trial_mode train: the trial's driver only; its Train workers take train.cpus_per_worker"
+        "CNNs (bench/tune.py). train: a trial is a data-parallel Ray Train run of train.num_workers workers",
     )
-    filters: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1,
-                               description="base filter widths to choose from")
-    dropout: tuple[float, float] | None = Field((0.0, 0.5), description="uniform range; None: keep the model's")
+    cpus_per_trial: float = Field(
+        0.01,
+        gt=0,
+        description="trial_mode train: the trial's driver only; its Train workers take train.cpus_per_worker",
+    )
+    filters: list[int] = Field(
+        default_factory=lambda: [16, 32, 64],
+        min_length=1,
+        description="widths to choose from: model.filters of a recipe CNN, "
+        "model.head_units of a transfer model",
+    )
+    dropout: tuple[float, float] | None = Field(
+        (0.0, 0.5), description="uniform range; None: keep the model's"
+    )
     learning_rate: tuple[float, float] = Field((1e-4, 1e-2), description="log-uniform range")
-    optimizers: list[Literal["adam", "sgd", "rmsprop"]] | None = Field(None, description="choices; None: train.optimizer")
+    optimizers: list[Literal["adam", "sgd", "rmsprop"]] | None = Field(
+        None, description="choices; None: train.optimizer"
+    )
     batch_sizes: list[int] | None = Field(None, description="choices; None: train.batch_size")
     sampler: Literal["random", "optuna"] = Field(
-        "random", description="random search, or Optuna's TPE (pip install 'hotdog-ray[optuna]'), which "
-        "models the finished trials to pick the next values")
+        "random",
+        description="random search, or Optuna's TPE (pip install 'hotdog-ray[optuna]'), which "
+        "models the finished trials to pick the next values",
+    )
     startup_trials: int = Field(3, ge=1, description="optuna: random trials before TPE takes over")
     asha: bool = Field(True, description="stop poor trials early; off runs every trial to the end (bench)")
     max_epochs: int | None = Field(None, ge=1, description="ASHA's max_t (default: train.epochs)")
     grace_period: int = Field(1, ge=1, description="epochs every trial gets before ASHA may stop it")
     reduction_factor: int = Field(2, ge=2)
     seed: int | None = Field(None, description="sampler seed (default: train.seed): same seed, same trials")
-    promote: bool = Field(True, description="evaluate the best trial and move tracking.alias to it if it wins")
+    promote: bool = Field(
+        True, description="evaluate the best trial and move tracking.alias to it if it wins"
+    )
     promote_metric: Literal["balanced_accuracy", "accuracy", "macro_f1"] = "balanced_accuracy"
 
     @field_validator("filters", "batch_sizes")
@@ -198,18 +254,25 @@ class TuneConfig(_Section):
         return v
 
 
-class ServeConfig(_Section):
+class ServeSettings(_Section):
     """Online predictions: the Ray Serve HTTP application (``hotdog serve``, ``serving/``)."""
 
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 to accept other machines")
     port: int = Field(8000, ge=1, le=65535)
     model_uri: str | None = Field(
-        None, description="models:/<name>@<alias>, models:/<name>/<version>, runs:/<id> or a bundle folder; "
-        "default: the registry's tracking.alias, else its newest version")
+        None,
+        description="models:/<name>@<alias>, models:/<name>/<version>, runs:/<id> or a bundle folder; "
+        "default: the registry's tracking.alias, else its newest version",
+    )
     reload_interval_s: float = Field(
-        30.0, ge=0, description="how often replicas check whether the alias moved (0: only on a user_config change)")
+        30.0,
+        ge=0,
+        description="how often replicas check whether the alias moved (0: only on a user_config change)",
+    )
     max_batch_size: int = Field(16, ge=1, description="dynamic batching: most images in one forward pass")
-    batch_wait_timeout_s: float = Field(0.002, ge=0, description="dynamic batching: longest wait to fill a batch")
+    batch_wait_timeout_s: float = Field(
+        0.002, ge=0, description="dynamic batching: longest wait to fill a batch"
+    )
     max_upload_bytes: int = Field(10_000_000, ge=1, description="larger request bodies get 413")
     max_images_per_request: int = Field(32, ge=1, description="POST /predict/batch limit")
     min_image_side: int = Field(8, ge=1, description="smaller images are refused")
@@ -222,12 +285,14 @@ class ServeConfig(_Section):
     gpus_per_replica: float = Field(0.0, ge=0, description="> 0: GPU replicas (mixed precision)")
     access_log: bool = Field(True, description="a log line per request in the replicas' logs")
     haproxy: bool = Field(
-        True, description="HTTP enters through HAProxy straight to the replicas (Ray Serve's HAProxy ingress) "
+        True,
+        description="HTTP enters through HAProxy straight to the replicas (Ray Serve's HAProxy ingress) "
         "instead of Serve's Python proxy; applies to the Ray that `hotdog serve` starts itself (a running "
-        "cluster keeps the RAY_SERVE_ENABLE_HA_PROXY it was started with)")
+        "cluster keeps the RAY_SERVE_ENABLE_HA_PROXY it was started with)",
+    )
 
     @model_validator(mode="after")
-    def _batching_fits(self) -> "ServeConfig":
+    def _batching_fits(self) -> "ServeSettings":
         # A replica never sees more than max_ongoing_requests at once: a larger batch never fills.
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be at least max_batch_size")
@@ -236,24 +301,30 @@ class ServeConfig(_Section):
         return self
 
 
-class ScoreConfig(_Section):
+class ScoreSettings(_Section):
     """Nightly batch scoring (``hotdog score``, ``jobs/batch_score.py``); the model is serve.model_uri's."""
 
-    input: str | None = Field(None, description="prefix or list file of image URIs; {date} becomes the run date")
+    input: str | None = Field(
+        None, description="prefix or list file of image URIs; {date} becomes the run date"
+    )
     output: str | None = Field(None, description="Parquet root; the run writes <output>/date=YYYY-MM-DD/")
     batch_size: int = Field(64, ge=1)
     num_actors: int = Field(1, ge=1, description="model actors (ActorPoolStrategy size)")
     cpus_per_actor: float = Field(
-        1.0, gt=0, description="CPUs each model actor reserves; below 1 lets several actors share the cores "
-        "that decoding tasks also need (keep num_actors x cpus_per_actor under the CPU count)")
+        1.0,
+        gt=0,
+        description="CPUs each model actor reserves; below 1 lets several actors share the cores "
+        "that decoding tasks also need (keep num_actors x cpus_per_actor under the CPU count)",
+    )
     gpus_per_actor: float = Field(0.0, ge=0)
 
 
-class TrackingConfig(_Section):
+class TrackingSettings(_Section):
     """MLflow tracking and registry."""
 
     uri: str | None = Field(
-        None, description="MLflow store; default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (working directory)"
+        None,
+        description="MLflow store; default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (working directory)",
     )
     experiment: str = "hotdog-ray"
     registered_model: str = "hotdog-classifier"
@@ -263,13 +334,13 @@ class TrackingConfig(_Section):
 class Config(_Section):
     """The whole configuration; every stage reads its own section."""
 
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    tune: TuneConfig = Field(default_factory=TuneConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
-    score: ScoreConfig = Field(default_factory=ScoreConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    score: ScoreSettings = Field(default_factory=ScoreSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
 
 def _format_errors(err: ValidationError) -> str:

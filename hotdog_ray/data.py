@@ -9,18 +9,17 @@ skipped, logged and counted by a small actor, and handed to training as torch ba
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import posixpath
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from hotdog_ray import storage
+from hotdog_ray.errors import DataError
 from hotdog_ray.images import (
     ImageError,
     augment_batch,
@@ -35,15 +34,11 @@ if TYPE_CHECKING:
     import ray.data
     import torch
 
-    from hotdog_ray.config import DataConfig
+    from hotdog_ray.config import DataSettings
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-
-
-class DataError(ValueError):
-    """The dataset layout is unusable (missing or empty split, a single class, unknown class)."""
 
 
 @dataclass
@@ -57,10 +52,6 @@ class DatasetLayout:
     @property
     def splits(self) -> list[str]:
         return [s for s in SPLITS if s in self.files]
-
-    def class_counts(self, split: str) -> dict[str, int]:
-        counts = Counter(label for _, label in self.files[split])
-        return {name: counts.get(i, 0) for i, name in enumerate(self.classes)}
 
     def class_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.classes)}
@@ -80,7 +71,7 @@ def select_classes(found: list[str], wanted: list[str] | None, max_classes: int 
 
 
 def discover(
-    cfg: "DataConfig",
+    cfg: "DataSettings",
     *,
     required: Iterable[str] = ("train", "validation"),
     root: str | None = None,
@@ -127,16 +118,6 @@ def discover(
         # The line Keras users know from flow_from_directory.
         log.info("%s: found %d files belonging to %d classes", split, len(files), len(labels))
     return layout
-
-
-def save_classes(layout: DatasetLayout, uri: str) -> None:
-    """Write the class list (index order) as JSON, for stages that run without the dataset."""
-    storage.write_text(uri, json.dumps({"classes": layout.classes}, indent=2))
-
-
-def load_classes(uri: str) -> list[str]:
-    """Read a class list written by :func:`save_classes`."""
-    return list(json.loads(storage.read_text(uri))["classes"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,31 +215,25 @@ def probe_batch(batch: dict[str, np.ndarray], *, root_path: str, max_pixels: int
 # Ray pieces: thin wrappers around the functions above.
 
 
-def _skip_log_class():
-    import ray
+class SkipLog:
+    """Collects unreadable files across tasks and epochs, once per path (run as a Ray actor)."""
 
-    @ray.remote(num_cpus=0)
-    class SkipLog:
-        """Collects unreadable files across tasks and epochs, once per path."""
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
 
-        def __init__(self) -> None:
-            self.reasons: dict[str, str] = {}
+    def add(self, items: list[tuple[str, str]]) -> None:
+        for path, reason in items:
+            self.reasons.setdefault(path, reason)
 
-        def add(self, items: list[tuple[str, str]]) -> None:
-            for path, reason in items:
-                self.reasons.setdefault(path, reason)
-
-        def get(self) -> dict[str, str]:
-            return dict(self.reasons)
-
-    return SkipLog
+    def get(self) -> dict[str, str]:
+        return dict(self.reasons)
 
 
 def plan_read_tasks(num_files: int, num_cpus: int, files_per_task: int) -> int:
     """How many read tasks (blocks) to split ``num_files`` into.
 
     Ray Data's default of ~200 read tasks suits large files; for images it makes tasks of a few
-    files each whose scheduling costs more than the decoding (2.5x slower on 2 cores, see
+    files each whose scheduling costs more than the decoding (measured in
     bench/RESULTS.md). Tasks of ``files_per_task`` files, but at least two per CPU so every core
     stays busy and Train shards balance.
     """
@@ -289,13 +264,14 @@ def read_files(batch: dict[str, np.ndarray], *, fs: Any, threads: int = 1) -> di
     return {"path": np.asarray(paths, dtype=object), "bytes": out}
 
 
-def read_bytes_dataset(paths: list[str], fs: Any, files_per_task: int,
-                       num_cpus: float | None = None) -> "ray.data.Dataset":
+def read_bytes_dataset(
+    paths: list[str], fs: Any, files_per_task: int, num_cpus: float | None = None
+) -> "ray.data.Dataset":
     """``{"bytes", "path"}`` rows for ``paths``, in right-sized read tasks (``num_cpus`` each, default 1).
 
     The paths are cut into blocks here and each task reads its block's files itself: Ray Data's
-    ``read_binary_files`` spent ~0.35 ms of CPU per file on bookkeeping, more than decoding a small
-    image costs (bench/RESULTS.md). Object stores' transient errors are retried per request by the
+    ``read_binary_files`` spent more CPU per file on bookkeeping than decoding a small image costs
+    (measured in bench/RESULTS.md). Object stores' transient errors are retried per request by the
     filesystem (``storage.s3_filesystem``); a file that stays unreadable fails the dataset rather
     than being dropped.
     """
@@ -310,7 +286,10 @@ def read_bytes_dataset(paths: list[str], fs: Any, files_per_task: int,
     blocks = [pa.table({"path": pa.array(paths[a:b], pa.string())}) for a, b in zip(bounds, bounds[1:])]
     threads = 1 if isinstance(fs, pafs.LocalFileSystem) else REMOTE_READ_THREADS
     return ray.data.from_arrow(blocks).map_batches(
-        read_files, fn_kwargs={"fs": fs, "threads": threads}, batch_size=None, batch_format="numpy",
+        read_files,
+        fn_kwargs={"fs": fs, "threads": threads},
+        batch_size=None,
+        batch_format="numpy",
         num_cpus=1 if num_cpus is None else num_cpus,
     )
 
@@ -334,17 +313,27 @@ class ImagePipeline:
     ``dataset("train")`` is augmented when the config asks for it; validation and test never are.
     """
 
-    def __init__(self, cfg: "DataConfig", layout: DatasetLayout) -> None:
+    def __init__(self, cfg: "DataSettings", layout: DatasetLayout) -> None:
         self.cfg = cfg
         self.layout = layout
-        self._skip_log = _skip_log_class().remote()
+        import ray
+
+        self._skip_log = ray.remote(SkipLog).options(num_cpus=0).remote()
 
     @classmethod
-    def from_config(cls, cfg: "DataConfig", *, required: Iterable[str] = ("train", "validation")) -> "ImagePipeline":
+    def from_config(
+        cls, cfg: "DataSettings", *, required: Iterable[str] = ("train", "validation")
+    ) -> "ImagePipeline":
         return cls(cfg, discover(cfg, required=required))
 
-    def dataset(self, split: str, *, augment: bool | None = None, keep_paths: bool = False,
-                shuffle_seed: int | None = None) -> "ray.data.Dataset":
+    def dataset(
+        self,
+        split: str,
+        *,
+        augment: bool | None = None,
+        keep_paths: bool = False,
+        shuffle_seed: int | None = None,
+    ) -> "ray.data.Dataset":
         """The split as a lazy Ray dataset of ``{"image": uint8 HWC, "label"[, "path"]}`` rows.
 
         With ``shuffle_seed`` the files are shuffled before they are cut into read tasks, and the
@@ -365,7 +354,9 @@ class ImagePipeline:
             random.Random(shuffle_seed).shuffle(paths)
         ds = read_bytes_dataset(paths, self.layout.root.fs, self.cfg.files_per_task)
         if shuffle_seed is not None:
-            ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True))
+            ds = ds.randomize_block_order(
+                seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
+            )
         decoded = ds.map_batches(
             decode_batch,
             batch_format="numpy",
@@ -416,7 +407,7 @@ def iter_torch_batches(
 # Inspection
 
 
-def inspect(cfg: "DataConfig", root: str | None = None) -> dict[str, Any]:
+def inspect(cfg: "DataSettings", root: str | None = None) -> dict[str, Any]:
     """Per split: class counts, majority-class share, unreadable files and image size range."""
     layout = discover(cfg, required=(), root=root)
     paths = [p for s in layout.splits for p, _ in layout.files[s]]
@@ -444,8 +435,12 @@ def summarize(layout: DatasetLayout, batches: Iterable[dict[str, np.ndarray]]) -
                 continue
             rep["counts"][str(label)] += 1
             size = (int(w), int(h))
-            rep["min_size"] = size if rep["min_size"] is None else [min(a, b) for a, b in zip(rep["min_size"], size)]
-            rep["max_size"] = size if rep["max_size"] is None else [max(a, b) for a, b in zip(rep["max_size"], size)]
+            rep["min_size"] = (
+                size if rep["min_size"] is None else [min(a, b) for a, b in zip(rep["min_size"], size)]
+            )
+            rep["max_size"] = (
+                size if rep["max_size"] is None else [max(a, b) for a, b in zip(rep["max_size"], size)]
+            )
     total = 0
     for rep in splits.values():
         n = sum(rep["counts"].values())

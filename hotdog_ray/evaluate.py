@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from hotdog_ray.bundle import ModelBundle
     from hotdog_ray.config import Config
-    from hotdog_ray.tracking import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Test-split metrics; ``majority_baseline`` is what always answering the commonest class scores."""
     from sklearn.metrics import (
-        accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
     )
 
     y_true = np.asarray(y_true)
@@ -46,7 +50,7 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) 
 
 
 def format_report(m: dict[str, Any]) -> str:
-    """The metrics as the table the seeds print after training."""
+    """The metrics as the table the recipes print after training."""
     lines = [
         f"test images        {m['num_images']}",
         f"accuracy           {m['accuracy']:.4f}",
@@ -57,13 +61,18 @@ def format_report(m: dict[str, Any]) -> str:
         f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}",
     ]
     for row in m["per_class"]:
-        lines.append(f"{row['class']:<20}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{row['support']:>10}")
+        lines.append(
+            f"{row['class']:<20}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{row['support']:>10}"
+        )
     return "\n".join(lines)
 
 
 @torch.inference_mode()
-def predict_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                    device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def predict_batches(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
     """(labels, class probabilities) over (images, labels) batches."""
     from hotdog_ray.models import probabilities
 
@@ -77,8 +86,9 @@ def predict_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor
     return np.concatenate(ys), np.concatenate(ps)
 
 
-def evaluate_dataset(model: torch.nn.Module, dataset: Any, classes: list[str], rescale: str,
-                     batch_size: int = 256) -> dict[str, Any]:
+def evaluate_dataset(
+    model: torch.nn.Module, dataset: Any, classes: list[str], rescale: str, batch_size: int = 256
+) -> dict[str, Any]:
     """Metrics of ``model`` over a (streaming) Ray dataset of the pipeline's rows."""
     from hotdog_ray.data import iter_torch_batches
 
@@ -86,8 +96,9 @@ def evaluate_dataset(model: torch.nn.Module, dataset: Any, classes: list[str], r
     return compute_metrics(y, p.argmax(axis=1), classes)
 
 
-def evaluate_model(cfg: "Config", bundle: "ModelBundle", *, root: str | None = None,
-                   split: str = "test") -> dict[str, Any]:
+def evaluate_model(
+    cfg: "Config", bundle: "ModelBundle", *, root: str | None = None, split: str = "test"
+) -> dict[str, Any]:
     """Metrics of a loaded model on ``split`` of ``root`` (default ``data.root``).
 
     Images are read at the model's own input size and rescale and labelled with its own class
@@ -96,18 +107,24 @@ def evaluate_model(cfg: "Config", bundle: "ModelBundle", *, root: str | None = N
     from hotdog_ray.data import ImagePipeline, discover
     from hotdog_ray.runtime import init_ray
 
-    data_cfg = cfg.data.model_copy(update={
-        "root": root or cfg.data.root, "image_size": bundle.meta["image_size"],
-        "rescale": bundle.meta["rescale"], "classes": bundle.classes, "max_classes": None,
-    })
+    data_cfg = cfg.data.model_copy(
+        update={
+            "root": root or cfg.data.root,
+            "image_size": bundle.meta["image_size"],
+            "rescale": bundle.meta["rescale"],
+            "classes": bundle.classes,
+            "max_classes": None,
+        }
+    )
     layout = discover(data_cfg, required=(split,))
     init_ray()
-    return evaluate_dataset(bundle.model, ImagePipeline(data_cfg, layout).dataset(split), bundle.classes,
-                            bundle.meta["rescale"])
+    return evaluate_dataset(
+        bundle.model, ImagePipeline(data_cfg, layout).dataset(split), bundle.classes, bundle.meta["rescale"]
+    )
 
 
 def plot_curves(history: list[dict[str, float]]):
-    """Training vs validation loss and accuracy per epoch (the seeds' two plots, side by side)."""
+    """Training vs validation loss and accuracy per epoch (the recipes' two plots, side by side)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,8 +132,10 @@ def plot_curves(history: list[dict[str, float]]):
 
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "loss", "Training loss vs. validation loss"),
-                           (axes[1], "accuracy", "Training accuracy vs. validation accuracy")):
+    for ax, key, title in (
+        (axes[0], "loss", "Training loss vs. validation loss"),
+        (axes[1], "accuracy", "Training accuracy vs. validation accuracy"),
+    ):
         ax.plot(epochs, [h[key] for h in history], "b", label=f"training {key}")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "r", label=f"validation {key}")
         ax.set_title(title)
@@ -138,8 +157,13 @@ def plot_sweep(trials: list[dict[str, Any]]):
         if not t["curve"]:
             continue
         epochs, losses = zip(*t["curve"])
-        ax.plot([e + 1 for e in epochs], losses, "--" if t["status"] != "finished" else "-", marker=".",
-                label=f"{t['trial_id']} ({t['status']})")
+        ax.plot(
+            [e + 1 for e in epochs],
+            losses,
+            "--" if t["status"] != "finished" else "-",
+            marker=".",
+            label=f"{t['trial_id']} ({t['status']})",
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation loss")
     ax.set_title("Validation loss per trial")

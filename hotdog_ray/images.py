@@ -15,18 +15,19 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from hotdog_ray.errors import ImageError
+
 if TYPE_CHECKING:
     import torch
 
-    from hotdog_ray.config import AugmentConfig
+    from hotdog_ray.config import AugmentSettings
+
+# Images with more pixels are refused as decompression bombs (data.max_image_pixels' default).
+MAX_PIXELS = 50_000_000
 
 # Modes PIL decodes 16- or 32-bit single-channel data into (16-bit PNG, TIFF).
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
-
-
-class ImageError(ValueError):
-    """The bytes are not an image we can use; the message says why."""
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -48,7 +49,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(data: bytes, *, max_pixels: int = 50_000_000, draft_size: int | None = None) -> Image.Image:
+def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
     """Decode ``data`` fully into an upright RGB image, or raise :class:`ImageError`.
 
     ``draft_size`` lets the JPEG decoder scale down by 1/2..1/8 while decoding, which is most
@@ -82,8 +83,9 @@ def resize(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def open_for_model(data: bytes, size: int, *, max_pixels: int = 50_000_000, min_side: int = 8,
-                   draft: bool = True) -> Image.Image:
+def open_for_model(
+    data: bytes, size: int, *, max_pixels: int = MAX_PIXELS, min_side: int = 8, draft: bool = True
+) -> Image.Image:
     """Decode to an upright RGB image ready to resize, or raise :class:`ImageError` (empty, not an
     image, truncated, too large, too small). ``draft`` lets JPEGs decode at reduced size, as training does."""
     img = open_image(data, max_pixels=max_pixels, draft_size=size if draft else None)
@@ -92,7 +94,7 @@ def open_for_model(data: bytes, size: int, *, max_pixels: int = 50_000_000, min_
     return img
 
 
-def decode_image(data: bytes, size: int, *, max_pixels: int = 50_000_000) -> np.ndarray:
+def decode_image(data: bytes, size: int, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Bytes to a ``size`` x ``size`` x 3 uint8 array, or raise :class:`ImageError`."""
     return resize(open_image(data, max_pixels=max_pixels, draft_size=size), size)
 
@@ -111,8 +113,8 @@ def to_model_input(images: torch.Tensor, rescale: str) -> torch.Tensor:
     raise ValueError(f"unknown rescale mode {rescale!r} (expected 'unit' or 'symmetric')")
 
 
-def build_augmentation(cfg: "AugmentConfig") -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """torchvision v2 transforms matching the seeds' ImageDataGenerator settings, or None."""
+def build_augmentation(cfg: "AugmentSettings") -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """torchvision v2 transforms matching the recipes' ImageDataGenerator settings, or None."""
     if not cfg.enabled:
         return None
     from torchvision.transforms import v2
@@ -126,7 +128,9 @@ def build_augmentation(cfg: "AugmentConfig") -> Callable[[torch.Tensor], torch.T
         steps.append(
             v2.RandomAffine(
                 degrees=cfg.rotation,
-                translate=(cfg.width_shift, cfg.height_shift) if (cfg.width_shift or cfg.height_shift) else None,
+                translate=(cfg.width_shift, cfg.height_shift)
+                if (cfg.width_shift or cfg.height_shift)
+                else None,
                 scale=(1 - cfg.zoom, 1 + cfg.zoom) if cfg.zoom else None,
                 shear=cfg.shear or None,
             )

@@ -1,10 +1,12 @@
-"""The model zoo: the seed tutorials' CNNs in PyTorch, and transfer-learning backbones.
+"""The model zoo: the recipe tutorials' CNNs in PyTorch, and transfer-learning backbones.
 
-Each seed model, built at its tutorial's input size and class count, has exactly the parameter
+Each recipe model, built at its tutorial's input size and class count, has exactly the parameter
 count of the tutorial's printed Keras summary (see tests/test_models.py). Every builder takes the
-class count, input size, a base filter width and dropout rates, which Tune searches.
+class count, input size, a width and dropout rates, which Tune searches: the recipe CNNs' width is
+their base convolution width (``filters``), the transfer models' the units of their new dense head
+(``head_units``); ``conv_dropout`` follows convolution blocks and exists only for the CNNs.
 
-Binary models whose seed ends in a single sigmoid unit output one logit; :func:`loss_fn` and
+Binary models whose recipe ends in a single sigmoid unit output one logit; :func:`loss_fn` and
 :func:`probabilities` hide that difference from the rest of the code.
 """
 
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A zoo entry: its builder and the seed's defaults."""
+    """A zoo entry: its builder and the recipe's defaults."""
 
     build: Callable[..., nn.Module]
     image_size: int
@@ -50,17 +52,26 @@ def _spatial(size: int, steps: list[tuple[str, int]]) -> int:
 
 
 class FirstCNN(nn.Sequential):
-    """"My First Hotdog Detector": two conv/pool blocks, dense 64, one sigmoid unit (1,615,905 params at 120 px)."""
+    """ "My First Hotdog Detector": two conv/pool blocks, dense 64, one sigmoid unit (1,615,905 params at 120 px)."""
 
-    def __init__(self, num_classes: int = 2, image_size: int = 120, filters: int = 32,
-                 dropout: float | None = None, conv_dropout: float | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int = 2,
+        image_size: int = 120,
+        filters: int = 32,
+        dropout: float | None = None,
+        conv_dropout: float | None = None,
+    ) -> None:
         side = _spatial(image_size, [("conv_valid", 3), ("pool", 2), ("conv_valid", 3), ("pool", 2)])
         super().__init__(
-            *_conv(3, filters, 3, same=False), nn.MaxPool2d(2),
-            *_conv(filters, filters, 3, same=False), nn.MaxPool2d(2),
+            *_conv(3, filters, 3, same=False),
+            nn.MaxPool2d(2),
+            *_conv(filters, filters, 3, same=False),
+            nn.MaxPool2d(2),
             nn.Dropout(conv_dropout or 0.0),
             nn.Flatten(),
-            nn.Linear(filters * side * side, 64), nn.ReLU(inplace=True),
+            nn.Linear(filters * side * side, 64),
+            nn.ReLU(inplace=True),
             nn.Dropout(dropout or 0.0),
             nn.Linear(64, _out_units(num_classes, True)),
         )
@@ -69,17 +80,27 @@ class FirstCNN(nn.Sequential):
 class CatDogCNN(nn.Sequential):
     """Cats vs dogs (KDnuggets): three same-padded conv/pool blocks, dropout 0.25 and 0.5, softmax."""
 
-    def __init__(self, num_classes: int = 2, image_size: int = 150, filters: int = 32,
-                 dropout: float | None = None, conv_dropout: float | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int = 2,
+        image_size: int = 150,
+        filters: int = 32,
+        dropout: float | None = None,
+        conv_dropout: float | None = None,
+    ) -> None:
         side = _spatial(image_size, [("pool", 2)] * 3)
         f = filters
         super().__init__(
-            *_conv(3, f, 3, same=True), nn.MaxPool2d(2),
-            *_conv(f, f, 3, same=True), nn.MaxPool2d(2),
-            *_conv(f, 2 * f, 3, same=True), nn.MaxPool2d(2),
+            *_conv(3, f, 3, same=True),
+            nn.MaxPool2d(2),
+            *_conv(f, f, 3, same=True),
+            nn.MaxPool2d(2),
+            *_conv(f, 2 * f, 3, same=True),
+            nn.MaxPool2d(2),
             nn.Dropout(0.25 if conv_dropout is None else conv_dropout),
             nn.Flatten(),
-            nn.Linear(2 * f * side * side, 64), nn.ReLU(inplace=True),
+            nn.Linear(2 * f * side * side, 64),
+            nn.ReLU(inplace=True),
             nn.Dropout(0.5 if dropout is None else dropout),
             nn.Linear(64, num_classes),
         )
@@ -88,18 +109,37 @@ class CatDogCNN(nn.Sequential):
 class FoodCNN(nn.Sequential):
     """Food-101 (Keras tutorial): four conv blocks (32, 64, 128, 512 filters) with dropout 0.2, dense 1024."""
 
-    def __init__(self, num_classes: int = 10, image_size: int = 128, filters: int = 32,
-                 dropout: float | None = None, conv_dropout: float | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        image_size: int = 128,
+        filters: int = 32,
+        dropout: float | None = None,
+        conv_dropout: float | None = None,
+    ) -> None:
         f = filters
         cd = 0.2 if conv_dropout is None else conv_dropout
         side = _spatial(image_size, [("conv_valid", 3), ("pool", 2)] * 3 + [("conv_valid", 5), ("pool", 4)])
         super().__init__(
-            *_conv(3, f, 3, True), *_conv(f, f, 3, False), nn.MaxPool2d(2), nn.Dropout(cd),
-            *_conv(f, 2 * f, 3, True), *_conv(2 * f, 2 * f, 3, False), nn.MaxPool2d(2), nn.Dropout(cd),
-            *_conv(2 * f, 4 * f, 3, True), *_conv(4 * f, 4 * f, 3, False), nn.MaxPool2d(2), nn.Dropout(cd),
-            *_conv(4 * f, 16 * f, 5, True), *_conv(16 * f, 16 * f, 5, False), nn.MaxPool2d(4), nn.Dropout(cd),
+            *_conv(3, f, 3, True),
+            *_conv(f, f, 3, False),
+            nn.MaxPool2d(2),
+            nn.Dropout(cd),
+            *_conv(f, 2 * f, 3, True),
+            *_conv(2 * f, 2 * f, 3, False),
+            nn.MaxPool2d(2),
+            nn.Dropout(cd),
+            *_conv(2 * f, 4 * f, 3, True),
+            *_conv(4 * f, 4 * f, 3, False),
+            nn.MaxPool2d(2),
+            nn.Dropout(cd),
+            *_conv(4 * f, 16 * f, 5, True),
+            *_conv(16 * f, 16 * f, 5, False),
+            nn.MaxPool2d(4),
+            nn.Dropout(cd),
             nn.Flatten(),
-            nn.Linear(16 * f * side * side, 1024), nn.ReLU(inplace=True),
+            nn.Linear(16 * f * side * side, 1024),
+            nn.ReLU(inplace=True),
             nn.Dropout(0.2 if dropout is None else dropout),
             nn.Linear(1024, num_classes),
         )
@@ -108,8 +148,14 @@ class FoodCNN(nn.Sequential):
 class SnacksCNN(nn.Sequential):
     """Snacks (ML by Tutorials ch. 7): four same-padded double-conv blocks, global average pooling."""
 
-    def __init__(self, num_classes: int = 20, image_size: int = 224, filters: int = 32,
-                 dropout: float | None = None, conv_dropout: float | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int = 20,
+        image_size: int = 224,
+        filters: int = 32,
+        dropout: float | None = None,
+        conv_dropout: float | None = None,
+    ) -> None:
         _spatial(image_size, [("pool", 2)] * 3)
         f = filters
         layers: list[nn.Module] = []
@@ -121,7 +167,12 @@ class SnacksCNN(nn.Sequential):
                 if conv_dropout:
                     layers.append(nn.Dropout(conv_dropout))
             cin = width
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout or 0.0), nn.Linear(8 * f, num_classes)]
+        layers += [
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(dropout or 0.0),
+            nn.Linear(8 * f, num_classes),
+        ]
         super().__init__(*layers)
 
 
@@ -132,7 +183,9 @@ class SnacksCNN(nn.Sequential):
 class Transfer(nn.Module):
     """A frozen torchvision backbone with a new head; ``unfreeze_top`` trains its last block too."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, top_block: nn.Module, unfreeze_top: bool) -> None:
+    def __init__(
+        self, backbone: nn.Module, head: nn.Module, top_block: nn.Module, unfreeze_top: bool
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -154,7 +207,9 @@ def _load_backbone_weights(module: nn.Module, weights: str | None, name: str) ->
     if weights == "torchvision":
         from torchvision import models as tvm
 
-        enum = {"vgg16": tvm.VGG16_Weights.IMAGENET1K_V1, "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1}[name]
+        enum = {"vgg16": tvm.VGG16_Weights.IMAGENET1K_V1, "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1}[
+            name
+        ]
         try:
             state = enum.get_state_dict(progress=False)
         except Exception as exc:
@@ -169,16 +224,26 @@ def _load_backbone_weights(module: nn.Module, weights: str | None, name: str) ->
 
         loc = storage.resolve(weights)
         # weights_only: a weights file from elsewhere must never run code when loaded.
-        state = torch.load(io.BytesIO(storage.read_bytes(loc.fs, loc.path)), map_location="cpu", weights_only=True)
+        state = torch.load(
+            io.BytesIO(storage.read_bytes(loc.fs, loc.path)), map_location="cpu", weights_only=True
+        )
     missing, _ = module.load_state_dict(state, strict=False)
     if [k for k in missing if not k.startswith(("fc.", "classifier."))]:
         raise ValueError(f"{weights}: not a {name} state dict (missing {missing[:3]} ...)")
 
 
-def vgg16(num_classes: int = 2, image_size: int = 150, filters: int = 512, dropout: float | None = None,
-          conv_dropout: float | None = None, pretrained_weights: str | None = None,
-          unfreeze_top: bool = False) -> nn.Module:
-    """VGG16 convolutional base (frozen) + the seed's head: dense 512, dropout 0.5, dense 256, dropout 0.2."""
+def vgg16(
+    num_classes: int = 2,
+    image_size: int = 150,
+    head_units: int = 512,
+    dropout: float | None = None,
+    pretrained_weights: str | None = None,
+    unfreeze_top: bool = False,
+) -> nn.Module:
+    """VGG16 convolutional base (frozen) + the recipe's head: dense 512, dropout 0.5, dense 256, dropout 0.2.
+
+    ``dropout`` replaces the first dropout; the second stays the recipe's 0.2.
+    """
     from torchvision.models import vgg16 as tv_vgg16
 
     base = tv_vgg16(weights=None)
@@ -186,25 +251,36 @@ def vgg16(num_classes: int = 2, image_size: int = 150, filters: int = 512, dropo
     side = _spatial(image_size, [("pool", 2)] * 5)
     head = nn.Sequential(
         nn.Flatten(),
-        nn.Linear(512 * side * side, filters), nn.ReLU(inplace=True), nn.Dropout(0.5 if dropout is None else dropout),
-        nn.Linear(filters, 256), nn.ReLU(inplace=True), nn.Dropout(0.2 if conv_dropout is None else conv_dropout),
+        nn.Linear(512 * side * side, head_units),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5 if dropout is None else dropout),
+        nn.Linear(head_units, 256),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.2),
         nn.Linear(256, _out_units(num_classes, True)),
     )
     return Transfer(base.features, head, base.features[24:], unfreeze_top)
 
 
-def resnet18(num_classes: int = 2, image_size: int = 224, filters: int = 256, dropout: float | None = None,
-             conv_dropout: float | None = None, pretrained_weights: str | None = None,
-             unfreeze_top: bool = False) -> nn.Module:
-    """ResNet-18 (frozen) without its classifier + a head: dense ``filters``, dropout, dense classes."""
+def resnet18(
+    num_classes: int = 2,
+    image_size: int = 224,
+    head_units: int = 256,
+    dropout: float | None = None,
+    pretrained_weights: str | None = None,
+    unfreeze_top: bool = False,
+) -> nn.Module:
+    """ResNet-18 (frozen) without its classifier + a head: dense ``head_units``, dropout, dense classes."""
     from torchvision.models import resnet18 as tv_resnet18
 
     base = tv_resnet18(weights=None)
     _load_backbone_weights(base, pretrained_weights, "resnet18")
     base.fc = nn.Identity()
     head = nn.Sequential(
-        nn.Linear(512, filters), nn.ReLU(inplace=True), nn.Dropout(0.5 if dropout is None else dropout),
-        nn.Linear(filters, num_classes),
+        nn.Linear(512, head_units),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5 if dropout is None else dropout),
+        nn.Linear(head_units, num_classes),
     )
     return Transfer(base, head, base.layer4, unfreeze_top)
 
@@ -220,18 +296,30 @@ ZOO: dict[str, ModelSpec] = {
 TRANSFER = {"vgg16", "resnet18"}
 
 
-def build_model(name: str, num_classes: int, image_size: int, *, filters: int | None = None,
-                dropout: float | None = None, conv_dropout: float | None = None,
-                pretrained_weights: str | None = None, unfreeze_top: bool = False) -> nn.Module:
-    """Build a zoo model by name; ``filters=None`` keeps the seed's width."""
+def build_model(
+    name: str,
+    num_classes: int,
+    image_size: int,
+    *,
+    filters: int | None = None,
+    head_units: int | None = None,
+    dropout: float | None = None,
+    conv_dropout: float | None = None,
+    pretrained_weights: str | None = None,
+    unfreeze_top: bool = False,
+) -> nn.Module:
+    """Build a zoo model by name; a width or dropout left None keeps the recipe's."""
     if name not in ZOO:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ZOO)}")
-    kwargs: dict = {"num_classes": num_classes, "image_size": image_size, "dropout": dropout,
-                    "conv_dropout": conv_dropout}
-    if filters is not None:
-        kwargs["filters"] = filters
+    kwargs: dict = {"num_classes": num_classes, "image_size": image_size, "dropout": dropout}
     if name in TRANSFER:
         kwargs.update(pretrained_weights=pretrained_weights, unfreeze_top=unfreeze_top)
+        if head_units is not None:
+            kwargs["head_units"] = head_units
+    else:
+        kwargs["conv_dropout"] = conv_dropout
+        if filters is not None:
+            kwargs["filters"] = filters
     return ZOO[name].build(**kwargs)
 
 
@@ -240,15 +328,21 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def zoo_table() -> list[dict]:
-    """Each zoo model at its seed's size and class count, with parameter counts."""
+    """Each zoo model at its recipe's size and class count, with parameter counts and its width key."""
     rows = []
     for name, spec in ZOO.items():
         model = build_model(name, spec.num_classes, spec.image_size)
-        rows.append({
-            "name": name, "source": spec.source, "image_size": spec.image_size,
-            "num_classes": spec.num_classes, "parameters": count_parameters(model),
-            "trainable": count_parameters(model, trainable_only=True),
-        })
+        rows.append(
+            {
+                "name": name,
+                "source": spec.source,
+                "image_size": spec.image_size,
+                "num_classes": spec.num_classes,
+                "parameters": count_parameters(model),
+                "trainable": count_parameters(model, trainable_only=True),
+                "width_key": "model.head_units" if name in TRANSFER else "model.filters",
+            }
+        )
     return rows
 
 

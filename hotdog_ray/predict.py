@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hotdog_ray.images import ImageError, open_for_model, resize, to_model_input
+from hotdog_ray.images import MAX_PIXELS, ImageError, open_for_model, resize, to_model_input
 from hotdog_ray.models import last_conv_layer, probabilities
 
 if TYPE_CHECKING:
+    from hotdog_ray.bundle import ModelBundle
     from hotdog_ray.config import Config
-    from hotdog_ray.tracking import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,12 @@ class Prediction:
     top_k: list[dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "probability": self.probability, "probabilities": self.probabilities,
-                "top_k": self.top_k}
+        return {
+            "label": self.label,
+            "probability": self.probability,
+            "probabilities": self.probabilities,
+            "top_k": self.top_k,
+        }
 
 
 @dataclass
@@ -54,7 +58,8 @@ def prediction_from(probs: np.ndarray, classes: Sequence[str], k: int) -> Predic
     order = np.argsort(-probs, kind="stable")
     best = int(order[0])
     return Prediction(
-        label=classes[best], probability=float(probs[best]),
+        label=classes[best],
+        probability=float(probs[best]),
         probabilities={c: float(p) for c, p in zip(classes, probs)},
         top_k=[{"label": classes[i], "probability": float(probs[i])} for i in order[:k]],
     )
@@ -63,8 +68,15 @@ def prediction_from(probs: np.ndarray, classes: Sequence[str], k: int) -> Predic
 class Predictor:
     """A loaded model and the exact preprocessing it was trained with."""
 
-    def __init__(self, bundle: "ModelBundle", *, device: str | torch.device | None = None,
-                 max_pixels: int = 50_000_000, min_side: int = 8, top_k: int = 5) -> None:
+    def __init__(
+        self,
+        bundle: "ModelBundle",
+        *,
+        device: str | torch.device | None = None,
+        max_pixels: int = MAX_PIXELS,
+        min_side: int = 8,
+        top_k: int = 5,
+    ) -> None:
         self.bundle = bundle
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = bundle.model.to(self.device).eval()
@@ -73,11 +85,11 @@ class Predictor:
     @classmethod
     def from_config(cls, cfg: "Config", ref: str | None = None, **kwargs: Any) -> "Predictor":
         """Load ``ref`` (default ``serve.model_uri``, else the registry's alias or newest version)."""
-        from hotdog_ray import tracking
+        from hotdog_ray import registry
 
-        ref = ref or cfg.serve.model_uri or tracking.default_model_ref(cfg)
+        ref = ref or cfg.serve.model_uri or registry.default_model_ref(cfg.tracking)
         log.info("loading model %s", ref)
-        predictor = cls(tracking.load_model(cfg, ref), **kwargs)
+        predictor = cls(registry.load_model(cfg.tracking, ref), **kwargs)
         predictor.bundle.meta.setdefault("ref", ref)
         return predictor
 
@@ -93,14 +105,23 @@ class Predictor:
     def info(self) -> dict[str, Any]:
         """Name, version, classes and input of the model (what ``GET /model`` shows)."""
         meta = self.bundle.meta
-        return {"name": meta.get("registered_model", meta["name"]), "version": meta.get("version"),
-                "architecture": meta["name"], "ref": meta.get("ref"), "run_id": meta.get("run_id"),
-                "classes": self.classes, "image_size": self.image_size, "rescale": meta["rescale"]}
+        return {
+            "name": meta.get("registered_model", meta["name"]),
+            "version": meta.get("version"),
+            "architecture": meta["name"],
+            "ref": meta.get("ref"),
+            "run_id": meta.get("run_id"),
+            "classes": self.classes,
+            "image_size": self.image_size,
+            "rescale": meta["rescale"],
+        }
 
     def open(self, data: bytes, *, draft: bool = True) -> Image.Image:
         """Decode to an upright RGB image, or raise :class:`ImageError` (empty, not an image, truncated,
         too large, too small). ``draft`` lets JPEGs decode at reduced size, as training does."""
-        return open_for_model(data, self.image_size, max_pixels=self.max_pixels, min_side=self.min_side, draft=draft)
+        return open_for_model(
+            data, self.image_size, max_pixels=self.max_pixels, min_side=self.min_side, draft=draft
+        )
 
     def preprocess(self, data: bytes) -> np.ndarray:
         """Bytes to the model's HWC uint8 input, exactly as training decodes them."""
@@ -112,8 +133,10 @@ class Predictor:
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
         # np.require copies only what PIL left read-only (torch wants writable memory)
-        x = to_model_input(torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device),
-                           self.bundle.meta["rescale"])
+        x = to_model_input(
+            torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device),
+            self.bundle.meta["rescale"],
+        )
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.model(x)
         return probabilities(logits).cpu().numpy()
@@ -121,19 +144,6 @@ class Predictor:
     def predict(self, data: bytes) -> Prediction:
         """One image's prediction; raises :class:`ImageError` on bad bytes."""
         return self.predictions(self.predict_arrays(self.preprocess(data)[None]))[0]
-
-    def predict_many(self, items: Sequence[bytes]) -> list[Prediction | ImageError]:
-        """A prediction or the decoding error for each item, in order, with one forward pass."""
-        arrays: list[np.ndarray] = []
-        out: list[Prediction | ImageError | None] = []
-        for data in items:
-            try:
-                arrays.append(self.preprocess(data))
-                out.append(None)
-            except ImageError as err:
-                out.append(err)
-        preds = iter(self.predictions(self.predict_arrays(np.stack(arrays)) if arrays else np.zeros((0, 0))))
-        return [next(preds) if o is None else o for o in out]
 
     def predictions(self, probs: np.ndarray) -> list[Prediction]:
         return [prediction_from(row, self.classes, self.top_k) for row in probs]
@@ -144,13 +154,20 @@ class Predictor:
         img = self.open(data, draft=False)  # the photo at full size, to draw on
         prediction = self.predict_arrays(arr[None])[0]
         target = int(np.argmax(prediction))
-        x = to_model_input(torch.from_numpy(np.require(arr[None], requirements=["C", "W"])).to(self.device),
-                           self.bundle.meta["rescale"])
+        x = to_model_input(
+            torch.from_numpy(np.require(arr[None], requirements=["C", "W"])).to(self.device),
+            self.bundle.meta["rescale"],
+        )
         heatmap = grad_cam(self.model, x, target)
         scale = display_size / max(img.size)
-        shown = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR) \
-            if scale < 1 else img
-        return Explanation(self.predictions(prediction[None])[0], heatmap, overlay_png(np.asarray(shown), heatmap))
+        shown = (
+            img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+            if scale < 1
+            else img
+        )
+        return Explanation(
+            self.predictions(prediction[None])[0], heatmap, overlay_png(np.asarray(shown), heatmap)
+        )
 
 
 def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: int) -> np.ndarray:
@@ -189,8 +206,12 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> 
     from matplotlib import colormaps
 
     h, w = image.shape[:2]
-    cam = np.asarray(Image.fromarray((heatmap * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
-                     dtype=np.float32) / 255.0
+    cam = (
+        np.asarray(
+            Image.fromarray((heatmap * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR), dtype=np.float32
+        )
+        / 255.0
+    )
     colours = colormaps["jet"](cam)[..., :3] * 255.0
     blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
     buf = io.BytesIO()

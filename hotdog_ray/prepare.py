@@ -2,7 +2,7 @@
 
 * :func:`write_sample`: scikit-learn's handwritten digits (1,797 real 8x8 scans, bundled with
   scikit-learn, no download) as PNG files, split once with a fixed stratified split.
-* :func:`prepare`: the raw layouts of the seed tutorials, split deterministically by a seed.
+* :func:`prepare`: the raw layouts of the recipe tutorials, split deterministically by a random seed.
 
 Every destination may be a local path or an object-store URI.
 """
@@ -16,23 +16,19 @@ import posixpath
 import random
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Literal
+from typing import Iterable
 
 import numpy as np
 
 from hotdog_ray import storage
+from hotdog_ray.errors import PrepareError
 
 log = logging.getLogger(__name__)
 
-Layout = Literal["split-folders", "food101", "filename-labels"]
 LAYOUTS: tuple[str, ...] = ("split-folders", "food101", "filename-labels")
 
 # (split, class, file name) -> bytes, or a source path to copy.
 Plan = list[tuple[str, str, str, "bytes | str"]]
-
-
-class PrepareError(ValueError):
-    """The source does not have the layout it was said to have."""
 
 
 def parse_ratios(text: str | Iterable[float]) -> tuple[float, float, float]:
@@ -56,12 +52,17 @@ def split_items(items: list[str], ratios: tuple[float, float, float], seed: int)
     n = len(items)
     n_val = round(n * ratios[1])
     n_test = round(n * ratios[2])
-    out = {"validation": items[:n_val], "test": items[n_val : n_val + n_test], "train": items[n_val + n_test :]}
+    out = {
+        "validation": items[:n_val],
+        "test": items[n_val : n_val + n_test],
+        "train": items[n_val + n_test :],
+    }
     return {k: v for k, v in out.items() if v}
 
 
 def _write_plan(src_fs, dest: storage.Location, plan: Plan, workers: int = 16) -> dict[str, int]:
     """Write every planned file (bytes, or a path on ``src_fs`` to copy); returns counts per split."""
+
     def one(item: tuple[str, str, str, bytes | str]) -> None:
         split, cls, name, payload = item
         data = payload if isinstance(payload, bytes) else storage.read_bytes(src_fs, payload)
@@ -98,9 +99,7 @@ def sample_plan(seed: int = 0, ratios: tuple[float, float, float] = (0.7, 0.15, 
     # Scans hold 0..16; stretch to the full 8-bit range so the PNGs look like what they are.
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     index = np.arange(len(pixels))
-    train_idx, rest = train_test_split(
-        index, train_size=ratios[0], stratify=digits.target, random_state=seed
-    )
+    train_idx, rest = train_test_split(index, train_size=ratios[0], stratify=digits.target, random_state=seed)
     val_share = ratios[1] / (ratios[1] + ratios[2])
     val_idx, test_idx = train_test_split(
         rest, train_size=val_share, stratify=digits.target[rest], random_state=seed
@@ -125,12 +124,14 @@ def write_sample(dest_uri: str, *, seed: int = 0) -> dict[str, int]:
     ours = {posixpath.join(dest.path, split, cls, name) for split, cls, name, _ in plan}
     foreign = [p for p in storage.list_files(dest) if p not in ours]
     if foreign:
-        raise PrepareError(f"destination {dest.uri} holds other files ({foreign[0]}, ...); choose a new folder")
+        raise PrepareError(
+            f"destination {dest.uri} holds other files ({foreign[0]}, ...); choose a new folder"
+        )
     return _write_plan(None, dest, plan)
 
 
 # ---------------------------------------------------------------------------------------------
-# The seeds' raw layouts
+# The recipes' raw layouts
 
 
 def plan_split_folders(src: storage.Location, ratios: tuple[float, float, float], seed: int) -> Plan:
@@ -162,9 +163,13 @@ def plan_food101(src: storage.Location, val_ratio: float, seed: int) -> Plan:
     plan: Plan = []
     for part, by_class in meta.items():
         for cls, ids in sorted(by_class.items()):
-            # Ids are "<class>/<number>" without the extension, as in the seed.
+            # Ids are "<class>/<number>" without the extension, as in the recipe.
             files = [posixpath.join(src.path, "images", f"{i}.jpg") for i in ids]
-            splits = split_items(files, (1 - val_ratio, val_ratio, 0.0), seed) if part == "train" else {"test": files}
+            splits = (
+                split_items(files, (1 - val_ratio, val_ratio, 0.0), seed)
+                if part == "train"
+                else {"test": files}
+            )
             for split, paths in splits.items():
                 plan.extend((split, cls, posixpath.basename(p), p) for p in paths)
     return plan

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hotdog_ray.config import Config
+    from hotdog_ray.tracking import Run
 
 log = logging.getLogger(__name__)
 
@@ -43,56 +44,89 @@ def decide(metric: str, candidate: float, champion: float | None) -> tuple[bool,
     return False, f"candidate {metric} {candidate:.4f} does not beat champion {champion:.4f}"
 
 
-def promote(cfg: "Config", run_id: str, *, data_root: str | None = None, record_run_id: str | None = None) -> Decision:
+def promote(
+    cfg: "Config", run_id: str, *, data_root: str | None = None, record: "Run | None" = None
+) -> Decision:
     """Evaluate the model logged by ``run_id`` and the current champion on the test split of
     ``data_root`` (default ``data.root``); register the candidate and move the alias only if it wins.
 
-    The comparison is recorded on ``record_run_id`` (a sweep's parent run) when given.
+    The comparison is recorded on ``record`` (a sweep's run) when given.
     """
-    from hotdog_ray import tracking
+    from hotdog_ray import registry
     from hotdog_ray.evaluate import evaluate_model
 
-    metric = cfg.tune.promote_metric
-    candidate = tracking.load_model(cfg, f"runs:/{run_id}")
+    tracking, metric = cfg.tracking, cfg.tune.promote_metric
+    candidate = registry.load_model(tracking, f"runs:/{run_id}")
     cand_score = float(evaluate_model(cfg, candidate, root=data_root)[metric])
-    champ_version = tracking.alias_version(cfg)
-    champ_score = None
-    if champ_version is not None:
-        if tracking.version_run_id(cfg, champ_version) == run_id:
-            return _record(cfg, record_run_id, Decision(False, "the candidate already is the champion", metric,
-                                                        run_id, cand_score, champ_version, cand_score, champ_version))
-        champion = tracking.load_model(cfg, f"models:/{cfg.tracking.registered_model}/{champ_version}")
+    champ_version = registry.alias_version(tracking)
+    if champ_version is None:
+        champ_score = None
+    elif registry.version_run_id(tracking, champ_version) == run_id:
+        return _record(
+            record,
+            Decision(
+                False,
+                "the candidate already is the champion",
+                metric,
+                run_id,
+                cand_score,
+                champ_version,
+                cand_score,
+                champ_version,
+            ),
+        )
+    else:
+        champion = registry.load_model(tracking, f"models:/{tracking.registered_model}/{champ_version}")
         if champion.classes != candidate.classes:
-            return _record(cfg, record_run_id, Decision(
-                False, f"champion version {champ_version} predicts other classes ({champion.classes}); "
-                       f"not comparable, use `hotdog promote --force VERSION`",
-                metric, run_id, cand_score, champ_version, None, champ_version))
+            return _record(
+                record,
+                Decision(
+                    False,
+                    f"champion version {champ_version} predicts other classes ({champion.classes}); "
+                    f"not comparable, use `hotdog promote --force VERSION`",
+                    metric,
+                    run_id,
+                    cand_score,
+                    champ_version,
+                    None,
+                    champ_version,
+                ),
+            )
         champ_score = float(evaluate_model(cfg, champion, root=data_root)[metric])
     promoted, reason = decide(metric, cand_score, champ_score)
     version = champ_version
     if promoted:
-        version = tracking.register_run_model(cfg, run_id)
-        tracking.set_alias(cfg, version)
-    decision = Decision(promoted, reason, metric, run_id, cand_score, champ_version, champ_score, version)
+        version = registry.register(tracking, run_id)
+        registry.set_alias(tracking, version)
     log.info("promotion: %s (%s)", "promoted" if promoted else "kept the champion", reason)
-    return _record(cfg, record_run_id, decision)
+    return _record(
+        record, Decision(promoted, reason, metric, run_id, cand_score, champ_version, champ_score, version)
+    )
 
 
 def force(cfg: "Config", version: str) -> Decision:
     """Point the alias at ``version`` without evaluating: for humans (rollbacks, hotfixes)."""
-    from hotdog_ray import tracking
+    from hotdog_ray import registry
 
-    before = tracking.alias_version(cfg)
-    tracking.set_alias(cfg, version)
-    return Decision(True, f"forced by a human (was version {before})", cfg.tune.promote_metric, f"version {version}",
-                    champion_version=before, version=version)
+    before = registry.alias_version(cfg.tracking)
+    registry.set_alias(cfg.tracking, version)
+    return Decision(
+        True,
+        f"forced by a human (was version {before})",
+        cfg.tune.promote_metric,
+        f"version {version}",
+        champion_version=before,
+        version=version,
+    )
 
 
-def _record(cfg: "Config", run_id: str | None, decision: Decision) -> Decision:
-    from hotdog_ray import tracking
-
-    if run_id:
-        tracking.log_dict(run_id, cfg, decision.as_dict(), "promotion.json")
-        tracking.set_tags(cfg, run_id, {"promotion": "promoted" if decision.promoted else "kept",
-                                        "promotion_reason": decision.reason[:500]})
+def _record(run: "Run | None", decision: Decision) -> Decision:
+    if run is not None:
+        run.log_dict(decision.as_dict(), "promotion.json")
+        run.set_tags(
+            {
+                "promotion": "promoted" if decision.promoted else "kept",
+                "promotion_reason": decision.reason[:500],
+            }
+        )
     return decision

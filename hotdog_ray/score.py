@@ -15,11 +15,16 @@ import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hotdog_ray import storage
 from hotdog_ray.config import Config
+from hotdog_ray.errors import ScoreError
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +32,6 @@ SUMMARY_FILE = "_summary.json"  # leading underscore: Parquet readers skip it
 DECODE_CPUS = 0.5  # each fused read-and-decode task
 WRITE_CPUS = 0.25  # each Parquet write task
 REPLACED = ".replaced"  # suffix, in staging, of a published partition being swapped out
-
-
-class ScoreError(RuntimeError):
-    """The scoring run cannot start or did not account for every input; nothing was published."""
 
 
 def run_date(value: str | dt.date | None) -> dt.date:
@@ -75,8 +76,9 @@ class ScoreSummary:
     mlflow_run_id: str | None = None
 
 
-def decode_for_scoring(batch: dict[str, np.ndarray], *, size: int, max_pixels: int,
-                       min_side: int) -> dict[str, np.ndarray]:
+def decode_for_scoring(
+    batch: dict[str, np.ndarray], *, size: int, max_pixels: int, min_side: int
+) -> dict[str, np.ndarray]:
     """``{"bytes", "path"}`` rows to model input; an undecodable file keeps its row with the reason."""
     from hotdog_ray.images import ImageError, open_for_model, resize
 
@@ -85,11 +87,16 @@ def decode_for_scoring(batch: dict[str, np.ndarray], *, size: int, max_pixels: i
     errors = [""] * n  # "" rather than None: an all-None column would change type between stages
     for i, data in enumerate(batch["bytes"]):
         try:
-            images[i] = resize(open_for_model(bytes(data), size, max_pixels=max_pixels, min_side=min_side), size)
+            images[i] = resize(
+                open_for_model(bytes(data), size, max_pixels=max_pixels, min_side=min_side), size
+            )
         except ImageError as exc:
             errors[i] = str(exc)
-    return {"path": np.asarray([str(p) for p in batch["path"]], dtype=object), "image": images,
-            "error": np.asarray(errors, dtype=object)}
+    return {
+        "path": np.asarray([str(p) for p in batch["path"]], dtype=object),
+        "image": images,
+        "error": np.asarray(errors, dtype=object),
+    }
 
 
 class Scorer:
@@ -99,11 +106,13 @@ class Scorer:
     arrays through the object store, so actors neither import MLflow nor download the model.
     """
 
-    def __init__(self, meta: dict[str, Any], weights: dict[str, np.ndarray], run_id: str, device: str) -> None:
+    def __init__(
+        self, meta: dict[str, Any], weights: dict[str, np.ndarray], run_id: str, device: str
+    ) -> None:
         import torch
 
+        from hotdog_ray.bundle import ModelBundle, build_from_meta
         from hotdog_ray.predict import Predictor
-        from hotdog_ray.tracking import ModelBundle, build_from_meta
 
         # A copy: arrays from the object store are read-only, tensors want writable memory.
         model = build_from_meta(meta, {k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
@@ -125,24 +134,29 @@ class Scorer:
         failed = ~ok
         # Column-wise: building per-row dicts for the map column cost an eighth of the forward pass.
         probabilities = pa.MapArray.from_arrays(
-            np.arange(0, n * k + 1, k, dtype=np.int32), pa.array(np.tile(np.asarray(classes, object), n), pa.string()),
-            pa.array(probs.ravel(), pa.float32()), mask=pa.array(failed))
+            np.arange(0, n * k + 1, k, dtype=np.int32),
+            pa.array(np.tile(np.asarray(classes, object), n), pa.string()),
+            pa.array(probs.ravel(), pa.float32()),
+            mask=pa.array(failed),
+        )
         info = p.info
 
         def same(value: Any, type_: pa.DataType) -> pa.Array:
             return pa.repeat(pa.scalar(value, type_), n)
 
-        return pa.table({
-            "path": pa.array(batch["path"], pa.string()),
-            "label": pa.array(np.asarray(classes, object)[best], pa.string(), mask=failed),
-            "probability": pa.array(probs[np.arange(n), best], pa.float32(), mask=failed),
-            "probabilities": probabilities,
-            "model_name": same(info["name"], pa.string()),
-            "model_version": same(info["version"], pa.string()),
-            "run_id": same(self.run_id, pa.string()),
-            "scored_at": same(dt.datetime.now(dt.timezone.utc), pa.timestamp("us", tz="UTC")),
-            "error": pa.array(errors, pa.string()),
-        })
+        return pa.table(
+            {
+                "path": pa.array(batch["path"], pa.string()),
+                "label": pa.array(np.asarray(classes, object)[best], pa.string(), mask=failed),
+                "probability": pa.array(probs[np.arange(n), best], pa.float32(), mask=failed),
+                "probabilities": probabilities,
+                "model_name": same(info["name"], pa.string()),
+                "model_version": same(info["version"], pa.string()),
+                "run_id": same(self.run_id, pa.string()),
+                "scored_at": same(dt.datetime.now(dt.timezone.utc), pa.timestamp("us", tz="UTC")),
+                "error": pa.array(errors, pa.string()),
+            }
+        )
 
 
 def weights_of(model: Any) -> dict[str, np.ndarray]:
@@ -153,8 +167,6 @@ def weights_of(model: Any) -> dict[str, np.ndarray]:
 def list_inputs(uri: str) -> tuple[Any, list[str]]:
     """(filesystem, paths) of every file under a prefix, or of every line of a list file."""
     import pyarrow.fs as pafs
-
-    from hotdog_ray import storage
 
     loc = storage.resolve(uri)
     info = loc.fs.get_file_info(loc.path)
@@ -167,110 +179,193 @@ def list_inputs(uri: str) -> tuple[Any, list[str]]:
     return loc.fs, storage.list_files(loc)
 
 
-def score(cfg: Config, *, input: str | None = None, output: str | None = None,
-          date: str | dt.date | None = None, model: str | None = None) -> ScoreSummary:
-    """Score a night's images and publish ``<output>/date=YYYY-MM-DD/`` (replacing an earlier run's)."""
-    import ray.data
+@dataclass
+class ScorePlan:
+    """What one scoring run reads and where it writes, fixed before any work starts."""
 
-    from hotdog_ray import storage, tracking
-    from hotdog_ray.data import read_bytes_dataset
-    from hotdog_ray.runtime import init_ray
+    day: dt.date
+    input: str
+    fs: Any  # the input files' filesystem
+    paths: list[str]
+    out: Any  # storage.Location of the Parquet root
+    run_id: str
+
+    @property
+    def staging(self):
+        return self.out.join("_staging", f"{partition_name(self.day)}-{self.run_id}")
+
+    @property
+    def final(self):
+        return self.out.join(partition_name(self.day))
+
+
+def plan(cfg: Config, input: str | None, output: str | None, date: str | dt.date | None) -> ScorePlan:
+    """Resolve the run's date, input files and output location; raises :class:`ScoreError` when unusable."""
 
     day = run_date(date)
     input, output = input or cfg.score.input, output or cfg.score.output
     if not input or not output:
         raise ScoreError("give the input and output (--input/--output or score.input/score.output)")
-    in_uri, out_uri = expand(input, day), expand(output, day).rstrip("/")
+    in_uri = expand(input, day)
     fs, paths = list_inputs(in_uri)
-    ref = model or cfg.serve.model_uri or tracking.default_model_ref(cfg)
-    key = tracking.resolve_model_ref(cfg, ref)  # every actor scores the same version, even if the alias moves
-    run_id = f"{day.isoformat()}-{uuid.uuid4().hex[:8]}"
-    out = storage.resolve(out_uri)
-    staging, final = out.join("_staging", f"{partition_name(day)}-{run_id}"), out.join(partition_name(day))
-    restore_interrupted_publish(out, day)
-    log.info("scoring %d files from %s with %s into %s", len(paths), in_uri, key, final.uri)
-    init_ray()
-    _check_cpus(cfg)
-    t0 = time.perf_counter()
+    out = storage.resolve(expand(output, day).rstrip("/"))
+    return ScorePlan(day, in_uri, fs, paths, out, f"{day.isoformat()}-{uuid.uuid4().hex[:8]}")
 
+
+def score(
+    cfg: Config,
+    *,
+    input: str | None = None,
+    output: str | None = None,
+    date: str | dt.date | None = None,
+    model: str | None = None,
+) -> ScoreSummary:
+    """Score a night's images and publish ``<output>/date=YYYY-MM-DD/`` (replacing an earlier run's)."""
+    from hotdog_ray import registry, tracking
     from hotdog_ray.predict import Predictor
+    from hotdog_ray.runtime import init_ray
 
-    probe = Predictor.from_config(cfg, key, device="cpu")  # fails here, before any work, if the model is missing
-    size = probe.image_size
-    if paths:
-        # Reading and decoding share their resources so that Ray Data fuses them into one task (bytes
-        # never cross the object store), and that half a CPU each leaves room beside the model actors.
-        ds = read_bytes_dataset(paths, fs, cfg.data.files_per_task, num_cpus=DECODE_CPUS).map_batches(
-            decode_for_scoring, fn_kwargs={"size": size, "max_pixels": cfg.data.max_image_pixels,
-                                           "min_side": cfg.serve.min_image_side},
-            batch_size=None, num_cpus=DECODE_CPUS,
-        ).map_batches(
-            Scorer, fn_constructor_kwargs={"meta": probe.bundle.meta, "weights": weights_of(probe.model),
-                                           "run_id": run_id, "device": "cuda" if cfg.score.gpus_per_actor else "cpu"},
-            compute=ray.data.ActorPoolStrategy(size=cfg.score.num_actors), batch_size=cfg.score.batch_size,
-            num_cpus=cfg.score.cpus_per_actor, num_gpus=cfg.score.gpus_per_actor or None,
-        )
-        # Ray Data's per-operator reservations hold back CPUs for the model actors that they do not
-        # use while decoding is the bottleneck: on 2 CPUs decoding ran one task at a time, and the
-        # job was 35-45% slower on photos (bench/RESULTS.md). Memory stays bounded by backpressure.
-        ds.context.op_resource_reservation_enabled = False
+    job = plan(cfg, input, output, date)
+    ref = model or cfg.serve.model_uri or registry.default_model_ref(cfg.tracking)
+    key = registry.resolve_model_ref(
+        cfg.tracking, ref
+    )  # every actor scores the same version, even if the alias moves
+    restore_interrupted_publish(job.out, job.day)
+    log.info("scoring %d files from %s with %s into %s", len(job.paths), job.input, key, job.final.uri)
+    init_ray()
+    check_cpus(cfg)
+    t0 = time.perf_counter()
+    predictor = Predictor.from_config(
+        cfg, key, device="cpu"
+    )  # fails here, before any work, if the model is missing
+    if job.paths:
         # Writes take a quarter CPU: at 1 CPU they could not start beside the model actors and the
         # decoding tasks, so every block waited in the object store until the model was done.
-        ds.write_parquet(staging.path, filesystem=out.fs, ray_remote_args={"num_cpus": WRITE_CPUS})
-    rows, failed = _count(out.fs, staging.path)
-    if rows != len(paths):
-        raise ScoreError(f"wrote {rows} rows for {len(paths)} files; nothing published (staging: {staging.uri})")
-    seconds = time.perf_counter() - t0
-    summary = ScoreSummary(
-        date=day.isoformat(), input=in_uri, output=final.uri, files=len(paths), scored=rows - failed,
-        failed=failed, seconds=round(seconds, 3), images_per_s=round(len(paths) / max(seconds, 1e-9), 1),
-        model=probe.info["name"], model_version=probe.info["version"], run_id=run_id,
-    )
+        scoring_dataset(cfg, job, predictor).write_parquet(
+            job.staging.path, filesystem=job.out.fs, ray_remote_args={"num_cpus": WRITE_CPUS}
+        )
+    summary = _summary(job, predictor, time.perf_counter() - t0)
+
     # The MLflow run first, so that the summary beside the Parquet names it.
-    summary.mlflow_run_id = tracking.start_run(cfg, run_name=f"score-{run_id}", tags={
-        "kind": "scoring", "date": summary.date, "input": in_uri, "output": final.uri,
-        "model_version": summary.model_version or ""})
-    try:
-        storage.write_bytes(out.fs, f"{staging.path}/{SUMMARY_FILE}", json.dumps(asdict(summary), indent=2).encode())
-        _publish(out.fs, staging.path, final.path)
-        _clean_stale_staging(out, day)
-    except BaseException:
-        tracking.end_run(cfg, summary.mlflow_run_id, status="FAILED")
-        raise
-    _track(cfg, summary)
-    log.info("published %s: %d scored, %d failed, %.1f images/s", final.uri, summary.scored, summary.failed,
-             summary.images_per_s)
+    with tracking.run(
+        cfg.tracking,
+        name=f"score-{job.run_id}",
+        tags={
+            "kind": "scoring",
+            "date": summary.date,
+            "input": job.input,
+            "output": job.final.uri,
+            "model_version": summary.model_version or "",
+        },
+    ) as mlflow_run:
+        summary.mlflow_run_id = mlflow_run.id
+        storage.write_bytes(
+            job.out.fs, f"{job.staging.path}/{SUMMARY_FILE}", json.dumps(asdict(summary), indent=2).encode()
+        )
+        publish(job.out.fs, job.staging.path, job.final.path)
+        _clean_stale_staging(job.out, job.day)
+        mlflow_run.log_metrics(
+            {
+                "files": summary.files,
+                "scored": summary.scored,
+                "failed": summary.failed,
+                "seconds": summary.seconds,
+                "images_per_s": summary.images_per_s,
+            }
+        )
+        mlflow_run.log_dict(asdict(summary), "summary.json")
+    log.info(
+        "published %s: %d scored, %d failed, %.1f images/s",
+        job.final.uri,
+        summary.scored,
+        summary.failed,
+        summary.images_per_s,
+    )
     return summary
 
 
-def _check_cpus(cfg: Config) -> None:
+def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any) -> "ray.data.Dataset":
+    """Read, decode and score ``job.paths``: one output row per input file."""
+    import ray.data
+
+    from hotdog_ray.data import read_bytes_dataset
+
+    # Reading and decoding share their resources so that Ray Data fuses them into one task (bytes
+    # never cross the object store), and that half a CPU each leaves room beside the model actors.
+    ds = (
+        read_bytes_dataset(job.paths, job.fs, cfg.data.files_per_task, num_cpus=DECODE_CPUS)
+        .map_batches(
+            decode_for_scoring,
+            fn_kwargs={
+                "size": predictor.image_size,
+                "max_pixels": cfg.data.max_image_pixels,
+                "min_side": cfg.serve.min_image_side,
+            },
+            batch_size=None,
+            num_cpus=DECODE_CPUS,
+        )
+        .map_batches(
+            Scorer,
+            fn_constructor_kwargs={
+                "meta": predictor.bundle.meta,
+                "weights": weights_of(predictor.model),
+                "run_id": job.run_id,
+                "device": "cuda" if cfg.score.gpus_per_actor else "cpu",
+            },
+            compute=ray.data.ActorPoolStrategy(size=cfg.score.num_actors),
+            batch_size=cfg.score.batch_size,
+            num_cpus=cfg.score.cpus_per_actor,
+            num_gpus=cfg.score.gpus_per_actor or None,
+        )
+    )
+    # Ray Data's per-operator reservations hold back CPUs for the model actors that they do not
+    # use while decoding is the bottleneck: on 2 CPUs decoding ran one task at a time, and the
+    # job was markedly slower on photos (bench/RESULTS.md). Memory stays bounded by backpressure.
+    ds.context.op_resource_reservation_enabled = False
+    return ds
+
+
+def _summary(job: ScorePlan, predictor: Any, seconds: float) -> ScoreSummary:
+    """The run's counts; raises :class:`ScoreError` (nothing published) unless every file has a row."""
+    rows, failed = _count(job.out.fs, job.staging.path)
+    if rows != len(job.paths):
+        raise ScoreError(
+            f"wrote {rows} rows for {len(job.paths)} files; nothing published (staging: {job.staging.uri})"
+        )
+    return ScoreSummary(
+        date=job.day.isoformat(),
+        input=job.input,
+        output=job.final.uri,
+        files=len(job.paths),
+        scored=rows - failed,
+        failed=failed,
+        seconds=round(seconds, 3),
+        images_per_s=round(len(job.paths) / max(seconds, 1e-9), 1),
+        model=predictor.info["name"],
+        model_version=predictor.info["version"],
+        run_id=job.run_id,
+    )
+
+
+def check_cpus(cfg: Config) -> None:
     """Warn when the model actors would hold every CPU: decoding tasks would wait for good."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0)
     wanted = cfg.score.num_actors * cfg.score.cpus_per_actor + DECODE_CPUS
     if cpus and wanted > cpus:
-        log.warning("score.num_actors x score.cpus_per_actor (%g) leaves less than %g of the cluster's %g CPUs "
-                    "for decoding: unless the autoscaler adds nodes the job will stall; lower them",
-                    cfg.score.num_actors * cfg.score.cpus_per_actor, DECODE_CPUS, cpus)
-
-
-def _track(cfg: Config, summary: ScoreSummary) -> None:
-    """Finish the scoring run in MLflow: counts, throughput and the summary."""
-    from hotdog_ray import tracking
-
-    run_id = summary.mlflow_run_id
-    tracking.log_metrics(run_id, cfg, {"files": summary.files, "scored": summary.scored, "failed": summary.failed,
-                                       "seconds": summary.seconds, "images_per_s": summary.images_per_s})
-    tracking.log_dict(run_id, cfg, asdict(summary), "summary.json")
-    tracking.end_run(cfg, run_id)
+        log.warning(
+            "score.num_actors x score.cpus_per_actor (%g) leaves less than %g of the cluster's %g CPUs "
+            "for decoding: unless the autoscaler adds nodes the job will stall; lower them",
+            cfg.score.num_actors * cfg.score.cpus_per_actor,
+            DECODE_CPUS,
+            cpus,
+        )
 
 
 def _clean_stale_staging(out, day: dt.date) -> None:
     """Remove what killed runs of this date left in staging (their data was never published)."""
     import pyarrow.fs as pafs
-
-    from hotdog_ray import storage
 
     root = out.join("_staging")
     for name in storage.list_dirs(root):
@@ -293,7 +388,7 @@ def _count(fs, path: str) -> tuple[int, int]:
     return table.num_rows, table.num_rows - int(pc.sum(pc.is_null(table["error"])).as_py() or 0)
 
 
-def _publish(fs, staging: str, final: str) -> None:
+def publish(fs, staging: str, final: str) -> None:
     """Replace ``final`` by ``staging`` so that a crash at any point loses no published row.
 
     Local filesystems: two renames (the old partition aside into staging, the new one in), then the
@@ -314,11 +409,21 @@ def _publish(fs, staging: str, final: str) -> None:
         if exists:
             fs.delete_dir(aside)
         return
-    before = {i.path for i in fs.get_file_info(pafs.FileSelector(final, recursive=True))
-              if i.type == pafs.FileType.File} if exists else set()
+    before = (
+        {
+            i.path
+            for i in fs.get_file_info(pafs.FileSelector(final, recursive=True))
+            if i.type == pafs.FileType.File
+        }
+        if exists
+        else set()
+    )
     pafs.copy_files(staging, final, source_filesystem=fs, destination_filesystem=fs)
-    staged = {i.path.replace(staging, final, 1) for i in fs.get_file_info(pafs.FileSelector(staging, recursive=True))
-              if i.type == pafs.FileType.File}
+    staged = {
+        i.path.replace(staging, final, 1)
+        for i in fs.get_file_info(pafs.FileSelector(staging, recursive=True))
+        if i.type == pafs.FileType.File
+    }
     for path in sorted(before - staged):
         fs.delete_file(path)
     fs.delete_dir(staging)
@@ -328,12 +433,12 @@ def restore_interrupted_publish(out, day: dt.date) -> bool:
     """Put back a partition that a run killed mid-publish left aside in staging (local filesystems)."""
     import pyarrow.fs as pafs
 
-    from hotdog_ray import storage
-
     final, root = out.join(partition_name(day)), out.join("_staging")
     if out.fs.get_file_info(final.path).type != pafs.FileType.NotFound:
         return False
-    aside = [n for n in storage.list_dirs(root) if n.startswith(partition_name(day) + "-") and n.endswith(REPLACED)]
+    aside = [
+        n for n in storage.list_dirs(root) if n.startswith(partition_name(day) + "-") and n.endswith(REPLACED)
+    ]
     if not aside:
         return False
     log.warning("restoring %s, left aside by a run killed while publishing", final.uri)

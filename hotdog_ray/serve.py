@@ -1,9 +1,11 @@
 """Online predictions: a FastAPI app, served by Ray Serve with dynamic batching and hot reload.
 
-The HTTP handlers (:func:`create_api`) and the model holder (:class:`ModelService`) know nothing
-of Ray, so the same handlers also run in one plain uvicorn process (``bench/serve.py``'s
-baseline). :func:`build_app` is the Serve application builder used by ``hotdog serve`` and by
-``serving/serve_config.yaml`` (``serve run`` / ``serve deploy``).
+The HTTP routes (:data:`router`) and the model holder (:class:`ModelService`) know nothing of
+Ray: a route reaches the model through FastAPI dependencies that read the app's state, which
+:func:`create_api` fills, so the same routes also run in one plain uvicorn process
+(``bench/serve.py``'s baseline). :class:`HotdogReplica` is the Serve ingress; :func:`build_app`
+is the Serve application builder used by ``hotdog serve`` and ``serving/serve_config.yaml``.
+Ray Serve is imported at module level: this module only runs where a server runs.
 
 Hot reload: every ``serve.reload_interval_s`` a replica resolves its model reference (the
 registry alias by default) and, when it names another version, loads it beside the old one and
@@ -21,18 +23,16 @@ import os
 import threading
 import time
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import numpy as np
-# At module level: FastAPI resolves the routes' annotations (Request, JSONResponse) in this namespace.
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from ray import serve
 
-from hotdog_ray.config import Config, ServeConfig, from_dict, load_config
-from hotdog_ray.images import ImageError
-
-if TYPE_CHECKING:
-    from hotdog_ray.predict import Predictor
+from hotdog_ray.config import Config, ServeSettings, from_dict, load_config
+from hotdog_ray.errors import ImageError
+from hotdog_ray.predict import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 # Content types a client may post an image as, besides multipart/form-data.
 RAW_TYPES = ("image/", "application/octet-stream")
 
-Infer = Callable[["Predictor", np.ndarray], Awaitable[np.ndarray]]
+Infer = Callable[[Predictor, np.ndarray], Awaitable[np.ndarray]]
 
 
 class ModelService:
@@ -58,12 +58,13 @@ class ModelService:
         self.metrics: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def _resolve(self) -> tuple[str, str]:
-        """(reference to load, its concrete identity): an alias resolves to its current version."""
-        from hotdog_ray import tracking
+    def _resolve(self) -> str:
+        """The concrete model the reference names now: an alias resolves to its current version."""
+        from hotdog_ray import registry
 
-        ref = self.ref or tracking.default_model_ref(self.cfg)
-        return ref, tracking.resolve_model_ref(self.cfg, ref)
+        return registry.resolve_model_ref(
+            self.cfg.tracking, self.ref or registry.default_model_ref(self.cfg.tracking)
+        )
 
     def refresh(self) -> bool:
         """Load the model the reference names now, if it is not the one loaded; True if it switched.
@@ -71,21 +72,25 @@ class ModelService:
         A failure keeps the old model serving (and is logged, and shown by /readyz when no model
         was ever loaded).
         """
-        from hotdog_ray import tracking
-        from hotdog_ray.predict import Predictor
+        from hotdog_ray import registry
 
         with self._lock:  # one load at a time; requests keep using self.predictor meanwhile
             try:
-                ref, key = self._resolve()
+                key = self._resolve()
                 if key == self.key:
                     return False
                 s = self.cfg.serve
-                predictor = Predictor.from_config(self.cfg, key, max_pixels=self.cfg.data.max_image_pixels,
-                                                  min_side=s.min_image_side, top_k=s.top_k,
-                                                  device="cuda" if s.gpus_per_replica > 0 else "cpu")
+                predictor = Predictor.from_config(
+                    self.cfg,
+                    key,
+                    max_pixels=self.cfg.data.max_image_pixels,
+                    min_side=s.min_image_side,
+                    top_k=s.top_k,
+                    device="cuda" if s.gpus_per_replica > 0 else "cpu",
+                )
                 run_id = predictor.bundle.meta.get("run_id")
-                metrics = tracking.run_metrics(self.cfg, run_id) if run_id else {}
-            except Exception as exc:  # noqa: BLE001 - any load failure must leave the old model serving
+                metrics = registry.run_metrics(self.cfg.tracking, run_id) if run_id else {}
+            except Exception as exc:  # noqa: BLE001 - whatever fails (store, download, weights), the old model keeps serving
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("model reload failed, still serving %s: %s", self.key, self.last_error)
                 return False
@@ -106,158 +111,229 @@ class ModelService:
 # HTTP
 
 
-def create_api(get_service: Callable[[], ModelService], cfg: ServeConfig, infer: Infer) -> FastAPI:
-    """The HTTP API and the web page, around whatever ``get_service`` returns.
+class HTTPError(Exception):
+    """An answer with a status and a reason, as ``{"error": reason}``."""
 
-    ``infer`` runs the model on one preprocessed image: Serve passes its batching queue, the
-    baseline a direct call.
-    """
-    app = FastAPI(title="hotdog-ray", version="0.1.0",
-                  description="Image classification: is it a hotdog? Upload a photo, get the label, "
-                              "every class's probability and where the model looked.")
+    def __init__(self, status: int, reason: str) -> None:
+        self.status, self.reason = status, reason
 
-    class HTTPError(Exception):
-        def __init__(self, status: int, reason: str) -> None:
-            self.status, self.reason = status, reason
 
-    @app.exception_handler(HTTPError)
-    async def _http_error(_request: Request, exc: HTTPError) -> JSONResponse:
-        return JSONResponse({"error": exc.reason}, status_code=exc.status)
+async def http_error(_request: Request, exc: HTTPError) -> JSONResponse:
+    return JSONResponse({"error": exc.reason}, status_code=exc.status)
 
-    def ready() -> "Predictor":
-        """The model to answer with; a request keeps it even if a reload swaps in another meanwhile."""
-        service = get_service()
-        predictor = service.predictor
-        if predictor is None:
-            raise HTTPError(503, f"no model loaded yet ({service.last_error or 'loading'})")
-        return predictor
 
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cfg.max_upload_bytes:
-            raise HTTPError(413, f"request body of {declared} bytes is over the limit of {cfg.max_upload_bytes}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cfg.max_upload_bytes:
-                raise HTTPError(413, f"request body is over the limit of {cfg.max_upload_bytes} bytes")
-            chunks.append(chunk)
-        request._body = b"".join(chunks)  # starlette parses forms from the cached body
-        return request._body
+def current_service(request: Request) -> ModelService:
+    return request.app.state.service
 
-    async def images_of(request: Request, max_images: int) -> list[tuple[str, bytes]]:
-        """(name, bytes) of every image in the request: multipart files, or the raw body."""
-        body = await read_body(request)
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            try:
-                form = await request.form(max_files=max_images, max_fields=max_images + 16)
-            except Exception as exc:  # noqa: BLE001 - malformed multipart, or too many parts
-                detail = str(getattr(exc, "detail", exc))
-                if "Too many files" in detail:
-                    raise HTTPError(400, f"too many images: the limit is {max_images} per request") from None
-                raise HTTPError(400, f"malformed multipart body: {detail}") from None
-            files = [(f.filename or key, await f.read()) for key, f in form.multi_items() if hasattr(f, "read")]
-            if not files:
-                raise HTTPError(400, "no file in the multipart body (send the image as a file field)")
-        elif ctype.startswith(RAW_TYPES) or (not ctype and body):
-            files = [("body", body)]
-        else:
-            raise HTTPError(415, f"content type {ctype or 'none'!r} is not an image: send image/*, "
-                                 "application/octet-stream or multipart/form-data")
-        if len(files) > max_images:
-            raise HTTPError(400, f"too many images: {len(files)} in one request, the limit is {max_images}")
-        return files
 
-    async def predict_one(predictor: "Predictor", data: bytes) -> dict[str, Any]:
-        array = await asyncio.to_thread(predictor.preprocess, data)
-        probs = await infer(predictor, array)
-        return predictor.predictions(probs[None])[0].to_dict()
+def settings(request: Request) -> ServeSettings:
+    return request.app.state.settings
 
-    def body_doc(field: str, many: bool) -> dict[str, Any]:
-        """OpenAPI for a body the handler reads itself: multipart file(s), or (one image) the raw bytes."""
-        binary = {"type": "string", "format": "binary"}
-        part = {"type": "array", "items": binary} if many else binary
-        content: dict[str, Any] = {"multipart/form-data": {"schema": {
-            "type": "object", "properties": {field: part}, "required": [field]}}}
-        if not many:
-            content["image/*"] = {"schema": binary}
-        return {"requestBody": {"required": True, "content": content}}
 
-    errors = {code: {"description": text, "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"error": {"type": "string"}}}}}}
-        for code, text in ((400, "too many images, or no file"), (413, "body over serve.max_upload_bytes"),
-                           (415, "content type is not an image"), (422, "not a usable image (the reason says why)"),
-                           (503, "no model loaded yet"))}
+def loaded_predictor(service: ModelService = Depends(current_service)) -> Predictor:
+    """The model to answer with; a request keeps it even if a reload swaps in another meanwhile."""
+    predictor = service.predictor
+    if predictor is None:
+        raise HTTPError(503, f"no model loaded yet ({service.last_error or 'loading'})")
+    return predictor
 
-    async def on_one_image(request: Request, work: Callable[["Predictor", bytes], Awaitable[dict[str, Any]]]):
-        """The POST endpoints that take one image: read it, run ``work``, and turn bad bytes into a 422."""
-        predictor = ready()
-        (name, data), = await images_of(request, 1)
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, f"request body of {declared} bytes is over the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    request._body = b"".join(chunks)  # starlette parses forms from the cached body
+    return request._body
+
+
+async def images_of(request: Request, max_images: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every image in the request: multipart files, or the raw body."""
+    body = await read_body(request, settings(request).max_upload_bytes)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        files = await _multipart_files(request, max_images)
+    elif ctype.startswith(RAW_TYPES) or (not ctype and body):
+        files = [("body", body)]
+    else:
+        raise HTTPError(
+            415,
+            f"content type {ctype or 'none'!r} is not an image: send image/*, "
+            "application/octet-stream or multipart/form-data",
+        )
+    if len(files) > max_images:
+        raise HTTPError(400, f"too many images: {len(files)} in one request, the limit is {max_images}")
+    return files
+
+
+async def _multipart_files(request: Request, max_images: int) -> list[tuple[str, bytes]]:
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    try:
+        form = await request.form(max_files=max_images, max_fields=max_images + 16)
+    except (MultiPartException, HTTPException) as exc:  # malformed multipart, or too many parts
+        detail = str(getattr(exc, "detail", exc))
+        if "Too many files" in detail:
+            raise HTTPError(400, f"too many images: the limit is {max_images} per request") from None
+        raise HTTPError(400, f"malformed multipart body: {detail}") from None
+    files = [(f.filename or key, await f.read()) for key, f in form.multi_items() if hasattr(f, "read")]
+    if not files:
+        raise HTTPError(400, "no file in the multipart body (send the image as a file field)")
+    return files
+
+
+async def predict_one(request: Request, predictor: Predictor, data: bytes) -> dict[str, Any]:
+    """Preprocess off the event loop, then the app's inference (Serve's batching queue, or direct)."""
+    array = await asyncio.to_thread(predictor.preprocess, data)
+    probs = await request.app.state.infer(predictor, array)
+    return predictor.predictions(probs[None])[0].to_dict()
+
+
+async def explain_one(request: Request, predictor: Predictor, data: bytes) -> dict[str, Any]:
+    ex = await asyncio.to_thread(predictor.explain, data)
+    return {
+        **ex.prediction.to_dict(),
+        "heatmap_png": "data:image/png;base64," + base64.b64encode(ex.overlay_png).decode(),
+    }
+
+
+async def on_one_image(
+    request: Request, predictor: Predictor, work: Callable[..., Awaitable[dict[str, Any]]]
+):
+    """The POST endpoints that take one image: read it, run ``work``, and turn bad bytes into a 422."""
+    ((name, data),) = await images_of(request, 1)
+    try:
+        result = await work(request, predictor, data)
+    except ImageError as err:
+        raise HTTPError(422, f"{name}: {err}") from None
+    return {**result, "model": model_of(predictor)}
+
+
+def model_of(predictor: Predictor) -> dict[str, Any]:
+    info = predictor.info
+    return {"name": info["name"], "version": info["version"]}
+
+
+def body_doc(field: str, many: bool) -> dict[str, Any]:
+    """OpenAPI for a body the handler reads itself: multipart file(s), or (one image) the raw bytes."""
+    binary = {"type": "string", "format": "binary"}
+    part = {"type": "array", "items": binary} if many else binary
+    content: dict[str, Any] = {
+        "multipart/form-data": {
+            "schema": {"type": "object", "properties": {field: part}, "required": [field]}
+        }
+    }
+    if not many:
+        content["image/*"] = {"schema": binary}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+ERRORS = {
+    code: {
+        "description": text,
+        "content": {
+            "application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}
+        },
+    }
+    for code, text in (
+        (400, "too many images, or no file"),
+        (413, "body over serve.max_upload_bytes"),
+        (415, "content type is not an image"),
+        (422, "not a usable image (the reason says why)"),
+        (503, "no model loaded yet"),
+    )
+}
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> str:
+    return resources.files("hotdog_ray").joinpath("static/index.html").read_text()
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: a model is loaded")
+async def readyz(service: ModelService = Depends(current_service)) -> JSONResponse:
+    if service.predictor is None:
+        return JSONResponse({"ready": False, "error": service.last_error}, status_code=503)
+    return JSONResponse({"ready": True, "model": model_of(service.predictor)})
+
+
+@router.get("/model", summary="The model being served: name, version, classes, input, training metrics")
+async def model(
+    service: ModelService = Depends(current_service), _loaded: Predictor = Depends(loaded_predictor)
+) -> dict[str, Any]:
+    return service.info()
+
+
+@router.post(
+    "/predict",
+    summary="Classify one image (multipart file field, or the raw image as the body)",
+    openapi_extra=body_doc("file", many=False),
+    responses=ERRORS,
+)
+async def predict(request: Request, predictor: Predictor = Depends(loaded_predictor)) -> dict[str, Any]:
+    return await on_one_image(request, predictor, predict_one)
+
+
+@router.post(
+    "/predict/batch",
+    summary="Classify several images (multipart); one result or error per image",
+    openapi_extra=body_doc("files", many=True),
+    responses=ERRORS,
+)
+async def predict_batch(request: Request, predictor: Predictor = Depends(loaded_predictor)) -> dict[str, Any]:
+    files = await images_of(request, settings(request).max_images_per_request)
+
+    async def one(name: str, data: bytes) -> dict[str, Any]:
         try:
-            result = await work(predictor, data)
+            return {"filename": name, **(await predict_one(request, predictor, data))}
         except ImageError as err:
-            raise HTTPError(422, f"{name}: {err}") from None
-        return {**result, "model": model_of(predictor)}
+            return {"filename": name, "error": str(err)}
 
-    def model_of(predictor: "Predictor") -> dict[str, Any]:
-        info = predictor.info
-        return {"name": info["name"], "version": info["version"]}
+    return {"results": await asyncio.gather(*(one(n, d) for n, d in files)), "model": model_of(predictor)}
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> str:
-        return resources.files("hotdog_ray").joinpath("static/index.html").read_text()
 
-    @app.get("/healthz", summary="Liveness")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+@router.post(
+    "/explain",
+    summary="Classify one image and show where the model looked (Grad-CAM PNG overlay)",
+    openapi_extra=body_doc("file", many=False),
+    responses=ERRORS,
+)
+async def explain(request: Request, predictor: Predictor = Depends(loaded_predictor)) -> dict[str, Any]:
+    return await on_one_image(request, predictor, explain_one)
 
-    @app.get("/readyz", summary="Readiness: a model is loaded")
-    async def readyz() -> JSONResponse:
-        service = get_service()
-        if service.predictor is None:
-            return JSONResponse({"ready": False, "error": service.last_error}, status_code=503)
-        return JSONResponse({"ready": True, "model": model_of(service.predictor)})
 
-    @app.get("/model", summary="The model being served: name, version, classes, input, training metrics")
-    async def model() -> dict[str, Any]:
-        ready()
-        return get_service().info()
+def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastAPI:
+    """The HTTP API and the web page around ``service``; ``infer`` runs the model on one
+    preprocessed image (Serve passes its batching queue, the baseline :func:`direct_infer`)."""
+    from importlib.metadata import version
 
-    @app.post("/predict", summary="Classify one image (multipart file field, or the raw image as the body)",
-              openapi_extra=body_doc("file", many=False), responses=errors)
-    async def predict(request: Request) -> dict[str, Any]:
-        return await on_one_image(request, predict_one)
-
-    @app.post("/predict/batch", summary="Classify several images (multipart); one result or error per image",
-              openapi_extra=body_doc("files", many=True), responses=errors)
-    async def predict_batch(request: Request) -> dict[str, Any]:
-        predictor = ready()
-        files = await images_of(request, cfg.max_images_per_request)
-
-        async def one(name: str, data: bytes) -> dict[str, Any]:
-            try:
-                return {"filename": name, **(await predict_one(predictor, data))}
-            except ImageError as err:
-                return {"filename": name, "error": str(err)}
-
-        results = await asyncio.gather(*(one(n, d) for n, d in files))
-        return {"results": results, "model": model_of(predictor)}
-
-    @app.post("/explain", summary="Classify one image and show where the model looked (Grad-CAM PNG overlay)",
-              openapi_extra=body_doc("file", many=False), responses=errors)
-    async def explain(request: Request) -> dict[str, Any]:
-        async def work(predictor: "Predictor", data: bytes) -> dict[str, Any]:
-            ex = await asyncio.to_thread(predictor.explain, data)
-            return {**ex.prediction.to_dict(),
-                    "heatmap_png": "data:image/png;base64," + base64.b64encode(ex.overlay_png).decode()}
-
-        return await on_one_image(request, work)
-
+    app = FastAPI(
+        title="hotdog-ray",
+        version=version("hotdog-ray"),
+        description="Image classification: is it a hotdog? Upload a photo, get the label, "
+        "every class's probability and where the model looked.",
+    )
+    app.state.service, app.state.settings, app.state.infer = service, cfg, infer
+    app.add_exception_handler(HTTPError, http_error)
+    app.include_router(router)
     return app
 
 
-async def direct_infer(predictor: "Predictor", array: np.ndarray) -> np.ndarray:
+async def direct_infer(predictor: Predictor, array: np.ndarray) -> np.ndarray:
     """One image, one forward pass (no batching)."""
     return (await asyncio.to_thread(predictor.predict_arrays, array[None]))[0]
 
@@ -265,74 +341,74 @@ async def direct_infer(predictor: "Predictor", array: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Ray Serve
 
-_REPLICA: Any = None  # one replica per process; module-level so the routes find it in that process
 
+@serve.ingress()
+class HotdogReplica:
+    """One Serve replica: the model service, its reload poller and the batching queue in front of it."""
 
-def _set_replica(replica: Any) -> None:
-    global _REPLICA
-    _REPLICA = replica
+    async def __init__(self, raw_config: dict[str, Any]) -> None:
+        self.cfg = from_dict(raw_config)
+        s = self.cfg.serve
+        self.infer_batch.set_max_batch_size(s.max_batch_size)
+        self.infer_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.service = ModelService(self.cfg)
+        await asyncio.to_thread(self.service.refresh)
+        self._user_config: dict[str, Any] | None = None
+        if s.reload_interval_s > 0:
+            self._poller = asyncio.create_task(self._poll())
 
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self.service, self.cfg.serve, self.infer)
 
-def _replica_service() -> ModelService:
-    return _REPLICA.service
-
-
-async def _replica_infer(predictor: "Predictor", array: np.ndarray) -> np.ndarray:
-    return await _REPLICA.infer((predictor, array))
-
-
-def _deployment(cfg: Config):
-    """The Serve deployment for ``cfg``: the API as ingress, a batching queue in front of the model."""
-    from ray import serve
-
-    s = cfg.serve
-
-    class HotdogReplica:
-        async def __init__(self, raw_config: dict[str, Any]) -> None:
-            self.cfg = from_dict(raw_config)
-            self.service = ModelService(self.cfg)
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.serve.reload_interval_s)
             await asyncio.to_thread(self.service.refresh)
-            self._user_config: dict[str, Any] | None = None
-            _set_replica(self)
-            if self.cfg.serve.reload_interval_s > 0:
-                self._poller = asyncio.create_task(self._poll())
 
-        async def _poll(self) -> None:
-            while True:
-                await asyncio.sleep(self.cfg.serve.reload_interval_s)
-                await asyncio.to_thread(self.service.refresh)
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this after start and on every ``user_config`` change: a change reloads now."""
+        user_config = dict(user_config or {})
+        changed = self._user_config is not None and user_config != self._user_config
+        self._user_config = user_config
+        if user_config.get("model_uri") and user_config["model_uri"] != self.service.ref:
+            self.service.ref, changed = user_config["model_uri"], True
+        if changed:
+            await asyncio.to_thread(self.service.refresh)
 
-        async def reconfigure(self, user_config: dict[str, Any]) -> None:
-            """Serve calls this after start and on every ``user_config`` change: a change reloads now."""
-            user_config = dict(user_config or {})
-            changed = self._user_config is not None and user_config != self._user_config
-            self._user_config = user_config
-            if user_config.get("model_uri") and user_config["model_uri"] != self.service.ref:
-                self.service.ref, changed = user_config["model_uri"], True
-            if changed:
-                await asyncio.to_thread(self.service.refresh)
+    async def infer(self, predictor: Predictor, array: np.ndarray) -> np.ndarray:
+        return await self.infer_batch((predictor, array))
 
-        @serve.batch(max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s)
-        async def infer(self, items: list[tuple["Predictor", np.ndarray]]) -> list[np.ndarray]:
-            # A batch may straddle a reload: each image runs on the model it was preprocessed for.
-            out: list[Any] = [None] * len(items)
-            groups: dict[int, list[int]] = {}
-            for i, (predictor, _) in enumerate(items):
-                groups.setdefault(id(predictor), []).append(i)
-            for idx in groups.values():
-                predictor = items[idx[0]][0]
-                probs = await asyncio.to_thread(predictor.predict_arrays, np.stack([items[i][1] for i in idx]))
-                for i, row in zip(idx, probs):
-                    out[i] = row
-            return out
+    @serve.batch  # sizes are set per replica in __init__, from the config
+    async def infer_batch(self, items: list[tuple[Predictor, np.ndarray]]) -> list[np.ndarray]:
+        # A batch may straddle a reload: each image runs on the model it was preprocessed for.
+        out: list[Any] = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, (predictor, _) in enumerate(items):
+            groups.setdefault(id(predictor), []).append(i)
+        for idx in groups.values():
+            predictor = items[idx[0]][0]
+            probs = await asyncio.to_thread(predictor.predict_arrays, np.stack([items[i][1] for i in idx]))
+            for i, row in zip(idx, probs):
+                out[i] = row
+        return out
 
-    ingress = serve.ingress(lambda: create_api(_replica_service, s, _replica_infer))(HotdogReplica)
-    actor = {"num_cpus": s.cpus_per_replica, **({"num_gpus": s.gpus_per_replica} if s.gpus_per_replica else {})}
+
+def deployment(cfg: Config) -> "serve.Deployment":
+    """The Serve deployment for ``cfg``: replicas, autoscaling, resources, reload settings."""
+    s = cfg.serve
+    actor = {
+        "num_cpus": s.cpus_per_replica,
+        **({"num_gpus": s.gpus_per_replica} if s.gpus_per_replica else {}),
+    }
     return serve.deployment(
-        ingress, name="hotdog",
+        HotdogReplica,
+        name="hotdog",
         max_ongoing_requests=s.max_ongoing_requests,
-        autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                            "target_ongoing_requests": s.target_ongoing_requests},
+        autoscaling_config={
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+        },
         ray_actor_options=actor,
         user_config={"reload_token": None, "model_uri": s.model_uri},
         logging_config={"enable_access_log": s.access_log},
@@ -365,7 +441,7 @@ def build_app(args: dict[str, Any]):
     if isinstance(overrides, str):
         overrides = [overrides]
     cfg = load_config(args.get("config"), list(overrides))
-    return _deployment(cfg).bind(cfg.model_dump(mode="json"))
+    return deployment(cfg).bind(cfg.model_dump(mode="json"))
 
 
 def run(cfg: Config, *, blocking: bool = True, name: str = "hotdog") -> None:
@@ -376,12 +452,13 @@ def run(cfg: Config, *, blocking: bool = True, name: str = "hotdog") -> None:
     process hop and most of a core under load (bench/RESULTS.md).
     """
     import ray
-    from ray import serve
 
     from hotdog_ray.runtime import init_ray
 
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        log.info("joining a running Ray: its HTTP ingress is the one it was started with (RAY_SERVE_ENABLE_HA_PROXY)")
+        log.info(
+            "joining a running Ray: its HTTP ingress is the one it was started with (RAY_SERVE_ENABLE_HA_PROXY)"
+        )
     else:
         # Serve reads the ingress mode from the environment of the processes Ray starts, so it must be
         # set before ray.init; a RAY_SERVE_ENABLE_HA_PROXY the user exported wins over the config.
@@ -396,11 +473,16 @@ def run(cfg: Config, *, blocking: bool = True, name: str = "hotdog") -> None:
         except Exception:
             if os.environ.get(HAPROXY_ENV) == "1":
                 # HAProxy also binds fixed stats and metrics ports (Ray's template) on every interface.
-                log.error("HAProxy did not start; is port %d, 8404 (stats) or 9101 (metrics) taken? Move them "
-                          "with RAY_SERVE_HAPROXY_STATS_PORT / RAY_SERVE_HAPROXY_METRICS_PORT, or use Serve's own "
-                          "proxy with --set serve.haproxy=false", cfg.serve.port)
+                log.error(
+                    "HAProxy did not start; is port %d, 8404 (stats) or 9101 (metrics) taken? Move them "
+                    "with RAY_SERVE_HAPROXY_STATS_PORT / RAY_SERVE_HAPROXY_METRICS_PORT, or use Serve's own "
+                    "proxy with --set serve.haproxy=false",
+                    cfg.serve.port,
+                )
             raise
-        serve.run(_deployment(cfg).bind(cfg.model_dump(mode="json")), name=name, route_prefix="/", blocking=False)
+        serve.run(
+            deployment(cfg).bind(cfg.model_dump(mode="json")), name=name, route_prefix="/", blocking=False
+        )
         log.info("serving on http://%s:%d (docs at /docs); Ctrl-C stops", cfg.serve.host, cfg.serve.port)
         while blocking:
             time.sleep(3600)

@@ -16,13 +16,11 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from hotdog_ray.errors import StorageError
+
 log = logging.getLogger(__name__)
 
 S3_ATTEMPTS = 5  # tries per S3 request unless AWS_MAX_ATTEMPTS says otherwise
-
-
-class StorageError(RuntimeError):
-    """A URI cannot be used: missing bucket, prefix or credentials. The message says which."""
 
 
 @dataclass(frozen=True)
@@ -65,8 +63,12 @@ def s3_endpoint() -> str | None:
 def _have_credentials() -> bool:
     if _env("AWS_ACCESS_KEY_ID") and _env("AWS_SECRET_ACCESS_KEY"):
         return True
-    if _env("AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+    if _env(
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ):
         return True
     shared = _env("AWS_SHARED_CREDENTIALS_FILE") or str(Path.home() / ".aws" / "credentials")
     return Path(shared).is_file()
@@ -174,7 +176,8 @@ def list_files(loc: Location) -> list[str]:
     """All files below ``loc`` (recursive), sorted, skipping hidden files such as ``.DS_Store``."""
     infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
     return sorted(
-        i.path for i in infos
+        i.path
+        for i in infos
         if i.type == pafs.FileType.File and not posixpath.basename(i.path).startswith(".")
     )
 
@@ -182,8 +185,9 @@ def list_files(loc: Location) -> list[str]:
 def list_dirs(loc: Location) -> list[str]:
     """Names of the immediate subdirectories of ``loc``, sorted."""
     infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False, allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
-                  and not i.base_name.startswith("."))
+    return sorted(
+        i.base_name for i in infos if i.type == pafs.FileType.Directory and not i.base_name.startswith(".")
+    )
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
@@ -199,15 +203,3 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         fs.create_dir(parent, recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
-
-
-def write_text(uri: str, text: str) -> None:
-    """Write a small text file (class lists, summaries) to a path or URI."""
-    loc = resolve(uri)
-    write_bytes(loc.fs, loc.path, text.encode())
-
-
-def read_text(uri: str) -> str:
-    """Read a small text file from a path or URI."""
-    loc = resolve(uri)
-    return read_bytes(loc.fs, loc.path).decode()

@@ -7,13 +7,16 @@ checkpoints the full state every epoch, so a restarted worker group (``max_failu
 of the same run name continues where it stopped without repeating an epoch.
 
 The loop (:func:`fit_loop`) talks to its host through a small session object: Ray Train's
-(:class:`TrainSession`) or, for a Tune trial that trains in its own process, Tune's
-(:class:`TrialSession`), so sweeps reuse this very code.
+(:class:`TrainSession`), the driver's own with ``train.num_workers=0`` (:class:`DriverSession`),
+or, for a Tune trial that trains in its own process, Tune's (:class:`TrialSession`), so sweeps
+reuse this very code. Ray is imported at module level: this module runs in Ray workers, and the
+CLI imports it only for ``hotdog train``.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 import tempfile
@@ -21,44 +24,58 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import ray.train
 import torch
 from torch import nn
 
-from hotdog_ray.config import Config, TrainConfig, from_dict
+from hotdog_ray import storage
+from hotdog_ray.config import Config, TrainSettings, flatten, from_dict
+from hotdog_ray.errors import TrainingError
+
+if TYPE_CHECKING:
+    from hotdog_ray.data import DatasetLayout, ImagePipeline
+    from hotdog_ray.tracking import Run
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 
 
-class TrainingError(RuntimeError):
-    """Training stopped and cannot go on by itself (diverged, or out of retries)."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
 
 
-def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The seeds' optimizers: Adam, SGD with momentum (and Nesterov, decay), RMSprop."""
+def build_optimizer(params, cfg: TrainSettings) -> torch.optim.Optimizer:
+    """The recipes' optimizers: Adam, SGD with momentum (and Nesterov, decay), RMSprop."""
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    return torch.optim.RMSprop(params, lr=cfg.learning_rate, momentum=cfg.momentum if cfg.momentum < 0.5 else 0.0,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params,
+            lr=cfg.learning_rate,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.RMSprop(
+        params,
+        lr=cfg.learning_rate,
+        momentum=cfg.momentum if cfg.momentum < 0.5 else 0.0,
+        weight_decay=cfg.weight_decay,
+    )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainSettings):
     """Step annealing (the snacks chapter divides by 10) or reduce-on-plateau of val_loss; or None."""
     if cfg.lr_schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
     if cfg.lr_schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.lr_gamma, patience=cfg.lr_patience)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=cfg.lr_gamma, patience=cfg.lr_patience
+        )
     return None
 
 
@@ -87,7 +104,11 @@ class EarlyStopping:
         return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.best, self.best_epoch, self.bad_epochs = float(s["best"]), int(s["best_epoch"]), int(s["bad_epochs"])
+        self.best, self.best_epoch, self.bad_epochs = (
+            float(s["best"]),
+            int(s["best_epoch"]),
+            int(s["bad_epochs"]),
+        )
 
 
 def check_loss(loss: torch.Tensor, epoch: int, step: int, max_loss: float) -> float:
@@ -125,32 +146,206 @@ def _reduce(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def _run_epoch(model, batches, optimizer, device, amp: bool, epoch: int, train: bool,
-               max_loss: float) -> tuple[float, float, float]:
-    """One pass; returns (summed loss, correct, count) for this worker."""
-    from hotdog_ray.models import loss_fn
+class Session(Protocol):
+    """What the loop needs from where it runs: rank, device, data, checkpoints and reports."""
 
-    model.train(train)
-    loss_sum = count = 0.0
-    correct = torch.zeros((), dtype=torch.int64, device=device)  # summed on device: no sync per step
-    with torch.set_grad_enabled(train):
-        for step, (x, y) in enumerate(batches):
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            value = check_loss(loss, epoch, step, max_loss) if train else loss.item()
-            if train:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            n = y.shape[0]
-            pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
-            loss_sum += value * n
-            correct += (pred == y).sum()
-            count += n
-    return loss_sum, float(correct.item()), count
+    rank: int
+    world: int
+    device: torch.device
+
+    def checkpoint_state(self) -> dict[str, Any] | None: ...
+    def shard(self, name: str) -> Any: ...
+    def prepare(self, model: nn.Module) -> nn.Module: ...
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None: ...
+
+
+class Loop:
+    """One worker's training between epochs (model, optimizer, schedule, early stopping, history)
+    and the steps of an epoch."""
+
+    def __init__(self, cfg: Config, classes: list[str], device: torch.device, rank: int) -> None:
+
+        torch.manual_seed(cfg.train.seed + rank)
+        self.cfg, self.classes, self.device, self.rank = cfg, classes, device, rank
+        self.amp = cfg.train.mixed_precision and device.type == "cuda"
+        self.model = build_network(cfg, classes)
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.stopper = EarlyStopping(cfg.train.early_stopping_patience)
+        self.history: list[dict[str, Any]] = []
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.start_epoch = 0
+
+    def resume(self, state: dict[str, Any] | None) -> None:
+        """Continue from a checkpoint's state (no-op without one)."""
+        if not state:
+            return
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.best_state, self.history = state.get("best_model"), state["history"]
+        self.start_epoch = state["epoch"] + 1
+        # A fresh random stream per resumed epoch: replaying the first epoch's draws would repeat it.
+        torch.manual_seed(self.cfg.train.seed + self.rank + 1000 * self.start_epoch)
+        if self.rank == 0:
+            log.info("resuming from epoch %d", self.start_epoch)
+
+    def _batches(self, shard: Any, world: int, shuffle_seed: int | None = None):
+        from hotdog_ray.data import iter_torch_batches
+
+        size = max(1, self.cfg.train.batch_size // world)
+        return iter_torch_batches(
+            shard,
+            batch_size=size,
+            rescale=self.cfg.data.rescale,
+            device=self.device,
+            local_shuffle_buffer_size=4 * size if shuffle_seed is not None else None,
+            local_shuffle_seed=shuffle_seed,
+        )
+
+    def train_epoch(self, shard: Any, epoch: int, world: int) -> list[float]:
+        """One pass over this worker's training shard: [loss sum, correct, count, seconds]."""
+        t0 = time.perf_counter()
+        seed = self.cfg.train.seed + epoch + 1000 * self.rank
+        sums = self._pass(self._batches(shard, world, shuffle_seed=seed), epoch, train=True)
+        return [*sums, time.perf_counter() - t0]
+
+    def validate(self, shard: Any, world: int) -> list[float]:
+        """One pass over this worker's validation shard: [loss sum, correct, count]."""
+        return self._pass(self._batches(shard, world), epoch=-1, train=False)
+
+    def _pass(self, batches, epoch: int, train: bool) -> list[float]:
+        from hotdog_ray.models import loss_fn
+
+        self.model.train(train)
+        loss_sum = count = 0.0
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)  # summed on device: no sync per step
+        with torch.set_grad_enabled(train):
+            for step, (x, y) in enumerate(batches):
+                if self.device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    logits = self.model(x)
+                loss = loss_fn(logits.float(), y)
+                if train:
+                    value = check_loss(loss, epoch, step, self.cfg.train.max_loss)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                else:
+                    value = loss.item()
+                pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
+                loss_sum += value * y.shape[0]
+                correct += (pred == y).sum()
+                count += y.shape[0]
+        return [loss_sum, float(correct.item()), count]
+
+    def end_epoch(
+        self, epoch: int, trained: list[float], validated: list[float], world: int
+    ) -> dict[str, Any]:
+        """The whole split's metrics, then early stopping, the best weights and the learning-rate step."""
+        loss_sum, correct, count, secs, v_loss, v_correct, v_count = _reduce(
+            [*trained, *validated], self.device
+        )
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "loss": loss_sum / max(1, count),
+            "accuracy": correct / max(1, count),
+            "val_loss": v_loss / max(1, v_count),
+            "val_accuracy": v_correct / max(1, v_count),
+            "images_per_s": count / max(1e-9, secs / world),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        if self.stopper.update(epoch, metrics["val_loss"]) and self.cfg.train.restore_best:
+            self.best_state = copy.deepcopy(_unwrap(self.model).state_dict())
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(metrics["val_loss"])
+        elif self.scheduler is not None:
+            self.scheduler.step()
+        last = self.cfg.train.epochs - 1
+        metrics["best_epoch"] = self.stopper.best_epoch
+        metrics["stopped_early"] = bool(self.stopper.should_stop and epoch < last)
+        self.history.append(metrics)
+        if self.rank == 0:
+            log.info(
+                "epoch %d/%d  loss %.4f  accuracy %.4f  val_loss %.4f  val_accuracy %.4f  %.0f images/s",
+                epoch + 1,
+                self.cfg.train.epochs,
+                metrics["loss"],
+                metrics["accuracy"],
+                metrics["val_loss"],
+                metrics["val_accuracy"],
+                metrics["images_per_s"],
+            )
+            if metrics["stopped_early"]:
+                log.info(
+                    "early stopping: no better val_loss for %d epochs (best: epoch %d)",
+                    self.stopper.patience,
+                    self.stopper.best_epoch + 1,
+                )
+        return metrics
+
+    def checkpoint(self, epoch: int) -> dict[str, Any]:
+        """Everything needed to continue after ``epoch`` (or to publish the model)."""
+        return {
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "epoch": epoch,
+            "early_stopping": self.stopper.state_dict(),
+            "history": self.history,
+            "best_model": self.best_state if self.cfg.train.restore_best else None,
+            "classes": self.classes,
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+
+def build_network(cfg: Config, classes: list[str], *, pretrained: bool = True) -> nn.Module:
+    """The configured zoo model for ``classes``; ``pretrained`` loads a transfer backbone's weights."""
+    from hotdog_ray.models import build_model
+
+    m = cfg.model
+    return build_model(
+        m.name,
+        len(classes),
+        cfg.data.image_size,
+        filters=m.filters,
+        head_units=m.head_units,
+        dropout=m.dropout,
+        conv_dropout=m.conv_dropout,
+        unfreeze_top=m.unfreeze_top,
+        pretrained_weights=m.pretrained_weights if pretrained else None,
+    )
+
+
+def fit_loop(cfg: Config, classes: list[str], session: Session) -> None:
+    """The training loop: resume, then per epoch train, validate, early-stop and checkpoint."""
+    loop = Loop(cfg, classes, session.device, session.rank)
+    loop.resume(session.checkpoint_state())
+    loop.model = session.prepare(loop.model)
+    train_shard, val_shard = session.shard("train"), session.shard("validation")
+
+    for epoch in range(loop.start_epoch, cfg.train.epochs):
+        try:
+            trained = loop.train_epoch(train_shard, epoch, session.world)
+        except TrainingError as err:
+            # Reported, not raised: a raised error counts as a worker failure and would be retried
+            # from the last checkpoint, diverging again. val_loss rides along for Tune's schedulers.
+            session.report({"epoch": epoch, "diverged": str(err), "val_loss": math.inf})
+            return
+        validated = loop.validate(val_shard, session.world)
+        metrics = loop.end_epoch(epoch, trained, validated, session.world)
+        session.report(metrics, loop.checkpoint(epoch) if session.rank == 0 else None)
+        if metrics["stopped_early"]:
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the loop runs
 
 
 def _quiet_train_reports() -> None:
@@ -164,11 +359,23 @@ def _quiet_train_reports() -> None:
         pass
 
 
+def load_checkpoint_state(checkpoint: "ray.train.Checkpoint") -> dict[str, Any]:
+    """The state a Ray Train or Tune checkpoint (local or on object storage) holds."""
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _state_checkpoint(state: dict[str, Any], report, checkpoint_class) -> None:
+    """Hand ``report`` a checkpoint folder holding ``state`` (Train and Tune copy it before returning)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, Path(tmp) / STATE_FILE)
+        report(checkpoint_class.from_directory(tmp))
+
+
 class TrainSession:
-    """What the loop needs from Ray Train: rank, device, shards, checkpoints and reports."""
+    """A Ray Train worker: rank, device, shards, checkpoints and reports come from Train."""
 
     def __init__(self) -> None:
-        import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
@@ -176,14 +383,10 @@ class TrainSession:
         self.device = ray.train.torch.get_device()
 
     def checkpoint_state(self) -> dict[str, Any] | None:
-        import ray.train
-
         checkpoint = ray.train.get_checkpoint()
         return load_checkpoint_state(checkpoint) if checkpoint else None
 
-    def shard(self, name: str):
-        import ray.train
-
+    def shard(self, name: str) -> Any:
         return ray.train.get_dataset_shard(name)
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -192,28 +395,45 @@ class TrainSession:
         return ray.train.torch.prepare_model(model)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-        import ray.train
-
         if state is None:
             ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(state, Path(tmp) / STATE_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            _state_checkpoint(
+                state,
+                lambda checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
+                ray.train.Checkpoint,
+            )
 
 
-class TrialSession:
-    """The same loop in a Tune trial's own process, on one device: no Train worker group to start.
+class InProcessSession:
+    """The loop in this very process on one device: no worker group to start. Epochs go straight
+    to the MLflow run; subclasses say where checkpoints live."""
 
-    Epochs go to Tune (for ASHA) and to the MLflow run directly; checkpoints are Tune's, so a
-    trial restarted by a resumed sweep continues from its last epoch.
-    """
-
-    def __init__(self, cfg: Config, datasets: dict[str, Any], uri: str, run_id: str) -> None:
+    def __init__(self, cfg: Config, datasets: dict[str, Any], run: "Run") -> None:
         self.rank, self.world = 0, 1
         self.device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
-        self.datasets, self.uri, self.run_id = datasets, uri, run_id
-        self.state: dict[str, Any] | None = None
+        self.datasets, self.run = datasets, run
+        self.state: dict[str, Any] | None = None  # the last checkpointed state
+
+    def shard(self, name: str) -> Any:
+        return self.datasets[name]
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        self.run.log_epoch(metrics)
+        if state is not None:
+            self.state = state
+        self._save(metrics, state)
+
+    def _save(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        raise NotImplementedError
+
+
+class TrialSession(InProcessSession):
+    """A Tune trial's process: epochs also go to Tune (for ASHA), checkpoints are Tune's, so a trial
+    restarted by a resumed sweep continues from its last epoch."""
 
     def checkpoint_state(self) -> dict[str, Any] | None:
         from ray import tune
@@ -222,137 +442,80 @@ class TrialSession:
         self.state = load_checkpoint_state(checkpoint) if checkpoint else None
         return self.state
 
-    def shard(self, name: str):
-        return self.datasets[name]
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return model.to(self.device)
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+    def _save(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         from ray import tune
 
-        from hotdog_ray.tracking import log_epoch
-
-        log_epoch(self.uri, self.run_id, metrics)
         if state is None:
             tune.report(metrics)
+        else:
+            _state_checkpoint(
+                state, lambda checkpoint: tune.report(metrics, checkpoint=checkpoint), tune.Checkpoint
+            )
+
+
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+class DriverSession(InProcessSession):
+    """``train.num_workers=0``: the loop in the driver, checkpoints under ``<storage_path>/<run name>/``
+    (Train V2's own local mode keeps none), so a rerun of the name resumes as with workers."""
+
+    def __init__(self, cfg: Config, datasets: dict[str, Any], run: "Run", folder: "storage.Location") -> None:
+        super().__init__(cfg, datasets, run)
+        self.folder, self.keep = folder, cfg.train.num_to_keep
+
+    def _checkpoints(self) -> list[str]:
+        return sorted(n for n in storage.list_dirs(self.folder) if n.startswith(CHECKPOINT_PREFIX))
+
+    @property
+    def latest(self) -> "storage.Location":
+        return self.folder.join(self._checkpoints()[-1])
+
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        if not self._checkpoints():
+            return None
+        data = storage.read_bytes(self.folder.fs, self.latest.join(STATE_FILE).path)
+        self.state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return self.state
+
+    def _save(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        if state is None:
             return
-        self.state = state
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(state, Path(tmp) / STATE_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        name = f"{CHECKPOINT_PREFIX}{state['epoch']:06d}"
+        storage.write_bytes(self.folder.fs, self.folder.join(name, STATE_FILE).path, buf.getvalue())
+        for old in self._checkpoints()[: -self.keep]:
+            self.folder.fs.delete_dir(self.folder.join(old).path)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
     _quiet_train_reports()
-    fit_loop(from_dict(loop_config["config"]), loop_config["classes"], TrainSession(),
-             loop_config.get("fault_injection"))
+    fit_loop(from_dict(loop_config["config"]), loop_config["classes"], TrainSession())
 
 
-def fit_loop(cfg: Config, classes: list[str], session: "TrainSession | TrialSession",
-             fault: dict[str, Any] | None = None) -> None:
-    """The training loop: epochs of train and validation, early stopping, a checkpoint per epoch."""
-    from hotdog_ray.data import iter_torch_batches
-    from hotdog_ray.models import build_model
+class EpochLogger(ray.train.UserCallback):
+    """Logs rank 0's metrics of every epoch to the run as Train receives them (curves survive a crash)."""
 
-    rank, world, device = session.rank, session.world, session.device
-    torch.manual_seed(cfg.train.seed + rank)
-    amp = cfg.train.mixed_precision and device.type == "cuda"
+    def __init__(self, run: "Run") -> None:
+        self.run = run
 
-    model = build_model(cfg.model.name, len(classes), cfg.data.image_size, filters=cfg.model.filters,
-                        dropout=cfg.model.dropout, conv_dropout=cfg.model.conv_dropout,
-                        pretrained_weights=cfg.model.pretrained_weights, unfreeze_top=cfg.model.unfreeze_top)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model.parameters(), cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    stopper = EarlyStopping(cfg.train.early_stopping_patience)
-    start_epoch, history, best_state = 0, [], None
-
-    state = session.checkpoint_state()
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        stopper.load_state_dict(state["early_stopping"])
-        best_state, history = state.get("best_model"), state["history"]
-        start_epoch = state["epoch"] + 1
-        torch.manual_seed(cfg.train.seed + rank + 1000 * start_epoch)
-        if rank == 0:
-            log.info("resuming from epoch %d", start_epoch)
-    model = session.prepare(model)
-
-    fault = fault or {}
-    per_worker_batch = max(1, cfg.train.batch_size // world)
-    train_shard, val_shard = session.shard("train"), session.shard("validation")
-
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if fault and epoch == fault["epoch"] and rank == fault.get("rank", 0) and not Path(fault["marker"]).exists():
-            Path(fault["marker"]).touch()
-            log.warning("fault injection: killing worker %d at epoch %d", rank, epoch)
-            import os
-
-            os._exit(1)
-        t0 = time.perf_counter()
-        batches = iter_torch_batches(train_shard, batch_size=per_worker_batch, rescale=cfg.data.rescale,
-                                     device=device, local_shuffle_buffer_size=4 * per_worker_batch,
-                                     local_shuffle_seed=cfg.train.seed + epoch + 1000 * rank)
-        try:
-            tr = _run_epoch(model, batches, optimizer, device, amp, epoch, train=True, max_loss=cfg.train.max_loss)
-        except TrainingError as err:
-            # Report instead of raising: a raised error would count as a worker failure and be
-            # retried from the last checkpoint, diverging again.
-            # val_loss rides along so a Tune scheduler keyed on it accepts the result.
-            session.report({"epoch": epoch, "diverged": str(err), "val_loss": math.inf})
-            return
-        seconds = time.perf_counter() - t0
-        va = _run_epoch(model, iter_torch_batches(val_shard, batch_size=per_worker_batch, rescale=cfg.data.rescale,
-                                                  device=device), None, device, amp, epoch, train=False,
-                        max_loss=math.inf)
-        loss_sum, correct, count, v_loss, v_correct, v_count, secs = _reduce([*tr, *va, seconds], device)
-        metrics = {
-            "epoch": epoch,
-            "loss": loss_sum / max(1, count), "accuracy": correct / max(1, count),
-            "val_loss": v_loss / max(1, v_count), "val_accuracy": v_correct / max(1, v_count),
-            "images_per_s": count / max(1e-9, secs / world),
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        if stopper.update(epoch, metrics["val_loss"]) and cfg.train.restore_best:
-            best_state = copy.deepcopy(_unwrap(model).state_dict())
-        metrics["best_epoch"] = stopper.best_epoch
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(metrics["val_loss"])
-        elif scheduler is not None:
-            scheduler.step()
-        history.append(metrics)
-        stop = stopper.should_stop or epoch == cfg.train.epochs - 1
-        metrics["stopped_early"] = bool(stopper.should_stop and epoch < cfg.train.epochs - 1)
-        if rank == 0:
-            log.info(
-                "epoch %d/%d  loss %.4f  accuracy %.4f  val_loss %.4f  val_accuracy %.4f  %.0f images/s",
-                epoch + 1, cfg.train.epochs, metrics["loss"], metrics["accuracy"], metrics["val_loss"],
-                metrics["val_accuracy"], metrics["images_per_s"],
-            )
-            session.report(metrics, {
-                "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "epoch": epoch, "early_stopping": stopper.state_dict(), "history": history,
-                "best_model": best_state if cfg.train.restore_best else None,
-                "classes": classes, "config": cfg.model_dump(mode="json"),
-            })
-        else:
-            session.report(metrics)
-        if stop:
-            if metrics["stopped_early"] and rank == 0:
-                log.info("early stopping: no better val_loss for %d epochs (best: epoch %d)",
-                         stopper.patience, stopper.best_epoch + 1)
-            break
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self.run.log_epoch(metrics[0])
 
 
 # ---------------------------------------------------------------------------------------------
 # The driver
+
+
+@dataclass
+class SweepTrial:
+    """How a Tune trial's training run joins its sweep."""
+
+    parent_run_id: str
+    tags: dict[str, str]
+    in_process: bool  # tune.trial_mode=process: the loop runs in the trial's own process
 
 
 @dataclass
@@ -368,19 +531,134 @@ class TrainOutcome:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def load_checkpoint_state(checkpoint) -> dict[str, Any]:
-    """The state a Ray Train checkpoint (local or on object storage) holds."""
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+def run_training(
+    cfg: Config,
+    *,
+    run_name: str | None = None,
+    register: bool = True,
+    evaluate_test: bool = True,
+    trial: SweepTrial | None = None,
+    callbacks: list | None = None,
+) -> TrainOutcome:
+    """Train ``cfg`` end to end: data checks, MLflow run, fit, evaluation, registry.
+
+    Args:
+        cfg: the validated config.
+        run_name: rerunning a name resumes it from its latest checkpoint (default: ``train.run_name``,
+            else a new name).
+        register: register the logged model as a new version of ``tracking.registered_model``.
+        evaluate_test: evaluate on the test split and log the report (sweep trials skip it).
+        trial: set by a Tune trial: its sweep's run and tags, and whether the loop runs in-process.
+        callbacks: extra Ray Train callbacks (Tune's report callback in ``train``-mode trials).
+    """
+    from hotdog_ray import registry, tracking
+    from hotdog_ray.bundle import model_meta
+    from hotdog_ray.data import ImagePipeline, discover
+    from hotdog_ray.runtime import init_ray
+
+    layout = discover(cfg.data, required=("train", "validation", *(("test",) if evaluate_test else ())))
+    init_ray()  # after the data checks: a bad path fails before Ray starts
+    pipeline = ImagePipeline(cfg.data, layout)
+    run_name = (
+        run_name
+        or cfg.train.run_name
+        or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    )
+
+    with tracking.run(
+        cfg.tracking,
+        name=run_name,
+        tags=_run_tags(cfg, layout, trial),
+        parent=trial.parent_run_id if trial else None,
+    ) as run:
+        run.log_params(flatten(cfg))
+        run.log_dict({"classes": layout.classes}, "classes.json")
+        run.log_dict(cfg.model_dump(mode="json"), "config.yaml")
+        state, checkpoint_path = fit(cfg, pipeline, layout.classes, run, run_name, trial, callbacks or [])
+        model = final_model(cfg, layout.classes, state)
+        skipped = pipeline.skipped()
+        _log_history(run, state, skipped)
+        test_metrics = _evaluate_test(run, model, pipeline, cfg) if evaluate_test else None
+        run.log_model(model, model_meta(cfg, layout.classes))
+        version = registry.register(cfg.tracking, run.id) if register else None
+    return TrainOutcome(
+        run.id,
+        run_name,
+        model,
+        layout.classes,
+        state["history"],
+        test_metrics,
+        version,
+        checkpoint_path,
+        skipped,
+    )
 
 
-def scaling_config(cfg: TrainConfig):
-    from ray.train import ScalingConfig
+def _run_tags(cfg: Config, layout: "DatasetLayout", trial: SweepTrial | None) -> dict[str, str]:
+    resources = ray.cluster_resources()
+    in_process = trial is not None and trial.in_process
+    return {
+        "dataset": layout.root.uri,
+        "classes": ",".join(layout.classes),
+        "model": cfg.model.name,
+        "ray_cluster_cpus": str(resources.get("CPU", 0)),
+        "ray_cluster_gpus": str(resources.get("GPU", 0)),
+        "ray_nodes": str(len([n for n in ray.nodes() if n.get("Alive")])),
+        "num_workers": "1" if in_process else str(cfg.train.num_workers),
+        **(trial.tags if trial else {}),
+    }
 
+
+def fit(
+    cfg: Config,
+    pipeline: "ImagePipeline",
+    classes: list[str],
+    run: "Run",
+    run_name: str,
+    trial: SweepTrial | None,
+    callbacks: list,
+) -> tuple[dict[str, Any], str]:
+    """Run the loop where the config says; the last checkpoint's state and where it lies."""
+    from hotdog_ray.tracking import DIVERGED_TAG
+
+    if trial is not None and trial.in_process:
+        from ray import tune
+
+        session = TrialSession(cfg, _in_process_datasets(cfg, pipeline), run)
+        fit_loop(cfg, classes, session)
+        state, path = session.state, tune.get_context().get_trial_dir()
+    elif cfg.train.num_workers == 0:
+        folder = storage.resolve(cfg.train.storage_path).join(run_name)
+        session = DriverSession(cfg, _in_process_datasets(cfg, pipeline), run, folder)
+        fit_loop(cfg, classes, session)
+        state, path = session.state, session.latest.uri if session.state else folder.uri
+    else:
+        state, path = _fit_ray_train(cfg, pipeline, classes, run, run_name, callbacks)
+    diverged = run.tag(DIVERGED_TAG)
+    if diverged:
+        raise TrainingError(diverged)
+    if state is None:
+        raise TrainingError(f"training run {run_name} reported no epoch")
+    return state, path
+
+
+def _in_process_datasets(cfg: Config, pipeline: "ImagePipeline") -> dict[str, Any]:
+    datasets = {
+        "train": pipeline.dataset("train", shuffle_seed=cfg.train.seed),
+        "validation": pipeline.dataset("validation"),
+    }
+    for ds in datasets.values():
+        ds.context.execution_options.preserve_order = True  # as ordered_ingest() does for Train
+    return datasets
+
+
+def scaling_config(cfg: TrainSettings) -> "ray.train.ScalingConfig":
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
-    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+    return ray.train.ScalingConfig(
+        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+    )
 
 
 def ordered_ingest() -> "ray.train.DataConfig":
@@ -391,139 +669,89 @@ def ordered_ingest() -> "ray.train.DataConfig":
     few and large, so one slow task rarely holds the others back.
     """
     from ray.data import DataContext
-    from ray.train import DataConfig
 
     options = copy.deepcopy(DataContext.get_current().execution_options)
     options.preserve_order = True
-    return DataConfig(execution_options=options)
+    return ray.train.DataConfig(execution_options=options)
 
 
-def run_training(cfg: Config, *, run_name: str | None = None, register: bool = True,
-                 fault_injection: dict[str, Any] | None = None, evaluate_test: bool = True,
-                 parent_run_id: str | None = None, callbacks: list | None = None,
-                 tags: dict[str, str] | None = None, in_trial: bool = False) -> TrainOutcome:
-    """Train ``cfg`` end to end: data checks, MLflow run, Ray Train fit, evaluation, registry.
-
-    ``fault_injection`` ({"epoch", "marker"[, "rank"]}) kills a worker once at that epoch: for
-    tests and failure drills. A Tune trial passes its sweep's ``parent_run_id``, and either a
-    callback that forwards each epoch's metrics to Tune (Train inside Tune) or ``in_trial``
-    (the loop runs in the trial's own process, on one device, reporting to Tune itself).
-    """
-    import ray
-
-    from hotdog_ray import evaluate, tracking
-    from hotdog_ray.data import ImagePipeline, discover
-    from hotdog_ray.runtime import init_ray
-
-    required = ("train", "validation", "test") if evaluate_test else ("train", "validation")
-    layout = discover(cfg.data, required=required)  # fails before Ray starts
-    init_ray()
-    pipeline = ImagePipeline(cfg.data, layout)
-    run_name = run_name or cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-
-    run_id = tracking.start_run(cfg, run_name=run_name, tags={
-        "dataset": layout.root.uri, "classes": ",".join(layout.classes), "model": cfg.model.name,
-        "ray_cluster_cpus": str(ray.cluster_resources().get("CPU", 0)),
-        "ray_cluster_gpus": str(ray.cluster_resources().get("GPU", 0)),
-        "ray_nodes": str(len([n for n in ray.nodes() if n.get("Alive")])),
-        "num_workers": "1" if in_trial else str(cfg.train.num_workers), **(tags or {}),
-    }, parent_run_id=parent_run_id)
-    tracking.log_dict(run_id, cfg, {"classes": layout.classes}, "classes.json")
-    tracking.log_dict(run_id, cfg, cfg.model_dump(mode="json"), "config.yaml")
-    try:
-        if in_trial:
-            state, checkpoint_path = _fit_in_trial(cfg, pipeline, layout.classes, run_id)
-        else:
-            state, checkpoint_path = _fit_ray_train(cfg, pipeline, layout.classes, run_name, run_id,
-                                                    fault_injection, callbacks)
-        diverged = tracking.run_tag(cfg, run_id, tracking.DIVERGED_TAG)
-        if diverged:
-            raise TrainingError(diverged)
-    except Exception as exc:
-        tracking.end_run(cfg, run_id, status="FAILED")
-        cause = exc
-        while cause.__cause__ is not None and not isinstance(cause, TrainingError):
-            cause = cause.__cause__
-        raise TrainingError(f"training run {run_name} failed: {cause}") from exc
-
-    from hotdog_ray.models import build_model
-
-    model = build_model(cfg.model.name, len(layout.classes), cfg.data.image_size, filters=cfg.model.filters,
-                        dropout=cfg.model.dropout, conv_dropout=cfg.model.conv_dropout)
-    best = state.get("best_model") if cfg.train.restore_best else None
-    model.load_state_dict(best if best is not None else state["model"])
-    model.eval()
-    history = state["history"]
-
-    skipped = pipeline.skipped()
-    tracking.log_metrics(run_id, cfg, {"skipped_files": len(skipped), "epochs_run": len(history),
-                                       "best_epoch": state["early_stopping"]["best_epoch"]})
-    if skipped:
-        tracking.log_dict(run_id, cfg, skipped, "skipped_files.json")
-    tracking.log_figure(run_id, cfg, evaluate.plot_curves(history), "curves.png")
-
-    test_metrics = None
-    if evaluate_test:
-        test_metrics = evaluate.evaluate_dataset(model, pipeline.dataset("test"), layout.classes, cfg.data.rescale)
-        tracking.log_metrics(run_id, cfg, {f"test_{k}": test_metrics[k] for k in
-                                           ("accuracy", "balanced_accuracy", "macro_f1", "majority_baseline")})
-        tracking.log_dict(run_id, cfg, test_metrics, "evaluation/test_metrics.json")
-        tracking.log_text(run_id, cfg, evaluate.format_report(test_metrics), "evaluation/test_report.txt")
-        tracking.log_figure(run_id, cfg, evaluate.plot_confusion(test_metrics), "evaluation/confusion_matrix.png")
-
-    meta = tracking.model_meta(cfg, layout.classes)
-    version = tracking.log_model(cfg, run_id, model, meta, register=register)
-    tracking.end_run(cfg, run_id)
-    return TrainOutcome(run_id, run_name, model, layout.classes, history, test_metrics, version,
-                        checkpoint_path, skipped)
-
-
-def _fit_ray_train(cfg: Config, pipeline, classes: list[str], run_name: str, run_id: str,
-                   fault_injection: dict[str, Any] | None, callbacks: list | None) -> tuple[dict[str, Any], str]:
+def _fit_ray_train(
+    cfg: Config, pipeline: "ImagePipeline", classes: list[str], run: "Run", run_name: str, callbacks: list
+) -> tuple[dict[str, Any], str]:
     """Data-parallel fit on a Ray Train worker group; the last checkpoint's state and its path."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from hotdog_ray import storage, tracking
-
-    # Our filesystem, not a bare URI: pyarrow alone ignores AWS_ENDPOINT_URL (STACK-NOTES).
+    # Our filesystem, not a bare URI: pyarrow alone ignores AWS_ENDPOINT_URL (apache/arrow#49643).
     checkpoints = storage.resolve(cfg.train.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "classes": classes,
-                           "fault_injection": fault_injection},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "classes": classes},
         scaling_config=scaling_config(cfg.train),
-        datasets={"train": pipeline.dataset("train", shuffle_seed=cfg.train.seed),
-                  "validation": pipeline.dataset("validation")},
+        datasets={
+            "train": pipeline.dataset("train", shuffle_seed=cfg.train.seed),
+            "validation": pipeline.dataset("validation"),
+        },
         dataset_config=ordered_ingest(),
-        run_config=RunConfig(
-            name=run_name, storage_path=checkpoints.path,
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=checkpoints.path,
             storage_filesystem=None if checkpoints.is_local else checkpoints.fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
-                                               checkpoint_score_attribute="val_loss",
-                                               checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=[tracking.epoch_logger(cfg, run_id), *(callbacks or [])],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.num_to_keep,
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[EpochLogger(run), *callbacks],
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingError(f"training run {run_name} failed: {_root_cause(exc)}") from exc
     if result.error:
-        raise result.error
+        raise TrainingError(f"training run {run_name} failed: {_root_cause(result.error)}") from result.error
     return load_checkpoint_state(result.checkpoint), result.checkpoint.path
 
 
-def _fit_in_trial(cfg: Config, pipeline, classes: list[str], run_id: str) -> tuple[dict[str, Any], str]:
-    """Single-device fit in the current Tune trial's process; the last epoch's state and the trial's folder."""
-    from ray import tune
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
-    from hotdog_ray import tracking
 
-    datasets = {"train": pipeline.dataset("train", shuffle_seed=cfg.train.seed),
-                "validation": pipeline.dataset("validation")}
-    for ds in datasets.values():
-        ds.context.execution_options.preserve_order = True  # as ordered_ingest() does for Train
-    session = TrialSession(cfg, datasets, tracking.tracking_uri(cfg), run_id)
-    fit_loop(cfg, classes, session)
-    if session.state is None:
-        raise TrainingError("the trial reported no epoch")
-    return session.state, tune.get_context().get_trial_dir()
+def final_model(cfg: Config, classes: list[str], state: dict[str, Any]) -> nn.Module:
+    """The trained network in eval mode: the best epoch's weights with ``train.restore_best``, else the last."""
+    model = build_network(cfg, classes, pretrained=False)  # every weight comes from the state
+    best = state.get("best_model") if cfg.train.restore_best else None
+    model.load_state_dict(best if best is not None else state["model"])
+    return model.eval()
+
+
+def _log_history(run: "Run", state: dict[str, Any], skipped: dict[str, str]) -> None:
+    from hotdog_ray.evaluate import plot_curves
+
+    run.log_metrics(
+        {
+            "skipped_files": len(skipped),
+            "epochs_run": len(state["history"]),
+            "best_epoch": state["early_stopping"]["best_epoch"],
+        }
+    )
+    if skipped:
+        run.log_dict(skipped, "skipped_files.json")
+    run.log_figure(plot_curves(state["history"]), "curves.png")
+
+
+def _evaluate_test(run: "Run", model: nn.Module, pipeline: "ImagePipeline", cfg: Config) -> dict[str, Any]:
+    from hotdog_ray import evaluate
+
+    classes = pipeline.layout.classes
+    metrics = evaluate.evaluate_dataset(model, pipeline.dataset("test"), classes, cfg.data.rescale)
+    run.log_metrics(
+        {f"test_{k}": metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "majority_baseline")}
+    )
+    run.log_dict(metrics, "evaluation/test_metrics.json")
+    run.log_text(evaluate.format_report(metrics), "evaluation/test_report.txt")
+    run.log_figure(evaluate.plot_confusion(metrics), "evaluation/confusion_matrix.png")
+    return metrics

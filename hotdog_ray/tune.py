@@ -2,8 +2,8 @@
 
 Each trial is a Tune function that calls :func:`hotdog_ray.train.run_training`, so a trial
 trains, checkpoints and logs exactly as ``hotdog train`` does: by default on one device in the
-trial's own process (``tune.trial_mode=process``: no worker group to start, which made small
-sweeps 2.7x faster, bench/RESULTS.md), or as a data-parallel Ray Train run (``train``, the
+trial's own process (``tune.trial_mode=process``: no worker group to start, which makes small
+sweeps faster; see bench/RESULTS.md), or as a data-parallel Ray Train run (``train``, the
 Train-inside-Tune pattern Ray 2.60 supports). Every epoch's metrics reach Tune, where ASHA stops
 the poor trials. The sweep's MLflow run holds the search space, the trials table, a plot of
 validation loss per trial and the promotion decision.
@@ -18,10 +18,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hotdog_ray.config import Config, ConfigError, from_dict
+from hotdog_ray.config import Config, flatten, from_dict
+from hotdog_ray.errors import ConfigError, SweepError
 
 if TYPE_CHECKING:
+    from hotdog_ray import storage
     from hotdog_ray.promote import Decision
+    from hotdog_ray.tracking import Run
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +33,8 @@ TRIAL_TAG = "trial_id"
 METRIC, MODE = "val_loss", "min"
 
 
-class SweepError(RuntimeError):
-    """A sweep that cannot start or produced no usable trial; the message says why."""
-
-
 # --- pure parts -------------------------------------------------------------------------------
+
 
 def search_space(cfg: Config) -> dict[str, Any]:
     """Tune's ``param_space``: config paths (as in ``--set``) to Tune domains."""
@@ -42,8 +42,9 @@ def search_space(cfg: Config) -> dict[str, Any]:
 
     t = cfg.tune
     space: dict[str, Any] = {
-        "model.filters": tune.choice(t.filters),
-        "train.learning_rate": tune.loguniform(*t.learning_rate) if t.learning_rate[0] < t.learning_rate[1]
+        f"model.{cfg.model.width_key}": tune.choice(t.filters),
+        "train.learning_rate": tune.loguniform(*t.learning_rate)
+        if t.learning_rate[0] < t.learning_rate[1]
         else t.learning_rate[0],
     }
     if t.dropout is not None:
@@ -105,6 +106,7 @@ def summarize_trials(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 # --- the trial --------------------------------------------------------------------------------
 
+
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: str, parent_run_id: str) -> None:
     """One trial: the training job with the sampled values, nested under the sweep's run.
 
@@ -116,23 +118,33 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
     from ray import tune
 
     from hotdog_ray import tracking
-    from hotdog_ray.train import run_training
+    from hotdog_ray.train import SweepTrial, run_training
 
     cfg = trial_config(base, params)
     trial_id = tune.get_context().get_trial_id()
-    done = [r for r in tracking.find_runs(cfg, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
-            if r.info.status == "FINISHED" and r.data.tags.get(tracking.PARENT_TAG) == parent_run_id]
+    done = [
+        r
+        for r in tracking.find_runs(cfg.tracking, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
+        if r.info.status == "FINISHED" and r.data.tags.get(tracking.PARENT_TAG) == parent_run_id
+    ]
     if done:
         # Tune had not recorded its end when the driver died: training again would log a second run.
         metrics = done[0].data.metrics
-        log.info("trial %s had finished before the sweep was interrupted (run %s)", trial_id, done[0].info.run_id)
+        log.info(
+            "trial %s had finished before the sweep was interrupted (run %s)", trial_id, done[0].info.run_id
+        )
         tune.report({**metrics, "epoch": int(metrics.get("epochs_run", 1)) - 1})
         return
-    in_trial = cfg.tune.trial_mode == "process"
-    callbacks = [] if in_trial else [_tune_report_callback()]
-    run_training(cfg, run_name=f"{sweep}-{trial_id}", register=False, evaluate_test=False,
-                 parent_run_id=parent_run_id, callbacks=callbacks, in_trial=in_trial,
-                 tags={SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
+    in_process = cfg.tune.trial_mode == "process"
+    callbacks = [] if in_process else [_tune_report_callback()]
+    run_training(
+        cfg,
+        run_name=f"{sweep}-{trial_id}",
+        register=False,
+        evaluate_test=False,
+        callbacks=callbacks,
+        trial=SweepTrial(parent_run_id, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id}, in_process),
+    )
 
 
 def _tune_report_callback():
@@ -164,6 +176,7 @@ def searcher(cfg: Config, seed: int, concurrency: int):
 
 # --- the sweep --------------------------------------------------------------------------------
 
+
 @dataclass
 class SweepOutcome:
     name: str
@@ -178,12 +191,11 @@ class SweepOutcome:
         self.stopped_early = sum(t["status"] == "stopped" for t in self.trials)
 
 
-def run_sweep(cfg: Config, *, name: str | None = None, resume: bool = False,
-              promote: bool | None = None) -> SweepOutcome:
+def run_sweep(
+    cfg: Config, *, name: str | None = None, resume: bool = False, promote: bool | None = None
+) -> SweepOutcome:
     """Run (or with ``resume``, continue) a sweep; promote its best trial unless told not to."""
-    import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from hotdog_ray import storage, tracking
     from hotdog_ray.data import discover
@@ -191,149 +203,226 @@ def run_sweep(cfg: Config, *, name: str | None = None, resume: bool = False,
 
     layout = discover(cfg.data, required=("train", "validation", "test"))  # fails before Ray starts
     name = name or cfg.tune.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    epochs = max_epochs(cfg)
-    # Trials run in their own folders: pin every relative location to this working directory.
-    base_cfg = cfg.model_copy(update={
-        "data": cfg.data.model_copy(update={"root": storage.pinned(cfg.data.root)}),
-        "train": cfg.train.model_copy(update={"epochs": epochs, "storage_path": storage.pinned(cfg.train.storage_path)}),
-        "tracking": cfg.tracking.model_copy(update={"uri": tracking.tracking_uri(cfg)}),
-    })
     where = storage.resolve(cfg.train.storage_path)
-    path = where.join(name)
     init_ray()
+    concurrency = _concurrency(cfg)
+    search = searcher(cfg, cfg.train.seed if cfg.tune.seed is None else cfg.tune.seed, concurrency)
 
-    cpus = trial_cpus(cfg)
-    concurrency = fit_concurrency(cfg.tune.max_concurrent_trials, ray.cluster_resources().get("CPU", 0), cpus)
-    if concurrency < cfg.tune.max_concurrent_trials:
-        log.warning("running %d trial(s) at a time, not %d: each reserves %.2f CPUs and Ray Data needs one "
-                    "whole CPU free (cluster: %g CPUs)", concurrency, cfg.tune.max_concurrent_trials, cpus,
-                    ray.cluster_resources().get("CPU", 0))
-
-    run_id = _sweep_run(cfg, name, layout.root.uri) if resume else None
-    if run_id is None:
-        run_id = tracking.start_run(cfg, run_name=name, tags={SWEEP_TAG: name, "kind": "sweep",
-                                                              "dataset": layout.root.uri})
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base_cfg.model_dump(mode="json"), sweep=name, parent_run_id=run_id),
-        trial_resources(cfg),
-    )
-    fs = None if where.is_local else where.fs
-    if resume and tune.Tuner.can_restore(path.path, storage_filesystem=fs):
-        log.info("resuming sweep %s from %s", name, path.uri)
-        tuner = tune.Tuner.restore(path.path, trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=fs)
-    else:
-        if resume:
-            log.warning("no sweep %s under %s to resume: starting it", name, where.uri)
-        # max_t one past the last epoch: at max_t ASHA stops a trial itself, which would kill a
-        # finished trial while it logs its model. Rungs stay below the last epoch unless it is one.
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1,
-                                   grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
-                     if cfg.tune.asha else None)
-        seed = cfg.train.seed if cfg.tune.seed is None else cfg.tune.seed
-        tuner = tune.Tuner(
-            trainable,
-            param_space=search_space(cfg),
-            tune_config=tune.TuneConfig(
-                metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=cfg.tune.num_samples,
-                search_alg=searcher(cfg, seed, concurrency),
+    previous = _sweep_run_id(cfg, name) if resume else None
+    with tracking.run(
+        cfg.tracking,
+        name=name,
+        tags={SWEEP_TAG: name, "kind": "sweep", "dataset": layout.root.uri},
+        resume=previous,
+    ) as sweep_run:
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                run_trial,
+                base=_trial_base(cfg).model_dump(mode="json"),
+                sweep=name,
+                parent_run_id=sweep_run.id,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=where.path, storage_filesystem=fs, verbose=1),
+            trial_resources(cfg),
         )
-    try:
-        results = tuner.fit()
-        trials = _trials_table(cfg, results, run_id)
-        outcome = SweepOutcome(name, run_id, trials, summarize_trials(trials), path=path.uri)
-        _log_sweep(cfg, outcome)
+        if previous is None:
+            sweep_run.log_params(flatten(cfg))
+        tuner = _restored_tuner(name, where.join(name), trainable) if resume else None
+        if tuner is None:
+            tuner = _new_tuner(cfg, name, where, trainable, search)
+        trials = trials_table(cfg, tuner.fit(), sweep_run.id)
+        outcome = SweepOutcome(
+            name, sweep_run.id, trials, summarize_trials(trials), path=where.join(name).uri
+        )
+        _log_sweep(sweep_run, outcome)
         if outcome.best is None:
-            raise SweepError(f"sweep {name}: no trial finished (see the trials table in run {run_id})")
+            raise SweepError(f"sweep {name}: no trial finished (see the trials table in run {sweep_run.id})")
         if cfg.tune.promote if promote is None else promote:
             from hotdog_ray.promote import promote as promote_run
 
-            outcome.decision = promote_run(cfg, outcome.best["run_id"], record_run_id=run_id)
-    except BaseException:
-        tracking.end_run(cfg, run_id, status="FAILED")
-        raise
-    tracking.end_run(cfg, run_id)
+            outcome.decision = promote_run(cfg, outcome.best["run_id"], record=sweep_run)
     return outcome
 
 
-def _sweep_run(cfg: Config, name: str, dataset: str) -> str | None:
-    """The MLflow run of an earlier attempt of sweep ``name`` (for resume), reopened."""
-    from hotdog_ray import tracking
+def _trial_base(cfg: Config) -> Config:
+    """The config trials start from: trials run in their own folders, so every relative location is
+    pinned to this working directory, and ``train.epochs`` is the sweep's."""
+    from hotdog_ray import storage
+    from hotdog_ray.registry import tracking_uri
 
-    runs = tracking.find_runs(cfg, {SWEEP_TAG: name, "kind": "sweep"})
-    if not runs:
+    return cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"root": storage.pinned(cfg.data.root)}),
+            "train": cfg.train.model_copy(
+                update={"epochs": max_epochs(cfg), "storage_path": storage.pinned(cfg.train.storage_path)}
+            ),
+            "tracking": cfg.tracking.model_copy(update={"uri": tracking_uri(cfg.tracking)}),
+        }
+    )
+
+
+def _concurrency(cfg: Config) -> int:
+    """Trials at a time: as asked, unless that would leave Ray Data no whole CPU (then fewer, said once)."""
+    import ray
+
+    cluster = ray.cluster_resources().get("CPU", 0)
+    cpus = trial_cpus(cfg)
+    concurrency = fit_concurrency(cfg.tune.max_concurrent_trials, cluster, cpus)
+    if concurrency < cfg.tune.max_concurrent_trials:
+        log.warning(
+            "running %d trial(s) at a time, not %d: each reserves %.2f CPUs and Ray Data needs one "
+            "whole CPU free (cluster: %g CPUs)",
+            concurrency,
+            cfg.tune.max_concurrent_trials,
+            cpus,
+            cluster,
+        )
+    return concurrency
+
+
+def _new_tuner(cfg: Config, name: str, where: "storage.Location", trainable: Any, search: Any):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    # max_t one past the last epoch: at max_t ASHA stops a trial itself, which would kill a
+    # finished trial while it logs its model. Rungs stay below the last epoch unless it is one.
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_epochs(cfg) + 1,
+            grace_period=cfg.tune.grace_period,
+            reduction_factor=cfg.tune.reduction_factor,
+        )
+        if cfg.tune.asha
+        else None
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=cfg.tune.num_samples, search_alg=search
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=where.path,
+            storage_filesystem=None if where.is_local else where.fs,
+            verbose=1,
+        ),
+    )
+
+
+def _restored_tuner(name: str, path: "storage.Location", trainable: Any):
+    """The Tuner of an interrupted sweep at ``path``, or None (with a warning) when there is none."""
+    from ray import tune
+
+    fs = None if path.is_local else path.fs
+    if not tune.Tuner.can_restore(path.path, storage_filesystem=fs):
+        log.warning("no sweep %s to resume at %s: starting it", name, path.uri)
         return None
-    run_id = runs[0].info.run_id
-    tracking.reopen_run(cfg, run_id)
-    return run_id
+    log.info("resuming sweep %s from %s", name, path.uri)
+    return tune.Tuner.restore(
+        path.path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+    )
 
 
-def _trials_table(cfg: Config, results: Any, run_id: str) -> list[dict[str, Any]]:
-    """One row per planned trial: its values, epochs, best val_loss and what became of it.
-
-    A trial whose MLflow run finished logged a model; one that ASHA stopped was killed mid-run,
-    so its run is closed here as KILLED. Runs left open by an interrupted attempt are closed too.
-    """
+def _sweep_run_id(cfg: Config, name: str) -> str | None:
+    """The MLflow run of an earlier attempt of sweep ``name`` (for resume)."""
     from hotdog_ray import tracking
 
-    children: dict[str, Any] = {}
-    for run in tracking.child_runs(cfg, run_id):
-        trial = run.data.tags.get(TRIAL_TAG)
-        if run.info.status == "RUNNING":
-            tracking.end_run(cfg, run.info.run_id, status="KILLED")
-            tracking.set_tags(cfg, run.info.run_id, {"stopped": "asha or interrupted"})
-        if trial and (trial not in children or run.info.status == "FINISHED"):
-            children[trial] = run
-    rows = []
-    for result in results:
-        trial_id = (result.metrics or {}).get("trial_id") or f"unreported-{len(rows)}"
-        df = result.metrics_dataframe
-        # One point per epoch (a finished trial reports its last epoch again when a resume restarts it).
-        points: dict[int, tuple[float, float | None]] = {}
-        if df is not None and METRIC in df:
-            accs = df["val_accuracy"] if "val_accuracy" in df else [None] * len(df)
-            for e, v, a in zip(df.get("epoch", range(len(df))), df[METRIC], accs):
-                if v == v and e == e:
-                    points[int(e)] = (float(v), float(a) if a is not None and a == a else None)
-        curve = [(e, v) for e, (v, _) in sorted(points.items())]
-        child = children.get(trial_id)
-        status = ("error" if result.error is not None
-                  else "finished" if child is not None and child.info.status == "FINISHED"
-                  else "stopped")
-        best = min(points, key=lambda e: points[e][0]) if points else None
-        rows.append({
-            "trial_id": trial_id, "status": status,
-            "params": {k: v for k, v in result.config.items()},
-            "epochs": len(curve),
-            "best_val_loss": points[best][0] if best is not None else math.inf,
-            "best_val_accuracy": points[best][1] if best is not None else None,
-            "curve": curve,
-            "run_id": child.info.run_id if child is not None else None,
-            "error": str(result.error)[:300] if result.error is not None else None,
-        })
+    runs = tracking.find_runs(cfg.tracking, {SWEEP_TAG: name, "kind": "sweep"})
+    return runs[0].info.run_id if runs else None
+
+
+def trials_table(cfg: Config, results: Any, sweep_run_id: str) -> list[dict[str, Any]]:
+    """One row per planned trial, best first: its values, epochs, best val_loss and what became of it."""
+    children = _trial_runs(cfg, sweep_run_id)
+    rows = [_trial_row(result, children, index) for index, result in enumerate(results)]
     rows.sort(key=lambda r: r["best_val_loss"])
     return rows
 
 
-def _log_sweep(cfg: Config, outcome: SweepOutcome) -> None:
+def _trial_runs(cfg: Config, sweep_run_id: str) -> dict[str, Any]:
+    """Each trial's MLflow run (a finished one wins over an interrupted attempt).
+
+    A trial that ASHA stopped was killed mid-run and an interrupted attempt never ended its run:
+    both are closed here as KILLED.
+    """
     from hotdog_ray import tracking
+
+    children: dict[str, Any] = {}
+    for child in tracking.child_runs(cfg.tracking, sweep_run_id):
+        if child.info.status == "RUNNING":
+            handle = tracking.Run(tracking.tracking_uri(cfg.tracking), child.info.run_id)
+            handle.set_tags({"stopped": "asha or interrupted"})
+            handle.end("KILLED")
+        trial = child.data.tags.get(TRIAL_TAG)
+        if trial and (trial not in children or child.info.status == "FINISHED"):
+            children[trial] = child
+    return children
+
+
+def epoch_points(df: Any) -> dict[int, tuple[float, float | None]]:
+    """Epoch -> (val_loss, val_accuracy) from a trial's metrics dataframe (pure).
+
+    One point per epoch: a finished trial reports its last epoch again when a resume restarts it.
+    """
+    if df is None or METRIC not in df:
+        return {}
+    accuracies = df["val_accuracy"] if "val_accuracy" in df else [None] * len(df)
+    points: dict[int, tuple[float, float | None]] = {}
+    for epoch, loss, acc in zip(df.get("epoch", range(len(df))), df[METRIC], accuracies):
+        if _is_number(loss) and _is_number(epoch):
+            points[int(epoch)] = (float(loss), float(acc) if _is_number(acc) else None)
+    return points
+
+
+def _is_number(value: Any) -> bool:
+    return value is not None and value == value  # NaN is the only value unequal to itself
+
+
+def _trial_row(result: Any, children: dict[str, Any], index: int) -> dict[str, Any]:
+    trial_id = (result.metrics or {}).get("trial_id") or f"unreported-{index}"
+    points = epoch_points(result.metrics_dataframe)
+    child = children.get(trial_id)
+    if result.error is not None:
+        status = "error"
+    elif child is not None and child.info.status == "FINISHED":
+        status = "finished"
+    else:
+        status = "stopped"
+    best = min(points, key=lambda e: points[e][0]) if points else None
+    return {
+        "trial_id": trial_id,
+        "status": status,
+        "params": dict(result.config),
+        "epochs": len(points),
+        "best_val_loss": points[best][0] if best is not None else math.inf,
+        "best_val_accuracy": points[best][1] if best is not None else None,
+        "curve": [(e, v) for e, (v, _) in sorted(points.items())],
+        "run_id": child.info.run_id if child is not None else None,
+        "error": str(result.error)[:300] if result.error is not None else None,
+    }
+
+
+def _log_sweep(run: "Run", outcome: SweepOutcome) -> None:
     from hotdog_ray.evaluate import plot_sweep
 
-    run_id, trials, best = outcome.run_id, outcome.trials, outcome.best
-    table = [{k: v for k, v in t.items() if k != "curve"} for t in trials]
-    tracking.log_dict(run_id, cfg, table, "trials.json")
-    tracking.log_text(run_id, cfg, format_trials(trials), "trials.txt")
-    tracking.log_figure(run_id, cfg, plot_sweep(trials), "val_loss_per_trial.png")
-    tracking.log_metrics(run_id, cfg, {
-        "trials": len(trials), "trials_finished": sum(t["status"] == "finished" for t in trials),
-        "trials_stopped_early": outcome.stopped_early, "trials_errored": sum(t["status"] == "error" for t in trials),
-    })
+    trials, best = outcome.trials, outcome.best
+    run.log_dict([{k: v for k, v in t.items() if k != "curve"} for t in trials], "trials.json")
+    run.log_text(format_trials(trials), "trials.txt")
+    run.log_figure(plot_sweep(trials), "val_loss_per_trial.png")
+    run.log_metrics(
+        {
+            "trials": len(trials),
+            "trials_finished": sum(t["status"] == "finished" for t in trials),
+            "trials_stopped_early": outcome.stopped_early,
+            "trials_errored": sum(t["status"] == "error" for t in trials),
+        }
+    )
     if best is not None:
-        tracking.log_metrics(run_id, cfg, {"best_val_loss": best["best_val_loss"],
-                                           "best_val_accuracy": best["best_val_accuracy"] or 0.0})
-        tracking.set_tags(cfg, run_id, {"best_trial": best["trial_id"], "best_run_id": best["run_id"]})
+        run.log_metrics(
+            {"best_val_loss": best["best_val_loss"], "best_val_accuracy": best["best_val_accuracy"] or 0.0}
+        )
+        run.set_tags({"best_trial": best["trial_id"], "best_run_id": best["run_id"]})
 
 
 def format_trials(trials: list[dict[str, Any]]) -> str:
@@ -344,7 +433,9 @@ def format_trials(trials: list[dict[str, Any]]) -> str:
     for t in trials:
         acc = f"{t['best_val_accuracy']:.4f}" if t["best_val_accuracy"] is not None else "-"
         values = "  ".join(_fmt(t["params"].get(k)) for k in keys)
-        lines.append(f"{t['trial_id']:<14}{t['status']:<10}{t['epochs']:>7}{t['best_val_loss']:>10.4f}{acc:>9}  {values}")
+        lines.append(
+            f"{t['trial_id']:<14}{t['status']:<10}{t['epochs']:>7}{t['best_val_loss']:>10.4f}{acc:>9}  {values}"
+        )
     return "\n".join(lines)
 
 

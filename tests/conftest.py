@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import os
-import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.helpers import free_port
 from tests.imagegen import write_image_tree
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole run: starting Ray costs seconds, and two instances on one
-    machine confuse Train's placement-group cleaner (STACK-NOTES)."""
+    machine confuse Train's placement-group cleaner ("Found multiple active Ray instances")."""
     import ray
 
     from hotdog_ray.runtime import init_ray
@@ -103,12 +94,6 @@ def image_tree(tmp_path_factory):
     """A small dataset with odd-mode images and planted bad files (see tests/imagegen.py)."""
     root = tmp_path_factory.mktemp("images")
     return write_image_tree(root)
-
-
-def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -37,6 +37,38 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "hotdog_ray", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "hotdog_ray", "--help"], capture_output=True, text=True, check=True
+    )
     for cmd in ("sample", "prepare", "inspect", "config"):
         assert cmd in out.stdout
+
+
+def test_help_loads_no_torch_ray_or_mlflow():
+    code = (
+        "import sys\n"
+        "from hotdog_ray.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'pydantic') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib.metadata import version
+
+    out = subprocess.run(
+        [sys.executable, "-m", "hotdog_ray", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"hotdog-ray {version('hotdog-ray')}"
+
+
+def test_every_user_error_is_a_hotdog_error_and_exits_2(capsys):
+    from hotdog_ray import errors
+
+    user_errors = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
+    assert len(user_errors) == 10 and all(issubclass(c, errors.HotdogError) for c in user_errors)
+    assert main(["config", "--set", "train.epochs=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.epochs" in err[0]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from hotdog_ray.cli import main
-from hotdog_ray.config import Config, ConfigError, apply_overrides, dump_config, flatten, load_config
+from hotdog_ray.config import Config, apply_overrides, dump_config, flatten, load_config
+from hotdog_ray.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -30,8 +31,16 @@ def test_presets_exist():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(None, ["data.image_size=64", "data.augment.horizontal_flip=true",
-                             "data.classes=[cat, dog]", "train.learning_rate=3e-4", "data.augment.brightness=[0.2, 0.8]"])
+    cfg = load_config(
+        None,
+        [
+            "data.image_size=64",
+            "data.augment.horizontal_flip=true",
+            "data.classes=[cat, dog]",
+            "train.learning_rate=3e-4",
+            "data.augment.brightness=[0.2, 0.8]",
+        ],
+    )
     assert cfg.data.image_size == 64
     assert cfg.data.augment.horizontal_flip is True
     assert cfg.data.classes == ["cat", "dog"]

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from hotdog_ray.config import DataConfig
-from hotdog_ray.data import DataError, ImagePipeline, discover, inspect, iter_torch_batches
+from hotdog_ray.config import DataSettings
+from hotdog_ray.data import ImagePipeline, discover, inspect, iter_torch_batches
+from hotdog_ray.errors import DataError
 from tests.imagegen import CLASSES, class_of_level
 
 
@@ -33,7 +34,7 @@ def collect(pipeline: ImagePipeline, split: str, rescale: str, **kw):
 
 @pytest.mark.parametrize("rescale,lo,hi", [("unit", 0.0, 1.0), ("symmetric", -1.0, 1.0)])
 def test_pipeline_yields_exactly_the_good_images(ray_session, image_tree, dataset_uri, rescale, lo, hi):
-    cfg = DataConfig(root=dataset_uri, image_size=16, rescale=rescale)
+    cfg = DataSettings(root=dataset_uri, image_size=16, rescale=rescale)
     pipeline = ImagePipeline.from_config(cfg)
     assert pipeline.layout.classes == sorted(CLASSES)
 
@@ -50,22 +51,26 @@ def test_pipeline_yields_exactly_the_good_images(ray_session, image_tree, datase
 
     skipped = pipeline.skipped()
     reported = sorted(p.split("/images/", 1)[-1] if dataset_uri.startswith("s3") else p for p in skipped)
-    expected = sorted(b if dataset_uri.startswith("s3") else str(image_tree.root / b) for b in image_tree.bad
-                      if b.split("/")[0] in ("train", "validation"))
+    expected = sorted(
+        b if dataset_uri.startswith("s3") else str(image_tree.root / b)
+        for b in image_tree.bad
+        if b.split("/")[0] in ("train", "validation")
+    )
     assert reported == expected
     assert all(reason for reason in skipped.values())
 
 
 def test_bad_files_are_counted_once_across_epochs(ray_session, image_tree):
-    pipeline = ImagePipeline.from_config(DataConfig(root=str(image_tree.root), image_size=8))
+    pipeline = ImagePipeline.from_config(DataSettings(root=str(image_tree.root), image_size=8))
     for _ in range(2):
         collect(pipeline, "train", "unit")
     assert len(pipeline.skipped()) == sum(b.startswith("train/") for b in image_tree.bad)
 
 
 def test_only_train_is_augmented(ray_session, image_tree):
-    cfg = DataConfig(
-        root=str(image_tree.root), image_size=16,
+    cfg = DataSettings(
+        root=str(image_tree.root),
+        image_size=16,
         augment={"rotation": 45, "width_shift": 0.3, "brightness": [0.2, 0.5]},
     )
     pipeline = ImagePipeline.from_config(cfg)
@@ -81,7 +86,7 @@ def test_only_train_is_augmented(ray_session, image_tree):
 
 
 def test_train_split_shards_across_workers(ray_session, image_tree):
-    pipeline = ImagePipeline.from_config(DataConfig(root=str(image_tree.root), image_size=8))
+    pipeline = ImagePipeline.from_config(DataSettings(root=str(image_tree.root), image_size=8))
     shards = pipeline.dataset("train").streaming_split(2, equal=False)
     seen = [0, 0]
 
@@ -98,16 +103,18 @@ def test_train_split_shards_across_workers(ray_session, image_tree):
 
 
 def test_class_subset_and_max_classes(ray_session, image_tree):
-    pipeline = ImagePipeline.from_config(DataConfig(root=str(image_tree.root), image_size=8, classes=["hotdog", "cat"]))
+    pipeline = ImagePipeline.from_config(
+        DataSettings(root=str(image_tree.root), image_size=8, classes=["hotdog", "cat"])
+    )
     assert pipeline.layout.classes == ["cat", "hotdog"]
     _, y = collect(pipeline, "validation", "unit")
     assert sorted(set(y.tolist())) == [0, 1]
     assert len(y) == image_tree.good["validation"]["cat"] + image_tree.good["validation"]["hotdog"]
 
-    layout = discover(DataConfig(root=str(image_tree.root), max_classes=2))
+    layout = discover(DataSettings(root=str(image_tree.root), max_classes=2))
     assert layout.classes == ["cat", "dog"]
     with pytest.raises(DataError, match=r"\['pizza'\] are not in the dataset"):
-        discover(DataConfig(root=str(image_tree.root), classes=["cat", "pizza"]))
+        discover(DataSettings(root=str(image_tree.root), classes=["cat", "pizza"]))
 
 
 def _copy(image_tree, tmp_path):
@@ -120,42 +127,49 @@ def test_layout_errors_are_clear_and_early(image_tree, tmp_path):
     root = _copy(image_tree, tmp_path)
     shutil.rmtree(root / "validation")
     with pytest.raises(DataError, match=r"missing split folder\(s\) \['validation'\]"):
-        discover(DataConfig(root=str(root)))
-    discover(DataConfig(root=str(root)), required=("train",))  # fine when not required
+        discover(DataSettings(root=str(root)))
+    discover(DataSettings(root=str(root)), required=("train",))  # fine when not required
 
     root = _copy(image_tree, tmp_path / "b")
     for cls in CLASSES:
         shutil.rmtree(root / "test" / cls)
         (root / "test" / cls).mkdir()
     with pytest.raises(DataError, match="split 'test' has no files"):
-        discover(DataConfig(root=str(root)))
+        discover(DataSettings(root=str(root)))
 
     root = _copy(image_tree, tmp_path / "c")
     for cls in ("dog", "hotdog"):
         shutil.rmtree(root / "validation" / cls)
     with pytest.raises(DataError, match="split 'validation' has only one class"):
-        discover(DataConfig(root=str(root)))
+        discover(DataSettings(root=str(root)))
 
     root = _copy(image_tree, tmp_path / "d")
     (root / "validation" / "pizza").mkdir()
     (root / "validation" / "pizza" / "p.png").write_bytes(b"x")
     with pytest.raises(DataError, match=r"classes \['pizza'\] that train does not"):
-        discover(DataConfig(root=str(root)))
+        discover(DataSettings(root=str(root)))
 
 
 def test_inspect_reports_counts_bad_files_sizes_and_majority(ray_session, image_tree, tmp_path):
     root = _copy(image_tree, tmp_path)
     # Make validation lopsided, like the hotdog tutorial's 794 of 888 "nohotdog".
     for i in range(6):
-        shutil.copy(root / "validation" / "dog" / "dog_000.png", root / "validation" / "dog" / f"extra_{i}.png")
-    report = inspect(DataConfig(root=str(root)))
+        shutil.copy(
+            root / "validation" / "dog" / "dog_000.png", root / "validation" / "dog" / f"extra_{i}.png"
+        )
+    report = inspect(DataSettings(root=str(root)))
     assert report["classes"] == list(CLASSES)
     assert report["unreadable"] == len(image_tree.bad)
     val = report["splits"]["validation"]
     assert val["counts"] == {"cat": 3, "dog": 9, "hotdog": 3}
     assert val["majority_class"] == "dog" and val["majority_share"] == pytest.approx(9 / 15)
-    assert report["splits"]["train"]["min_size"] == [16, 16] and report["splits"]["train"]["max_size"] == [40, 40]
-    assert {u["path"].split("/ds/")[1] for s in report["splits"].values() for u in s["unreadable"]} == set(image_tree.bad)
+    assert report["splits"]["train"]["min_size"] == [16, 16] and report["splits"]["train"]["max_size"] == [
+        40,
+        40,
+    ]
+    assert {u["path"].split("/ds/")[1] for s in report["splits"].values() for u in s["unreadable"]} == set(
+        image_tree.bad
+    )
 
 
 def test_read_tasks_are_sized_by_files_and_cpus():
@@ -197,11 +211,21 @@ def test_training_order_mixes_classes(ray_session, image_tree):
     ctx = DataContext.get_current()
     saved, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:
-        pipeline = ImagePipeline.from_config(DataConfig(root=str(image_tree.root), image_size=8, files_per_task=4))
-        plain = [int(y) for _, ys in iter_torch_batches(pipeline.dataset("train"), batch_size=64, rescale="unit")
-                 for y in ys]
-        mixed = [int(y) for _, ys in iter_torch_batches(pipeline.dataset("train", shuffle_seed=1), batch_size=64,
-                                                       rescale="unit") for y in ys]
+        pipeline = ImagePipeline.from_config(
+            DataSettings(root=str(image_tree.root), image_size=8, files_per_task=4)
+        )
+        plain = [
+            int(y)
+            for _, ys in iter_torch_batches(pipeline.dataset("train"), batch_size=64, rescale="unit")
+            for y in ys
+        ]
+        mixed = [
+            int(y)
+            for _, ys in iter_torch_batches(
+                pipeline.dataset("train", shuffle_seed=1), batch_size=64, rescale="unit"
+            )
+            for y in ys
+        ]
     finally:
         ctx.execution_options.preserve_order = saved
     changes = lambda seq: sum(a != b for a, b in zip(seq, seq[1:]))  # noqa: E731
@@ -213,16 +237,22 @@ def test_training_order_mixes_classes(ray_session, image_tree):
 def test_seeded_training_epochs_are_reproducible_and_differ_from_each_other(ray_session, image_tree):
     from ray.data import DataContext
 
-    from hotdog_ray.config import AugmentConfig
+    from hotdog_ray.config import AugmentSettings
 
-    cfg = DataConfig(root=str(image_tree.root), image_size=8, files_per_task=4,
-                     augment=AugmentConfig(horizontal_flip=True, rotation=30))
+    cfg = DataSettings(
+        root=str(image_tree.root),
+        image_size=8,
+        files_per_task=4,
+        augment=AugmentSettings(horizontal_flip=True, rotation=30),
+    )
 
     def two_epochs(seed: int) -> list[torch.Tensor]:
         # Train iterates one dataset once per epoch; a fresh pipeline stands for a fresh run.
         ds = ImagePipeline.from_config(cfg).dataset("train", shuffle_seed=seed)
         ds.context.execution_options.preserve_order = True
-        return [torch.cat([x for x, _ in iter_torch_batches(ds, batch_size=16, rescale="unit")]) for _ in range(2)]
+        return [
+            torch.cat([x for x, _ in iter_torch_batches(ds, batch_size=16, rescale="unit")]) for _ in range(2)
+        ]
 
     run_a, run_b, other = two_epochs(7), two_epochs(7), two_epochs(8)
     assert DataContext.get_current().execution_options.preserve_order is False  # set per dataset only

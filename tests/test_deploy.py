@@ -17,11 +17,11 @@ import fnmatch
 import functools
 import json
 import shlex
-import tomllib
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +66,12 @@ def strict(schema: Any) -> Any:
     """The schema with unknown fields refused wherever Kubernetes would prune them (kubectl's strict mode)."""
     if isinstance(schema, dict):
         out = {k: strict(v) for k, v in schema.items()}
-        if (out.get("type") == "object" and "properties" in out and "additionalProperties" not in out
-                and not out.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            out.get("type") == "object"
+            and "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
@@ -121,14 +125,21 @@ def config_map(name: str) -> dict[str, str]:
 
 # --- Kubernetes ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("item", [i for i in k8s_documents() if i[1]["apiVersion"] == "ray.io/v1"], ids=_doc_id)
+
+@pytest.mark.parametrize(
+    "item", [i for i in k8s_documents() if i[1]["apiVersion"] == "ray.io/v1"], ids=_doc_id
+)
 def test_kuberay_manifests_match_the_crd_schemas(item):
     name, doc = item
     errors = sorted(crd_validator(doc["kind"]).iter_errors(doc), key=str)
-    assert not errors, f"{name}: " + "; ".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+    assert not errors, f"{name}: " + "; ".join(
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors
+    )
 
 
-@pytest.mark.parametrize("item", [i for i in k8s_documents() if i[1]["apiVersion"] != "ray.io/v1"], ids=_doc_id)
+@pytest.mark.parametrize(
+    "item", [i for i in k8s_documents() if i[1]["apiVersion"] != "ray.io/v1"], ids=_doc_id
+)
 def test_core_manifests_match_the_kubernetes_schemas(item):
     import kubernetes_validate
 
@@ -201,9 +212,16 @@ def test_the_launcher_may_create_rayjobs_and_nothing_more():
     assert "create" in rule["verbs"] and not {"delete", "update", "patch", "*"} & set(rule["verbs"])
     (subject,) = docs["RoleBinding"]["subjects"]
     namespace = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
-    assert (subject["kind"], subject["name"], subject["namespace"]) == ("ServiceAccount", "hotdog-score-launcher", namespace)
+    assert (subject["kind"], subject["name"], subject["namespace"]) == (
+        "ServiceAccount",
+        "hotdog-score-launcher",
+        namespace,
+    )
     cron = next(d for _, d in k8s_documents() if d["kind"] == "CronJob")
-    assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"] == "hotdog-score-launcher"
+    assert (
+        cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"]
+        == "hotdog-score-launcher"
+    )
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"  # never two scoring runs of one night at once
 
 
@@ -213,7 +231,10 @@ def test_raycronjob_runs_the_same_rayjob_as_the_cronjob():
     plain = next(d for _, d in k8s_documents() if d["kind"] == "CronJob")
     score = yaml.safe_load((K8S / "score-rayjob.yaml").read_text())
     assert cron["spec"]["jobTemplate"] == score["spec"]
-    assert (cron["spec"]["schedule"], cron["spec"]["timeZone"]) == (plain["spec"]["schedule"], plain["spec"]["timeZone"])
+    assert (cron["spec"]["schedule"], cron["spec"]["timeZone"]) == (
+        plain["spec"]["schedule"],
+        plain["spec"]["timeZone"],
+    )
 
 
 @pytest.mark.parametrize("item", [i for i in k8s_documents() if any(pod_specs(i[1]))], ids=_doc_id)
@@ -225,9 +246,13 @@ def test_pods_run_our_image_as_non_root_with_requests_and_limits(item):
         for container in pod["containers"]:
             resources = container.get("resources", {})
             for kind in ("requests", "limits"):
-                assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{name}{where}: {container['name']} {kind}"
+                assert {"cpu", "memory"} <= set(resources.get(kind, {})), (
+                    f"{name}{where}: {container['name']} {kind}"
+                )
             if container["image"].startswith("hotdog-ray"):
-                assert container["image"] == IMAGE, f"{name}{where}: one image, tagged with the package version"
+                assert container["image"] == IMAGE, (
+                    f"{name}{where}: one image, tagged with the package version"
+                )
     # The autoscaler sidecar too.
     for options in _find(doc, "autoscalerOptions"):
         assert options["securityContext"]["runAsNonRoot"] is True
@@ -246,7 +271,9 @@ def _find(node: Any, key: str) -> Iterator[Any]:
 
 
 def _ray_groups(cluster: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
+    return [("head", cluster["headGroupSpec"])] + [
+        (g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])
+    ]
 
 
 def _ray_clusters() -> list[tuple[str, dict[str, Any]]]:
@@ -261,8 +288,14 @@ def _ray_clusters() -> list[tuple[str, dict[str, Any]]]:
 
 def test_every_ray_cluster_has_the_settings_shared_memory_and_gpu_wiring():
     clusters = _ray_clusters()
-    assert {n for n, _ in clusters} == {"raycluster.yaml", "rayjob-train.yaml", "rayjob-tune.yaml", "rayservice.yaml",
-                                        "score-rayjob.yaml", "raycronjob-score.yaml"}
+    assert {n for n, _ in clusters} == {
+        "raycluster.yaml",
+        "rayjob-train.yaml",
+        "rayjob-tune.yaml",
+        "rayservice.yaml",
+        "score-rayjob.yaml",
+        "raycronjob-score.yaml",
+    }
     gpu_groups = 0
     for name, cluster in clusters:
         assert cluster["rayVersion"] == RAY_PIN, f"{name}: rayVersion"
@@ -271,17 +304,23 @@ def test_every_ray_cluster_has_the_settings_shared_memory_and_gpu_wiring():
         for group, spec in _ray_groups(cluster):
             pod = spec["template"]["spec"]
             (container,) = pod["containers"]
-            env_from = {(e.get("configMapRef") or e.get("secretRef"))["name"]: e for e in container["envFrom"]}
+            env_from = {
+                (e.get("configMapRef") or e.get("secretRef"))["name"]: e for e in container["envFrom"]
+            }
             assert set(env_from) == {"hotdog-env", "hotdog-s3"}, f"{name} {group}: settings and credentials"
             assert env_from["hotdog-s3"]["secretRef"]["optional"] is True  # IAM roles replace it on AWS
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             volumes = {v["name"]: v for v in pod["volumes"]}
-            assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", f"{name} {group}: object store"
+            assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", (
+                f"{name} {group}: object store"
+            )
             limits, requests = container["resources"]["limits"], container["resources"]["requests"]
             if "nvidia.com/gpu" in limits:
                 gpu_groups += 1
                 assert requests["nvidia.com/gpu"] == limits["nvidia.com/gpu"]
-                assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]), f"{name} {group}: GPU taint"
+                assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]), (
+                    f"{name} {group}: GPU taint"
+                )
             if group == "head":
                 assert spec["rayStartParams"]["dashboard-host"] == "0.0.0.0"  # the job submitter reaches it
             else:
@@ -297,13 +336,16 @@ def test_env_settings_are_the_same_list_on_kubernetes_and_the_cluster_launcher()
     runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
     RuntimeEnv(**runtime_env)  # Ray's own validation of a runtime env
     assert set(runtime_env["env_vars"]) == set(settings)
-    assert not any(fnmatch.fnmatch(k, "*SECRET*") or fnmatch.fnmatch(k, "*KEY*") for k in runtime_env["env_vars"])
+    assert not any(
+        fnmatch.fnmatch(k, "*SECRET*") or fnmatch.fnmatch(k, "*KEY*") for k in runtime_env["env_vars"]
+    )
     secrets = [d for _, d in k8s_documents() if d["kind"] == "Secret"]
     values = [v for s in secrets for v in s["stringData"].values()]
     assert values and all("REPLACE-ME" in v for v in values), "shapes only: no real secrets in the repository"
 
 
 # --- entrypoints and Serve ----------------------------------------------------------------------------
+
 
 def _entrypoints() -> list[tuple[str, str]]:
     return [(name, " ".join(spec["entrypoint"].split())) for name, spec in ray_jobs()]
@@ -324,14 +366,17 @@ def test_job_entrypoints_parse_and_load_a_valid_config(item, monkeypatch):
     args = build_parser().parse_args([command, *argv[2:]])
     cfg = config_from_args(args)
     assert cfg.data.root.startswith("s3://") or command == "score"
-    assert "working_dir" not in dict(ray_jobs())[name].get("runtimeEnvYAML", ""), \
+    assert "working_dir" not in dict(ray_jobs())[name].get("runtimeEnvYAML", ""), (
         "a RayJob cannot upload a working_dir: the code is in the image"
+    )
 
 
 def _serve_configs() -> dict[str, dict[str, Any]]:
     rayservice = next(d for _, d in k8s_documents() if d["kind"] == "RayService")
-    return {"serving/serve_config.yaml": yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text()),
-            "k8s/rayservice.yaml": yaml.safe_load(rayservice["spec"]["serveConfigV2"])}
+    return {
+        "serving/serve_config.yaml": yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text()),
+        "k8s/rayservice.yaml": yaml.safe_load(rayservice["spec"]["serveConfigV2"]),
+    }
 
 
 @pytest.mark.parametrize("name", list(_serve_configs()))
@@ -365,8 +410,12 @@ def test_rayservice_serves_the_serving_config_with_only_the_cluster_differences(
 
 # --- cluster launcher ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", sorted(set((REPO / "cluster").glob("*.yaml")) - {REPO / "cluster" / "runtime_env.yaml"}),
-                         ids=lambda p: p.name)
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(set((REPO / "cluster").glob("*.yaml")) - {REPO / "cluster" / "runtime_env.yaml"}),
+    ids=lambda p: p.name,
+)
 def test_cluster_launcher_configs(path):
     import jsonschema
     import ray
@@ -375,7 +424,9 @@ def test_cluster_launcher_configs(path):
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
     raw = yaml.safe_load(path.read_text())
     jsonschema.validate(raw, schema)
-    validate_config(prepare_config(copy.deepcopy(raw)))  # Ray's own checks after filling in defaults, as `ray up`
+    validate_config(
+        prepare_config(copy.deepcopy(raw))
+    )  # Ray's own checks after filling in defaults, as `ray up`
     assert raw["docker"]["image"].endswith(f"/{IMAGE}")
     assert raw["file_mounts"] == {"/home/ray/hotdog-ray": "."}
     assert any("pip install" in c and "/home/ray/hotdog-ray" in c for c in raw["setup_commands"])
@@ -384,6 +435,7 @@ def test_cluster_launcher_configs(path):
 
 
 # --- Dockerfile -------------------------------------------------------------------------------------
+
 
 def _dockerfile():
     from dockerfile_parse import DockerfileParser
@@ -396,29 +448,43 @@ def test_dockerfile_builds_on_the_ray_image_of_our_ray_version_and_runs_as_non_r
     import ray
 
     parser, steps = _dockerfile()
-    args = {s["value"].split("=")[0]: s["value"].split("=", 1)[1] for s in steps if s["instruction"] == "ARG" and "=" in s["value"]}
+    args = {
+        s["value"].split("=")[0]: s["value"].split("=", 1)[1]
+        for s in steps
+        if s["instruction"] == "ARG" and "=" in s["value"]
+    }
     (base,) = [s["value"] for s in steps if s["instruction"] == "FROM"]
     assert base == "rayproject/ray:${RAY_VERSION}-${RAY_IMAGE_VARIANT}"
     assert args["RAY_VERSION"] == RAY_PIN == ray.__version__, "image, pyproject and tests on one Ray version"
-    assert "gpu" in args["RAY_IMAGE_VARIANT"] or "cu" in args["RAY_IMAGE_VARIANT"], "the default base is a CUDA image"
+    assert "gpu" in args["RAY_IMAGE_VARIANT"] or "cu" in args["RAY_IMAGE_VARIANT"], (
+        "the default base is a CUDA image"
+    )
     users = [s["value"] for s in steps if s["instruction"] == "USER"]
-    assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) != 0, \
+    assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) != 0, (
         "a numeric non-root user, which Kubernetes can check against runAsNonRoot"
+    )
     workdirs = [s["value"] for s in steps if s["instruction"] == "WORKDIR"]
     assert workdirs[-1] == APP_DIR
-    assert not [s for s in steps if s["instruction"] == "ADD"], "COPY only: no remote URLs or archives unpacked"
+    assert not [s for s in steps if s["instruction"] == "ADD"], (
+        "COPY only: no remote URLs or archives unpacked"
+    )
 
 
 def test_dockerfile_copies_what_the_jobs_and_serve_need_and_installs_known_extras():
     _, steps = _dockerfile()
-    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
+    ignored = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     copied = []
     for step in (s for s in steps if s["instruction"] == "COPY"):
         parts = [p for p in step["value"].split() if not p.startswith("--")]
         for source in parts[:-1]:
             assert (REPO / source).exists(), f"COPY {source}: not in the repository"
-            assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), f"COPY {source}: .dockerignore'd"
+            assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), (
+                f"COPY {source}: .dockerignore'd"
+            )
             copied.append(source)
     # Everything an entrypoint or the Serve app reads relative to the app folder is in the image.
     assert {"hotdog_ray", "jobs", "configs", "serving", "pyproject.toml", "README.md"} <= set(copied)
@@ -449,18 +515,23 @@ def test_dockerfile_dependency_list_is_pyprojects():
     _, steps = _dockerfile()
     run = next(s["value"] for s in steps if s["instruction"] == "RUN" and "tomllib" in s["value"])
     code = shlex.split(run.split("python -c", 1)[1].split(">", 1)[0])[0]
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert out.splitlines() == [*PYPROJECT["project"]["dependencies"], *extras["optuna"], *extras["server"]]
 
 
 # --- docs --------------------------------------------------------------------------------------------
 
+
 def test_the_operations_guide_and_readme_name_files_that_exist():
     import re
 
     for doc in (REPO / "docs" / "operations.md", REPO / "README.md"):
-        named = set(re.findall(r"\b((?:k8s|cluster|serving|configs|jobs)/[\w.-]+\.(?:yaml|py))", doc.read_text()))
+        named = set(
+            re.findall(r"\b((?:k8s|cluster|serving|configs|jobs)/[\w.-]+\.(?:yaml|py))", doc.read_text())
+        )
         assert named, doc
         missing = sorted(n for n in named if not (REPO / n).is_file())
         assert not missing, f"{doc.name} names {missing}"

@@ -7,14 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from hotdog_ray.cli import main
-from hotdog_ray.config import load_config
 from hotdog_ray.data import ImagePipeline, iter_torch_batches
 from hotdog_ray.evaluate import compute_metrics, format_report, plot_confusion, predict_batches
-from hotdog_ray.models import build_model
-from hotdog_ray.tracking import end_run, log_model, model_meta, start_run
+from tests.helpers import register_model, tiny_model, tiny_model_config
 from tests.imagegen import CLASSES
 
 
@@ -51,24 +48,25 @@ def test_report_and_confusion_plot_name_every_class():
 def registered(tmp_path_factory, image_tree):
     """An untrained first_cnn logged and registered as version 1 (evaluation does not care how good it is)."""
     tmp = tmp_path_factory.mktemp("evaluate")
-    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "data.image_size=16",
-                             "model.name=first_cnn", "model.filters=4", f"data.root={image_tree.root}"])
-    torch.manual_seed(0)
-    model = build_model("first_cnn", len(CLASSES), 16, filters=4).eval()
-    run_id = start_run(cfg, run_name="for-evaluate", tags={})
-    version = log_model(cfg, run_id, model, model_meta(cfg, list(CLASSES)))
-    end_run(cfg, run_id)
+    cfg = tiny_model_config(tmp, f"data.root={image_tree.root}")
+    model = tiny_model(CLASSES)
+    run_id, version = register_model(cfg, model, CLASSES, name="for-evaluate")
     return cfg, model, run_id, version
 
 
 def _expected(cfg, model, split: str = "test") -> dict:
-    y, p = predict_batches(model, iter_torch_batches(ImagePipeline.from_config(cfg.data).dataset(split),
-                                                     batch_size=64, rescale=cfg.data.rescale))
+    y, p = predict_batches(
+        model,
+        iter_torch_batches(
+            ImagePipeline.from_config(cfg.data).dataset(split), batch_size=64, rescale=cfg.data.rescale
+        ),
+    )
     return compute_metrics(y, p.argmax(axis=1), list(CLASSES))
 
 
-def test_evaluate_a_registered_version_and_a_run_gives_the_models_own_metrics(ray_session, registered, image_tree,
-                                                                            capsys):
+def test_evaluate_a_registered_version_and_a_run_gives_the_models_own_metrics(
+    ray_session, registered, image_tree, capsys
+):
     cfg, model, run_id, version = registered
     uri = ["--set", f"tracking.uri={cfg.tracking.uri}"]
     expected = _expected(cfg, model)
@@ -86,8 +84,21 @@ def test_evaluate_reads_a_dataset_from_s3(ray_session, registered, s3, capsys):
     cfg, model, _, _ = registered
     bucket = s3.bucket("evaluate")
     root = s3.upload_dir(Path(cfg.data.root), bucket, "data")
-    assert main(["evaluate", "--set", f"tracking.uri={cfg.tracking.uri}", "--data", root, "--split", "validation",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--set",
+                f"tracking.uri={cfg.tracking.uri}",
+                "--data",
+                root,
+                "--split",
+                "validation",
+                "--json",
+            ]
+        )
+        == 0
+    )
     got = json.loads(capsys.readouterr().out)
     assert got["confusion_matrix"] == _expected(cfg, model, "validation")["confusion_matrix"]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hotdog_ray.config import AugmentConfig
+from hotdog_ray.config import AugmentSettings
 from hotdog_ray.images import (
     ImageError,
     augment_batch,
@@ -30,7 +30,7 @@ def test_every_mode_becomes_rgb_with_its_gray_level(mode, fmt, size):
 
 
 def test_sixteen_bit_range_is_scaled_not_clipped():
-    ramp = (np.arange(0, 65536, 256, dtype=np.uint16).reshape(16, 16))
+    ramp = np.arange(0, 65536, 256, dtype=np.uint16).reshape(16, 16)
     buf = io.BytesIO()
     Image.fromarray(ramp).save(buf, "PNG")
     img = np.asarray(open_image(buf.getvalue()))[..., 0]
@@ -90,7 +90,9 @@ def test_jpeg_draft_decode_matches_full_decode_closely():
     buf = io.BytesIO()
     Image.fromarray(big).save(buf, "JPEG", quality=90)
     fast = decode_image(buf.getvalue(), 32).astype(float)
-    full = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB").resize((32, 32), Image.BILINEAR), float)
+    full = np.asarray(
+        Image.open(io.BytesIO(buf.getvalue())).convert("RGB").resize((32, 32), Image.BILINEAR), float
+    )
     assert np.abs(fast - full).mean() < 4
 
 
@@ -106,7 +108,7 @@ def test_rescale_modes():
 
 
 def test_no_augmentation_configured_means_none():
-    assert build_augmentation(AugmentConfig()) is None
+    assert build_augmentation(AugmentSettings()) is None
 
 
 def test_flip_draws_per_image():
@@ -114,7 +116,7 @@ def test_flip_draws_per_image():
     img = np.zeros((1, 8, 8, 3), np.uint8)
     img[0, :, :4] = 255  # left half white
     batch = np.repeat(img, 64, axis=0)
-    out = augment_batch(batch, build_augmentation(AugmentConfig(horizontal_flip=True)))
+    out = augment_batch(batch, build_augmentation(AugmentSettings(horizontal_flip=True)))
     flipped = out[:, 0, 7, 0] == 255
     assert out.shape == batch.shape and out.dtype == np.uint8
     assert 5 < flipped.sum() < 59  # both outcomes within one batch: a draw per image, not per batch
@@ -122,8 +124,16 @@ def test_flip_draws_per_image():
 
 def test_seed_style_augmentation_changes_pixels_but_not_shape():
     torch.manual_seed(1)
-    cfg = AugmentConfig(rotation=90, height_shift=0.3, width_shift=0.5, vertical_flip=True,
-                        horizontal_flip=True, shear=20, zoom=0.2, brightness=(0.1, 0.9))
+    cfg = AugmentSettings(
+        rotation=90,
+        height_shift=0.3,
+        width_shift=0.5,
+        vertical_flip=True,
+        horizontal_flip=True,
+        shear=20,
+        zoom=0.2,
+        brightness=(0.1, 0.9),
+    )
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     out = augment_batch(batch, build_augmentation(cfg))
@@ -134,7 +144,7 @@ def test_seed_style_augmentation_changes_pixels_but_not_shape():
 
 
 def test_seeded_augmentation_is_reproducible_and_leaves_the_global_rng_alone():
-    transform = build_augmentation(AugmentConfig(rotation=40, zoom=0.2, horizontal_flip=True))
+    transform = build_augmentation(AugmentSettings(rotation=40, zoom=0.2, horizontal_flip=True))
     batch = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     seeds = [augmentation_seed(42, 0, f"train/cat/{i}.jpg") for i in range(6)]
     state = torch.get_rng_state()
@@ -149,6 +159,15 @@ def test_seeded_augmentation_is_reproducible_and_leaves_the_global_rng_alone():
 def test_augmentation_seed_differs_by_seed_epoch_and_path():
     base = augmentation_seed(42, 0, "a.jpg")
     assert base == augmentation_seed(42, 0, "a.jpg")
-    assert len({base, augmentation_seed(43, 0, "a.jpg"), augmentation_seed(42, 1, "a.jpg"),
-                augmentation_seed(42, 0, "b.jpg")}) == 4
+    assert (
+        len(
+            {
+                base,
+                augmentation_seed(43, 0, "a.jpg"),
+                augmentation_seed(42, 1, "a.jpg"),
+                augmentation_seed(42, 0, "b.jpg"),
+            }
+        )
+        == 4
+    )
     assert 0 <= base < 2**63

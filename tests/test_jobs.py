@@ -10,7 +10,7 @@ command of ``k8s/mlflow.yaml``. The only changes to the entrypoints are options 
 run laptop-sized and CPU-only (later ``--set`` wins).
 
 These tests run last (see conftest): the head is a second Ray instance, so the in-process one
-is shut down first (two at once confuse Train's placement-group cleaner, STACK-NOTES).
+is shut down first (two at once confuse Train's placement-group cleaner: "Found multiple active Ray instances").
 """
 
 from __future__ import annotations
@@ -43,17 +43,31 @@ BUCKET = "hotdog-data"
 # Settings a bare cluster node does not have: the jobs must get them from the runtime env.
 NODE_UNSET = ("AWS_", "MLFLOW_")
 
-SMALL = ["data.image_size=16", "model.name=first_cnn", "model.filters=4", "train.batch_size=8", "train.epochs=2",
-         "train.num_workers=1", "train.use_gpu=false", "train.cpus_per_worker=0.5",
-         "score.num_actors=1", "score.gpus_per_actor=0", "score.batch_size=8"]
+SMALL = [
+    "data.image_size=16",
+    "model.name=first_cnn",
+    "model.filters=4",
+    "train.batch_size=8",
+    "train.epochs=2",
+    "train.num_workers=1",
+    "train.use_gpu=false",
+    "train.cpus_per_worker=0.5",
+    "score.num_actors=1",
+    "score.gpus_per_actor=0",
+    "score.batch_size=8",
+]
 
 
 def _env(bare: bool = False) -> dict[str, str]:
     # The head's job drivers run `python` from PATH: make it this interpreter, which has the package.
-    # Ray 2.60 clusters use token auth; the job client needs this to send the token (STACK-NOTES).
+    # Ray 2.60 clusters use token auth; the job client needs this to send the token.
     env = {k: v for k, v in os.environ.items() if not (bare and k.startswith(NODE_UNSET))}
-    return {**env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
-            "RAY_USAGE_STATS_ENABLED": "0"}
+    return {
+        **env,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
 
 
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -80,9 +94,23 @@ def ray_head():
     ray.shutdown()
     port, dashboard = free_port(), free_port()
     env = _env(bare=True)
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-                    "--dashboard-host=127.0.0.1", "--num-cpus=2", "--num-gpus=0"],
-                   env=env, cwd=REPO, check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=2",
+            "--num-gpus=0",
+        ],
+        env=env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_http(f"{address}/api/version", 60)  # the job API comes up a little after `ray start` returns
@@ -118,10 +146,18 @@ def mlflow_server(s3_server, tmp_path_factory):
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     # Stand-ins for the optional Secrets: a store of our own, moto's credentials.
     env["MLFLOW_BACKEND_STORE_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    env.update(AWS_ENDPOINT_URL=s3_server.endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-               AWS_REGION="us-east-1")
-    proc = subprocess.Popen([*container["command"], script], env={**_env(bare=True), **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env.update(
+        AWS_ENDPOINT_URL=s3_server.endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_REGION="us-east-1",
+    )
+    proc = subprocess.Popen(
+        [*container["command"], script],
+        env={**_env(bare=True), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{uri}/health", 120, proc)
@@ -136,15 +172,22 @@ def mlflow_server(s3_server, tmp_path_factory):
 
 def test_mlflow_server_answers_its_service_names_and_refuses_others(mlflow_server):
     """MLflow checks the Host header: in-cluster clients use the Service's DNS names."""
+
     def status(host: str) -> int:
-        request = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1",
-                                         headers={"Host": host})
+        request = urllib.request.Request(
+            f"{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host}
+        )
         try:
             return urllib.request.urlopen(request, timeout=10).status
         except urllib.error.HTTPError as e:
             return e.code
 
-    for host in ("mlflow:5000", "mlflow.hotdog:5000", "mlflow.hotdog.svc.cluster.local:5000", "localhost:5000"):
+    for host in (
+        "mlflow:5000",
+        "mlflow.hotdog:5000",
+        "mlflow.hotdog.svc.cluster.local:5000",
+        "localhost:5000",
+    ):
         assert status(host) == 200, host
     assert status("mlflow.evil.example.com") == 403  # the DNS-rebinding guard is on
 
@@ -156,21 +199,35 @@ def platform(s3_server, mlflow_server, image_tree):
     s3_server.upload_dir(image_tree.root, BUCKET, "hotdog")  # data.root of the RayJobs
     date = run_date("yesterday")  # the scoring RayJob's --date
     incoming = []
-    for path in sorted((image_tree.root / "test").rglob("*.*")) + [image_tree.root / "train" / "cat" / "empty.jpg"]:
+    for path in sorted((image_tree.root / "test").rglob("*.*")) + [
+        image_tree.root / "train" / "cat" / "empty.jpg"
+    ]:
         key = f"incoming/{date.isoformat()}/{path.parent.name}_{path.name}"
         s3_server.client.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
         incoming.append(key)
     settings = _manifest("config.yaml", "ConfigMap")["data"]
     credentials = _manifest("secrets.example.yaml", "Secret")["stringData"]
-    env_vars = {**settings, "MLFLOW_TRACKING_URI": mlflow_server,  # the Service `mlflow`, here
-                "AWS_ENDPOINT_URL": s3_server.endpoint,  # the ConfigMap's S3-compatible option
-                **{k: "testing" for k in credentials}}
+    env_vars = {
+        **settings,
+        "MLFLOW_TRACKING_URI": mlflow_server,  # the Service `mlflow`, here
+        "AWS_ENDPOINT_URL": s3_server.endpoint,  # the ConfigMap's S3-compatible option
+        **{k: "testing" for k in credentials},
+    }
     return Platform({"env_vars": env_vars}, mlflow_server, date, incoming)
 
 
 def _submit(address: str, entrypoint: str, runtime_env: dict) -> str:
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env),
-           "--", *shlex.split(entrypoint)]  # as KubeRay's submitter pod: its shell splits the entrypoint
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        *shlex.split(entrypoint),
+    ]  # as KubeRay's submitter pod: its shell splits the entrypoint
     proc = subprocess.run(cmd, env=_env(bare=True), cwd=REPO, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -205,17 +262,38 @@ def test_train_and_score_rayjobs_run_on_a_ray_head(ray_head, platform, s3_server
     out = _submit(ray_head, f"{_entrypoint('score-rayjob.yaml')} {overrides}", platform.runtime_env)
     prefix = f"predictions/date={platform.date.isoformat()}/"
     keys = [o["Key"] for o in s3_server.client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
-    tables = [pq.read_table(io.BytesIO(s3_server.client.get_object(Bucket=BUCKET, Key=k)["Body"].read()))
-              for k in keys if k.endswith(".parquet")]
+    tables = [
+        pq.read_table(io.BytesIO(s3_server.client.get_object(Bucket=BUCKET, Key=k)["Body"].read()))
+        for k in keys
+        if k.endswith(".parquet")
+    ]
     rows = [r for t in tables for r in t.to_pylist()]
-    assert sorted(r["path"].rsplit("/", 1)[1] for r in rows) == sorted(k.rsplit("/", 1)[1] for k in platform.incoming)
+    assert sorted(r["path"].rsplit("/", 1)[1] for r in rows) == sorted(
+        k.rsplit("/", 1)[1] for k in platform.incoming
+    )
     assert {r["model_version"] for r in rows} == {str(version.version)}
-    assert [r["path"] for r in rows if r["error"]] == [p for p in (r["path"] for r in rows) if p.endswith("cat_empty.jpg")]
+    assert [r["path"] for r in rows if r["error"]] == [
+        p for p in (r["path"] for r in rows) if p.endswith("cat_empty.jpg")
+    ]
 
 
 def test_a_failing_job_fails_the_submission_with_the_reason(ray_head, tmp_path):
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
-           "python", "jobs/train.py", "--config", "configs/sample.yaml", "--set", f"data.root={tmp_path / 'nothing'}"]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_head,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        "jobs/train.py",
+        "--config",
+        "configs/sample.yaml",
+        "--set",
+        f"data.root={tmp_path / 'nothing'}",
+    ]
     proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0

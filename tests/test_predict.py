@@ -4,8 +4,6 @@ odd image modes accepted, and Grad-CAM that points where the evidence is."""
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +12,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from hotdog_ray.bundle import ModelBundle, model_meta
 from hotdog_ray.config import load_config
-from hotdog_ray.images import ImageError
+from hotdog_ray.errors import ImageError
 from hotdog_ray.models import build_model
 from hotdog_ray.predict import Predictor, grad_cam, overlay_png, prediction_from
-from hotdog_ray.tracking import ModelBundle, model_meta
+from tests.helpers import png, png_header_claiming, predict_many
 from tests.imagegen import CLASSES, LEVELS, encode, truncated_jpeg
 
 
@@ -41,8 +40,15 @@ def test_served_predictions_equal_the_offline_pipeline(ray_session, image_tree, 
     rows = pipeline.dataset("test", keep_paths=True).take_all()
     assert len(rows) == image_tree.good_count("test")
     images = np.stack([r["image"] for r in rows])
-    _, offline = predict_batches(predictor.model, [(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0,
-                                                     torch.zeros(len(rows), dtype=torch.long))])
+    _, offline = predict_batches(
+        predictor.model,
+        [
+            (
+                torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0,
+                torch.zeros(len(rows), dtype=torch.long),
+            )
+        ],
+    )
     for row, expected in zip(rows, offline):
         data = Path(row["path"] if Path(row["path"]).exists() else "/" + row["path"]).read_bytes()
         np.testing.assert_array_equal(predictor.preprocess(data), row["image"])
@@ -50,36 +56,27 @@ def test_served_predictions_equal_the_offline_pipeline(ray_session, image_tree, 
         np.testing.assert_allclose([got.probabilities[c] for c in CLASSES], expected, rtol=1e-5, atol=1e-6)
 
 
-def _png_header_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header says width x height (a decompression bomb's calling card)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.mark.parametrize("data,reason", [
-    (b"", "empty"),
-    (b"just some text, not a photo\n" * 3, "not a readable image"),
-    (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n", "not a readable image"),
-    (truncated_jpeg(), "not a readable image|corrupt image data"),
-    (_png(np.zeros((1, 1, 3), np.uint8)), "too small: 1x1"),
-    (_png_header_claiming(60_000, 60_000), "too large"),
-], ids=["empty", "text", "pdf", "truncated-jpeg", "1x1", "bomb"])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty"),
+        (b"just some text, not a photo\n" * 3, "not a readable image"),
+        (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n", "not a readable image"),
+        (truncated_jpeg(), "not a readable image|corrupt image data"),
+        (png(np.zeros((1, 1, 3), np.uint8)), "too small: 1x1"),
+        (png_header_claiming(60_000, 60_000), "too large"),
+    ],
+    ids=["empty", "text", "pdf", "truncated-jpeg", "1x1", "bomb"],
+)
 def test_bad_input_is_refused_with_a_reason(predictor, data, reason):
     with pytest.raises(ImageError, match=reason):
         predictor.predict(data)
 
 
-@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"),
-                                      ("I;16", "PNG"), ("RGB-exif", "JPEG")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("RGB-exif", "JPEG")],
+)
 def test_odd_modes_are_converted_to_the_right_pixels(predictor, mode, fmt):
     """Grayscale, RGBA, palette, CMYK, 16-bit and EXIF-rotated inputs decode to the class's gray level."""
     arr = predictor.preprocess(encode(LEVELS["dog"], mode, fmt, (36, 18)))
@@ -97,10 +94,10 @@ def test_exif_rotation_is_applied():
 
 def test_a_batch_keeps_order_and_gives_one_error_per_bad_image(predictor):
     good = encode(LEVELS["cat"], "RGB", "JPEG", (30, 30))
-    out = predictor.predict_many([good, b"", good, b"nope"])
+    out = predict_many(predictor, [good, b"", good, b"nope"])
     assert [type(o).__name__ for o in out] == ["Prediction", "ImageError", "Prediction", "ImageError"]
     assert out[0].probabilities == out[2].probabilities == predictor.predict(good).probabilities
-    assert predictor.predict_many([b""])[0].args[0] == "empty file"
+    assert predict_many(predictor, [b""])[0].args[0] == "empty file"
 
 
 def test_prediction_lists_every_class_and_the_top_k():

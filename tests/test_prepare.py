@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from hotdog_ray.config import DataConfig
+from hotdog_ray.config import DataSettings
 from hotdog_ray.data import discover
-from hotdog_ray.prepare import PrepareError, parse_ratios, prepare, sample_plan, split_items, write_sample
+from hotdog_ray.errors import PrepareError
+from hotdog_ray.prepare import parse_ratios, prepare, sample_plan, split_items, write_sample
 from tests.imagegen import encode
 
 
@@ -58,7 +59,7 @@ def test_split_folders(tmp_path):
     # Same seed, same split; and the result is a valid dataset.
     prepare(str(src), str(tmp_path / "again"), layout="split-folders", ratios="0.6,0.2,0.2", seed=1)
     assert tree(tmp_path / "again") == got
-    assert discover(DataConfig(root=str(tmp_path / "out"))).classes == ["cats", "dogs"]
+    assert discover(DataSettings(root=str(tmp_path / "out"))).classes == ["cats", "dogs"]
 
 
 def test_split_folders_errors(tmp_path):
@@ -91,7 +92,9 @@ def make_food101(root: Path) -> dict:
 
 def test_food101(tmp_path):
     make_food101(tmp_path / "food-101")
-    counts = prepare(str(tmp_path / "food-101"), str(tmp_path / "out"), layout="food101", val_ratio=0.25, seed=3)
+    counts = prepare(
+        str(tmp_path / "food-101"), str(tmp_path / "out"), layout="food101", val_ratio=0.25, seed=3
+    )
     assert counts == {"train": 24, "validation": 8, "test": 8}
     got = tree(tmp_path / "out")
     assert got["test/waffles"] == {f"{n}.jpg" for n in range(116, 120)}
@@ -112,8 +115,13 @@ def test_food101_missing_meta(tmp_path):
 def test_filename_labels(tmp_path):
     names = [f"cat.{i}.jpg" for i in range(10)] + [f"dog.{i}.jpg" for i in range(10)]
     write_files(tmp_path / "train", names)
-    counts = prepare(str(tmp_path / "train"), str(tmp_path / "out"), layout="filename-labels",
-                     ratios="0.8,0.2", classes=["cat", "dog"])
+    counts = prepare(
+        str(tmp_path / "train"),
+        str(tmp_path / "out"),
+        layout="filename-labels",
+        ratios="0.8,0.2",
+        classes=["cat", "dog"],
+    )
     assert counts == {"train": 16, "validation": 4}
     got = tree(tmp_path / "out")
     assert all(n.startswith("cat.") for n in got["train/cat"] | got["validation/cat"])
@@ -123,7 +131,9 @@ def test_filename_labels(tmp_path):
 def test_filename_labels_errors(tmp_path):
     write_files(tmp_path / "flat", ["cat.1.jpg", "dog.1.jpg", "bird.1.jpg"])
     with pytest.raises(PrepareError, match="class 'bird' is not one of"):
-        prepare(str(tmp_path / "flat"), str(tmp_path / "out"), layout="filename-labels", classes=["cat", "dog"])
+        prepare(
+            str(tmp_path / "flat"), str(tmp_path / "out"), layout="filename-labels", classes=["cat", "dog"]
+        )
     write_files(tmp_path / "flat2", ["cat.1.jpg", "noclass"])
     with pytest.raises(PrepareError, match="no class in the file name"):
         prepare(str(tmp_path / "flat2"), str(tmp_path / "out"), layout="filename-labels")
@@ -159,7 +169,7 @@ def test_sample_to_s3_reads_back(s3, ray_session):
     bucket = s3.bucket()
     counts = write_sample(f"s3://{bucket}/digits")
     assert sum(counts.values()) == 1797
-    layout = discover(DataConfig(root=f"s3://{bucket}/digits"), required=("train", "validation", "test"))
+    layout = discover(DataSettings(root=f"s3://{bucket}/digits"), required=("train", "validation", "test"))
     assert layout.classes == [str(d) for d in range(10)]
     assert sum(len(f) for f in layout.files.values()) == 1797
 

@@ -30,3 +30,17 @@ def test_run_artefacts_are_ignored():
     ignored = (ROOT / ".gitignore").read_text().split()
     for item in ("mlflow.db", "ray_results/", ".venv/", "/data/"):
         assert item in ignored
+
+
+def test_the_test_command_lints_and_checks_formatting_before_the_suite():
+    test_cmd = quickstart_commands()[1]
+    steps = [step.strip() for step in test_cmd.split("&&")]
+    assert (
+        steps.index(".venv/bin/ruff check .")
+        < steps.index(".venv/bin/ruff format --check .")
+        < len(steps) - 1
+    )
+    assert steps[-1] == ".venv/bin/pytest"
+    assert (
+        "ruff" in (ROOT / "pyproject.toml").read_text().split("[tool.ruff]")[0]
+    )  # installed by the dev extra

@@ -9,17 +9,21 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-import torch
 
-from hotdog_ray.config import load_config
-from hotdog_ray.models import build_model
+from hotdog_ray.bundle import ModelBundle, model_meta
+from hotdog_ray.errors import ScoreError
 from hotdog_ray.predict import Predictor
-from hotdog_ray.score import ScoreError, expand, run_date, score
-from hotdog_ray.tracking import ModelBundle, end_run, log_model, model_meta, set_alias, start_run
+from hotdog_ray.registry import set_alias
+from hotdog_ray.score import expand, run_date, score
+from tests.helpers import register_model, tiny_model, tiny_model_config
 from tests.imagegen import CLASSES, LEVELS, VARIANTS, encode, truncated_jpeg
 
-BAD = {"empty.jpg": b"", "notes.jpg": b"plain text\n" * 5, "report.pdf": b"%PDF-1.4\n%%EOF\n",
-       "cut.jpg": truncated_jpeg()}
+BAD = {
+    "empty.jpg": b"",
+    "notes.jpg": b"plain text\n" * 5,
+    "report.pdf": b"%PDF-1.4\n%%EOF\n",
+    "cut.jpg": truncated_jpeg(),
+}
 
 
 def test_date_expansion_and_parsing():
@@ -56,7 +60,7 @@ def test_a_run_killed_while_publishing_locally_loses_nothing(tmp_path):
     import pyarrow.fs as pafs
 
     from hotdog_ray import storage
-    from hotdog_ray.score import _publish, restore_interrupted_publish
+    from hotdog_ray.score import publish, restore_interrupted_publish
 
     class DiesOnSecondMove(pafs.LocalFileSystem):
         moves = 0
@@ -71,12 +75,12 @@ def test_a_run_killed_while_publishing_locally_loses_nothing(tmp_path):
     out = storage.resolve(str(tmp_path / "predictions"))
     final = out.join("date=2026-11-23").path
     _staged(out.fs, out.join("_staging", "date=2026-11-23-a").path, "a", 3)
-    _publish(out.fs, out.join("_staging", "date=2026-11-23-a").path, final)
+    publish(out.fs, out.join("_staging", "date=2026-11-23-a").path, final)
     assert _runs(out.fs, final) == ["a"] * 3
 
     _staged(out.fs, out.join("_staging", "date=2026-11-23-b").path, "b", 2)
     with pytest.raises(Killed):
-        _publish(DiesOnSecondMove(), out.join("_staging", "date=2026-11-23-b").path, final)
+        publish(DiesOnSecondMove(), out.join("_staging", "date=2026-11-23-b").path, final)
     assert not Path(final).exists()  # the instant between the renames: the old partition is aside
     assert restore_interrupted_publish(out, day)  # what the next run does before anything else
     assert _runs(out.fs, final) == ["a"] * 3
@@ -88,7 +92,7 @@ def test_a_run_killed_while_publishing_to_s3_loses_nothing(s3):
     import pyarrow.fs as pafs
 
     from hotdog_ray import storage
-    from hotdog_ray.score import _publish
+    from hotdog_ray.score import publish
 
     class DiesOnDelete(pafs.S3FileSystem):
         def delete_file(self, path):
@@ -99,27 +103,28 @@ def test_a_run_killed_while_publishing_to_s3_loses_nothing(s3):
     final = out.join("date=2026-11-23").path
     for run, n in (("a", 3), ("b", 2)):
         _staged(out.fs, out.join("_staging", f"date=2026-11-23-{run}").path, run, n)
-    _publish(out.fs, out.join("_staging", "date=2026-11-23-a").path, final)
-    dying = DiesOnDelete(endpoint_override=s3.endpoint.removeprefix("http://"), scheme="http",
-                         access_key="testing", secret_key="testing", region="us-east-1")
+    publish(out.fs, out.join("_staging", "date=2026-11-23-a").path, final)
+    dying = DiesOnDelete(
+        endpoint_override=s3.endpoint.removeprefix("http://"),
+        scheme="http",
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+    )
     with pytest.raises(Killed):
-        _publish(dying, out.join("_staging", "date=2026-11-23-b").path, final)
+        publish(dying, out.join("_staging", "date=2026-11-23-b").path, final)
     assert _runs(out.fs, final) == ["a"] * 3 + ["b"] * 2  # both runs' rows, told apart by run_id; none lost
     _staged(out.fs, out.join("_staging", "date=2026-11-23-c").path, "c", 4)
-    _publish(out.fs, out.join("_staging", "date=2026-11-23-c").path, final)  # the next run replaces both
+    publish(out.fs, out.join("_staging", "date=2026-11-23-c").path, final)  # the next run replaces both
     assert _runs(out.fs, final) == ["c"] * 4
 
 
 @pytest.fixture(scope="module")
 def scoring(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("score")
-    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "data.image_size=16",
-                             "model.name=first_cnn", "model.filters=4", "score.batch_size=4"])
-    torch.manual_seed(0)
-    model = build_model("first_cnn", len(CLASSES), 16, filters=4).eval()
-    run_id = start_run(cfg, run_name="for-scoring", tags={})
-    set_alias(cfg, log_model(cfg, run_id, model, model_meta(cfg, list(CLASSES))))
-    end_run(cfg, run_id)
+    cfg = tiny_model_config(tmp, "score.batch_size=4")
+    model = tiny_model(CLASSES)
+    set_alias(cfg.tracking, register_model(cfg, model, CLASSES, name="for-scoring")[1])
     return cfg, Predictor(ModelBundle(model, model_meta(cfg, list(CLASSES))), device="cpu")
 
 
@@ -127,7 +132,9 @@ def write_inputs(folder: Path) -> dict[str, bytes]:
     files = {}
     for i, (mode, fmt, size) in enumerate(VARIANTS * 2):
         cls = CLASSES[i % len(CLASSES)]
-        files[f"sub/{cls}_{i}.{'jpg' if fmt == 'JPEG' else 'png'}"] = encode(LEVELS[cls], mode, fmt, size, seed=i)
+        files[f"sub/{cls}_{i}.{'jpg' if fmt == 'JPEG' else 'png'}"] = encode(
+            LEVELS[cls], mode, fmt, size, seed=i
+        )
     files.update(BAD)
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -140,8 +147,10 @@ def read_partition(uri_path: str, fs=None):
 
 
 def check(table, files: dict[str, bytes], predictor: Predictor) -> None:
-    rows = {Path(p).name if Path(p).name in BAD else "/".join(Path(p).parts[-2:]): i
-            for i, p in enumerate(table["path"].to_pylist())}
+    rows = {
+        Path(p).name if Path(p).name in BAD else "/".join(Path(p).parts[-2:]): i
+        for i, p in enumerate(table["path"].to_pylist())
+    }
     assert table.num_rows == len(files) == len(rows)  # one row per input, no duplicates
     for name, data in files.items():
         row = {k: table[k][rows[name]].as_py() for k in table.column_names}
@@ -151,14 +160,20 @@ def check(table, files: dict[str, bytes], predictor: Predictor) -> None:
             assert row["error"] is None
             expected = predictor.predict(data).probabilities
             got = dict(row["probabilities"])
-            assert got == pytest.approx(expected, abs=1e-5) and row["label"] == max(expected, key=expected.get)
+            assert got == pytest.approx(expected, abs=1e-5) and row["label"] == max(
+                expected, key=expected.get
+            )
             assert row["model_version"] == "1" and row["model_name"] == "hotdog-classifier"
 
 
 def test_every_file_gets_one_row_and_a_rerun_replaces_the_partition(ray_session, scoring, tmp_path):
     cfg, predictor = scoring
     files = write_inputs(tmp_path / "incoming" / "2026-11-23")
-    args = {"input": str(tmp_path / "incoming" / "{date}"), "output": str(tmp_path / "predictions"), "date": "2026-11-23"}
+    args = {
+        "input": str(tmp_path / "incoming" / "{date}"),
+        "output": str(tmp_path / "predictions"),
+        "date": "2026-11-23",
+    }
     first = score(cfg, **args)
     part = tmp_path / "predictions" / "date=2026-11-23"
     assert (first.files, first.scored, first.failed) == (len(files), len(files) - len(BAD), len(BAD))
@@ -186,12 +201,15 @@ def test_every_file_gets_one_row_and_a_rerun_replaces_the_partition(ray_session,
 def test_scoring_from_and_to_s3(ray_session, scoring, s3, tmp_path):
     cfg, predictor = scoring
     # Two model actors sharing the cores with the decoding tasks (2 x 0.75 + 0.5 CPUs).
-    cfg = cfg.model_copy(update={"score": cfg.score.model_copy(update={"num_actors": 2, "cpus_per_actor": 0.75})})
+    cfg = cfg.model_copy(
+        update={"score": cfg.score.model_copy(update={"num_actors": 2, "cpus_per_actor": 0.75})}
+    )
     files = write_inputs(tmp_path / "in")
     bucket = s3.bucket("score")
     src = s3.upload_dir(tmp_path / "in", bucket, "incoming/2026-11-23")
-    summary = score(cfg, input=src.replace("2026-11-23", "{date}"), output=f"s3://{bucket}/predictions",
-                    date="2026-11-23")
+    summary = score(
+        cfg, input=src.replace("2026-11-23", "{date}"), output=f"s3://{bucket}/predictions", date="2026-11-23"
+    )
     assert summary.files == len(files) and summary.output == f"s3://{bucket}/predictions/date=2026-11-23"
     from hotdog_ray import storage
 
@@ -200,15 +218,19 @@ def test_scoring_from_and_to_s3(ray_session, scoring, s3, tmp_path):
 
 
 def test_actors_that_would_hold_every_cpu_are_warned_about(ray_session, scoring, caplog):
-    from hotdog_ray.score import _check_cpus
+    from hotdog_ray.score import check_cpus
 
     cfg, _ = scoring
-    fits = cfg.model_copy(update={"score": cfg.score.model_copy(update={"num_actors": 2, "cpus_per_actor": 0.75})})
-    starves = cfg.model_copy(update={"score": cfg.score.model_copy(update={"num_actors": 2, "cpus_per_actor": 1.0})})
+    fits = cfg.model_copy(
+        update={"score": cfg.score.model_copy(update={"num_actors": 2, "cpus_per_actor": 0.75})}
+    )
+    starves = cfg.model_copy(
+        update={"score": cfg.score.model_copy(update={"num_actors": 2, "cpus_per_actor": 1.0})}
+    )
     with caplog.at_level("WARNING", logger="hotdog_ray.score"):
-        _check_cpus(fits)
+        check_cpus(fits)
         assert not caplog.records
-        _check_cpus(starves)
+        check_cpus(starves)
     assert "stall" in caplog.text and "2 CPUs" in caplog.text
 
 
@@ -217,7 +239,6 @@ def test_a_missing_input_fails_before_any_work(scoring, tmp_path):
     with pytest.raises(ScoreError, match="does not exist"):
         score(cfg, input=str(tmp_path / "nope"), output=str(tmp_path / "out"), date="2026-11-23")
     assert not (tmp_path / "out").exists()
-
 
 
 @pytest.mark.ray_head
@@ -243,20 +264,40 @@ def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(sc
         names.append(name)
     out = tmp_path / "predictions"
     part = out / "date=2026-11-23"
-    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "jobs" / "batch_score.py"),
-           "--input", str(incoming), "--output", str(out), "--date", "2026-11-23", "--json",
-           "--set", f"tracking.uri={cfg.tracking.uri}", "--set", "score.batch_size=8", "--set", "data.files_per_task=16"]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve().parents[1] / "jobs" / "batch_score.py"),
+        "--input",
+        str(incoming),
+        "--output",
+        str(out),
+        "--date",
+        "2026-11-23",
+        "--json",
+        "--set",
+        f"tracking.uri={cfg.tracking.uri}",
+        "--set",
+        "score.batch_size=8",
+        "--set",
+        "data.files_per_task=16",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Large batches where nothing is to be killed; small ones keep the victim writing for a while.
     fast = cfg.model_copy(update={"score": cfg.score.model_copy(update={"batch_size": 64})})
     first_run = score(fast, input=str(incoming), output=str(out), date="2026-11-23").run_id
     ray.shutdown()  # the victim starts its own
 
-    victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    victim = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and victim.poll() is None:
-            staged = list((out / "_staging").glob("date=2026-11-23-*/*.parquet")) if (out / "_staging").exists() else []
+            staged = (
+                list((out / "_staging").glob("date=2026-11-23-*/*.parquet"))
+                if (out / "_staging").exists()
+                else []
+            )
             if staged:
                 break
             time.sleep(0.05)
@@ -264,7 +305,9 @@ def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(sc
     finally:
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, env=env)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, env=env
+        )
     kept = read_partition(str(part))
     assert kept.num_rows == len(names) and set(kept["run_id"].to_pylist()) == {first_run}
 

@@ -18,25 +18,22 @@ import requests
 import torch
 from PIL import Image
 
+from hotdog_ray.bundle import ModelBundle, model_meta, save_bundle
 from hotdog_ray.config import load_config
 from hotdog_ray.models import build_model
 from hotdog_ray.predict import Predictor
+from hotdog_ray.registry import set_alias
 from hotdog_ray.serve import HAPROXY_ENV, wait_ready
-from hotdog_ray.tracking import ModelBundle, end_run, log_model, model_meta, set_alias, start_run
-from tests.conftest import free_port
+from tests.helpers import free_port, png, png_header_claiming, register_model, tiny_model, tiny_model_config
 from tests.imagegen import CLASSES, LEVELS, encode, truncated_jpeg
-from tests.test_predict import _png, _png_header_claiming
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def register(cfg, seed: int) -> tuple[str, torch.nn.Module]:
     """A first_cnn with seeded random weights, logged and registered; (version, model)."""
-    torch.manual_seed(seed)
-    model = build_model("first_cnn", len(CLASSES), 16, filters=4).eval()
-    run_id = start_run(cfg, run_name=f"serve-{seed}", tags={})
-    version = log_model(cfg, run_id, model, model_meta(cfg, list(CLASSES)))
-    end_run(cfg, run_id)
+    model = tiny_model(CLASSES, seed)
+    _, version = register_model(cfg, model, CLASSES, name=f"serve-{seed}")
     return version, model
 
 
@@ -45,8 +42,11 @@ class App:
         self.cfg, self.url, self.models = cfg, url, models
 
     def offline(self, version: str) -> Predictor:
-        return Predictor(ModelBundle(self.models[version], model_meta(self.cfg, list(CLASSES))), device="cpu",
-                         min_side=self.cfg.serve.min_image_side)
+        return Predictor(
+            ModelBundle(self.models[version], model_meta(self.cfg, list(CLASSES))),
+            device="cpu",
+            min_side=self.cfg.serve.min_image_side,
+        )
 
     def post(self, path: str, **kwargs) -> requests.Response:
         return requests.post(self.url + path, timeout=60, **kwargs)
@@ -56,19 +56,22 @@ class App:
 def app(ray_session, tmp_path_factory):
     from ray import serve
 
-    from hotdog_ray.serve import _deployment
+    from hotdog_ray.serve import deployment
 
     tmp = tmp_path_factory.mktemp("serve")
     port = free_port()
-    cfg = load_config(None, [
-        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "data.image_size=16", "model.name=first_cnn",
-        "model.filters=4", f"serve.port={port}", "serve.reload_interval_s=0.5", "serve.cpus_per_replica=0.25",
-        "serve.max_upload_bytes=300000", "serve.max_images_per_request=4",
-    ])
+    cfg = tiny_model_config(
+        tmp,
+        f"serve.port={port}",
+        "serve.reload_interval_s=0.5",
+        "serve.cpus_per_replica=0.25",
+        "serve.max_upload_bytes=300000",
+        "serve.max_images_per_request=4",
+    )
     version, model = register(cfg, seed=1)
-    set_alias(cfg, version)
+    set_alias(cfg.tracking, version)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(_deployment(cfg).bind(cfg.model_dump(mode="json")), name="hotdog", route_prefix="/")
+    serve.run(deployment(cfg).bind(cfg.model_dump(mode="json")), name="hotdog", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     assert wait_ready(url, timeout=60)
     yield App(cfg, url, {version: model})
@@ -112,8 +115,10 @@ def test_http_enters_through_haproxy(app):
     assert requests.get(app.url + "/healthz", timeout=10).status_code == 200
 
 
-@pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"),
-                                      ("I;16", "PNG"), ("RGB-exif", "JPEG")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [("RGB", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("RGB-exif", "JPEG")],
+)
 def test_prediction_over_http_equals_the_offline_predictor(app, mode, fmt):
     offline = app.offline("1")
     for cls in CLASSES:
@@ -132,8 +137,12 @@ def test_prediction_over_http_equals_the_offline_predictor(app, mode, fmt):
 
 def test_batch_request_gives_one_result_or_error_per_image(app):
     good = encode(LEVELS["dog"], "RGB", "JPEG", (30, 30))
-    files = [("files", ("a.jpg", good)), ("files", ("b.jpg", b"")), ("files", ("c.png", _png(np.zeros((1, 1, 3), np.uint8)))),
-             ("files", ("d.jpg", good))]
+    files = [
+        ("files", ("a.jpg", good)),
+        ("files", ("b.jpg", b"")),
+        ("files", ("c.png", png(np.zeros((1, 1, 3), np.uint8)))),
+        ("files", ("d.jpg", good)),
+    ]
     r = app.post("/predict/batch", files=files)
     assert r.status_code == 200, r.text
     results = r.json()["results"]
@@ -143,27 +152,36 @@ def test_batch_request_gives_one_result_or_error_per_image(app):
     assert results[0]["probabilities"] == pytest.approx(expected, abs=1e-5) == results[3]["probabilities"]
 
 
-@pytest.mark.parametrize("case,status,reason", [
-    ("empty", 422, "empty file"),
-    ("text", 422, "not a readable image"),
-    ("pdf", 422, "not a readable image"),
-    ("truncated", 422, "image"),
-    ("1x1", 422, "too small"),
-    ("bomb", 422, "too large"),
-    ("oversize", 413, "over the limit"),
-    ("content-type", 415, "is not an image"),
-    ("too-many", 400, "too many images"),
-    ("no-file", 400, "no file"),
-])
+@pytest.mark.parametrize(
+    "case,status,reason",
+    [
+        ("empty", 422, "empty file"),
+        ("text", 422, "not a readable image"),
+        ("pdf", 422, "not a readable image"),
+        ("truncated", 422, "image"),
+        ("1x1", 422, "too small"),
+        ("bomb", 422, "too large"),
+        ("oversize", 413, "over the limit"),
+        ("content-type", 415, "is not an image"),
+        ("too-many", 400, "too many images"),
+        ("no-file", 400, "no file"),
+    ],
+)
 def test_bad_input_gets_a_4xx_with_a_reason_and_the_replica_stays_healthy(app, case, status, reason):
     bodies = {
-        "empty": b"", "text": b"hello, I am text\n" * 10, "pdf": b"%PDF-1.4\n%%EOF\n", "truncated": truncated_jpeg(),
-        "1x1": _png(np.zeros((1, 1, 3), np.uint8)), "bomb": _png_header_claiming(60_000, 60_000),
+        "empty": b"",
+        "text": b"hello, I am text\n" * 10,
+        "pdf": b"%PDF-1.4\n%%EOF\n",
+        "truncated": truncated_jpeg(),
+        "1x1": png(np.zeros((1, 1, 3), np.uint8)),
+        "bomb": png_header_claiming(60_000, 60_000),
     }
     if case in bodies:
         r = app.post("/predict", data=bodies[case], headers={"Content-Type": "image/jpeg"})
     elif case == "oversize":
-        r = app.post("/predict", data=np.random.default_rng(0).bytes(400_000), headers={"Content-Type": "image/png"})
+        r = app.post(
+            "/predict", data=np.random.default_rng(0).bytes(400_000), headers={"Content-Type": "image/png"}
+        )
     elif case == "content-type":
         r = app.post("/predict", data=b"just text", headers={"Content-Type": "text/plain"})
     elif case == "too-many":
@@ -173,7 +191,11 @@ def test_bad_input_gets_a_4xx_with_a_reason_and_the_replica_stays_healthy(app, c
         r = app.post("/predict", files={"note": (None, "not a file")})
     assert r.status_code == status, r.text
     assert reason in r.json()["error"]
-    ok = app.post("/predict", data=encode(LEVELS["cat"], "RGB", "JPEG", (20, 20)), headers={"Content-Type": "image/jpeg"})
+    ok = app.post(
+        "/predict",
+        data=encode(LEVELS["cat"], "RGB", "JPEG", (20, 20)),
+        headers={"Content-Type": "image/jpeg"},
+    )
     assert ok.status_code == 200 and requests.get(app.url + "/healthz", timeout=10).status_code == 200
 
 
@@ -187,20 +209,34 @@ def test_explain_returns_the_prediction_and_a_heatmap_png(app):
     assert out["probabilities"] == pytest.approx(app.offline("1").predict(data).probabilities, abs=1e-5)
     prefix = "data:image/png;base64,"
     assert out["heatmap_png"].startswith(prefix)
-    img = Image.open(io.BytesIO(base64.b64decode(out["heatmap_png"][len(prefix):])))
+    img = Image.open(io.BytesIO(base64.b64decode(out["heatmap_png"][len(prefix) :])))
     assert img.format == "PNG" and img.size == (40, 30)
 
 
 def test_load_from_a_second_process_has_no_errors(app):
     """A few thousand requests at concurrency 32 from another process (bench/loadgen.py)."""
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "loadgen.py"), app.url + "/predict",
-                          "--requests", "2000", "--concurrency", "32", "--json"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "loadgen.py"),
+            app.url + "/predict",
+            "--requests",
+            "2000",
+            "--concurrency",
+            "32",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     stats = json.loads(out.stdout)
     assert stats["ok"] == 2000 and stats["errors"] == 0, stats
     assert 0 < stats["p50_ms"] <= stats["p99_ms"]
-    print(f"load test: {stats['rps']:.0f} requests/s, p50 {stats['p50_ms']:.1f} ms, p99 {stats['p99_ms']:.1f} ms")
+    print(
+        f"load test: {stats['rps']:.0f} requests/s, p50 {stats['p50_ms']:.1f} ms, p99 {stats['p99_ms']:.1f} ms"
+    )
 
 
 def test_a_promoted_model_is_served_without_a_failed_request(app):
@@ -215,17 +251,25 @@ def test_a_promoted_model_is_served_without_a_failed_request(app):
     def client() -> None:
         with requests.Session() as s:
             while not stop.is_set():
-                r = s.post(app.url + "/predict", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
+                r = s.post(
+                    app.url + "/predict", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60
+                )
                 out = r.json() if r.headers.get("content-type") == "application/json" else {}
-                seen.append((time.monotonic(), r.status_code, out.get("model", {}).get("version"),
-                             out.get("probabilities")))
+                seen.append(
+                    (
+                        time.monotonic(),
+                        r.status_code,
+                        out.get("model", {}).get("version"),
+                        out.get("probabilities"),
+                    )
+                )
 
     threads = [threading.Thread(target=client) for _ in range(4)]
     for t in threads:
         t.start()
     try:
         time.sleep(1.5)
-        set_alias(app.cfg, version)
+        set_alias(app.cfg.tracking, version)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(v == version for _, _, v, _ in seen[-5:]):
             time.sleep(0.2)
@@ -238,7 +282,9 @@ def test_a_promoted_model_is_served_without_a_failed_request(app):
     versions = [v for _, _, v, _ in sorted(seen, key=lambda s: s[0])]
     assert versions[0] == "1" and versions[-1] == version
     switch = versions.index(version)
-    assert set(versions[:switch]) == {"1"} and versions[switch:].count("1") <= 4  # only requests already in flight
+    assert (
+        set(versions[:switch]) == {"1"} and versions[switch:].count("1") <= 4
+    )  # only requests already in flight
     for v in ("1", version):
         expected = app.offline(v).predict(data).probabilities
         assert all(p == pytest.approx(expected, abs=1e-5) for _, _, vv, p in seen if vv == v)
@@ -262,19 +308,39 @@ def test_a_user_config_change_reloads_in_place(app, tmp_path):
 
     def deploy(token: int) -> None:
         config = tmp_path / f"serve-{token}.yaml"
-        config.write_text(yaml.safe_dump({"applications": [{
-            "name": "ondemand", "route_prefix": "/ondemand", "import_path": "hotdog_ray.serve:build_app",
-            "args": {"config": str(settings), "set": ["serve.reload_interval_s=0"]},
-            "deployments": [{"name": "hotdog", "user_config": {"reload_token": token, "model_uri": None}}],
-        }]}))
-        # Ray 2.60 clusters use token auth; the CLI sends the token with this set (STACK-NOTES).
-        done = subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(config), "-a", dashboard],
-                              capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"})
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "applications": [
+                        {
+                            "name": "ondemand",
+                            "route_prefix": "/ondemand",
+                            "import_path": "hotdog_ray.serve:build_app",
+                            "args": {"config": str(settings), "set": ["serve.reload_interval_s=0"]},
+                            "deployments": [
+                                {"name": "hotdog", "user_config": {"reload_token": token, "model_uri": None}}
+                            ],
+                        }
+                    ]
+                }
+            )
+        )
+        # Ray 2.60 clusters use token auth; the CLI sends the token with this set.
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "serve"), "deploy", str(config), "-a", dashboard],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "RAY_AUTH_MODE": "token"},
+        )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
     def replicas() -> set[str]:
-        return {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-                if a.class_name.startswith("ServeReplica:ondemand:")}
+        return {
+            a.actor_id
+            for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+            if a.class_name.startswith("ServeReplica:ondemand:")
+        }
 
     def model_version(want: str | None = None, timeout: float = 90) -> str | None:
         """The version the app serves, once it answers (and serves ``want``, when given)."""
@@ -297,7 +363,7 @@ def test_a_user_config_change_reloads_in_place(app, tmp_path):
         running = replicas()
         version, model = register(app.cfg, seed=5)
         app.models[version] = model
-        set_alias(app.cfg, version)
+        set_alias(app.cfg.tracking, version)
         time.sleep(1.5)
         assert model_version() == before  # no polling: the alias moved, the app did not notice
         deploy(1)
@@ -305,7 +371,9 @@ def test_a_user_config_change_reloads_in_place(app, tmp_path):
         assert running and replicas() == running, "the replica was replaced, not reconfigured in place"
         data = encode(LEVELS["cat"], "RGB", "JPEG", (20, 20))
         r = requests.post(url + "/predict", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
-        assert r.json()["probabilities"] == pytest.approx(app.offline(version).predict(data).probabilities, abs=1e-5)
+        assert r.json()["probabilities"] == pytest.approx(
+            app.offline(version).predict(data).probabilities, abs=1e-5
+        )
     finally:
         serve.delete("ondemand")
 
@@ -326,7 +394,9 @@ def test_web_page_in_headless_chromium(app, tmp_path):
     if found is None:
         if os.environ.get("HOTDOG_REQUIRE_BROWSER"):
             pytest.fail("HOTDOG_REQUIRE_BROWSER is set but chromium or chromedriver is missing")
-        pytest.skip("no chromium + chromedriver on this machine (apt-get install chromium chromium-driver; CI does)")
+        pytest.skip(
+            "no chromium + chromedriver on this machine (apt-get install chromium chromium-driver; CI does)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -337,9 +407,17 @@ def test_web_page_in_headless_chromium(app, tmp_path):
     expected = app.offline(_current_version(app)).predict(photo.read_bytes())
     options = webdriver.ChromeOptions()
     options.binary_location = found[0]
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(found[1]), options=options)
     try:
@@ -347,8 +425,11 @@ def test_web_page_in_headless_chromium(app, tmp_path):
         WebDriverWait(driver, 30).until(lambda d: "version" in d.find_element(By.ID, "model").text)
         driver.find_element(By.ID, "file").send_keys(str(photo))
         WebDriverWait(driver, 60).until(
-            lambda d: (d.find_element(By.ID, "heatmap").get_attribute("src") or "").startswith("data:image/png")
-            or d.find_element(By.ID, "error").text)
+            lambda d: (
+                (d.find_element(By.ID, "heatmap").get_attribute("src") or "").startswith("data:image/png")
+                or d.find_element(By.ID, "error").text
+            )
+        )
         assert driver.find_element(By.ID, "verdict").text == expected.label
         assert driver.find_element(By.ID, "error").text == ""
         rows = driver.find_elements(By.CSS_SELECTOR, "#probs .row")
@@ -372,21 +453,29 @@ def test_hotdog_serve_command_serves_a_bundle_until_interrupted(tmp_path):
 
     import ray
 
-    from hotdog_ray.tracking import save_bundle
-
     ray.shutdown()  # the command starts its own Ray, as on a laptop
     cfg = load_config(None, ["data.image_size=16", "model.name=first_cnn", "model.filters=4"])
     torch.manual_seed(3)
     model = build_model("first_cnn", len(CLASSES), 16, filters=4).eval()
     save_bundle(tmp_path / "bundle", model, model_meta(cfg, list(CLASSES)))
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "hotdog"), "serve", "--model", str(tmp_path / "bundle"),
-           "--set", f"serve.port={port}", "--set", "serve.cpus_per_replica=0.5",
-           "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    cmd = [
+        str(Path(sys.executable).parent / "hotdog"),
+        "serve",
+        "--model",
+        str(tmp_path / "bundle"),
+        "--set",
+        f"serve.port={port}",
+        "--set",
+        "serve.cpus_per_replica=0.5",
+        "--set",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
     log = open(tmp_path / "serve.log", "w")
     env = {k: v for k, v in os.environ.items() if k != HAPROXY_ENV}  # the config decides, not the suite's env
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         ready = wait_ready(url, timeout=180, alive=lambda: proc.poll() is None)

@@ -6,7 +6,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from hotdog_ray import storage
-from hotdog_ray.storage import StorageError, check_exists, resolve
+from hotdog_ray.errors import StorageError
+from hotdog_ray.storage import check_exists, resolve
 
 
 def test_plain_paths_and_file_uris_are_local(tmp_path):
@@ -25,15 +26,16 @@ def test_s3_uses_endpoint_from_environment(s3):
     assert loc.path == f"{bucket}/x"
     # A real round trip through pyarrow proves the endpoint was honoured (AWS would refuse these keys).
     assert storage.list_files(loc) == [f"{bucket}/x/y.txt"]
-    assert storage.read_text(f"s3://{bucket}/x/y.txt") == "hello"
+    assert storage.read_bytes(loc.fs, f"{bucket}/x/y.txt") == b"hello"
 
 
 def test_s3_specific_endpoint_variable_wins(s3, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.endpoint)
     bucket = s3.bucket()
-    storage.write_text(f"s3://{bucket}/k.txt", "v")
-    assert storage.read_text(f"s3://{bucket}/k.txt") == "v"
+    loc = resolve(f"s3://{bucket}/k.txt")
+    storage.write_bytes(loc.fs, loc.path, b"v")
+    assert s3.client.get_object(Bucket=bucket, Key="k.txt")["Body"].read() == b"v"
 
 
 def test_endpoint_query_form_also_works(s3):
@@ -97,8 +99,10 @@ class ThrottlingProxy:
     """A real HTTP hop in front of moto that answers the first ``throttle`` GETs of a key with the
     503 SlowDown an object store sends when throttling, and counts the requests for each key."""
 
-    SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-                 b"<Message>Please reduce your request rate.</Message></Error>")
+    SLOW_DOWN = (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+        b"<Message>Please reduce your request rate.</Message></Error>"
+    )
 
     def __init__(self, upstream: str) -> None:
         import http.client
@@ -131,7 +135,8 @@ class ThrottlingProxy:
                 self.send_response(answer.status)
                 for name, value in answer.getheaders():  # HEAD keeps the object's Content-Length
                     if name.lower() not in ("transfer-encoding", "connection") and (
-                            self.command == "HEAD" or name.lower() != "content-length"):
+                        self.command == "HEAD" or name.lower() != "content-length"
+                    ):
                         self.send_header(name, value)
                 if self.command != "HEAD":
                     self.send_header("Content-Length", str(len(data)))

@@ -1,38 +1,108 @@
-"""Which MLflow store a config names, and that runs never leak into another config's store."""
+"""MLflow runs as handles: which store a config names, runs that never leak into another store,
+and how the ``run`` block ends a run (FINISHED, FAILED with the reason, KILLED)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import pytest
+
+from hotdog_ray import tracking
 from hotdog_ray.config import load_config
-from hotdog_ray.tracking import end_run, start_run, tracking_uri
+from hotdog_ray.registry import client, tracking_uri
 
 
 def test_store_is_config_then_environment_then_local_sqlite(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri(load_config()) == f"sqlite:///{tmp_path / 'mlflow.db'}"  # absolute: workers agree
+    assert (
+        tracking_uri(load_config().tracking) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    )  # absolute: workers agree
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
-    assert tracking_uri(load_config()) == "http://mlflow.internal:5000"
-    assert tracking_uri(load_config(None, ["tracking.uri=sqlite:///runs.db"])) == f"sqlite:///{tmp_path / 'runs.db'}"
+    assert tracking_uri(load_config().tracking) == "http://mlflow.internal:5000"
+    cfg = load_config(None, ["tracking.uri=sqlite:///runs.db"])
+    assert tracking_uri(cfg.tracking) == f"sqlite:///{tmp_path / 'runs.db'}"
+
+
+def _only_run(cfg):
+    mlflow = client(cfg.tracking)
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
 
 
 def test_two_stores_in_one_process_stay_apart(tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     a, b = (load_config(None, [f"tracking.uri=sqlite:///{tmp_path / name}"]) for name in ("a.db", "b.db"))
-    run_a = start_run(a, run_name="a", tags={"which": "a"})
-    end_run(a, run_a)
-    run_b = start_run(b, run_name="b", tags={"which": "b"})
-    end_run(b, run_b, status="FAILED")
+    with tracking.run(a.tracking, name="a", tags={"which": "a"}) as run_a:
+        run_a.log_params({"model.name": a.model.name})
+    with tracking.run(b.tracking, name="b", tags={"which": "b"}) as run_b:
+        run_b.log_metrics({"loss": 0.5})
 
     assert "MLFLOW_TRACKING_URI" not in os.environ  # no process-wide state left behind
-    for cfg, run_id, status in ((a, run_a, "FINISHED"), (b, run_b, "FAILED")):
-        client = MlflowClient(tracking_uri(cfg))
-        runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
-        assert [r.info.run_id for r in runs] == [run_id]
-        assert runs[0].info.status == status and runs[0].data.params["model.name"] == cfg.model.name
+    found_a, found_b = _only_run(a), _only_run(b)
+    assert (found_a.info.run_id, found_a.data.tags["which"], found_a.data.params) == (
+        run_a.id,
+        "a",
+        {"model.name": "first_cnn"},
+    )
+    assert (found_b.info.run_id, found_b.data.metrics) == (run_b.id, {"loss": 0.5})
     assert Path(tmp_path / "a.db").exists() and Path(tmp_path / "b.db").exists()
+
+
+def test_leaving_the_block_normally_finishes_the_run(tmp_path):
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    with tracking.run(cfg.tracking, name="ok") as run:
+        assert _only_run(cfg).info.status == "RUNNING"
+        run.set_tags({"stage": "test"})
+    found = _only_run(cfg)
+    assert found.info.status == "FINISHED" and found.data.tags["stage"] == "test"
+    assert found.data.tags["git_commit"]
+
+
+def test_an_exception_fails_the_run_with_the_reason_and_propagates(tmp_path):
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    with pytest.raises(ValueError, match="disk on fire"):
+        with tracking.run(cfg.tracking, name="bad"):
+            raise ValueError("disk on fire")
+    found = _only_run(cfg)
+    assert found.info.status == "FAILED"
+    assert found.data.tags[tracking.FAILURE_TAG] == "ValueError: disk on fire"
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_ctrl_c_or_termination_kills_the_run(tmp_path, interrupt):
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    with pytest.raises(interrupt):
+        with tracking.run(cfg.tracking, name="stopped"):
+            raise interrupt()
+    found = _only_run(cfg)
+    assert found.info.status == "KILLED" and tracking.FAILURE_TAG not in found.data.tags
+
+
+def test_a_run_reopened_by_id_is_the_same_run_and_ends_again(tmp_path):
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.run(cfg.tracking, name="sweep", tags={"kind": "sweep"}) as first:
+            raise KeyboardInterrupt
+    with tracking.run(cfg.tracking, resume=first.id) as again:
+        assert again.id == first.id and _only_run(cfg).info.status == "RUNNING"
+        again.log_metrics({"trials": 3})
+    found = _only_run(cfg)
+    assert found.info.status == "FINISHED" and found.data.metrics["trials"] == 3
+    assert found.data.tags["kind"] == "sweep"
+
+
+def test_a_handle_pickles_to_its_store_and_id(tmp_path):
+    import pickle
+
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    with tracking.run(cfg.tracking, name="pickled") as run:
+        run.log_metrics({"a": 1.0})  # a client exists now; the copy must not carry it
+        copy = pickle.loads(pickle.dumps(run))
+        copy.log_epoch({"epoch": 2, "val_loss": 0.25, "diverged": "loss became nan"})
+    found = _only_run(cfg)
+    assert found.data.metrics == {"a": 1.0, "val_loss": 0.25}
+    assert found.data.tags[tracking.DIVERGED_TAG] == "loss became nan"

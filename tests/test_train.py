@@ -1,26 +1,47 @@
-"""Training with Ray Train for real: two workers, S3 in and out, a killed worker, early stopping,
-divergence, and the MLflow run and registry it leaves behind."""
+"""Training for real: two Ray Train workers with S3 in and out, a killed worker, a resumed run
+name, and the loop's logic (early stopping, divergence, reproducibility) in the driver
+(``train.num_workers=0``), with the MLflow run and registry it leaves behind."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from hotdog_ray import tracking
 from hotdog_ray.config import load_config
+from hotdog_ray.errors import TrainingError
 from hotdog_ray.evaluate import predict_batches
-from hotdog_ray.tracking import load_model, tracking_uri
-from hotdog_ray.train import EarlyStopping, TrainingError, check_loss, run_training
+from hotdog_ray.registry import client, load_model
+from hotdog_ray.train import EarlyStopping, Loop, check_loss, run_training
+from tests.helpers import KillAWorkerAfterEpoch
 
 
 def tiny_config(tmp_path, root: str, *overrides: str):
-    return load_config(None, [
-        f"data.root={root}", "data.image_size=16", "model.name=first_cnn", "model.filters=4",
-        "train.batch_size=8", "train.epochs=2", "train.cpus_per_worker=0.5", "train.learning_rate=0.01",
-        f"train.storage_path={tmp_path / 'ckpt'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "train.max_failures=1", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.image_size=16",
+            "model.name=first_cnn",
+            "model.filters=4",
+            "train.batch_size=8",
+            "train.epochs=2",
+            "train.cpus_per_worker=0.5",
+            "train.learning_rate=0.01",
+            f"train.storage_path={tmp_path / 'ckpt'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "train.max_failures=1",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,28 +65,34 @@ def test_two_workers_from_s3_checkpoint_to_s3(s3_run, image_tree):
 
 
 def test_mlflow_run_has_params_curves_artifacts_and_version(s3_run):
-    from mlflow.tracking import MlflowClient
-
     cfg, out, *_ = s3_run
-    client = MlflowClient(tracking_uri(cfg))
-    run = client.get_run(out.run_id)
+    mlflow = client(cfg.tracking)
+    run = mlflow.get_run(out.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "first_cnn" and run.data.params["train.num_workers"] == "2"
     assert run.data.tags["classes"] == "cat,dog,hotdog" and run.data.tags["dataset"].startswith("s3://")
-    assert [m.step for m in client.get_metric_history(out.run_id, "val_loss")] == [0, 1]
+    assert [m.step for m in mlflow.get_metric_history(out.run_id, "val_loss")] == [0, 1]
     for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_majority_baseline"):
         assert key in run.data.metrics
-    artifacts = {a.path for a in client.list_artifacts(out.run_id)} | {
-        a.path for d in ("model", "evaluation") for a in client.list_artifacts(out.run_id, d)}
-    assert {"curves.png", "classes.json", "config.yaml", "model/weights.pt", "model/model.json",
-            "evaluation/confusion_matrix.png", "evaluation/test_report.txt"} <= artifacts
+    artifacts = {a.path for a in mlflow.list_artifacts(out.run_id)} | {
+        a.path for d in ("model", "evaluation") for a in mlflow.list_artifacts(out.run_id, d)
+    }
+    assert {
+        "curves.png",
+        "classes.json",
+        "config.yaml",
+        "model/weights.pt",
+        "model/model.json",
+        "evaluation/confusion_matrix.png",
+        "evaluation/test_report.txt",
+    } <= artifacts
     assert out.model_version == "1"
-    assert client.get_model_version(cfg.tracking.registered_model, "1").run_id == out.run_id
+    assert mlflow.get_model_version(cfg.tracking.registered_model, "1").run_id == out.run_id
 
 
 def test_model_from_registry_predicts_what_it_predicted_before(s3_run):
     cfg, out, *_ = s3_run
-    bundle = load_model(cfg, f"models:/{cfg.tracking.registered_model}/{out.model_version}")
+    bundle = load_model(cfg.tracking, f"models:/{cfg.tracking.registered_model}/{out.model_version}")
     assert bundle.classes == out.classes and bundle.meta["image_size"] == 16
     x = torch.rand(6, 3, 16, 16)
     with torch.no_grad():
@@ -75,9 +102,8 @@ def test_model_from_registry_predicts_what_it_predicted_before(s3_run):
 def test_killed_worker_resumes_without_repeating_an_epoch(ray_session, image_tree, tmp_path):
     cfg = tiny_config(tmp_path, str(image_tree.root), "train.num_workers=2", "train.epochs=4")
     marker = tmp_path / "killed"
-    out = run_training(cfg, fault_injection={"epoch": 2, "marker": str(marker), "rank": 1},
-                       register=False, evaluate_test=False)
-    assert marker.exists()  # a worker really died
+    out = run_training(cfg, callbacks=[KillAWorkerAfterEpoch(1, marker)], register=False, evaluate_test=False)
+    assert marker.exists()  # a worker really died (SIGKILL from outside the loop)
     assert [h["epoch"] for h in out.history] == [0, 1, 2, 3]
 
 
@@ -102,8 +128,14 @@ def _swap_validation_labels(image_tree, tmp_path):
 def test_early_stopping_stops_and_restores_best_weights(ray_session, image_tree, tmp_path):
     # Validation labels contradict training, so the better the model fits, the worse val_loss gets.
     root = _swap_validation_labels(image_tree, tmp_path)
-    cfg = tiny_config(tmp_path, str(root), "train.epochs=12", "train.early_stopping_patience=2",
-                      "train.num_workers=1", "train.learning_rate=0.02")
+    cfg = tiny_config(
+        tmp_path,
+        str(root),
+        "train.epochs=12",
+        "train.early_stopping_patience=2",
+        "train.num_workers=0",
+        "train.learning_rate=0.02",
+    )
     out = run_training(cfg, register=False, evaluate_test=False)
     best = min(range(len(out.history)), key=lambda i: out.history[i]["val_loss"])
     assert len(out.history) == best + 3 < 12
@@ -113,27 +145,152 @@ def test_early_stopping_stops_and_restores_best_weights(ray_session, image_tree,
     from hotdog_ray.models import loss_fn
 
     pipe = ImagePipeline.from_config(cfg.data)
-    y, p = predict_batches(out.model, iter_torch_batches(pipe.dataset("validation"), batch_size=64, rescale="unit"))
-    logits = torch.logit(torch.from_numpy(p[:, 1:2]).double().clamp(1e-7, 1 - 1e-7)) if p.shape[1] == 2 else torch.log(torch.from_numpy(p))
-    assert loss_fn(logits.float(), torch.from_numpy(y)).item() == pytest.approx(out.history[best]["val_loss"], rel=1e-3)
+    y, p = predict_batches(
+        out.model, iter_torch_batches(pipe.dataset("validation"), batch_size=64, rescale="unit")
+    )
+    logits = (
+        torch.logit(torch.from_numpy(p[:, 1:2]).double().clamp(1e-7, 1 - 1e-7))
+        if p.shape[1] == 2
+        else torch.log(torch.from_numpy(p))
+    )
+    assert loss_fn(logits.float(), torch.from_numpy(y)).item() == pytest.approx(
+        out.history[best]["val_loss"], rel=1e-3
+    )
+
+
+def _runs(cfg) -> list:
+    mlflow = client(cfg.tracking)
+    return mlflow.search_runs([mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
 
 
 def test_diverging_loss_fails_clearly_and_marks_the_run_failed(ray_session, image_tree, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    cfg = tiny_config(tmp_path, str(image_tree.root), "train.optimizer=sgd", "train.learning_rate=10",
-                      "train.momentum=0.99", "train.epochs=6", "train.max_loss=50", "train.num_workers=1")
+    cfg = tiny_config(
+        tmp_path,
+        str(image_tree.root),
+        "train.optimizer=sgd",
+        "train.learning_rate=10",
+        "train.momentum=0.99",
+        "train.epochs=6",
+        "train.max_loss=50",
+        "train.num_workers=0",
+    )
     with pytest.raises(TrainingError, match="diverged"):
         run_training(cfg, register=False, evaluate_test=False)
-    client = MlflowClient(tracking_uri(cfg))
-    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    runs = _runs(cfg)
     assert runs[0].info.status == "FAILED"
     assert "max_loss" in runs[0].data.tags["diverged"]
-    assert len(client.get_metric_history(runs[0].info.run_id, "loss")) < 6  # stopped, not trained on
+    assert "max_loss" in runs[0].data.tags[tracking.FAILURE_TAG]
+    assert (
+        len(client(cfg.tracking).get_metric_history(runs[0].info.run_id, "loss")) < 6
+    )  # stopped, not trained on
 
 
-@pytest.mark.parametrize("value,ok", [(0.7, True), (50.0, True), (50.1, False), (float("nan"), False),
-                                      (float("inf"), False)])
+def test_a_run_that_raises_mid_training_ends_failed_with_the_reason(
+    ray_session, image_tree, tmp_path, monkeypatch
+):
+    cfg = tiny_config(tmp_path, str(image_tree.root), "train.epochs=3", "train.num_workers=0")
+    validate, calls = Loop.validate, []
+
+    def validate_then_break(self, shard, world):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("validation volume went away")
+        return validate(self, shard, world)
+
+    monkeypatch.setattr(Loop, "validate", validate_then_break)
+    with pytest.raises(OSError, match="went away"):
+        run_training(cfg, register=False, evaluate_test=False)
+    (run,) = _runs(cfg)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tracking.FAILURE_TAG] == "OSError: validation volume went away"
+    assert [m.step for m in client(cfg.tracking).get_metric_history(run.info.run_id, "val_loss")] == [0]
+
+
+def test_the_loop_in_the_driver_trains_checkpoints_resumes_and_registers(ray_session, image_tree, tmp_path):
+    """``train.num_workers=0``: no worker group, but the same checkpoints, MLflow run and version."""
+    cfg = tiny_config(tmp_path, str(image_tree.root), "train.num_workers=0", "train.num_to_keep=1")
+    out = run_training(cfg, run_name="driver")
+    assert [h["epoch"] for h in out.history] == [0, 1]
+    assert out.checkpoint_path.endswith("driver/checkpoint_000001")
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "driver").iterdir()) == ["checkpoint_000001"]
+    assert (Path(out.checkpoint_path) / "state.pt").is_file()
+    run = client(cfg.tracking).get_run(out.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["num_workers"] == "0"
+    assert [m.step for m in client(cfg.tracking).get_metric_history(out.run_id, "val_loss")] == [0, 1]
+    assert out.model_version == "1" and out.test_metrics["num_images"] == image_tree.good_count("test")
+    bundle = load_model(cfg.tracking, f"models:/{cfg.tracking.registered_model}/1")
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(bundle.model(x), out.model(x))
+
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3})})
+    again = run_training(longer, run_name="driver", register=False, evaluate_test=False)
+    assert [h["epoch"] for h in again.history] == [0, 1, 2]  # continued at epoch 2, repeated nothing
+    assert [m.step for m in client(cfg.tracking).get_metric_history(again.run_id, "val_loss")] == [2]
+
+
+@pytest.mark.ray_head
+def test_ctrl_c_ends_a_training_run_killed(image_tree, tmp_path):
+    """``hotdog train`` interrupted with SIGINT mid-run: the MLflow run ends KILLED, not RUNNING."""
+    import ray
+
+    ray.shutdown()  # the command starts its own Ray, as on a laptop
+    cfg = tiny_config(tmp_path, str(image_tree.root), "train.num_workers=0", "train.epochs=200")
+    db = tmp_path / "mlflow.db"
+    cmd = [
+        str(Path(sys.executable).parent / "hotdog"),
+        "train",
+        "--no-register",
+        "--set",
+        f"data.root={image_tree.root}",
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "model.filters=4",
+        "--set",
+        "train.num_workers=0",
+        "--set",
+        "train.epochs=200",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        f"train.storage_path={tmp_path / 'ckpt'}",
+        "--set",
+        f"tracking.uri=sqlite:///{db}",
+    ]
+    log = open(tmp_path / "train.log", "w")
+    # A shell started in the background ignores SIGINT and its children inherit that: restore Ctrl-C.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        # Wait for the first epoch's line: the MLflow run is open by then (the store is left alone
+        # until the command is done: two processes creating one SQLite schema at once collide).
+        deadline = time.monotonic() + 180
+        while "epoch 1/200" not in (tmp_path / "train.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()[
+                -3000:
+            ]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    (run,) = _runs(cfg)
+    assert run.info.status == "KILLED"
+
+
+@pytest.mark.parametrize(
+    "value,ok", [(0.7, True), (50.0, True), (50.1, False), (float("nan"), False), (float("inf"), False)]
+)
 def test_check_loss_rejects_nan_inf_and_explosions(value, ok):
     if ok:
         check_loss(torch.tensor(value), epoch=0, step=0, max_loss=50)
@@ -158,10 +315,19 @@ def test_early_stopping_state_machine():
 
 def test_fixed_seed_reproduces_an_augmented_cpu_run(ray_session, image_tree, tmp_path):
     # One epoch is enough: the data test checks that later epochs get fresh, equally reproducible draws.
-    args = ("train.epochs=1", "train.num_workers=1", "data.augment.horizontal_flip=true",
-            "data.augment.rotation=20", "model.dropout=0.3")
-    a = run_training(tiny_config(tmp_path / "a", str(image_tree.root), *args), register=False, evaluate_test=False)
-    b = run_training(tiny_config(tmp_path / "b", str(image_tree.root), *args), register=False, evaluate_test=False)
+    args = (
+        "train.epochs=1",
+        "train.num_workers=0",
+        "data.augment.horizontal_flip=true",
+        "data.augment.rotation=20",
+        "model.dropout=0.3",
+    )
+    a = run_training(
+        tiny_config(tmp_path / "a", str(image_tree.root), *args), register=False, evaluate_test=False
+    )
+    b = run_training(
+        tiny_config(tmp_path / "b", str(image_tree.root), *args), register=False, evaluate_test=False
+    )
     keys = ("loss", "accuracy", "val_loss", "val_accuracy")
     assert [[h[k] for k in keys] for h in a.history] == [[h[k] for k in keys] for h in b.history]
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())

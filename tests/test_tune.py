@@ -13,25 +13,47 @@ from pathlib import Path
 
 import pytest
 
-from hotdog_ray.config import ConfigError, load_config
+from hotdog_ray.config import load_config
+from hotdog_ray.errors import ConfigError, SweepError
 from hotdog_ray.promote import decide
-from hotdog_ray.tracking import alias_version, child_runs, tracking_uri
-from hotdog_ray.tune import (fit_concurrency, format_trials, run_sweep, search_space, searcher, summarize_trials,
-                             trial_config, trial_cpus, trial_resources)
+from hotdog_ray.registry import alias_version, client
+from hotdog_ray.tracking import child_runs
+from hotdog_ray.tune import (
+    fit_concurrency,
+    format_trials,
+    run_sweep,
+    search_space,
+    searcher,
+    summarize_trials,
+    trial_config,
+    trial_cpus,
+    trial_resources,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def sweep_config(tmp_path, root: str, *overrides: str):
-    return load_config(None, [
-        f"data.root={root}", "data.image_size=16", "model.name=first_cnn", "train.batch_size=8",
-        "train.cpus_per_worker=0.5", "train.epochs=4", f"train.storage_path={tmp_path / 'runs'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tune.max_concurrent_trials=1",
-        "tune.filters=[4]", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.image_size=16",
+            "model.name=first_cnn",
+            "train.batch_size=8",
+            "train.cpus_per_worker=0.5",
+            "train.epochs=4",
+            f"train.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tune.max_concurrent_trials=1",
+            "tune.filters=[4]",
+            *overrides,
+        ],
+    )
 
 
 # --- pure parts ---------------------------------------------------------------------------------
+
 
 def test_search_space_follows_the_config():
     from ray.tune.search.sample import Categorical, Float
@@ -39,7 +61,11 @@ def test_search_space_follows_the_config():
     cfg = load_config(None, ["tune.optimizers=[adam,sgd]", "tune.dropout=null"])
     space = search_space(cfg)
     assert set(space) == {"model.filters", "train.learning_rate", "train.optimizer"}
-    assert isinstance(space["model.filters"], Categorical) and space["model.filters"].categories == [16, 32, 64]
+    assert isinstance(space["model.filters"], Categorical) and space["model.filters"].categories == [
+        16,
+        32,
+        64,
+    ]
     lr = space["train.learning_rate"]
     assert isinstance(lr, Float) and (lr.lower, lr.upper) == (1e-4, 1e-2)
     # a one-point range is a constant, not a degenerate distribution
@@ -57,12 +83,15 @@ def test_trial_config_puts_values_in_and_validates_them():
         trial_config(base, {"filters": 8})
 
 
-@pytest.mark.parametrize("override,message", [
-    ("tune.learning_rate=[0.1,0.01]", "tune.learning_rate"),
-    ("tune.dropout=[0.2,1.0]", "tune.dropout"),
-    ("tune.filters=[0,8]", "tune.filters"),
-    ("tune.reduction_factor=1", "tune.reduction_factor"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("tune.learning_rate=[0.1,0.01]", "tune.learning_rate"),
+        ("tune.dropout=[0.2,1.0]", "tune.dropout"),
+        ("tune.filters=[0,8]", "tune.filters"),
+        ("tune.reduction_factor=1", "tune.reduction_factor"),
+    ],
+)
 def test_bad_search_spaces_are_rejected_by_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
@@ -91,7 +120,9 @@ def test_sampler_is_seeded_random_search_or_optuna():
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     assert isinstance(searcher(load_config(None, []), seed=1, concurrency=2), BasicVariantGenerator)
-    optuna = searcher(load_config(None, ["tune.sampler=optuna", "tune.startup_trials=4"]), seed=1, concurrency=2)
+    optuna = searcher(
+        load_config(None, ["tune.sampler=optuna", "tune.startup_trials=4"]), seed=1, concurrency=2
+    )
     assert isinstance(optuna, ConcurrencyLimiter) and optuna.max_concurrent == 2
     assert optuna.searcher._sampler._n_startup_trials == 4
 
@@ -114,19 +145,30 @@ def test_promotion_needs_a_strict_improvement():
 
 # --- sweeps ----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def good_sweep(ray_session, image_tree, tmp_path_factory):
     """Three seeded trials, one of them with a learning rate too small to learn: ASHA stops it.
     Two at a time are asked for; on 2 CPUs the sweep runs one at a time rather than hang."""
     tmp = tmp_path_factory.mktemp("sweep")
-    cfg = sweep_config(tmp, str(image_tree.root), "tune.num_samples=3", "tune.learning_rate=[0.00001,0.05]",
-                       "tune.dropout=[0.0,0.3]", "tune.seed=3", "train.epochs=3", "tune.max_concurrent_trials=2")
+    cfg = sweep_config(
+        tmp,
+        str(image_tree.root),
+        "tune.num_samples=3",
+        "tune.learning_rate=[0.00001,0.05]",
+        "tune.dropout=[0.0,0.3]",
+        "tune.seed=3",
+        "train.epochs=3",
+        "tune.max_concurrent_trials=2",
+    )
     # Relative locations, as in the presets: trials run in their own folders and must still find them.
-    relative = cfg.model_copy(update={
-        "data": cfg.data.model_copy(update={"root": os.path.relpath(image_tree.root, tmp)}),
-        "train": cfg.train.model_copy(update={"storage_path": "runs"}),
-        "tracking": cfg.tracking.model_copy(update={"uri": "sqlite:///mlflow.db"}),
-    })
+    relative = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"root": os.path.relpath(image_tree.root, tmp)}),
+            "train": cfg.train.model_copy(update={"storage_path": "runs"}),
+            "tracking": cfg.tracking.model_copy(update={"uri": "sqlite:///mlflow.db"}),
+        }
+    )
     cwd = os.getcwd()
     os.chdir(tmp)
     try:
@@ -137,8 +179,6 @@ def good_sweep(ray_session, image_tree, tmp_path_factory):
 
 
 def test_sweep_stops_poor_trials_and_nests_every_trial_in_mlflow(good_sweep):
-    from mlflow.tracking import MlflowClient
-
     cfg, out = good_sweep
     assert len(out.trials) == 3
     assert out.stopped_early >= 1
@@ -146,49 +186,54 @@ def test_sweep_stops_poor_trials_and_nests_every_trial_in_mlflow(good_sweep):
     assert all(t["epochs"] < 3 for t in stopped)
     assert all(t["epochs"] == 3 for t in out.trials if t["status"] == "finished")
 
-    client = MlflowClient(tracking_uri(cfg))
-    parent = client.get_run(out.run_id)
+    mlflow = client(cfg.tracking)
+    parent = mlflow.get_run(out.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "sweep"
-    assert parent.data.params["tune.num_samples"] == "3" and parent.data.params["tune.reduction_factor"] == "2"
+    assert (
+        parent.data.params["tune.num_samples"] == "3" and parent.data.params["tune.reduction_factor"] == "2"
+    )
     assert parent.data.metrics["trials_stopped_early"] == out.stopped_early
     assert parent.data.tags["best_run_id"] == out.best["run_id"]
-    artifacts = {a.path for a in client.list_artifacts(out.run_id)}
+    artifacts = {a.path for a in mlflow.list_artifacts(out.run_id)}
     assert {"trials.json", "trials.txt", "val_loss_per_trial.png", "promotion.json"} <= artifacts
 
-    children = child_runs(cfg, out.run_id)
+    children = child_runs(cfg.tracking, out.run_id)
     assert sorted(r.data.tags["trial_id"] for r in children) == sorted(t["trial_id"] for t in out.trials)
     by_trial = {r.data.tags["trial_id"]: r for r in children}
     for t in out.trials:
         child = by_trial[t["trial_id"]]
         assert child.info.status == ("FINISHED" if t["status"] == "finished" else "KILLED")
         # each child has its own sampled values as params and one val_loss point per epoch it ran
-        assert float(child.data.params["train.learning_rate"]) == pytest.approx(t["params"]["train.learning_rate"])
-        assert len(client.get_metric_history(child.info.run_id, "val_loss")) == t["epochs"]
+        assert float(child.data.params["train.learning_rate"]) == pytest.approx(
+            t["params"]["train.learning_rate"]
+        )
+        assert len(mlflow.get_metric_history(child.info.run_id, "val_loss")) == t["epochs"]
     lines = format_trials(out.trials).splitlines()
     assert len(lines) == 1 + len(out.trials) and lines[1].startswith(out.best["trial_id"])
 
 
 def test_best_trial_is_promoted_and_a_worse_sweep_keeps_the_champion(good_sweep, image_tree, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     cfg, out = good_sweep
     assert out.decision.promoted and out.decision.champion_version is None
-    champion = alias_version(cfg)
-    client = MlflowClient(tracking_uri(cfg))
-    assert client.get_model_version(cfg.tracking.registered_model, champion).run_id == out.best["run_id"]
+    champion = alias_version(cfg.tracking)
+    mlflow = client(cfg.tracking)
+    assert mlflow.get_model_version(cfg.tracking.registered_model, champion).run_id == out.best["run_id"]
 
     # a learning rate too small to learn anything in one epoch
-    worse = cfg.model_copy(update={
-        "train": cfg.train.model_copy(update={"epochs": 1}),
-        # and trained the other way, as a data-parallel Train run inside the trial
-        "tune": cfg.tune.model_copy(update={"num_samples": 1, "learning_rate": (1e-7, 1e-7), "seed": 5,
-                                            "trial_mode": "train"}),
-    })
+    worse = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update={"epochs": 1}),
+            # and trained the other way, as a data-parallel Train run inside the trial
+            "tune": cfg.tune.model_copy(
+                update={"num_samples": 1, "learning_rate": (1e-7, 1e-7), "seed": 5, "trial_mode": "train"}
+            ),
+        }
+    )
     second = run_sweep(worse, name="worse")
     assert not second.decision.promoted
     assert second.decision.champion_score > second.decision.candidate_score
-    assert alias_version(cfg) == champion
-    assert client.get_run(second.run_id).data.tags["promotion"] == "kept"
+    assert alias_version(cfg.tracking) == champion
+    assert mlflow.get_run(second.run_id).data.tags["promotion"] == "kept"
 
 
 @pytest.mark.ray_head
@@ -199,16 +244,46 @@ def test_killed_sweep_resumes_and_accounts_for_every_trial(image_tree, tmp_path)
     import ray
 
     ray.shutdown()  # the job starts its own Ray, as on a laptop; two instances confuse Train
-    args = [sys.executable, str(REPO / "jobs" / "tune.py"), "--name", "interrupted",
-            "--set", f"data.root={image_tree.root}", "--set", "data.image_size=16", "--set", "model.name=first_cnn",
-            "--set", "train.batch_size=8", "--set", "train.cpus_per_worker=0.5", "--set", "train.epochs=1",
-            "--set", f"train.storage_path={tmp_path / 'runs'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "--set", "tune.num_samples=2", "--set", "tune.max_concurrent_trials=1", "--set", "tune.filters=[4]",
-            "--set", "tune.asha=false", "--set", "tune.sampler=optuna", "--set", "tune.startup_trials=1",
-            "--no-promote"]
+    args = [
+        sys.executable,
+        str(REPO / "jobs" / "tune.py"),
+        "--name",
+        "interrupted",
+        "--set",
+        f"data.root={image_tree.root}",
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "model.name=first_cnn",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.cpus_per_worker=0.5",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        f"train.storage_path={tmp_path / 'runs'}",
+        "--set",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set",
+        "tune.num_samples=2",
+        "--set",
+        "tune.max_concurrent_trials=1",
+        "--set",
+        "tune.filters=[4]",
+        "--set",
+        "tune.asha=false",
+        "--set",
+        "tune.sampler=optuna",
+        "--set",
+        "tune.startup_trials=1",
+        "--no-promote",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     cfg = sweep_config(tmp_path, str(image_tree.root))
     deadline = time.monotonic() + 300
     try:
@@ -221,36 +296,53 @@ def test_killed_sweep_resumes_and_accounts_for_every_trial(image_tree, tmp_path)
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, as a crash would
         first.wait()
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, env=env)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, env=env
+        )
 
-    second = subprocess.run([*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(
+        [*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming sweep interrupted" in second.stdout + second.stderr
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri(cfg))
-    sweeps = [r for r in client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
-              if r.data.tags.get("kind") == "sweep"]
+    mlflow = client(cfg.tracking)
+    sweeps = [
+        r
+        for r in mlflow.search_runs([mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+        if r.data.tags.get("kind") == "sweep"
+    ]
     assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"  # the same run, reopened and finished
-    children = child_runs(cfg, sweeps[0].info.run_id)
+    children = child_runs(cfg.tracking, sweeps[0].info.run_id)
     finished = {r.data.tags["trial_id"] for r in children if r.info.status == "FINISHED"}
     assert len(finished) == 2  # every planned trial finished once
     assert sweeps[0].data.metrics["trials_finished"] == 2
 
 
 def _finished_trials(cfg) -> int:
-    from mlflow.tracking import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     try:
-        client = MlflowClient(tracking_uri(cfg))
-        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        mlflow = client(cfg.tracking)
+        experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
         if experiment is None:
             return 0
-        return sum(r.info.status == "FINISHED" and "trial_id" in r.data.tags
-                   for r in client.search_runs([experiment.experiment_id]))
-    except Exception:  # the database may not exist yet
+        return sum(
+            r.info.status == "FINISHED" and "trial_id" in r.data.tags
+            for r in mlflow.search_runs([experiment.experiment_id])
+        )
+    except MlflowException:  # the database may not exist yet, or be locked by the sweep
         return 0
+
+
+def test_optuna_missing_fails_before_any_mlflow_run_is_opened(ray_session, image_tree, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what an install without the optuna extra sees
+    cfg = sweep_config(tmp_path, str(image_tree.root), "tune.sampler=optuna")
+    with pytest.raises(SweepError, match="pip install 'hotdog-ray\\[optuna\\]'"):
+        run_sweep(cfg, name="no-optuna")
+    mlflow = client(cfg.tracking)
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    assert experiment is None or mlflow.search_runs([experiment.experiment_id]) == []
 
 
 def test_runs_lists_the_sweep_and_its_trials(good_sweep, capsys):

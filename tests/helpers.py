@@ -1,0 +1,111 @@
+"""Helpers the test modules share (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import struct
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import ray.train
+from PIL import Image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height (a decompression bomb's calling card)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def tiny_model_config(store: Path, *overrides: str):
+    """A config for a 16 px, 4-filter first_cnn tracked in a SQLite store under ``store``."""
+    from hotdog_ray.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"tracking.uri=sqlite:///{Path(store) / 'mlflow.db'}",
+            "data.image_size=16",
+            "model.name=first_cnn",
+            "model.filters=4",
+            *overrides,
+        ],
+    )
+
+
+def tiny_model(classes: Sequence[str], seed: int = 0):
+    """The 16 px, 4-filter first_cnn of :func:`tiny_model_config` with seeded random weights, in eval mode."""
+    import torch
+
+    from hotdog_ray.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model("first_cnn", len(classes), 16, filters=4).eval()
+
+
+def register_model(cfg, model, classes: Sequence[str], name: str = "test-model") -> tuple[str, str]:
+    """Log ``model`` in a new run of ``cfg``'s store and register it: (run id, version)."""
+    from hotdog_ray import registry, tracking
+    from hotdog_ray.bundle import model_meta
+
+    with tracking.run(cfg.tracking, name=name) as run:
+        run.log_model(model, model_meta(cfg, list(classes)))
+    return run.id, registry.register(cfg.tracking, run.id)
+
+
+def predict_many(predictor, items: Sequence[bytes]) -> list:
+    """A prediction or the decoding error for each item, in order, with one forward pass."""
+    from hotdog_ray.errors import ImageError
+
+    arrays, out = [], []
+    for data in items:
+        try:
+            arrays.append(predictor.preprocess(data))
+            out.append(None)
+        except ImageError as err:
+            out.append(err)
+    preds = iter(predictor.predictions(predictor.predict_arrays(np.stack(arrays))) if arrays else [])
+    return [next(preds) if o is None else o for o in out]
+
+
+class KillAWorkerAfterEpoch(ray.train.UserCallback):
+    """A Ray Train callback that SIGKILLs one training worker once, after ``epoch`` is reported and
+    checkpointed, as a lost machine would; ``marker`` records that it did."""
+
+    def __init__(self, epoch: int, marker: Path) -> None:
+        self.epoch, self.marker = epoch, Path(marker)
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        from ray.util.state import list_actors
+
+        if self.marker.exists() or metrics[0].get("epoch") != self.epoch:
+            return
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        self.marker.write_text(str(workers[-1].pid))
+        os.kill(workers[-1].pid, signal.SIGKILL)
