@@ -72,7 +72,7 @@ def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS, draft_size: int | N
         img.load()
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
-    except Exception as exc:
+    except Exception as exc:  # OSError, SyntaxError, ValueError, struct.error...: all mean corrupt
         raise ImageError(f"corrupt image data ({type(exc).__name__}: {exc})") from None
 
 

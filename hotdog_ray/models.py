@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hotdog_ray.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 
@@ -212,8 +214,8 @@ def _load_backbone_weights(module: nn.Module, weights: str | None, name: str) ->
         ]
         try:
             state = enum.get_state_dict(progress=False)
-        except Exception as exc:
-            raise RuntimeError(
+        except (OSError, RuntimeError) as exc:  # no network (URLError is an OSError), or a bad download
+            raise ModelError(
                 f"could not download {name} weights from torchvision ({exc}); copy the file to local "
                 "or S3 storage and set model.pretrained_weights to its path"
             ) from exc
