@@ -220,7 +220,15 @@ def score(
     date: str | dt.date | None = None,
     model: str | None = None,
 ) -> ScoreSummary:
-    """Score a night's images and publish ``<output>/date=YYYY-MM-DD/`` (replacing an earlier run's)."""
+    """Score a night's images and publish ``<output>/date=YYYY-MM-DD/`` (replacing an earlier run's).
+
+    Args:
+        cfg: the validated config (``score``, ``data``, ``serve`` and ``tracking`` sections).
+        input: a prefix or list file of images; ``{date}`` becomes the run date (default ``score.input``).
+        output: the Parquet root (default ``score.output``).
+        date: ``YYYY-MM-DD``, ``today`` (default) or ``yesterday``, in UTC.
+        model: the model reference (default ``serve.model_uri``, else the registry's alias or newest version).
+    """
     from hotdog_ray import registry, tracking
     from hotdog_ray.predict import Predictor
     from hotdog_ray.runtime import init_ray

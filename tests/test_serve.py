@@ -24,7 +24,15 @@ from hotdog_ray.models import build_model
 from hotdog_ray.predict import Predictor
 from hotdog_ray.registry import set_alias
 from hotdog_ray.serve import HAPROXY_ENV, wait_ready
-from tests.helpers import free_port, png, png_header_claiming, register_model, tiny_model, tiny_model_config
+from tests.helpers import (
+    free_port,
+    png,
+    png_header_claiming,
+    register_model,
+    stop_command,
+    tiny_model,
+    tiny_model_config,
+)
 from tests.imagegen import CLASSES, LEVELS, encode, truncated_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -490,7 +498,4 @@ def test_hotdog_serve_command_serves_a_bundle_until_interrupted(tmp_path):
         proc.send_signal(signal.SIGINT)  # Ctrl-C: the command shuts Serve down and exits cleanly
         assert proc.wait(timeout=90) == 0, (tmp_path / "serve.log").read_text()[-3000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+        stop_command(proc)

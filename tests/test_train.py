@@ -4,7 +4,6 @@ name, and the loop's logic (early stopping, divergence, reproducibility) in the 
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from hotdog_ray.errors import TrainingError
 from hotdog_ray.evaluate import predict_batches
 from hotdog_ray.registry import client, load_model
 from hotdog_ray.train import EarlyStopping, Loop, check_loss, run_training
-from tests.helpers import KillAWorkerAfterEpoch
+from tests.helpers import KillAWorkerAfterEpoch, stop_command
 
 
 def tiny_config(tmp_path, root: str, *overrides: str):
@@ -107,12 +106,13 @@ def test_killed_worker_resumes_without_repeating_an_epoch(ray_session, image_tre
     assert [h["epoch"] for h in out.history] == [0, 1, 2]
 
 
-def test_rerunning_a_finished_run_name_resumes_instead_of_restarting(ray_session, image_tree, tmp_path):
-    cfg = tiny_config(tmp_path, str(image_tree.root), "train.epochs=1", "train.num_workers=1")
-    run_training(cfg, run_name="same-name", register=False, evaluate_test=False)
-    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2})})
-    out = run_training(longer, run_name="same-name", register=False, evaluate_test=False)
-    assert [h["epoch"] for h in out.history] == [0, 1]
+def test_rerunning_a_finished_run_name_resumes_instead_of_restarting(s3_run):
+    """The two-worker run above, rerun by name with one more epoch: it continues from its S3 checkpoint."""
+    cfg, out, *_ = s3_run
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3})})
+    again = run_training(longer, run_name=out.run_name, register=False, evaluate_test=False)
+    assert [h["epoch"] for h in again.history] == [0, 1, 2]
+    assert [m.step for m in client(cfg.tracking).get_metric_history(again.run_id, "val_loss")] == [2]
 
 
 def _swap_validation_labels(image_tree, tmp_path):
@@ -280,10 +280,7 @@ def test_ctrl_c_ends_a_training_run_killed(image_tree, tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130, (tmp_path / "train.log").read_text()[-3000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+        stop_command(proc)
     (run,) = _runs(cfg)
     assert run.info.status == "KILLED"
 
