@@ -30,6 +30,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
+from hotdog_ray import __version__
 from hotdog_ray.config import Config, ServeSettings, from_dict, load_config
 from hotdog_ray.errors import ImageError
 from hotdog_ray.predict import Predictor
@@ -319,11 +320,9 @@ async def explain(request: Request, predictor: Predictor = Depends(loaded_predic
 def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastAPI:
     """The HTTP API and the web page around ``service``; ``infer`` runs the model on one
     preprocessed image (Serve passes its batching queue, the baseline :func:`direct_infer`)."""
-    from importlib.metadata import version
-
     app = FastAPI(
         title="hotdog-ray",
-        version=version("hotdog-ray"),
+        version=__version__,
         description="Image classification: is it a hotdog? Upload a photo, get the label, "
         "every class's probability and where the model looked.",
     )

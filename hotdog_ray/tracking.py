@@ -205,7 +205,10 @@ def _sigterm_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if (
+            signal.getsignal(signal.SIGTERM) is interrupt
+        ):  # leave a handler set inside the block (Ray's) alone
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def find_runs(tracking: "TrackingSettings", tags: dict[str, str]) -> list:

@@ -15,6 +15,7 @@ CLI imports it only for ``hotdog train``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import logging
@@ -24,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import ray.train
 import torch
@@ -365,11 +366,12 @@ def load_checkpoint_state(checkpoint: "ray.train.Checkpoint") -> dict[str, Any]:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def _state_checkpoint(state: dict[str, Any], report, checkpoint_class) -> None:
-    """Hand ``report`` a checkpoint folder holding ``state`` (Train and Tune copy it before returning)."""
+@contextlib.contextmanager
+def _checkpoint_of(state: dict[str, Any], checkpoint_class: type) -> Iterator[Any]:
+    """A checkpoint folder holding ``state``, for the block (Train and Tune copy it before ``report`` returns)."""
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(state, Path(tmp) / STATE_FILE)
-        report(checkpoint_class.from_directory(tmp))
+        yield checkpoint_class.from_directory(tmp)
 
 
 class TrainSession:
@@ -398,11 +400,8 @@ class TrainSession:
         if state is None:
             ray.train.report(metrics)
         else:
-            _state_checkpoint(
-                state,
-                lambda checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
-                ray.train.Checkpoint,
-            )
+            with _checkpoint_of(state, ray.train.Checkpoint) as checkpoint:
+                ray.train.report(metrics, checkpoint=checkpoint)
 
 
 class InProcessSession:
@@ -448,9 +447,8 @@ class TrialSession(InProcessSession):
         if state is None:
             tune.report(metrics)
         else:
-            _state_checkpoint(
-                state, lambda checkpoint: tune.report(metrics, checkpoint=checkpoint), tune.Checkpoint
-            )
+            with _checkpoint_of(state, tune.Checkpoint) as checkpoint:
+                tune.report(metrics, checkpoint=checkpoint)
 
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -463,17 +461,16 @@ class DriverSession(InProcessSession):
     def __init__(self, cfg: Config, datasets: dict[str, Any], run: "Run", folder: "storage.Location") -> None:
         super().__init__(cfg, datasets, run)
         self.folder, self.keep = folder, cfg.train.num_to_keep
+        self.latest: storage.Location | None = None  # the newest checkpoint folder
 
     def _checkpoints(self) -> list[str]:
         return sorted(n for n in storage.list_dirs(self.folder) if n.startswith(CHECKPOINT_PREFIX))
 
-    @property
-    def latest(self) -> "storage.Location":
-        return self.folder.join(self._checkpoints()[-1])
-
     def checkpoint_state(self) -> dict[str, Any] | None:
-        if not self._checkpoints():
+        names = self._checkpoints()
+        if not names:
             return None
+        self.latest = self.folder.join(names[-1])
         data = storage.read_bytes(self.folder.fs, self.latest.join(STATE_FILE).path)
         self.state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         return self.state
@@ -483,8 +480,8 @@ class DriverSession(InProcessSession):
             return
         buf = io.BytesIO()
         torch.save(state, buf)
-        name = f"{CHECKPOINT_PREFIX}{state['epoch']:06d}"
-        storage.write_bytes(self.folder.fs, self.folder.join(name, STATE_FILE).path, buf.getvalue())
+        self.latest = self.folder.join(f"{CHECKPOINT_PREFIX}{state['epoch']:06d}")
+        storage.write_bytes(self.folder.fs, self.latest.join(STATE_FILE).path, buf.getvalue())
         for old in self._checkpoints()[: -self.keep]:
             self.folder.fs.delete_dir(self.folder.join(old).path)
 
@@ -631,7 +628,7 @@ def fit(
         folder = storage.resolve(cfg.train.storage_path).join(run_name)
         session = DriverSession(cfg, _in_process_datasets(cfg, pipeline), run, folder)
         fit_loop(cfg, classes, session)
-        state, path = session.state, session.latest.uri if session.state else folder.uri
+        state, path = session.state, (session.latest or folder).uri
     else:
         state, path = _fit_ray_train(cfg, pipeline, classes, run, run_name, callbacks)
     diverged = run.tag(DIVERGED_TAG)

@@ -106,3 +106,23 @@ def test_a_handle_pickles_to_its_store_and_id(tmp_path):
     found = _only_run(cfg)
     assert found.data.metrics == {"a": 1.0, "val_loss": 0.25}
     assert found.data.tags[tracking.DIVERGED_TAG] == "loss became nan"
+
+
+def test_sigterm_ends_the_run_killed_where_nothing_else_handles_it(tmp_path):
+    """``docker stop`` or Kubernetes send SIGTERM; in a process with no handler of its own the run ends KILLED."""
+    import subprocess
+    import sys
+
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    code = (
+        "import os, signal, time\n"
+        "from hotdog_ray import tracking\n"
+        "from hotdog_ray.config import load_config\n"
+        f"cfg = load_config(None, ['tracking.uri=sqlite:///{tmp_path / 'm.db'}'])\n"
+        "with tracking.run(cfg.tracking, name='terminated'):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(60)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr
+    assert _only_run(cfg).info.status == "KILLED"
