@@ -4,9 +4,11 @@ name, and the loop's logic (early stopping, divergence, reproducibility) in the 
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from hotdog_ray.errors import TrainingError
 from hotdog_ray.evaluate import predict_batches
 from hotdog_ray.registry import client, load_model
 from hotdog_ray.train import EarlyStopping, Loop, check_loss, run_training
-from tests.helpers import KillAWorkerAfterEpoch
+from tests.helpers import KillAWorkerAfterEpoch, stop_command
 
 
 def tiny_config(tmp_path, root: str, *overrides: str):
@@ -229,23 +231,16 @@ def test_the_loop_in_the_driver_trains_checkpoints_resumes_and_registers(ray_ses
     assert [m.step for m in client(cfg.tracking).get_metric_history(again.run_id, "val_loss")] == [2]
 
 
-def test_ctrl_c_ends_a_training_run_killed(ray_session, image_tree, tmp_path, monkeypatch):
-    """``hotdog train`` interrupted by a real SIGINT mid-run: exit code 130, and the MLflow run ends
-    KILLED, not RUNNING."""
-    from hotdog_ray.cli import main
+@pytest.mark.ray_head
+def test_ctrl_c_ends_a_training_run_killed(image_tree, tmp_path):
+    """``hotdog train`` interrupted with SIGINT mid-run: the MLflow run ends KILLED, not RUNNING."""
+    import ray
 
-    # A process started in the background ignores SIGINT (CI's pytest is one): give this test Ctrl-C.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    validate = Loop.validate
-
-    def validate_then_ctrl_c(self, shard, world):
-        sums = validate(self, shard, world)
-        os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread, as a terminal's Ctrl-C is
-        return sums
-
-    monkeypatch.setattr(Loop, "validate", validate_then_ctrl_c)
-    cfg = tiny_config(tmp_path, str(image_tree.root), "train.num_workers=0", "train.epochs=3")
-    args = [
+    ray.shutdown()  # the command starts its own Ray, as on a laptop
+    cfg = tiny_config(tmp_path, str(image_tree.root), "train.num_workers=0", "train.epochs=200")
+    db = tmp_path / "mlflow.db"
+    cmd = [
+        str(Path(sys.executable).parent / "hotdog"),
         "train",
         "--no-register",
         "--set",
@@ -257,21 +252,39 @@ def test_ctrl_c_ends_a_training_run_killed(ray_session, image_tree, tmp_path, mo
         "--set",
         "train.num_workers=0",
         "--set",
-        "train.epochs=3",
+        "train.epochs=200",
         "--set",
         "train.batch_size=8",
         "--set",
         f"train.storage_path={tmp_path / 'ckpt'}",
         "--set",
-        f"tracking.uri={cfg.tracking.uri}",
+        f"tracking.uri=sqlite:///{db}",
     ]
+    log = open(tmp_path / "train.log", "w")
+    # A shell started in the background ignores SIGINT and its children inherit that: restore Ctrl-C.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
-        assert main(args) == 130
+        # Wait for the first epoch's line: the MLflow run is open by then (the store is left alone
+        # until the command is done: two processes creating one SQLite schema at once collide).
+        deadline = time.monotonic() + 180
+        while "epoch 1/200" not in (tmp_path / "train.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()[
+                -3000:
+            ]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, (tmp_path / "train.log").read_text()[-3000:]
     finally:
-        signal.signal(signal.SIGINT, previous)
+        stop_command(proc)
     (run,) = _runs(cfg)
     assert run.info.status == "KILLED"
-    assert client(cfg.tracking).get_metric_history(run.info.run_id, "val_loss") == []  # stopped in epoch 0
 
 
 @pytest.mark.parametrize(
