@@ -22,16 +22,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_command(proc) -> None:
+def stop_command(proc, own_ray: bool = False) -> None:
     """End a command started with ``start_new_session=True`` (its whole process group, if still
-    alive) and any Ray it left behind, as a test's ``finally`` must."""
+    alive), and with ``own_ray`` the Ray it started, as a test's ``finally`` must. A command that
+    joined the session's Ray leaves nothing behind: Ray ends a dead driver's actors itself."""
     import subprocess
     import sys
 
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    if own_ray:
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+
+
+_STORE_TEMPLATE: list[Path] = []
+
+
+def mlflow_store(folder: Path) -> str:
+    """``sqlite:///<folder>/mlflow.db``, a fresh store copied from one created once per test process:
+    creating MLflow's schema takes 1-2 s, copying it milliseconds, and the suite makes dozens."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if not _STORE_TEMPLATE:
+        from mlflow.tracking import MlflowClient
+
+        folder_of_template = tempfile.mkdtemp(prefix="mlflow-template-")
+        atexit.register(shutil.rmtree, folder_of_template, True)
+        template = Path(folder_of_template) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # runs the schema migrations
+        _STORE_TEMPLATE.append(template)
+    db = Path(folder) / "mlflow.db"
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_STORE_TEMPLATE[0], db)
+    return f"sqlite:///{db}"
 
 
 def png(arr: np.ndarray) -> bytes:
@@ -62,7 +89,7 @@ def tiny_model_config(store: Path, *overrides: str):
     return load_config(
         None,
         [
-            f"tracking.uri=sqlite:///{Path(store) / 'mlflow.db'}",
+            f"tracking.uri={mlflow_store(store)}",
             "data.image_size=16",
             "model.name=first_cnn",
             "model.filters=4",

@@ -241,9 +241,10 @@ def test_a_missing_input_fails_before_any_work(scoring, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.ray_head
-def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(scoring, tmp_path):
-    """A first run publishes; jobs/batch_score.py as a subprocess with its own Ray (as on a laptop) is
+def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(
+    ray_session, scoring, tmp_path, joining_env
+):
+    """A first run publishes; jobs/batch_score.py as a subprocess (joining this session's Ray) is
     SIGKILLed while writing; the partition is still the first run's; a third run replaces it whole.
     The first and third runs are in this process: two job processes fewer to start."""
     import os
@@ -251,8 +252,6 @@ def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(sc
     import subprocess
     import sys
     import time
-
-    import ray
 
     cfg, predictor = scoring
     incoming = tmp_path / "incoming"
@@ -281,14 +280,12 @@ def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(sc
         "--set",
         "data.files_per_task=16",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Large batches where nothing is to be killed; small ones keep the victim writing for a while.
     fast = cfg.model_copy(update={"score": cfg.score.model_copy(update={"batch_size": 64})})
     first_run = score(fast, input=str(incoming), output=str(out), date="2026-11-23").run_id
-    ray.shutdown()  # the victim starts its own
 
     victim = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=joining_env, start_new_session=True
     )
     try:
         deadline = time.monotonic() + 300
@@ -305,16 +302,10 @@ def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(sc
     finally:
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
-        subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, env=env
-        )
     kept = read_partition(str(part))
     assert kept.num_rows == len(names) and set(kept["run_id"].to_pylist()) == {first_run}
 
-    try:
-        third_run = score(fast, input=str(incoming), output=str(out), date="2026-11-23").run_id
-    finally:
-        ray.shutdown()  # the next tests start Ray heads of their own
+    third_run = score(fast, input=str(incoming), output=str(out), date="2026-11-23").run_id
     table = read_partition(str(part))
     assert table.num_rows == len(names) and set(table["run_id"].to_pylist()) == {third_run}
     assert sorted(Path(p).name for p in table["path"].to_pylist()) == names

@@ -11,6 +11,7 @@ import pytest
 from hotdog_ray import tracking
 from hotdog_ray.config import load_config
 from hotdog_ray.registry import client, tracking_uri
+from tests.helpers import mlflow_store
 
 
 def test_store_is_config_then_environment_then_local_sqlite(monkeypatch, tmp_path):
@@ -53,7 +54,7 @@ def test_two_stores_in_one_process_stay_apart(tmp_path, monkeypatch):
 
 
 def test_leaving_the_block_normally_finishes_the_run(tmp_path):
-    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    cfg = load_config(None, [f"tracking.uri={mlflow_store(tmp_path)}"])
     with tracking.run(cfg.tracking, name="ok") as run:
         assert _only_run(cfg).info.status == "RUNNING"
         run.set_tags({"stage": "test"})
@@ -63,7 +64,7 @@ def test_leaving_the_block_normally_finishes_the_run(tmp_path):
 
 
 def test_an_exception_fails_the_run_with_the_reason_and_propagates(tmp_path):
-    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    cfg = load_config(None, [f"tracking.uri={mlflow_store(tmp_path)}"])
     with pytest.raises(ValueError, match="disk on fire"):
         with tracking.run(cfg.tracking, name="bad"):
             raise ValueError("disk on fire")
@@ -74,7 +75,7 @@ def test_an_exception_fails_the_run_with_the_reason_and_propagates(tmp_path):
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
 def test_ctrl_c_or_termination_kills_the_run(tmp_path, interrupt):
-    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    cfg = load_config(None, [f"tracking.uri={mlflow_store(tmp_path)}"])
     with pytest.raises(interrupt):
         with tracking.run(cfg.tracking, name="stopped"):
             raise interrupt()
@@ -83,7 +84,7 @@ def test_ctrl_c_or_termination_kills_the_run(tmp_path, interrupt):
 
 
 def test_a_run_reopened_by_id_is_the_same_run_and_ends_again(tmp_path):
-    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    cfg = load_config(None, [f"tracking.uri={mlflow_store(tmp_path)}"])
     with pytest.raises(KeyboardInterrupt):
         with tracking.run(cfg.tracking, name="sweep", tags={"kind": "sweep"}) as first:
             raise KeyboardInterrupt
@@ -98,7 +99,7 @@ def test_a_run_reopened_by_id_is_the_same_run_and_ends_again(tmp_path):
 def test_a_handle_pickles_to_its_store_and_id(tmp_path):
     import pickle
 
-    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    cfg = load_config(None, [f"tracking.uri={mlflow_store(tmp_path)}"])
     with tracking.run(cfg.tracking, name="pickled") as run:
         run.log_metrics({"a": 1.0})  # a client exists now; the copy must not carry it
         copy = pickle.loads(pickle.dumps(run))
@@ -113,12 +114,12 @@ def test_sigterm_ends_the_run_killed_where_nothing_else_handles_it(tmp_path):
     import subprocess
     import sys
 
-    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    cfg = load_config(None, [f"tracking.uri={mlflow_store(tmp_path)}"])
     code = (
         "import os, signal, time\n"
         "from hotdog_ray import tracking\n"
         "from hotdog_ray.config import load_config\n"
-        f"cfg = load_config(None, ['tracking.uri=sqlite:///{tmp_path / 'm.db'}'])\n"
+        f"cfg = load_config(None, ['tracking.uri={cfg.tracking.uri}'])\n"
         "with tracking.run(cfg.tracking, name='terminated'):\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(60)\n"

@@ -20,27 +20,28 @@ from hotdog_ray.errors import TrainingError
 from hotdog_ray.evaluate import predict_batches
 from hotdog_ray.registry import client, load_model
 from hotdog_ray.train import EarlyStopping, Loop, check_loss, run_training
-from tests.helpers import KillAWorkerAfterEpoch, stop_command
+from tests.helpers import KillAWorkerAfterEpoch, mlflow_store, stop_command
+
+
+def tiny_overrides(tmp_path, root: str, *overrides: str) -> list[str]:
+    return [
+        f"data.root={root}",
+        "data.image_size=16",
+        "model.name=first_cnn",
+        "model.filters=4",
+        "train.batch_size=8",
+        "train.epochs=2",
+        "train.cpus_per_worker=0.5",
+        "train.learning_rate=0.01",
+        f"train.storage_path={tmp_path / 'ckpt'}",
+        f"tracking.uri={mlflow_store(tmp_path)}",
+        "train.max_failures=1",
+        *overrides,
+    ]
 
 
 def tiny_config(tmp_path, root: str, *overrides: str):
-    return load_config(
-        None,
-        [
-            f"data.root={root}",
-            "data.image_size=16",
-            "model.name=first_cnn",
-            "model.filters=4",
-            "train.batch_size=8",
-            "train.epochs=2",
-            "train.cpus_per_worker=0.5",
-            "train.learning_rate=0.01",
-            f"train.storage_path={tmp_path / 'ckpt'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "train.max_failures=1",
-            *overrides,
-        ],
-    )
+    return load_config(None, tiny_overrides(tmp_path, root, *overrides))
 
 
 @pytest.fixture(scope="module")
@@ -231,54 +232,35 @@ def test_the_loop_in_the_driver_trains_checkpoints_resumes_and_registers(ray_ses
     assert [m.step for m in client(cfg.tracking).get_metric_history(again.run_id, "val_loss")] == [2]
 
 
-@pytest.mark.ray_head
-def test_ctrl_c_ends_a_training_run_killed(image_tree, tmp_path):
+def test_ctrl_c_ends_a_training_run_killed(image_tree, tmp_path, joining_env):
     """``hotdog train`` interrupted with SIGINT mid-run: the MLflow run ends KILLED, not RUNNING."""
-    import ray
-
-    ray.shutdown()  # the command starts its own Ray, as on a laptop
-    cfg = tiny_config(tmp_path, str(image_tree.root), "train.num_workers=0", "train.epochs=200")
-    db = tmp_path / "mlflow.db"
+    overrides = tiny_overrides(tmp_path, str(image_tree.root), "train.num_workers=0", "train.epochs=200")
+    cfg = load_config(None, overrides)
     cmd = [
         str(Path(sys.executable).parent / "hotdog"),
         "train",
         "--no-register",
-        "--set",
-        f"data.root={image_tree.root}",
-        "--set",
-        "data.image_size=16",
-        "--set",
-        "model.filters=4",
-        "--set",
-        "train.num_workers=0",
-        "--set",
-        "train.epochs=200",
-        "--set",
-        "train.batch_size=8",
-        "--set",
-        f"train.storage_path={tmp_path / 'ckpt'}",
-        "--set",
-        f"tracking.uri=sqlite:///{db}",
+        *(arg for override in overrides for arg in ("--set", override)),
     ]
     log = open(tmp_path / "train.log", "w")
     # A shell started in the background ignores SIGINT and its children inherit that: restore Ctrl-C.
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,
+        env=joining_env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        # Wait for the first epoch's line: the MLflow run is open by then (the store is left alone
-        # until the command is done: two processes creating one SQLite schema at once collide).
+        # Wait for the first epoch's line: the MLflow run is open by then.
         deadline = time.monotonic() + 180
         while "epoch 1/200" not in (tmp_path / "train.log").read_text():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()[
                 -3000:
             ]
-            time.sleep(0.5)
+            time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130, (tmp_path / "train.log").read_text()[-3000:]
     finally:

@@ -29,27 +29,29 @@ from hotdog_ray.tune import (
     trial_cpus,
     trial_resources,
 )
+from tests.helpers import mlflow_store
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def sweep_overrides(tmp_path, root: str, *overrides: str) -> list[str]:
+    return [
+        f"data.root={root}",
+        "data.image_size=16",
+        "model.name=first_cnn",
+        "train.batch_size=8",
+        "train.cpus_per_worker=0.5",
+        "train.epochs=4",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri={mlflow_store(tmp_path)}",
+        "tune.max_concurrent_trials=1",
+        "tune.filters=[4]",
+        *overrides,
+    ]
+
+
 def sweep_config(tmp_path, root: str, *overrides: str):
-    return load_config(
-        None,
-        [
-            f"data.root={root}",
-            "data.image_size=16",
-            "model.name=first_cnn",
-            "train.batch_size=8",
-            "train.cpus_per_worker=0.5",
-            "train.epochs=4",
-            f"train.storage_path={tmp_path / 'runs'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "tune.max_concurrent_trials=1",
-            "tune.filters=[4]",
-            *overrides,
-        ],
-    )
+    return load_config(None, sweep_overrides(tmp_path, root, *overrides))
 
 
 # --- pure parts ---------------------------------------------------------------------------------
@@ -236,69 +238,44 @@ def test_best_trial_is_promoted_and_a_worse_sweep_keeps_the_champion(good_sweep,
     assert mlflow.get_run(second.run_id).data.tags["promotion"] == "kept"
 
 
-@pytest.mark.ray_head
-def test_killed_sweep_resumes_and_accounts_for_every_trial(image_tree, tmp_path):
+def test_killed_sweep_resumes_and_accounts_for_every_trial(image_tree, tmp_path, joining_env):
     """The sweep's driver is killed after its first trial finished; a second run with --resume
     finishes the rest, and every planned trial ends up in the trials table and in MLflow.
     The sampler is Optuna's, whose state (the trials it has seen) must survive the kill too."""
-    import ray
-
-    ray.shutdown()  # the job starts its own Ray, as on a laptop; two instances confuse Train
+    overrides = sweep_overrides(
+        tmp_path,
+        str(image_tree.root),
+        "train.epochs=1",
+        "tune.num_samples=2",
+        "tune.asha=false",
+        "tune.sampler=optuna",
+        "tune.startup_trials=1",
+    )
     args = [
         sys.executable,
         str(REPO / "jobs" / "tune.py"),
         "--name",
         "interrupted",
-        "--set",
-        f"data.root={image_tree.root}",
-        "--set",
-        "data.image_size=16",
-        "--set",
-        "model.name=first_cnn",
-        "--set",
-        "train.batch_size=8",
-        "--set",
-        "train.cpus_per_worker=0.5",
-        "--set",
-        "train.epochs=1",
-        "--set",
-        f"train.storage_path={tmp_path / 'runs'}",
-        "--set",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "--set",
-        "tune.num_samples=2",
-        "--set",
-        "tune.max_concurrent_trials=1",
-        "--set",
-        "tune.filters=[4]",
-        "--set",
-        "tune.asha=false",
-        "--set",
-        "tune.sampler=optuna",
-        "--set",
-        "tune.startup_trials=1",
+        *(arg for override in overrides for arg in ("--set", override)),
         "--no-promote",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = joining_env  # the session's Ray ends the killed driver's trials itself
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(
         args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    cfg = sweep_config(tmp_path, str(image_tree.root))
+    cfg = load_config(None, overrides)
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and first.poll() is None:
             if _finished_trials(cfg) >= 1:
                 break
-            time.sleep(2)
+            time.sleep(0.5)
         assert first.poll() is None, "the sweep ended before it could be interrupted"
         assert _finished_trials(cfg) >= 1, (tmp_path / "first.log").read_text()[-3000:]
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, as a crash would
+        os.killpg(first.pid, signal.SIGKILL)  # the driver, as a crash would
         first.wait()
-        subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, env=env
-        )
 
     second = subprocess.run(
         [*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
