@@ -109,7 +109,9 @@ def s3_filesystem() -> pafs.S3FileSystem:
         kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
         if _env("AWS_SESSION_TOKEN"):
             kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    return pafs.S3FileSystem(**kwargs)
+    # Delayed open sends a small file as one PutObject instead of a three-request multipart upload
+    # (1,797 sample images to S3: 24 s -> 10 s on loopback); errors still surface when we close.
+    return pafs.S3FileSystem(allow_delayed_open=True, **kwargs)
 
 
 def resolve(uri: str | os.PathLike) -> Location:
