@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import free_port
+from tests.helpers import free_port, mlflow_store
 
 pytestmark = pytest.mark.ray_head
 
@@ -116,7 +116,8 @@ def ray_head():
         _wait_http(f"{address}/api/version", 60)  # the job API comes up a little after `ray start` returns
         yield address
     finally:
-        subprocess.run([str(BIN / "ray"), "stop"], env=env, capture_output=True, timeout=120)
+        # --force: nothing on the head needs a graceful end, and a graceful one waits about 10 s.
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def _manifest(file: str, kind: str) -> dict:
@@ -145,7 +146,7 @@ def mlflow_server(s3_server, tmp_path_factory):
     s3_server.client.create_bucket(Bucket=BUCKET)
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     # Stand-ins for the optional Secrets: a store of our own, moto's credentials.
-    env["MLFLOW_BACKEND_STORE_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    env["MLFLOW_BACKEND_STORE_URI"] = mlflow_store(tmp_path_factory.mktemp("mlflow"))
     env.update(
         AWS_ENDPOINT_URL=s3_server.endpoint,
         AWS_ACCESS_KEY_ID="testing",
