@@ -151,7 +151,12 @@ class TrainSettings(_Section):
     cpus_per_worker: float = Field(
         1.0, gt=0, description="leave CPUs for Ray Data ingest: 2 workers x 1 CPU on 2 cores hang"
     )
-    gpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0, description="below 1: workers share GPUs")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto",
+        description="torch.distributed backend; auto: nccl when every worker has a whole GPU, else gloo "
+        "(NCCL refuses two ranks on one GPU)",
+    )
     batch_size: int = Field(64, ge=1, le=65536, description="global batch, split across workers")
     epochs: int = Field(10, ge=1, le=10000)
     optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
@@ -178,6 +183,19 @@ class TrainSettings(_Section):
     seed: int = 42
     storage_path: str = Field("ray_results", description="checkpoints: local path or s3:// URI")
     run_name: str | None = Field(None, description="rerunning a name resumes it (default: a new name)")
+
+    @model_validator(mode="after")
+    def _nccl_needs_gpus(self) -> "TrainSettings":
+        if self.backend == "nccl" and not self.use_gpu:
+            raise ValueError("train.backend=nccl needs train.use_gpu=true (gloo runs on CPUs)")
+        return self
+
+    @property
+    def dist_backend(self) -> str:
+        """The torch.distributed backend this run uses (``backend``, with ``auto`` decided)."""
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if self.use_gpu and self.gpus_per_worker >= 1 else "gloo"
 
 
 class TuneSettings(_Section):

@@ -676,7 +676,7 @@ def _fit_ray_train(
     cfg: Config, pipeline: "ImagePipeline", classes: list[str], run: "Run", run_name: str, callbacks: list
 ) -> tuple[dict[str, Any], str]:
     """Data-parallel fit on a Ray Train worker group; the last checkpoint's state and its path."""
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     # Our filesystem, not a bare URI: pyarrow alone ignores AWS_ENDPOINT_URL (apache/arrow#49643).
     checkpoints = storage.resolve(cfg.train.storage_path)
@@ -684,6 +684,7 @@ def _fit_ray_train(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "classes": classes},
         scaling_config=scaling_config(cfg.train),
+        torch_config=TorchConfig(backend=cfg.train.dist_backend),
         datasets={
             "train": pipeline.dataset("train", shuffle_seed=cfg.train.seed),
             "validation": pipeline.dataset("validation"),

@@ -105,3 +105,22 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["config", "--set", "data.bogus=1"]) == 2
     err = capsys.readouterr().err
     assert "data.bogus: unknown key" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "overrides,backend",
+    [
+        ([], "gloo"),
+        (["train.use_gpu=true"], "nccl"),
+        (["train.use_gpu=true", "train.gpus_per_worker=0.5"], "gloo"),  # NCCL refuses two ranks on one GPU
+        (["train.use_gpu=true", "train.gpus_per_worker=0.5", "train.backend=nccl"], "nccl"),
+        (["train.use_gpu=true", "train.backend=gloo"], "gloo"),
+    ],
+)
+def test_distributed_backend_is_nccl_only_where_every_worker_has_a_whole_gpu(overrides, backend):
+    assert load_config(None, overrides).train.dist_backend == backend
+
+
+def test_nccl_without_gpus_is_refused_by_key():
+    with pytest.raises(ConfigError, match="train.backend=nccl needs train.use_gpu"):
+        load_config(None, ["train.backend=nccl"])

@@ -1,0 +1,571 @@
+"""The GPU path, checked and measured in one run.
+
+Steps, each timed, each a pass or a fail (a failed step does not stop the others):
+  * train: ``first_cnn`` at 120 px and ``snacks_cnn`` at 224 px on generated photos, fp32 against bf16
+    autocast + channels-last (``train.mixed_precision``): images/s both ways, the loss falling, a
+    checkpoint written, and the run resumed from it for one more epoch; nvidia-smi sampled meanwhile
+    (GPU utilisation and memory: does ingest keep the GPU busy?);
+  * two_workers: two Ray Train workers sharing the one GPU (``train.gpus_per_worker=0.5``; the ``auto``
+    backend is gloo then, since NCCL refuses two ranks on one device);
+  * sweep: a 3-trial Tune sweep with a third of a GPU per trial;
+  * serve: the model on a GPU Serve replica and on a CPU one, each loaded by ``bench/loadgen.py`` at
+    concurrency 1 and 32 (requests/s, p50, p99);
+  * score: generated photos scored by a GPU actor (``hotdog_ray.score``) against the one-process loop
+    on the same GPU;
+  * onnx: ONNX Runtime's CUDA provider against PyTorch bf16, once the fast-inference runtime exists.
+
+Everything measured goes to ``gpu_check.json`` and ``gpu_check.md`` under ``--out`` (default ``$OUT``,
+the device tool's output folder, else ``bench/out/gpu_check``), rewritten after every step so that a
+run cut short still reports what it measured. Exit status 1 if any step failed.
+
+    python bench/gpu_check.py                       # on a GPU machine: the real check, under 10 minutes
+    python bench/gpu_check.py --device cpu --smoke  # every step, tiny, on the CPU (tests/test_bench.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("gpu_check")
+CLASSES = ("hotdog", "not_hotdog")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each step is: the real check on a GPU, or the smoke run on a 2-core CPU."""
+
+    models: tuple[tuple[str, int], ...]  # (model, image size)
+    photo_side: int
+    train_per_class: int
+    val_per_class: int
+    epochs: int
+    batch_size: int
+    train_workers: int  # 0 in the smoke run: the loop in the driver, no worker group to start per run
+    sweep_trials: int
+    requests: tuple[int, int]  # at concurrency 1 and 32
+    score_photos: int
+    score_side: int
+
+
+FULL = Sizes(
+    models=(("first_cnn", 120), ("snacks_cnn", 224)),
+    photo_side=256,
+    train_per_class=640,
+    val_per_class=96,
+    epochs=3,
+    batch_size=64,
+    train_workers=1,
+    sweep_trials=3,
+    requests=(300, 2000),
+    score_photos=3000,
+    score_side=384,
+)
+SMOKE = Sizes(
+    models=(("first_cnn", 16),),
+    photo_side=32,
+    train_per_class=12,
+    val_per_class=4,
+    epochs=2,
+    batch_size=8,
+    train_workers=0,
+    sweep_trials=2,
+    requests=(10, 64),
+    score_photos=40,
+    score_side=48,
+)
+
+
+@dataclass
+class Context:
+    device: str  # "cuda" or "cpu"
+    sizes: Sizes
+    work: Path  # data, checkpoints and the MLflow store of this run
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def gpu(self) -> bool:
+        return self.device == "cuda"
+
+    def config(self, *overrides: str):
+        """The run's base config: generated data, a store and checkpoints under ``work``."""
+        from hotdog_ray.config import load_config
+
+        model, size = self.sizes.models[0]
+        return load_config(
+            None,
+            [
+                f"data.root={self.work / 'photos'}",
+                f"data.image_size={size}",
+                f"model.name={model}",
+                f"train.batch_size={self.sizes.batch_size}",
+                f"train.epochs={self.sizes.epochs}",
+                f"train.num_workers={self.sizes.train_workers}",
+                f"train.use_gpu={str(self.gpu).lower()}",
+                "train.learning_rate=0.003",
+                f"train.storage_path={self.work / 'checkpoints'}",
+                f"tracking.uri=sqlite:///{self.work / 'mlflow.db'}",
+                *overrides,
+            ],
+        )
+
+
+# --- generated data -----------------------------------------------------------------------------
+
+
+def photo(cls: int, side: int, rng: np.random.Generator) -> bytes:
+    """A smooth, photo-like JPEG whose class shows in its colour balance (learnable in an epoch)."""
+    from PIL import Image
+
+    coarse = rng.integers(0, 160, (8, 8, 3)).astype(np.int16)
+    coarse[..., cls] += 90  # class 0 redder, class 1 greener
+    img = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize((side, side), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def write_photos(root: Path, sizes: Sizes) -> None:
+    """``root/{train,validation,test}/<class>/*.jpg``, seeded."""
+    rng = np.random.default_rng(0)
+    per_split = {
+        "train": sizes.train_per_class,
+        "validation": sizes.val_per_class,
+        "test": sizes.val_per_class,
+    }
+    for split, n in per_split.items():
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (folder / f"{i:05d}.jpg").write_bytes(photo(c, sizes.photo_side, rng))
+
+
+# --- GPU sampling ----------------------------------------------------------------------------------
+
+
+class GpuSampler:
+    """nvidia-smi every 200 ms in the background: utilisation (%) and memory used (MiB)."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "GpuSampler":
+        if shutil.which("nvidia-smi"):
+            self._proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "200",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            self._thread = threading.Thread(target=self._read, daemon=True)
+            self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                util, mem = (float(v) for v in line.split(",")[:2])
+            except ValueError:
+                continue
+            self.samples.append((util, mem))
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
+            self._thread.join(timeout=5)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.samples:
+            return {"samples": 0}
+        util = [u for u, _ in self.samples]
+        return {
+            "samples": len(util),
+            "util_mean_pct": round(statistics.fmean(util), 1),
+            "util_max_pct": max(util),
+            "mem_max_mib": max(m for _, m in self.samples),
+        }
+
+
+# --- steps ----------------------------------------------------------------------------------------
+
+
+def _steady_images_per_s(history: list[dict[str, float]]) -> float:
+    """Median images/s of the epochs after the first (the first pays for start-up and warm-up)."""
+    rates = [h["images_per_s"] for h in history[1:]] or [history[0]["images_per_s"]]
+    return round(statistics.median(rates), 1)
+
+
+def step_train(ctx: Context) -> dict[str, Any]:
+    from hotdog_ray.train import run_training
+
+    runs, failures = [], []
+    with GpuSampler() as sampler:
+        for model, size in ctx.sizes.models:
+            for precision in ("fp32", "bf16"):
+                cfg = ctx.config(
+                    f"model.name={model}",
+                    f"data.image_size={size}",
+                    f"train.mixed_precision={str(precision == 'bf16').lower()}",
+                )
+                name = f"{model}-{precision}"
+                out = run_training(cfg, run_name=name, register=False, evaluate_test=False)
+                losses = [h["loss"] for h in out.history]
+                row = {
+                    "model": model,
+                    "image_size": size,
+                    "precision": precision,
+                    "images_per_s": _steady_images_per_s(out.history),
+                    "loss_first": round(losses[0], 4),
+                    "loss_last": round(losses[-1], 4),
+                    "checkpoint": out.checkpoint_path,
+                }
+                runs.append(row)
+                if not losses[-1] < losses[0]:
+                    failures.append(f"{name}: the loss did not fall ({losses})")
+                if not Path(out.checkpoint_path, "state.pt").is_file() and not _remote(out.checkpoint_path):
+                    failures.append(f"{name}: no checkpoint at {out.checkpoint_path}")
+        # Resume the last run from its checkpoint for one more epoch, on the same device.
+        longer = cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"epochs": cfg.train.epochs + 1})}
+        )
+        again = run_training(longer, run_name=name, register=False, evaluate_test=False)
+        resumed = [int(h["epoch"]) for h in again.history]
+        if resumed != list(range(cfg.train.epochs + 1)):
+            failures.append(f"{name}: resumed run's epochs are {resumed}")
+    speedups = {
+        model: round(
+            next(r["images_per_s"] for r in runs if r["model"] == model and r["precision"] == "bf16")
+            / next(r["images_per_s"] for r in runs if r["model"] == model and r["precision"] == "fp32"),
+            3,
+        )
+        for model, _ in ctx.sizes.models
+    }
+    gpu = sampler.summary()
+    if ctx.gpu and gpu["samples"] and gpu["mem_max_mib"] < 100:
+        failures.append(f"the GPU's memory never rose above {gpu['mem_max_mib']} MiB: training ran elsewhere")
+    return {
+        "ok": not failures,
+        "failures": failures,
+        "runs": runs,
+        "bf16_over_fp32": speedups,
+        "resumed_epochs": resumed,
+        "gpu_while_training": gpu,
+    }
+
+
+def _remote(path: str) -> bool:
+    return "://" in path
+
+
+def step_two_workers(ctx: Context) -> dict[str, Any]:
+    from hotdog_ray.train import run_training
+
+    share = "train.gpus_per_worker=0.5" if ctx.gpu else "train.cpus_per_worker=0.5"
+    cfg = ctx.config("train.num_workers=2", share, "train.cpus_per_worker=0.5")
+    out = run_training(cfg, run_name="two-workers", register=False, evaluate_test=False)
+    losses = [h["loss"] for h in out.history]
+    ok = len(out.history) == cfg.train.epochs and all(math.isfinite(v) for v in losses)
+    return {
+        "ok": ok,
+        "backend": cfg.train.dist_backend,
+        "images_per_s": _steady_images_per_s(out.history),
+        "losses": [round(v, 4) for v in losses],
+    }
+
+
+def step_sweep(ctx: Context) -> dict[str, Any]:
+    from hotdog_ray.tune import run_sweep
+
+    n = ctx.sizes.sweep_trials
+    share = f"train.gpus_per_worker={round(1 / n, 3)}" if ctx.gpu else "train.cpus_per_worker=0.5"
+    cfg = ctx.config(
+        f"tune.num_samples={n}",
+        f"tune.max_concurrent_trials={n}",
+        "tune.filters=[8,16]",
+        "tune.asha=false",
+        "train.num_workers=1",
+        share,
+    )
+    out = run_sweep(cfg, name="gpu-sweep", promote=False)
+    statuses = [t["status"] for t in out.trials]
+    return {
+        "ok": len(out.trials) == n and all(s == "finished" for s in statuses) and out.best is not None,
+        "trials": n,
+        "statuses": statuses,
+        "best_val_loss": out.best and round(out.best["best_val_loss"], 4),
+    }
+
+
+def _register(ctx: Context, cfg) -> str:
+    """The config's model with fresh weights, registered; its ``models:/`` reference."""
+    import torch
+
+    from hotdog_ray import registry, tracking
+    from hotdog_ray.bundle import model_meta
+    from hotdog_ray.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, len(CLASSES), cfg.data.image_size, filters=cfg.model.filters).eval()
+    with tracking.run(cfg.tracking, name="gpu-check-model") as run:
+        run.log_model(model, model_meta(cfg, list(CLASSES)))
+    return f"models:/{cfg.tracking.registered_model}/{registry.register(cfg.tracking, run.id)}"
+
+
+def _load(url: str, concurrency: int, requests: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "loadgen.py"),
+            url + "/predict",
+            "--requests",
+            str(requests),
+            "--concurrency",
+            str(concurrency),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if not out.stdout.strip():
+        raise RuntimeError(f"loadgen printed nothing: {out.stderr[-2000:]}")
+    stats = json.loads(out.stdout)
+    return {k: stats[k] for k in ("rps", "p50_ms", "p99_ms", "errors")}
+
+
+def step_serve(ctx: Context) -> dict[str, Any]:
+    from ray import serve
+
+    from hotdog_ray.serve import deployment, wait_ready
+
+    cfg = ctx.config("serve.reload_interval_s=0", "serve.access_log=false", "serve.cpus_per_replica=1")
+    model_uri = _register(ctx, cfg)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    # Off a GPU the two would be the same CPU replica: measure it once.
+    replicas = {"gpu replica": 1.0, "cpu replica": 0.0} if ctx.gpu else {"cpu replica": 0.0}
+    results: dict[str, Any] = {}
+    try:
+        for name, gpus in replicas.items():
+            settings = cfg.serve.model_copy(update={"model_uri": model_uri, "gpus_per_replica": gpus})
+            c = cfg.model_copy(update={"serve": settings})
+            serve.run(deployment(c).bind(c.model_dump(mode="json")), name="gpu-check", route_prefix="/")
+            if not wait_ready(url):
+                raise RuntimeError(f"the {name} did not become ready")
+            c1, c32 = ctx.sizes.requests
+            results[name] = {"c1": _load(url, 1, c1), "c32": _load(url, 32, c32)}
+            serve.delete("gpu-check")
+    finally:
+        serve.shutdown()
+    errors = sum(r[c]["errors"] for r in results.values() for c in ("c1", "c32"))
+    out = {"ok": errors == 0, **results}
+    if ctx.gpu:
+        gpu, cpu = results["gpu replica"], results["cpu replica"]
+        out["gpu_over_cpu_rps_c32"] = round(gpu["c32"]["rps"] / cpu["c32"]["rps"], 3)
+        out["p50_diff_ms_c1"] = round(gpu["c1"]["p50_ms"] - cpu["c1"]["p50_ms"], 2)
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step_score(ctx: Context) -> dict[str, Any]:
+    import score as bench_score  # bench/score.py: its generator and its one-process loop
+
+    from hotdog_ray.predict import Predictor
+    from hotdog_ray.score import score
+
+    gpus = 1 if ctx.gpu else 0
+    cfg = ctx.config(f"score.gpus_per_actor={gpus}", "score.num_actors=1")
+    model_uri = _register(ctx, cfg)
+    folder = ctx.work / "incoming"
+    bench_score.write_images(folder, ctx.sizes.score_photos, ctx.sizes.score_side)
+    files = sorted(folder.iterdir())
+    t0 = time.perf_counter()
+    summary = score(
+        cfg, input=str(folder), output=str(ctx.work / "predictions"), date="2026-11-30", model=model_uri
+    )
+    ours = len(files) / (time.perf_counter() - t0)
+    predictor = Predictor.from_config(cfg, model_uri, device=ctx.device)
+    loop = bench_score.baseline(files, predictor, cfg.score.batch_size)
+    return {
+        "ok": summary.files == len(files) and summary.failed == 0,
+        "photos": len(files),
+        "side": ctx.sizes.score_side,
+        "ours_images_per_s": round(ours, 1),
+        "loop_images_per_s": round(loop, 1),
+        "ratio": round(ours / loop, 3),
+    }
+
+
+def step_onnx(ctx: Context) -> dict[str, Any]:
+    from hotdog_ray.config import Config
+
+    if "predict" not in Config.model_fields:
+        return {"ok": True, "skipped": "no predict.runtime yet: the fast-inference work has not landed"}
+    raise NotImplementedError("compare ONNX Runtime's CUDA provider with PyTorch bf16 here")
+
+
+STEPS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "train": step_train,
+    "two_workers": step_two_workers,
+    "sweep": step_sweep,
+    "serve": step_serve,
+    "score": step_score,
+    "onnx": step_onnx,
+}
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def environment(device: str) -> dict[str, Any]:
+    import ray
+    import torch
+
+    env = {
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "cpus": os.cpu_count(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def write_report(out: Path, env: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
+    """``gpu_check.json`` (everything) and ``gpu_check.md`` (a table of the steps)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps({"environment": env, "steps": results}, indent=2))
+    lines = [
+        f"GPU check on {env.get('gpu', 'CPU only')} ({env['cpus']} CPUs), torch {env['torch']}, Ray {env['ray']}",
+        "",
+        "| step | result | seconds | figures |",
+        "|---|---|---:|---|",
+    ]
+    for name, r in results.items():
+        verdict = "skipped" if r.get("skipped") else ("pass" if r["ok"] else "**FAIL**")
+        lines.append(f"| {name} | {verdict} | {r.get('seconds', '')} | {_figures(name, r)} |")
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+
+
+def _figures(name: str, r: dict[str, Any]) -> str:
+    """The step's headline numbers, for the table."""
+    if r.get("skipped"):
+        return r["skipped"]
+    if "error" in r:
+        return r["error"][:200].replace("|", "/")
+    if name == "train":
+        rates = ", ".join(f"{x['model']} {x['precision']} {x['images_per_s']:g}/s" for x in r["runs"])
+        gpu = r["gpu_while_training"]
+        util = f"; GPU busy {gpu['util_mean_pct']}% (max {gpu['util_max_pct']}%)" if gpu["samples"] else ""
+        return f"{rates}; bf16/fp32 {r['bf16_over_fp32']}; resumed to epoch {r['resumed_epochs'][-1]}{util}"
+    if name == "two_workers":
+        return f"backend {r['backend']}, {r['images_per_s']:g} images/s"
+    if name == "sweep":
+        return f"{r['trials']} trials {r['statuses']}, best val_loss {r['best_val_loss']}"
+    if name == "serve":
+        rows = [
+            f"{replica}: c32 {x['c32']['rps']:.0f} req/s p99 {x['c32']['p99_ms']:.1f} ms, c1 p50 {x['c1']['p50_ms']:.1f} ms"
+            for replica, x in r.items()
+            if replica.endswith("replica")
+        ]
+        ratio = f"; GPU/CPU at c32 x{r['gpu_over_cpu_rps_c32']}" if "gpu_over_cpu_rps_c32" in r else ""
+        return "; ".join(rows) + ratio
+    if name == "score":
+        return f"{r['ours_images_per_s']:g} vs loop {r['loop_images_per_s']:g} images/s (x{r['ratio']})"
+    return ""
+
+
+def run_step(ctx: Context, name: str, env: dict[str, Any], out: Path) -> None:
+    log.info("step %s", name)
+    t0 = time.monotonic()
+    try:
+        result = STEPS[name](ctx)
+    except Exception as err:  # one broken step must not hide the others' figures
+        log.exception("step %s failed", name)
+        result = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    ctx.results[name] = result
+    write_report(out, env, ctx.results)
+    log.info("step %s: %s in %.0f s", name, "ok" if result["ok"] else "FAILED", result["seconds"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="every step tiny (seconds each on a CPU)")
+    ap.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "out" / "gpu_check"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+
+    import torch
+
+    env = environment(args.device)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        write_report(out, env, {"cuda": {"ok": False, "error": "torch sees no CUDA device"}})
+        log.error("torch sees no CUDA device: run with --device cpu --smoke off a GPU machine")
+        return 1
+
+    from hotdog_ray.runtime import init_ray
+    from hotdog_ray.serve import DRAIN_ENV, HAPROXY_ENV
+
+    # Read by the processes Ray starts (Serve's ingress and its drain time), so set before Ray starts.
+    os.environ.setdefault(HAPROXY_ENV, "1")
+    os.environ.setdefault(DRAIN_ENV, "1")
+    init_ray()
+    sizes = SMOKE if args.smoke else FULL
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
+        ctx = Context(args.device, sizes, Path(work))
+        write_photos(ctx.work / "photos", sizes)
+        for name in args.steps:
+            run_step(ctx, name, env, out)
+    failed = [n for n, r in ctx.results.items() if not r["ok"]]
+    print((out / "gpu_check.md").read_text())
+    if failed:
+        log.error("failed: %s", ", ".join(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
