@@ -2,13 +2,13 @@
 
 Steps, each timed, each a pass or a fail (a failed step does not stop the others):
   * train: ``first_cnn`` at 120 px and ``snacks_cnn`` at 224 px on generated photos, fp32 against bf16
-    autocast + channels-last (``train.mixed_precision``): images/s both ways, the loss falling, a
-    checkpoint written, and the run resumed from it for one more epoch; nvidia-smi sampled meanwhile
-    (GPU utilisation and memory: does ingest keep the GPU busy?);
+    autocast + channels-last (``train.mixed_precision``, ``train.channels_last``): images/s both ways,
+    the loss falling, a checkpoint written, and the run resumed from it for one more epoch;
+    nvidia-smi sampled meanwhile (GPU utilisation and memory: does ingest keep the GPU busy?);
   * two_workers: two Ray Train workers sharing the one GPU (``train.gpus_per_worker=0.5``; the ``auto``
     backend is gloo then, since NCCL refuses two ranks on one device);
   * sweep: a 3-trial Tune sweep with a third of a GPU per trial;
-  * serve: the model on a GPU Serve replica and on a CPU one, each loaded by ``bench/loadgen.py`` at
+  * serve: the model on a GPU Serve replica and on a CPU one (off a GPU: the CPU one), each loaded by ``bench/loadgen.py`` at
     concurrency 1 and 32 (requests/s, p50, p99);
   * score: generated photos scored by a GPU actor (``hotdog_ray.score``) against the one-process loop
     on the same GPU;
@@ -230,10 +230,12 @@ def step_train(ctx: Context) -> dict[str, Any]:
     with GpuSampler() as sampler:
         for model, size in ctx.sizes.models:
             for precision in ("fp32", "bf16"):
+                fast = str(precision == "bf16").lower()  # bf16 autocast and channels-last together
                 cfg = ctx.config(
                     f"model.name={model}",
                     f"data.image_size={size}",
-                    f"train.mixed_precision={str(precision == 'bf16').lower()}",
+                    f"train.mixed_precision={fast}",
+                    f"train.channels_last={fast}",
                 )
                 name = f"{model}-{precision}"
                 out = run_training(cfg, run_name=name, register=False, evaluate_test=False)

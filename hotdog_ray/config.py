@@ -180,6 +180,7 @@ class TrainSettings(_Section):
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept, best val_loss first")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
     mixed_precision: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    channels_last: bool = Field(True, description="NHWC memory format on GPU (ignored on CPU)")
     seed: int = 42
     storage_path: str = Field("ray_results", description="checkpoints: local path or s3:// URI")
     run_name: str | None = Field(None, description="rerunning a name resumes it (default: a new name)")

@@ -169,8 +169,9 @@ class Loop:
         torch.manual_seed(cfg.train.seed + rank)
         self.cfg, self.classes, self.device, self.rank = cfg, classes, device, rank
         self.amp = cfg.train.mixed_precision and device.type == "cuda"
+        self.channels_last = cfg.train.channels_last and device.type == "cuda"
         self.model = build_network(cfg, classes)
-        if device.type == "cuda":
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
@@ -227,7 +228,7 @@ class Loop:
         correct = torch.zeros((), dtype=torch.int64, device=self.device)  # summed on device: no sync per step
         with torch.set_grad_enabled(train):
             for step, (x, y) in enumerate(batches):
-                if self.device.type == "cuda":
+                if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     logits = self.model(x)
