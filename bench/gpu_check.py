@@ -341,36 +341,15 @@ def _register(ctx: Context, cfg) -> str:
     return f"models:/{cfg.tracking.registered_model}/{registry.register(cfg.tracking, run.id)}"
 
 
-def _load(url: str, concurrency: int, requests: int) -> dict[str, Any]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "loadgen.py"),
-            url + "/predict",
-            "--requests",
-            str(requests),
-            "--concurrency",
-            str(concurrency),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if not out.stdout.strip():
-        raise RuntimeError(f"loadgen printed nothing: {out.stderr[-2000:]}")
-    stats = json.loads(out.stdout)
-    return {k: stats[k] for k in ("rps", "p50_ms", "p99_ms", "errors")}
-
-
 def step_serve(ctx: Context) -> dict[str, Any]:
+    import serve as bench_serve  # bench/serve.py: its load generator runs and its port picker
     from ray import serve
 
     from hotdog_ray.serve import deployment, wait_ready
 
     cfg = ctx.config("serve.reload_interval_s=0", "serve.access_log=false", "serve.cpus_per_replica=1")
     model_uri = _register(ctx, cfg)
-    port = _free_port()
+    port = bench_serve.free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     # Off a GPU the two would be the same CPU replica: measure it once.
@@ -384,7 +363,7 @@ def step_serve(ctx: Context) -> dict[str, Any]:
             if not wait_ready(url):
                 raise RuntimeError(f"the {name} did not become ready")
             c1, c32 = ctx.sizes.requests
-            results[name] = {"c1": _load(url, 1, c1), "c32": _load(url, 32, c32)}
+            results[name] = {"c1": bench_serve.load(url, 1, c1), "c32": bench_serve.load(url, 32, c32)}
             serve.delete("gpu-check")
     finally:
         serve.shutdown()
@@ -395,14 +374,6 @@ def step_serve(ctx: Context) -> dict[str, Any]:
         out["gpu_over_cpu_rps_c32"] = round(gpu["c32"]["rps"] / cpu["c32"]["rps"], 3)
         out["p50_diff_ms_c1"] = round(gpu["c1"]["p50_ms"] - cpu["c1"]["p50_ms"], 2)
     return out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def step_score(ctx: Context) -> dict[str, Any]:
