@@ -1,14 +1,19 @@
-"""Sweep wall time: ASHA against running every trial to the end, in one run.
+"""Sweep wall time: ASHA against running every trial to the end, over several sampler seeds.
 
-Both sweeps sample the same trials (same sampler seed, same training seed) from the same config;
-the only difference is ``tune.asha``. Printed: each sweep's wall time and best validation
-accuracy, and the ratio of the times. Optionally, in the same run: the ASHA sweep with Optuna's
-TPE sampler instead of random search (``--optuna``: does it find a better trial on the same
-budget?), and the full sweep with every trial a Ray Train run (``--train-mode``: what a trial in
-its own process saves).
+For each seed both sweeps sample the same trials (same sampler seed, same training seed) from the
+same config; the only difference is the scheduler. Which trial reaches a rung first depends on
+timing when trials run side by side, so one run says little: ``--seeds`` (or ``--repeats N``, seeds
+1..N) repeats the comparison and prints per seed the time ratio, the epochs trained, whether ASHA
+kept the best trial (the highest val_accuracy of the full sweep) and the chosen one (lowest
+val_loss), then per scheduler setting the median and worst ratio and the share of seeds that kept the
+best trial. ``--variant NAME=KEY=VALUE,KEY=VALUE`` adds ASHA settings to compare on the same seeds
+(the full sweeps are run once per seed and shared). Optionally, in the same run: the ASHA sweep with
+Optuna's TPE sampler (``--optuna``) and the full sweep with every trial a Ray Train run
+(``--train-mode``), on the first seed.
 
     hotdog sample data/sample   # once
-    python bench/tune.py --config configs/sample.yaml --samples 8 --epochs 12 --optuna --train-mode
+    python bench/tune.py --samples 8 --epochs 12 --repeats 5 --set 'tune.filters=[16,32]' \
+        --variant 'grace 2=tune.grace_period=2'
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +35,12 @@ def run(cfg, name: str) -> dict:
     t0 = time.perf_counter()
     out = run_sweep(cfg, name=name, promote=False)
     seconds = time.perf_counter() - t0
-    best_acc = max((t["best_val_accuracy"] or 0.0) for t in out.trials if t["status"] == "finished")
+    finished = [t for t in out.trials if t["status"] == "finished"]
+    best = max(finished, key=lambda t: t["best_val_accuracy"] or 0.0)
+    best_acc = best["best_val_accuracy"] or 0.0
     return {
+        "best_trial": {"params": best["params"]},
+        "chosen_trial": {"params": out.best["params"]},
         "seconds": round(seconds, 1),
         "best_val_accuracy": round(best_acc, 4),
         # the trial the sweep picks (lowest val_loss): the one promotion evaluates
@@ -44,6 +54,43 @@ def run(cfg, name: str) -> dict:
     }
 
 
+def kept(full: dict, asha: dict) -> dict:
+    """Did the ASHA sweep keep the full sweep's best trial (same params, finished) and pick the same one?"""
+
+    def params(t: dict) -> str:
+        return json.dumps(t["params"], sort_keys=True)
+
+    finished = {params(t) for t in asha["trials"] if t["status"] == "finished"}
+    return {
+        "time_ratio": round(asha["seconds"] / full["seconds"], 3),
+        "epoch_ratio": round(asha["epochs_trained"] / full["epochs_trained"], 3),
+        # the best trial itself, or one as good (equal accuracies are common on 270 validation images)
+        "kept_best": params(full["best_trial"]) in finished
+        or asha["best_val_accuracy"] >= full["best_val_accuracy"],
+        "same_chosen": params(full["chosen_trial"]) == params(asha["chosen_trial"]),
+        "accuracy_lost": round(max(0.0, full["best_val_accuracy"] - asha["best_val_accuracy"]), 4),
+    }
+
+
+def summarize(rows: list[dict]) -> dict:
+    ratios = [r["time_ratio"] for r in rows]
+    return {
+        "median_time_ratio": round(statistics.median(ratios), 3),
+        "worst_time_ratio": max(ratios),
+        "median_epoch_ratio": round(statistics.median(r["epoch_ratio"] for r in rows), 3),
+        "kept_best": f"{sum(r['kept_best'] for r in rows)}/{len(rows)}",
+        "same_chosen": f"{sum(r['same_chosen'] for r in rows)}/{len(rows)}",
+        "max_accuracy_lost": max(r["accuracy_lost"] for r in rows),
+    }
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, settings = text.partition("=")
+    if not settings:
+        raise SystemExit(f"--variant {text!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
+    return name, ["tune.asha=true", *settings.split(",")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/sample.yaml")
@@ -54,81 +101,120 @@ def main() -> None:
     ap.add_argument(
         "--train-mode", action="store_true", help="also: the full sweep with tune.trial_mode=train"
     )
+    ap.add_argument("--seeds", type=int, nargs="+", help="sampler seeds to repeat the comparison over")
+    ap.add_argument("--repeats", type=int, default=5, help="without --seeds: seeds 1..N")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+        help="another ASHA setting to compare on the same seeds, e.g. 'grace 2=tune.grace_period=2'",
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="bench/out/tune.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    seeds = args.seeds or list(range(1, args.repeats + 1))
+    variants = dict([("ASHA (defaults)", ["tune.asha=true"]), *(parse_variant(v) for v in args.variant)])
 
     from hotdog_ray.config import load_config
+    from hotdog_ray.runtime import init_ray
 
+    init_ray()  # before any timing: the first sweep must not pay for starting Ray
+    per_seed: list[dict] = []
+    extra: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        common = [
-            f"tune.num_samples={args.samples}",
-            f"train.epochs={args.epochs}",
-            f"tune.max_concurrent_trials={args.concurrency}",
-            "train.early_stopping_patience=null",
-            f"train.storage_path={tmp}/runs",
-            f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-            "train.cpus_per_worker=0.5",
-            *args.overrides,
-        ]
-        sweeps = {
-            "every trial to the end": run(
-                load_config(args.config, [*common, "tune.asha=false"]), "bench-full"
-            ),
-            "ASHA": run(load_config(args.config, [*common, "tune.asha=true"]), "bench-asha"),
-        }
+
+        def sweep(seed: int, name: str, *overrides: str) -> dict:
+            common = [
+                f"tune.num_samples={args.samples}",
+                f"train.epochs={args.epochs}",
+                f"tune.max_concurrent_trials={args.concurrency}",
+                f"tune.seed={seed}",
+                "train.early_stopping_patience=null",
+                f"train.storage_path={tmp}/runs",
+                f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                "train.cpus_per_worker=0.5",
+                *args.overrides,
+            ]
+            slug = "".join(c if c.isalnum() else "-" for c in name.lower())
+            return run(load_config(args.config, [*common, *overrides]), f"bench-{seed}-{slug}")
+
+        for seed in seeds:
+            full = sweep(seed, "full", "tune.asha=false")
+            row = {"seed": seed, "full": full, "variants": {}}
+            for name, overrides in variants.items():
+                out = sweep(seed, name, *overrides)
+                row["variants"][name] = {**out, **kept(full, out)}
+            per_seed.append(row)
+            log_row(row)
+        first = seeds[0]
         if args.optuna:
-            sweeps["ASHA, Optuna TPE"] = run(
-                load_config(
-                    args.config,
-                    [
-                        *common,
-                        "tune.asha=true",
-                        "tune.sampler=optuna",
-                        f"tune.startup_trials={max(2, args.samples // 3)}",
-                    ],
-                ),
-                "bench-optuna",
+            extra["ASHA, Optuna TPE"] = sweep(
+                first,
+                "optuna",
+                "tune.asha=true",
+                "tune.sampler=optuna",
+                f"tune.startup_trials={max(2, args.samples // 3)}",
             )
         if args.train_mode:
-            sweeps["to the end, Train trials"] = run(
-                load_config(args.config, [*common, "tune.asha=false", "tune.trial_mode=train"]),
-                "bench-train-mode",
+            extra["to the end, Train trials"] = sweep(
+                first, "train-mode", "tune.asha=false", "tune.trial_mode=train"
             )
 
-    full, asha = sweeps["every trial to the end"], sweeps["ASHA"]
+    summary = {name: summarize([r["variants"][name] for r in per_seed]) for name in variants}
     result = {
         "config": args.config,
         "samples": args.samples,
         "max_epochs": args.epochs,
         "concurrency": args.concurrency,
-        "sweeps": sweeps,
-        "time_ratio": round(asha["seconds"] / full["seconds"], 3),
-        "accuracy_gap": round(full["best_val_accuracy"] - asha["best_val_accuracy"], 4),
-        "chosen_accuracy_gap": round(full["chosen_val_accuracy"] - asha["chosen_val_accuracy"], 4),
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "summary": summary,
+        "extra": extra,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     # The sweep may run fewer at once than asked (see hotdog_ray.tune.fit_concurrency); its log says so.
     print(
-        f"sweep of {args.samples} trials x up to {args.epochs} epochs, up to {args.concurrency} at a time "
-        f"({args.config})"
+        f"sweeps of {args.samples} trials x up to {args.epochs} epochs, up to {args.concurrency} at a time, "
+        f"seeds {seeds} ({args.config}, {result['machine']})"
     )
-    for name, r in sweeps.items():
-        print(
-            f"  {name:<26}{r['seconds']:>8.1f} s  {r['epochs_trained']:>4} epochs  stopped early {r['stopped_early']}"
-            f"  best val_accuracy {r['best_val_accuracy']:.4f}  chosen trial: val_loss {r['best_val_loss']:.4f}"
-            f" val_accuracy {r['chosen_val_accuracy']:.4f}"
-        )
-    print(f"  time ratio (ASHA / full)  {result['time_ratio']:.3f}")
     print(
-        f"  accuracy gap (full - ASHA) {result['accuracy_gap']:+.4f} best, {result['chosen_accuracy_gap']:+.4f} chosen"
+        f"  {'seed':>4}  {'scheduler':<26}{'full s':>8}{'ours s':>8}{'ratio':>7}{'epochs':>8}  kept best  same chosen  acc lost"
     )
-    if args.train_mode:
-        ratio = full["seconds"] / sweeps["to the end, Train trials"]["seconds"]
-        print(f"  time ratio (trials in process / Train trials) {ratio:.3f}")
+    for r in per_seed:
+        for name, v in r["variants"].items():
+            print(
+                f"  {r['seed']:>4}  {name:<26}{r['full']['seconds']:>8.1f}{v['seconds']:>8.1f}{v['time_ratio']:>7.3f}"
+                f"{v['epochs_trained']:>4}/{r['full']['epochs_trained']:<3}  {str(v['kept_best']):<9}  "
+                f"{str(v['same_chosen']):<11}  {v['accuracy_lost']:.4f}"
+            )
+    for name, s in summary.items():
+        print(
+            f"  {name}: median time ratio {s['median_time_ratio']:.3f} (worst {s['worst_time_ratio']:.3f}), "
+            f"median epochs {s['median_epoch_ratio']:.3f}, kept the best trial {s['kept_best']}, "
+            f"same chosen trial {s['same_chosen']}, at most {s['max_accuracy_lost']:.4f} accuracy lost"
+        )
+    for name, r in extra.items():
+        print(
+            f"  {name} (seed {first}): {r['seconds']:.1f} s, {r['epochs_trained']} epochs, best val_accuracy {r['best_val_accuracy']:.4f}"
+        )
+
+
+def log_row(row: dict) -> None:
+    for name, v in row["variants"].items():
+        logging.getLogger("bench.tune").info(
+            "seed %d %s: ratio %.3f, epochs %d/%d, kept best %s, same chosen %s",
+            row["seed"],
+            name,
+            v["time_ratio"],
+            v["epochs_trained"],
+            row["full"]["epochs_trained"],
+            v["kept_best"],
+            v["same_chosen"],
+        )
 
 
 if __name__ == "__main__":

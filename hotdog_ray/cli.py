@@ -187,7 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from hotdog_ray.registry import tracking_uri
-    from hotdog_ray.tune import format_trials, run_sweep
+    from hotdog_ray.tune import epochs_saved, format_trials, max_epochs, run_sweep
 
     cfg = config_from_args(args)
     out = run_sweep(cfg, name=args.name, resume=args.resume, promote=False if args.no_promote else None)
@@ -199,6 +199,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"sweep {out.name}: {len(out.trials)} trials, {out.stopped_early} stopped early by ASHA; "
         f"best trial {best['trial_id']} (val_loss {best['best_val_loss']:.4f})"
     )
+    print(epochs_saved(out.trials, max_epochs(cfg)))
     if out.decision is not None:
         d = out.decision
         print(

@@ -245,6 +245,7 @@ class TuneSettings(_Section):
     max_epochs: int | None = Field(None, ge=1, description="ASHA's max_t (default: train.epochs)")
     grace_period: int = Field(1, ge=1, description="epochs every trial gets before ASHA may stop it")
     reduction_factor: int = Field(2, ge=2)
+    brackets: int = Field(1, ge=1, le=8, description="ASHA brackets: more start some trials at later rungs")
     seed: int | None = Field(None, description="sampler seed (default: train.seed): same seed, same trials")
     promote: bool = Field(
         True, description="evaluate the best trial and move tracking.alias to it if it wins"

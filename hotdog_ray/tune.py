@@ -291,6 +291,7 @@ def _new_tuner(cfg: Config, name: str, where: "storage.Location", trainable: Any
             max_t=max_epochs(cfg) + 1,
             grace_period=cfg.tune.grace_period,
             reduction_factor=cfg.tune.reduction_factor,
+            brackets=cfg.tune.brackets,
         )
         if cfg.tune.asha
         else None
@@ -423,6 +424,16 @@ def _log_sweep(run: "Run", outcome: SweepOutcome) -> None:
             {"best_val_loss": best["best_val_loss"], "best_val_accuracy": best["best_val_accuracy"] or 0.0}
         )
         run.set_tags({"best_trial": best["trial_id"], "best_run_id": best["run_id"]})
+
+
+def epochs_saved(trials: list[dict[str, Any]], max_epochs: int) -> str:
+    """How many epochs the sweep trained against every trial run to the end, as one line (pure)."""
+    trained, full = sum(t["epochs"] for t in trials), len(trials) * max_epochs
+    saved = 1 - trained / full if full else 0.0
+    return (
+        f"{trained} epochs trained; every trial to the end would have been {full} "
+        f"({saved:.0%} saved by stopping trials early)"
+    )
 
 
 def format_trials(trials: list[dict[str, Any]]) -> str:

@@ -19,6 +19,7 @@ from hotdog_ray.promote import decide
 from hotdog_ray.registry import alias_version, client
 from hotdog_ray.tracking import child_runs
 from hotdog_ray.tune import (
+    epochs_saved,
     fit_concurrency,
     format_trials,
     run_sweep,
@@ -92,6 +93,8 @@ def test_trial_config_puts_values_in_and_validates_them():
         ("tune.dropout=[0.2,1.0]", "tune.dropout"),
         ("tune.filters=[0,8]", "tune.filters"),
         ("tune.reduction_factor=1", "tune.reduction_factor"),
+        ("tune.grace_period=0", "tune.grace_period"),
+        ("tune.brackets=0", "tune.brackets"),
     ],
 )
 def test_bad_search_spaces_are_rejected_by_key(override, message):
@@ -108,6 +111,13 @@ def test_best_trial_is_the_finished_one_with_the_lowest_val_loss():
     ]
     assert summarize_trials(trials)["trial_id"] == "c"
     assert summarize_trials(trials[:1]) is None
+
+
+def test_the_saving_of_stopping_early_is_counted_in_epochs():
+    trials = [{"epochs": 12}, {"epochs": 1}, {"epochs": 2}, {"epochs": 1}]
+    assert epochs_saved(trials, 12) == (
+        "16 epochs trained; every trial to the end would have been 48 (67% saved by stopping trials early)"
+    )
 
 
 def test_concurrency_leaves_a_whole_cpu_for_ray_data():
