@@ -202,7 +202,7 @@ def test_sweep_stops_poor_trials_and_nests_every_trial_in_mlflow(good_sweep):
     parent = mlflow.get_run(out.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "sweep"
     assert (
-        parent.data.params["tune.num_samples"] == "3" and parent.data.params["tune.reduction_factor"] == "2"
+        parent.data.params["tune.num_samples"] == "3" and parent.data.params["tune.reduction_factor"] == "3"
     )
     assert parent.data.metrics["trials_stopped_early"] == out.stopped_early
     assert parent.data.tags["best_run_id"] == out.best["run_id"]
