@@ -13,7 +13,7 @@ Optuna's TPE sampler (``--optuna``) and the full sweep with every trial a Ray Tr
 
     hotdog sample data/sample   # once
     python bench/tune.py --samples 8 --epochs 12 --repeats 5 --set 'tune.filters=[16,32]' \
-        --variant 'grace 2=tune.grace_period=2'
+        --variant 'grace 1, reduction 2=tune.grace_period=1,tune.reduction_factor=2'
 """
 
 from __future__ import annotations

@@ -243,8 +243,8 @@ class TuneSettings(_Section):
     startup_trials: int = Field(3, ge=1, description="optuna: random trials before TPE takes over")
     asha: bool = Field(True, description="stop poor trials early; off runs every trial to the end (bench)")
     max_epochs: int | None = Field(None, ge=1, description="ASHA's max_t (default: train.epochs)")
-    # Chosen by bench/tune.py over 5 seeds (bench/RESULTS.md): 2 and 3 kept the best trial every time,
-    # where 1 and 2 dropped it once after a single noisy epoch, for about the same time saved.
+    # Chosen by bench/tune.py over 5 seeds (bench/RESULTS.md): grace 2 with reduction 3 kept the best
+    # trial every time; grace 1 with halving dropped it once after one noisy epoch, for a similar saving.
     grace_period: int = Field(2, ge=1, description="epochs every trial gets before ASHA may stop it")
     reduction_factor: int = Field(3, ge=2, description="ASHA keeps the best 1/reduction_factor at each rung")
     brackets: int = Field(1, ge=1, le=8, description="ASHA brackets: more start some trials at later rungs")

@@ -205,9 +205,8 @@ def _sigterm_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        if (
-            signal.getsignal(signal.SIGTERM) is interrupt
-        ):  # leave a handler set inside the block (Ray's) alone
+        # Leave alone a handler that was set inside the block (Ray's driver sets one).
+        if signal.getsignal(signal.SIGTERM) is interrupt:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 

@@ -36,6 +36,11 @@ def stop_command(proc, own_ray: bool = False) -> None:
         subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
 
 
+def set_args(overrides: Sequence[str]) -> list[str]:
+    """``--set KEY=VALUE`` for each override, as the CLI and the jobs take them."""
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
 _STORE_TEMPLATE: list[Path] = []
 
 

@@ -498,4 +498,4 @@ def test_hotdog_serve_command_serves_a_bundle_until_interrupted(tmp_path):
         proc.send_signal(signal.SIGINT)  # Ctrl-C: the command shuts Serve down and exits cleanly
         assert proc.wait(timeout=90) == 0, (tmp_path / "serve.log").read_text()[-3000:]
     finally:
-        stop_command(proc)
+        stop_command(proc, own_ray=True)

@@ -20,7 +20,7 @@ from hotdog_ray.errors import TrainingError
 from hotdog_ray.evaluate import predict_batches
 from hotdog_ray.registry import client, load_model
 from hotdog_ray.train import EarlyStopping, Loop, check_loss, run_training
-from tests.helpers import KillAWorkerAfterEpoch, mlflow_store, stop_command
+from tests.helpers import KillAWorkerAfterEpoch, mlflow_store, set_args, stop_command
 
 
 def tiny_overrides(tmp_path, root: str, *overrides: str) -> list[str]:
@@ -241,7 +241,7 @@ def test_ctrl_c_ends_a_training_run_killed(image_tree, tmp_path, joining_env):
         str(Path(sys.executable).parent / "hotdog"),
         "train",
         "--no-register",
-        *(arg for override in overrides for arg in ("--set", override)),
+        *set_args(overrides),
     ]
     log = open(tmp_path / "train.log", "w")
     # A shell started in the background ignores SIGINT and its children inherit that: restore Ctrl-C.

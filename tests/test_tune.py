@@ -30,7 +30,7 @@ from hotdog_ray.tune import (
     trial_cpus,
     trial_resources,
 )
-from tests.helpers import mlflow_store
+from tests.helpers import mlflow_store, set_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,7 +266,7 @@ def test_killed_sweep_resumes_and_accounts_for_every_trial(image_tree, tmp_path,
         str(REPO / "jobs" / "tune.py"),
         "--name",
         "interrupted",
-        *(arg for override in overrides for arg in ("--set", override)),
+        *set_args(overrides),
         "--no-promote",
     ]
     env = joining_env  # the session's Ray ends the killed driver's trials itself
