@@ -1,16 +1,21 @@
 """The model bundle: what a trained model is on disk, in MLflow and in the object store.
 
-A bundle is a folder with ``weights.pt`` (a plain state dict) and ``model.json`` (zoo name,
-classes, input size, rescale, widths). Loading rebuilds the network through the zoo and reads the
-weights with ``torch.load(weights_only=True)``: nothing is ever unpickled, so a bundle from an
-untrusted store cannot run code. Serving, scoring and evaluation depend on this module only.
+A bundle is a folder with ``weights.pt`` (a plain state dict), ``model.json`` (zoo name,
+classes, input size, rescale, widths) and, when the export matched, ``model.onnx`` (see
+:mod:`hotdog_ray.export`). Loading rebuilds the network through the zoo and reads the weights
+with ``torch.load(weights_only=True)``: nothing is ever unpickled, so a bundle from an untrusted
+store cannot run code. Serving, scoring and evaluation depend on this module only.
+
+In MLflow a model is an MLflow model folder whose pyfunc artifact ``bundle`` is the bundle
+(``model/artifacts/bundle/``); versions registered before that keep the bundle at the folder's
+top (``model/weights.pt``), and :func:`load_bundle` reads both.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +29,8 @@ log = logging.getLogger(__name__)
 MODEL_DIR = "model"  # the bundle's folder among a run's artifacts
 WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+PYFUNC_BUNDLE = "artifacts/bundle"  # where the bundle lies inside an MLflow model folder
 
 
 @dataclass
@@ -32,6 +39,7 @@ class ModelBundle:
 
     model: torch.nn.Module
     meta: dict[str, Any]
+    onnx: bytes | None = field(default=None, repr=False)  # the verified ONNX graph, when exported
 
     @property
     def classes(self) -> list[str]:
@@ -75,17 +83,29 @@ def build_from_meta(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> tor
     return model.eval()
 
 
-def save_bundle(directory: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    """Write ``model`` and its spec into ``directory`` (created if missing)."""
+def save_bundle(
+    directory: str | Path, model: torch.nn.Module, meta: dict[str, Any], onnx: bytes | None = None
+) -> None:
+    """Write ``model``, its spec and its ONNX graph (if any) into ``directory`` (created if missing)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / WEIGHTS_FILE)
     (directory / SPEC_FILE).write_text(json.dumps(meta, indent=2))
+    if onnx is not None:
+        (directory / ONNX_FILE).write_bytes(onnx)
+
+
+def bundle_dir(directory: str | Path) -> Path:
+    """The bundle inside ``directory``: the folder itself, or an MLflow model folder's ``bundle`` artifact."""
+    directory = Path(directory)
+    nested = directory / PYFUNC_BUNDLE
+    return nested if not (directory / SPEC_FILE).exists() and (nested / SPEC_FILE).exists() else directory
 
 
 def load_bundle(directory: str | Path) -> ModelBundle:
-    """Read a bundle folder written by :func:`save_bundle` (weights only, never pickles)."""
-    directory = Path(directory)
+    """Read a bundle written by :func:`save_bundle`, alone or in an MLflow model (weights only, never pickles)."""
+    directory = bundle_dir(directory)
     meta = json.loads((directory / SPEC_FILE).read_text())
     state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    return ModelBundle(build_from_meta(meta, state), meta)
+    onnx = directory / ONNX_FILE
+    return ModelBundle(build_from_meta(meta, state), meta, onnx.read_bytes() if onnx.exists() else None)

@@ -323,6 +323,17 @@ class ServeSettings(_Section):
         return self
 
 
+class PredictSettings(_Section):
+    """How serving, batch scoring and ``hotdog evaluate`` run a model's forward pass."""
+
+    runtime: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto",
+        description="auto: ONNX Runtime on the CPU when the model has its ONNX graph, on a GPU whichever "
+        "of ONNX Runtime's CUDA provider and PyTorch bf16 measures faster, else PyTorch; onnxruntime: "
+        "fail if the model has no ONNX graph; torch: always eager PyTorch",
+    )
+
+
 class ScoreSettings(_Section):
     """Nightly batch scoring (``hotdog score``, ``jobs/batch_score.py``); the model is serve.model_uri's."""
 
@@ -361,6 +372,7 @@ class Config(_Section):
     train: TrainSettings = Field(default_factory=TrainSettings)
     tune: TuneSettings = Field(default_factory=TuneSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    predict: PredictSettings = Field(default_factory=PredictSettings)
     score: ScoreSettings = Field(default_factory=ScoreSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 

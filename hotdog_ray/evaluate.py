@@ -12,6 +12,7 @@ import torch
 if TYPE_CHECKING:
     from hotdog_ray.bundle import ModelBundle
     from hotdog_ray.config import Config
+    from hotdog_ray.predict import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,31 @@ def evaluate_dataset(
     return compute_metrics(y, p.argmax(axis=1), classes)
 
 
+def predict_dataset(
+    predictor: "Predictor", dataset: Any, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, class probabilities) over a Ray dataset of the pipeline's uint8 rows, on the
+    predictor's runtime (what serving and scoring run)."""
+    ys, ps = [], []
+    for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        ps.append(predictor.predict_arrays(batch["image"]))
+        ys.append(batch["label"])
+    if not ys:
+        return np.zeros(0, np.int64), np.zeros((0, len(predictor.classes)), np.float32)
+    return np.concatenate(ys), np.concatenate(ps)
+
+
 def evaluate_model(
     cfg: "Config", bundle: "ModelBundle", *, root: str | None = None, split: str = "test"
 ) -> dict[str, Any]:
-    """Metrics of a loaded model on ``split`` of ``root`` (default ``data.root``).
+    """Metrics of a loaded model on ``split`` of ``root`` (default ``data.root``), run on
+    ``predict.runtime``.
 
     Images are read at the model's own input size and rescale and labelled with its own class
     list, so models trained at different sizes are compared on the same files.
     """
     from hotdog_ray.data import ImagePipeline, discover
+    from hotdog_ray.predict import Predictor
     from hotdog_ray.runtime import init_ray
 
     data_cfg = cfg.data.model_copy(
@@ -118,9 +135,9 @@ def evaluate_model(
     )
     layout = discover(data_cfg, required=(split,))
     init_ray()
-    return evaluate_dataset(
-        bundle.model, ImagePipeline(data_cfg, layout).dataset(split), bundle.classes, bundle.meta["rescale"]
-    )
+    predictor = Predictor(bundle, runtime=cfg.predict.runtime)
+    y, p = predict_dataset(predictor, ImagePipeline(data_cfg, layout).dataset(split))
+    return compute_metrics(y, p.argmax(axis=1), bundle.classes)
 
 
 def plot_curves(history: list[dict[str, float]]):

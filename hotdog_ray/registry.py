@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from hotdog_ray.bundle import MODEL_DIR, ModelBundle, load_bundle
 from hotdog_ray.errors import ModelError
+from hotdog_ray.export import ONNX_TAG
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -48,10 +49,15 @@ def client(tracking: "TrackingSettings") -> "MlflowClient":
 
 
 def register(tracking: "TrackingSettings", run_id: str) -> str:
-    """Register the model logged by ``run_id`` as a new version of ``tracking.registered_model``."""
+    """Register the model logged by ``run_id`` as a new version of ``tracking.registered_model``.
+
+    A model logged before ONNX export existed is exported first (:func:`ensure_exported`); the
+    version's ``onnx`` tag says whether it has a verified ONNX graph.
+    """
     from mlflow.exceptions import MlflowException
 
     mlflow, name = client(tracking), tracking.registered_model
+    onnx = ensure_exported(tracking, run_id)
     try:
         mlflow.get_registered_model(name)
     except MlflowException:
@@ -59,10 +65,26 @@ def register(tracking: "TrackingSettings", run_id: str) -> str:
     run = mlflow.get_run(run_id)
     source = f"{run.info.artifact_uri}/{MODEL_DIR}"
     version = mlflow.create_model_version(
-        name, source, run_id=run_id, tags={"model": run.data.tags.get("model", "")}
+        name, source, run_id=run_id, tags={"model": run.data.tags.get("model", ""), ONNX_TAG: onnx}
     )
-    log.info("registered %s version %s", name, version.version)
+    log.info("registered %s version %s (ONNX: %s)", name, version.version, onnx)
     return str(version.version)
+
+
+def ensure_exported(tracking: "TrackingSettings", run_id: str) -> str:
+    """The run's ``onnx`` tag; a model logged without one (before export existed) is rewritten
+    in place as an MLflow model with its ONNX graph, so every version it backs gets it."""
+    from hotdog_ray.tracking import Run
+
+    run = Run(tracking_uri(tracking), run_id)
+    tag = run.tag(ONNX_TAG)
+    if tag is None:
+        bundle = load_model(tracking, f"runs:/{run_id}")
+        meta = {k: v for k, v in bundle.meta.items() if k != "run_id"}
+        log.info("run %s's model predates ONNX export: exporting it now", run_id)
+        run.log_model(bundle.model, meta)
+        tag = run.tag(ONNX_TAG)
+    return tag or ""
 
 
 def alias_version(tracking: "TrackingSettings") -> str | None:

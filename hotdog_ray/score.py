@@ -107,7 +107,14 @@ class Scorer:
     """
 
     def __init__(
-        self, meta: dict[str, Any], weights: dict[str, np.ndarray], run_id: str, device: str
+        self,
+        meta: dict[str, Any],
+        weights: dict[str, np.ndarray],
+        onnx: bytes | None,
+        run_id: str,
+        device: str,
+        runtime: str,
+        threads: int,
     ) -> None:
         import torch
 
@@ -116,7 +123,9 @@ class Scorer:
 
         # A copy: arrays from the object store are read-only, tensors want writable memory.
         model = build_from_meta(meta, {k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-        self.predictor = Predictor(ModelBundle(model, meta), device=device)
+        self.predictor = Predictor(
+            ModelBundle(model, meta, onnx), device=device, runtime=runtime, threads=threads
+        )
         self.run_id = run_id
 
     def __call__(self, batch: dict[str, np.ndarray]):
@@ -243,9 +252,8 @@ def score(
     init_ray()
     check_cpus(cfg)
     t0 = time.perf_counter()
-    predictor = Predictor.from_config(
-        cfg, key, device="cpu"
-    )  # fails here, before any work, if the model is missing
+    # Fails here, before any work, if the model is missing (or lacks the ONNX graph asked for).
+    predictor = Predictor.from_config(cfg, key, device="cpu", threads=1)
     if job.paths:
         # Writes take a quarter CPU: at 1 CPU they could not start beside the model actors and the
         # decoding tasks, so every block waited in the object store until the model was done.
@@ -297,6 +305,7 @@ def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any) -> "ray.data.Da
     import ray.data
 
     from hotdog_ray.data import read_bytes_dataset
+    from hotdog_ray.predict import cpu_threads
 
     # Reading and decoding share their resources so that Ray Data fuses them into one task (bytes
     # never cross the object store), and that half a CPU each leaves room beside the model actors.
@@ -317,8 +326,11 @@ def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any) -> "ray.data.Da
             fn_constructor_kwargs={
                 "meta": predictor.bundle.meta,
                 "weights": weights_of(predictor.model),
+                "onnx": predictor.bundle.onnx,
                 "run_id": job.run_id,
                 "device": "cuda" if cfg.score.gpus_per_actor else "cpu",
+                "runtime": cfg.predict.runtime,
+                "threads": cpu_threads(cfg.score.cpus_per_actor),
             },
             compute=ray.data.ActorPoolStrategy(size=cfg.score.num_actors),
             batch_size=cfg.score.batch_size,

@@ -33,7 +33,7 @@ from ray import serve
 from hotdog_ray import __version__
 from hotdog_ray.config import Config, ServeSettings, from_dict, load_config
 from hotdog_ray.errors import ImageError
-from hotdog_ray.predict import Predictor
+from hotdog_ray.predict import Predictor, cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class ModelService:
                     min_side=s.min_image_side,
                     top_k=s.top_k,
                     device="cuda" if s.gpus_per_replica > 0 else "cpu",
+                    threads=cpu_threads(s.cpus_per_replica),
                 )
                 run_id = predictor.bundle.meta.get("run_id")
                 metrics = registry.run_metrics(self.cfg.tracking, run_id) if run_id else {}

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from hotdog_ray.bundle import MODEL_DIR, save_bundle
+from hotdog_ray.bundle import MODEL_DIR
 from hotdog_ray.registry import tracking_uri
 
 if TYPE_CHECKING:
@@ -123,11 +123,17 @@ class Run:
         """A tag of this run, or None."""
         return self.client.get_run(self.id).data.tags.get(key)
 
-    def log_model(self, model: "torch.nn.Module", meta: dict[str, Any]) -> None:
-        """The model bundle under the run's ``model/`` artifacts (register it with ``registry.register``)."""
+    def log_model(self, model: "torch.nn.Module", meta: dict[str, Any]) -> bool:
+        """The model as an MLflow model (bundle, ONNX graph, pyfunc) under the run's ``model/``
+        artifacts (register it with ``registry.register``); True when the ONNX export matched.
+        The outcome is the run's ``onnx`` tag."""
+        from hotdog_ray.export import ONNX_TAG, save_mlflow_model
+
         with tempfile.TemporaryDirectory() as tmp:
-            save_bundle(tmp, model, meta)
-            self.client.log_artifacts(self.id, tmp, MODEL_DIR)
+            exported = save_mlflow_model(Path(tmp) / MODEL_DIR, model, meta)
+            self.client.log_artifacts(self.id, str(Path(tmp) / MODEL_DIR), MODEL_DIR)
+        self.set_tags({ONNX_TAG: exported.tag})
+        return exported.ok
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.id, status=status)

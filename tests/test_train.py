@@ -78,19 +78,25 @@ def test_mlflow_run_has_params_curves_artifacts_and_version(s3_run):
     for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_majority_baseline"):
         assert key in run.data.metrics
     artifacts = {a.path for a in mlflow.list_artifacts(out.run_id)} | {
-        a.path for d in ("model", "evaluation") for a in mlflow.list_artifacts(out.run_id, d)
+        a.path
+        for d in ("model", "model/artifacts/bundle", "evaluation")
+        for a in mlflow.list_artifacts(out.run_id, d)
     }
     assert {
         "curves.png",
         "classes.json",
         "config.yaml",
-        "model/weights.pt",
-        "model/model.json",
+        "model/MLmodel",
+        "model/artifacts/bundle/weights.pt",
+        "model/artifacts/bundle/model.json",
+        "model/artifacts/bundle/model.onnx",
         "evaluation/confusion_matrix.png",
         "evaluation/test_report.txt",
     } <= artifacts
     assert out.model_version == "1"
-    assert mlflow.get_model_version(cfg.tracking.registered_model, "1").run_id == out.run_id
+    version = mlflow.get_model_version(cfg.tracking.registered_model, "1")
+    assert version.run_id == out.run_id and version.tags["onnx"] == "exported"
+    assert run.data.tags["onnx"] == "exported"
 
 
 def test_model_from_registry_predicts_what_it_predicted_before(s3_run):

@@ -1,0 +1,59 @@
+"""The registered model as MLflow sees it: a pyfunc defined from code (MLflow's models-from-code).
+
+MLflow copies this file into every model folder :func:`hotdog_ray.export.save_mlflow_model`
+writes and runs it when ``mlflow.pyfunc.load_model`` or ``mlflow models serve`` loads the model:
+nothing is pickled, and the weights are read with ``weights_only`` loading as everywhere else.
+The package never imports this file (running it registers the model with MLflow). It needs
+hotdog_ray importable where it loads (``mlflow models serve --env-manager local``).
+
+Input: a DataFrame with an ``image`` column of encoded image bytes (base64 in JSON requests).
+Output: ``label``, ``probability`` and ``probability_<class>`` per row; an image that cannot be
+decoded gets an empty label, NaN probabilities and the reason in ``error``.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from hotdog_ray.bundle import load_bundle
+from hotdog_ray.export import probability_column
+from hotdog_ray.images import ImageError
+from hotdog_ray.predict import Predictor
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    """The bundle behind :class:`~hotdog_ray.predict.Predictor`, on its default runtime."""
+
+    def load_context(self, context) -> None:
+        self.predictor = Predictor(load_bundle(context.artifacts["bundle"]))
+
+    def predict(self, context, model_input, params=None):  # untyped: typed, MLflow would infer its own schema
+        p = self.predictor
+        images = model_input["image"] if isinstance(model_input, pd.DataFrame) else model_input
+        arrays, errors = [], []
+        for data in images:
+            try:
+                arrays.append(p.preprocess(bytes(data)))
+                errors.append(None)
+            except ImageError as exc:
+                errors.append(str(exc))
+        probs = np.full((len(errors), len(p.classes)), np.nan, np.float32)
+        ok = np.asarray([e is None for e in errors], bool)
+        if arrays:
+            probs[ok] = p.predict_arrays(np.stack(arrays))
+        best = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(axis=1), -1)
+        out = pd.DataFrame(
+            {
+                "label": [p.classes[b] if b >= 0 else "" for b in best],
+                "probability": [float(probs[i, b]) if b >= 0 else np.nan for i, b in enumerate(best)],
+                **{probability_column(c): probs[:, j].astype(np.float64) for j, c in enumerate(p.classes)},
+            }
+        )
+        if not ok.all():
+            out["error"] = errors
+        return out
+
+
+mlflow.models.set_model(ImageClassifier())
