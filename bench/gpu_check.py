@@ -12,7 +12,9 @@ Steps, each timed, each a pass or a fail (a failed step does not stop the others
     concurrency 1 and 32 (requests/s, p50, p99);
   * score: generated photos scored by a GPU actor (``hotdog_ray.score``) against the one-process loop
     on the same GPU;
-  * onnx: ONNX Runtime's CUDA provider against PyTorch bf16, once the fast-inference runtime exists.
+  * onnx: every model exported and checked; PyTorch (bf16 autocast on the GPU) against ONNX Runtime
+    on the device (its CUDA provider when bench/gpu_wheels.sh ran with ORT_GPU=1), batch 1 and 16,
+    and which runtime predict.runtime=auto picks.
 
 Everything measured goes to ``gpu_check.json`` and ``gpu_check.md`` under ``--out`` (default ``$OUT``,
 the device tool's output folder, else ``bench/out/gpu_check``), rewritten after every step so that a
@@ -397,11 +399,56 @@ def step_score(ctx: Context) -> dict[str, Any]:
 
 
 def step_onnx(ctx: Context) -> dict[str, Any]:
-    from hotdog_ray.config import Config
+    """Each model exported and checked, then PyTorch (bf16 on a GPU) against ONNX Runtime on the
+    device, batch 1 and 16, and what ``predict.runtime=auto`` picks there."""
+    import infer as bench_infer  # bench/infer.py: its timer
+    import onnxruntime as ort
+    import torch
 
-    if "predict" not in Config.model_fields:
-        return {"ok": True, "skipped": "no predict.runtime yet: the fast-inference work has not landed"}
-    raise NotImplementedError("compare ONNX Runtime's CUDA provider with PyTorch bf16 here")
+    from hotdog_ray.bundle import ModelBundle
+    from hotdog_ray.export import check_batch, export_onnx
+    from hotdog_ray.models import build_model
+    from hotdog_ray.predict import Predictor
+
+    rows, failures = [], []
+    for model_name, size in ctx.sizes.models:
+        torch.manual_seed(0)
+        model = build_model(model_name, 2, size).eval()
+        meta = {"name": model_name, "classes": ["a", "b"], "image_size": size, "rescale": "unit"}
+        exported = export_onnx(model, meta)
+        if not exported.ok:
+            failures.append(f"{model_name}: {exported.reason}")
+            continue
+        bundle = ModelBundle(model, meta, exported.model)
+        eager = Predictor(bundle, device=ctx.device, runtime="torch")
+        fast = Predictor(bundle, device=ctx.device, runtime="onnxruntime")
+        auto = Predictor(bundle, device=ctx.device, runtime="auto")
+        for n in (1, 16):
+            images = check_batch(size, n, seed=1)
+            diff = float(abs(eager.predict_arrays(images) - fast.predict_arrays(images)).max())
+            if diff > (2e-2 if ctx.gpu else 1e-4):  # bf16 against fp32 on the GPU
+                failures.append(f"{model_name} batch {n}: runtimes differ by {diff:.1e}")
+            torch_ms = bench_infer.per_image_ms(eager.predict_arrays, images, 1.0)
+            ort_ms = bench_infer.per_image_ms(fast.predict_arrays, images, 1.0)
+            rows.append(
+                {
+                    "model": model_name,
+                    "image_size": size,
+                    "batch": n,
+                    "torch_ms": round(torch_ms, 3),
+                    "onnxruntime_ms": round(ort_ms, 3),
+                    "speedup": round(torch_ms / ort_ms, 2),
+                    "max_abs_diff": diff,
+                    "auto_picks": auto.runtime,
+                }
+            )
+    return {
+        "ok": not failures,
+        "failures": failures,
+        "providers": ort.get_available_providers(),
+        "session_providers": fast.session.get_providers() if rows else [],
+        "runs": rows,
+    }
 
 
 STEPS: dict[str, Callable[[Context], dict[str, Any]]] = {

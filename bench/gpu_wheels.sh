@@ -13,7 +13,10 @@ python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implement
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform manylinux1_x86_64 --platform any -d /tmp/gpu-wheels \
   'ray[default,data,train,tune,serve]==2.60.0' 'mlflow-skinny>=3.0,<3.18' 'mlflow>=3.0,<3.18' \
-  'pydantic>=2.6' 'fastapi>=0.110' 'uvicorn>=0.29' 'python-multipart>=0.0.9'
+  'pydantic>=2.6' 'fastapi>=0.110' 'uvicorn>=0.29' 'python-multipart>=0.0.9' 'onnx>=1.16' \
+  "$([ "${ORT_GPU:-0}" = 1 ] && echo 'onnxruntime-gpu>=1.18' || echo 'onnxruntime>=1.18')"
+# ORT_GPU=1: ONNX Runtime with its CUDA provider (255 MB, five more groups) so that the onnx step
+# compares it with PyTorch on the GPU; by default the CPU build (17 MB), and PyTorch serves on the GPU.
 
 # The device image's packages (device tool, KINDS.md, read 2026-11-17): keep theirs, carry the rest.
 has="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal anyio attrs certifi

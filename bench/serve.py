@@ -5,7 +5,9 @@ In one run, on loopback, with the same model and the same FastAPI handlers (``cr
     (``serve.max_batch_size=1``): HTTP enters through HAProxy (``serve.haproxy``, or Serve's Python
     proxy with ``--ingress proxy``), one replica per core by default (``--replicas``);
   * baseline: what a user would write otherwise, one ``uvicorn`` process running the handlers with
-    a direct forward pass per request, no Ray.
+    a direct forward pass per request in eager PyTorch, no Ray; and the same process on ONNX Runtime,
+    to show what Ray Serve adds on top of a fast runtime.
+Serve replicas run ``predict.runtime`` (default auto: ONNX Runtime on the CPU).
 Each is loaded by ``bench/loadgen.py`` in its own process at concurrency 1 and 32. Printed:
 requests/s, p50 and p99 latency, the throughput ratio at 32 and the p50 difference at 1.
 
@@ -83,6 +85,38 @@ def register_model(cfg) -> str:
     return registry.register(cfg.tracking, run.id)
 
 
+def run_baseline(args, db: str, model_uri: str, runtime: str) -> dict:
+    """bench/serve_baseline.py in one uvicorn process on ``runtime``, loaded at concurrency 1 and 32."""
+    from hotdog_ray.serve import wait_ready
+
+    port = free_port()
+    overrides = [
+        f"tracking.uri={db}",
+        *args.overrides,
+        f"predict.runtime={runtime}",
+        f"serve.cpus_per_replica={os.cpu_count()}",
+    ]
+    env = {
+        **os.environ,
+        "HOTDOG_BENCH_CONFIG": args.config,
+        "HOTDOG_BENCH_MODEL": model_uri,
+        "HOTDOG_BENCH_SET": "\n".join(overrides),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "--app-dir", str(HERE), "serve_baseline:app"]
+        + ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        cwd=REPO,
+    )
+    try:
+        if not wait_ready(f"http://127.0.0.1:{port}", alive=lambda: server.poll() is None):
+            raise RuntimeError(f"the {runtime} baseline server did not start")
+        return measure(f"http://127.0.0.1:{port}", args)
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/sample.yaml")
@@ -127,40 +161,10 @@ def main() -> None:
         version = register_model(cfg)
         model_uri = f"models:/{cfg.tracking.registered_model}/{version}"
 
-        # Baseline first, alone on the machine: one uvicorn process, the same handlers, no Ray.
-        port = free_port()
-        env = {
-            **os.environ,
-            "HOTDOG_BENCH_CONFIG": args.config,
-            "HOTDOG_BENCH_MODEL": model_uri,
-            "HOTDOG_BENCH_SET": "\n".join([f"tracking.uri={db}", *args.overrides]),
-        }
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "--app-dir",
-                str(HERE),
-                "serve_baseline:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-            cwd=REPO,
-        )
-        try:
-            if not wait_ready(f"http://127.0.0.1:{port}", alive=lambda: server.poll() is None):
-                raise RuntimeError("the baseline server did not start")
-            results["uvicorn baseline"] = measure(f"http://127.0.0.1:{port}", args)
-        finally:
-            server.terminate()
-            server.wait()
+        # Baselines first, alone on the machine: one uvicorn process, the same handlers, no Ray; the
+        # runtime's own threads (one per core), as a hand-written server would leave them.
+        for name, runtime in (("uvicorn + PyTorch", "torch"), ("uvicorn + ONNX Runtime", "onnxruntime")):
+            results[name] = run_baseline(args, db, model_uri, runtime)
 
         import ray
         from ray import serve
@@ -189,7 +193,11 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    base, ours = results["uvicorn baseline"], results["Ray Serve, batching"]
+    base, fast, ours = (
+        results["uvicorn + PyTorch"],
+        results["uvicorn + ONNX Runtime"],
+        results["Ray Serve, batching"],
+    )
     summary = {
         "config": args.config,
         "model": cfg.model.name,
@@ -200,8 +208,10 @@ def main() -> None:
         "replicas": cfg.serve.max_replicas,
         "cpus_per_replica": cfg.serve.cpus_per_replica,
         "results": {k: {str(c): v for c, v in r.items()} for k, r in results.items()},
+        "runtime": cfg.predict.runtime,
         "throughput_ratio_c32": round(ours[32]["rps"] / base[32]["rps"], 3),
         "p50_diff_ms_c1": round(ours[1]["p50_ms"] - base[1]["p50_ms"], 2),
+        "throughput_ratio_c32_vs_onnxruntime": round(ours[32]["rps"] / fast[32]["rps"], 3),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -215,8 +225,16 @@ def main() -> None:
     for name, r in results.items():
         for c, s in r.items():
             print(f"  {name:<24}{c:>5}{s['rps']:>9.1f}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}{s['errors']:>8}")
-    print(f"  throughput ratio at 32 (Serve batching / uvicorn): {summary['throughput_ratio_c32']:.3f}")
-    print(f"  p50 difference at 1 (Serve batching - uvicorn):   {summary['p50_diff_ms_c1']:+.2f} ms")
+    print(
+        f"  throughput ratio at 32 (Serve batching / uvicorn + PyTorch): {summary['throughput_ratio_c32']:.3f}"
+    )
+    print(
+        f"  p50 difference at 1 (Serve batching - uvicorn + PyTorch):   {summary['p50_diff_ms_c1']:+.2f} ms"
+    )
+    print(
+        "  throughput ratio at 32 (Serve batching / uvicorn + ONNX Runtime): "
+        f"{summary['throughput_ratio_c32_vs_onnxruntime']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -96,10 +96,12 @@ def save_bundle(
 
 
 def bundle_dir(directory: str | Path) -> Path:
-    """The bundle inside ``directory``: the folder itself, or an MLflow model folder's ``bundle`` artifact."""
+    """The bundle inside ``directory``: an MLflow model folder's ``bundle`` artifact, else the folder
+    itself (a plain bundle, or a version logged before models were MLflow models; such a folder
+    exported later holds both, and the artifact has the ONNX graph)."""
     directory = Path(directory)
     nested = directory / PYFUNC_BUNDLE
-    return nested if not (directory / SPEC_FILE).exists() and (nested / SPEC_FILE).exists() else directory
+    return nested if (nested / SPEC_FILE).exists() else directory
 
 
 def load_bundle(directory: str | Path) -> ModelBundle:

@@ -11,8 +11,6 @@ Output: ``label``, ``probability`` and ``probability_<class>`` per row; an image
 decoded gets an empty label, NaN probabilities and the reason in ``error``.
 """
 
-from __future__ import annotations
-
 import mlflow
 import numpy as np
 import pandas as pd
@@ -29,7 +27,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.predictor = Predictor(load_bundle(context.artifacts["bundle"]))
 
-    def predict(self, context, model_input, params=None):  # untyped: typed, MLflow would infer its own schema
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         p = self.predictor
         images = model_input["image"] if isinstance(model_input, pd.DataFrame) else model_input
         arrays, errors = [], []

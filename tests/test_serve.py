@@ -92,6 +92,7 @@ def test_health_readiness_model_and_docs(app):
     assert ready["ready"] and ready["model"] == {"name": "hotdog-classifier", "version": "1"}
     info = requests.get(app.url + "/model", timeout=10).json()
     assert info["classes"] == list(CLASSES) and info["image_size"] == 16 and info["version"] == "1"
+    assert info["runtime"] == "onnxruntime"  # the default on the CPU: the registered ONNX graph
     assert info["key"] == "models:/hotdog-classifier/1"
     spec = requests.get(app.url + "/openapi.json", timeout=10).json()
     assert {"/predict", "/predict/batch", "/explain", "/model", "/healthz", "/readyz"} <= set(spec["paths"])
@@ -324,7 +325,11 @@ def test_a_user_config_change_reloads_in_place(app, tmp_path):
                             "name": "ondemand",
                             "route_prefix": "/ondemand",
                             "import_path": "hotdog_ray.serve:build_app",
-                            "args": {"config": str(settings), "set": ["serve.reload_interval_s=0"]},
+                            # The second runtime: these answers must equal the offline predictor too.
+                            "args": {
+                                "config": str(settings),
+                                "set": ["serve.reload_interval_s=0", "predict.runtime=torch"],
+                            },
                             "deployments": [
                                 {"name": "hotdog", "user_config": {"reload_token": token, "model_uri": None}}
                             ],
@@ -368,6 +373,7 @@ def test_a_user_config_change_reloads_in_place(app, tmp_path):
     try:
         before = model_version()
         assert before is not None, "the app deployed through the REST API did not start"
+        assert requests.get(url + "/model", timeout=10).json()["runtime"] == "torch"
         running = replicas()
         version, model = register(app.cfg, seed=5)
         app.models[version] = model
