@@ -386,7 +386,7 @@ def step_score(ctx: Context) -> dict[str, Any]:
         cfg, input=str(folder), output=str(ctx.work / "predictions"), date="2026-11-30", model=model_uri
     )
     ours = len(files) / (time.perf_counter() - t0)
-    predictor = Predictor.from_config(cfg, model_uri, device=ctx.device)
+    predictor = Predictor.from_config(cfg, model_uri, device=ctx.device, runtime="torch")
     loop = bench_score.baseline(files, predictor, cfg.score.batch_size)
     return {
         "ok": summary.files == len(files) and summary.failed == 0,

@@ -20,7 +20,7 @@ import requests
 import torch
 
 from hotdog_ray import registry, tracking
-from hotdog_ray.bundle import ModelBundle, load_bundle, model_meta, save_bundle
+from hotdog_ray.bundle import ModelBundle, model_meta, save_bundle
 from hotdog_ray.errors import ModelError
 from hotdog_ray.export import TOLERANCE, check_batch, export_onnx, onnx_session, probability_column
 from hotdog_ray.models import build_model
