@@ -559,12 +559,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("torch sees no CUDA device: run with --device cpu --smoke off a GPU machine")
         return 1
 
+    from hotdog_ray.config import ServeSettings
     from hotdog_ray.runtime import init_ray
-    from hotdog_ray.serve import DRAIN_ENV, HAPROXY_ENV
+    from hotdog_ray.serve import set_serve_env
 
-    # Read by the processes Ray starts (Serve's ingress and its drain time), so set before Ray starts.
-    os.environ.setdefault(HAPROXY_ENV, "1")
-    os.environ.setdefault(DRAIN_ENV, "1")
+    set_serve_env(ServeSettings(), drain_s=1)  # read by the processes Ray starts
     init_ray()
     sizes = SMOKE if args.smoke else FULL
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:

@@ -169,12 +169,10 @@ def main() -> None:
         import ray
         from ray import serve
 
-        from hotdog_ray.serve import DRAIN_ENV, HAPROXY_ENV, deployment
+        from hotdog_ray.serve import deployment, set_serve_env
 
-        # Read by the processes Ray starts, so set before ray.init. A replica leaving HAProxy drains
-        # for 30 s by default (for load balancers); the bench deletes its app between runs.
-        os.environ[HAPROXY_ENV] = "1" if cfg.serve.haproxy else "0"
-        os.environ.setdefault(DRAIN_ENV, "1")
+        # The bench deletes its app between runs: no need to drain for long.
+        set_serve_env(cfg.serve, drain_s=1)
         ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -205,6 +203,7 @@ def main() -> None:
         "max_batch_size": cfg.serve.max_batch_size,
         "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
         "ingress": args.ingress,
+        "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
         "replicas": cfg.serve.max_replicas,
         "cpus_per_replica": cfg.serve.cpus_per_replica,
         "results": {k: {str(c): v for c, v in r.items()} for k, r in results.items()},

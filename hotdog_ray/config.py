@@ -293,7 +293,10 @@ class ServeSettings(_Section):
     )
     max_batch_size: int = Field(16, ge=1, description="dynamic batching: most images in one forward pass")
     batch_wait_timeout_s: float = Field(
-        0.002, ge=0, description="dynamic batching: longest wait to fill a batch"
+        0.0,
+        ge=0,
+        description="dynamic batching: longest wait to fill a batch; 0 takes what queued while the previous "
+        "batch ran (full batches under load, no added latency when idle)",
     )
     max_upload_bytes: int = Field(10_000_000, ge=1, description="larger request bodies get 413")
     max_images_per_request: int = Field(32, ge=1, description="POST /predict/batch limit")
@@ -311,6 +314,13 @@ class ServeSettings(_Section):
         description="HTTP enters through HAProxy straight to the replicas (Ray Serve's HAProxy ingress) "
         "instead of Serve's Python proxy; applies to the Ray that `hotdog serve` starts itself (a running "
         "cluster keeps the RAY_SERVE_ENABLE_HA_PROXY it was started with)",
+    )
+
+    throughput_optimized: bool = Field(
+        True,
+        description="Ray Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED): replicas run requests on "
+        "their main event loop instead of handing each to a second thread, and buffer their request logs; "
+        "applies, like haproxy, to the Ray that `hotdog serve` starts itself",
     )
 
     @model_validator(mode="after")

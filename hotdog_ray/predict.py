@@ -241,6 +241,20 @@ class Predictor:
         """One image's prediction; raises :class:`ImageError` on bad bytes."""
         return self.predictions(self.predict_arrays(self.preprocess(data)[None]))[0]
 
+    def predict_many(self, images: Sequence[bytes]) -> list[np.ndarray | ImageError]:
+        """Each image's class probabilities, or its decoding error, in order, with one forward pass
+        for the decodable ones."""
+        arrays: list[np.ndarray] = []
+        out: list[ImageError | None] = []
+        for data in images:
+            try:
+                arrays.append(self.preprocess(data))
+                out.append(None)
+            except ImageError as err:
+                out.append(err)
+        rows = iter(self.predict_arrays(np.stack(arrays)) if arrays else [])
+        return [next(rows) if o is None else o for o in out]
+
     def predictions(self, probs: np.ndarray) -> list[Prediction]:
         return [prediction_from(row, self.classes, self.top_k) for row in probs]
 

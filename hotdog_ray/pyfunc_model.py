@@ -30,17 +30,12 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         p = self.predictor
         images = model_input["image"] if isinstance(model_input, pd.DataFrame) else model_input
-        arrays, errors = [], []
-        for data in images:
-            try:
-                arrays.append(p.preprocess(bytes(data)))
-                errors.append(None)
-            except ImageError as exc:
-                errors.append(str(exc))
-        probs = np.full((len(errors), len(p.classes)), np.nan, np.float32)
+        results = p.predict_many([bytes(data) for data in images])
+        errors = [str(r) if isinstance(r, ImageError) else None for r in results]
         ok = np.asarray([e is None for e in errors], bool)
-        if arrays:
-            probs[ok] = p.predict_arrays(np.stack(arrays))
+        probs = np.full((len(results), len(p.classes)), np.nan, np.float32)
+        if ok.any():
+            probs[ok] = np.stack([r for r in results if not isinstance(r, ImageError)])
         best = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(axis=1), -1)
         out = pd.DataFrame(
             {

@@ -40,11 +40,24 @@ log = logging.getLogger(__name__)
 # Ray Serve's switch from its Python proxy to HAProxy routing straight to the replicas.
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+
+
+def set_serve_env(s: ServeSettings, drain_s: float) -> None:
+    """Serve's switches that the processes Ray starts read from their environment, so set before Ray
+    starts (a value already exported wins): the HAProxy ingress, the throughput mode, and how long a
+    leaving replica drains (Ray's 30 s are for outside load balancers; here the only one is Serve's
+    own HAProxy, and Ctrl-C would wait them out)."""
+    os.environ.setdefault(HAPROXY_ENV, "1" if s.haproxy else "0")
+    os.environ.setdefault(THROUGHPUT_ENV, "1" if s.throughput_optimized else "0")
+    os.environ.setdefault(DRAIN_ENV, f"{drain_s:g}")
+
 
 # Content types a client may post an image as, besides multipart/form-data.
 RAW_TYPES = ("image/", "application/octet-stream")
 
-Infer = Callable[[Predictor, np.ndarray], Awaitable[np.ndarray]]
+# Runs the model on one encoded image: its probabilities, or raises ImageError.
+Infer = Callable[[Predictor, bytes], Awaitable[np.ndarray]]
 
 
 class ModelService:
@@ -124,7 +137,9 @@ async def http_error(_request: Request, exc: HTTPError) -> JSONResponse:
     return JSONResponse({"error": exc.reason}, status_code=exc.status)
 
 
-def current_service(request: Request) -> ModelService:
+# The dependencies are coroutines: FastAPI runs a plain function dependency in its thread pool, a
+# thread hop per dependency per request (a tenth of a replica's time at 120 px, py-spy).
+async def current_service(request: Request) -> ModelService:
     return request.app.state.service
 
 
@@ -132,7 +147,7 @@ def settings(request: Request) -> ServeSettings:
     return request.app.state.settings
 
 
-def loaded_predictor(service: ModelService = Depends(current_service)) -> Predictor:
+async def loaded_predictor(service: ModelService = Depends(current_service)) -> Predictor:
     """The model to answer with; a request keeps it even if a reload swaps in another meanwhile."""
     predictor = service.predictor
     if predictor is None:
@@ -192,10 +207,15 @@ async def _multipart_files(request: Request, max_images: int) -> list[tuple[str,
 
 
 async def predict_one(request: Request, predictor: Predictor, data: bytes) -> dict[str, Any]:
-    """Preprocess off the event loop, then the app's inference (Serve's batching queue, or direct)."""
-    array = await asyncio.to_thread(predictor.preprocess, data)
-    probs = await request.app.state.infer(predictor, array)
+    """The app's inference (Serve's batching queue, or direct) on one image's bytes."""
+    probs = await request.app.state.infer(predictor, data)
     return predictor.predictions(probs[None])[0].to_dict()
+
+
+def one_result(result: np.ndarray | ImageError) -> np.ndarray:
+    if isinstance(result, ImageError):
+        raise result
+    return result
 
 
 async def explain_one(request: Request, predictor: Predictor, data: bytes) -> dict[str, Any]:
@@ -319,8 +339,8 @@ async def explain(request: Request, predictor: Predictor = Depends(loaded_predic
 
 
 def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastAPI:
-    """The HTTP API and the web page around ``service``; ``infer`` runs the model on one
-    preprocessed image (Serve passes its batching queue, the baseline :func:`direct_infer`)."""
+    """The HTTP API and the web page around ``service``; ``infer`` runs the model on one encoded
+    image (Serve passes its batching queue, the baseline :func:`direct_infer`)."""
     app = FastAPI(
         title="hotdog-ray",
         version=__version__,
@@ -333,9 +353,9 @@ def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastA
     return app
 
 
-async def direct_infer(predictor: Predictor, array: np.ndarray) -> np.ndarray:
+async def direct_infer(predictor: Predictor, data: bytes) -> np.ndarray:
     """One image, one forward pass (no batching)."""
-    return (await asyncio.to_thread(predictor.predict_arrays, array[None]))[0]
+    return one_result((await asyncio.to_thread(predictor.predict_many, [data]))[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,21 +395,23 @@ class HotdogReplica:
         if changed:
             await asyncio.to_thread(self.service.refresh)
 
-    async def infer(self, predictor: Predictor, array: np.ndarray) -> np.ndarray:
-        return await self.infer_batch((predictor, array))
+    async def infer(self, predictor: Predictor, data: bytes) -> np.ndarray:
+        return one_result(await self.infer_batch((predictor, data)))
 
+    # Decoding and the forward pass run together, one worker thread hop per batch: a hop per request
+    # for decoding cost as much as decoding a small photo.
     @serve.batch  # sizes are set per replica in __init__, from the config
-    async def infer_batch(self, items: list[tuple[Predictor, np.ndarray]]) -> list[np.ndarray]:
-        # A batch may straddle a reload: each image runs on the model it was preprocessed for.
+    async def infer_batch(self, items: list[tuple[Predictor, bytes]]) -> list[np.ndarray | ImageError]:
+        # A batch may straddle a reload: each image runs on the model its request started with.
         out: list[Any] = [None] * len(items)
         groups: dict[int, list[int]] = {}
         for i, (predictor, _) in enumerate(items):
             groups.setdefault(id(predictor), []).append(i)
         for idx in groups.values():
             predictor = items[idx[0]][0]
-            probs = await asyncio.to_thread(predictor.predict_arrays, np.stack([items[i][1] for i in idx]))
-            for i, row in zip(idx, probs):
-                out[i] = row
+            results = await asyncio.to_thread(predictor.predict_many, [items[i][1] for i in idx])
+            for i, result in zip(idx, results):
+                out[i] = result
         return out
 
 
@@ -460,12 +482,7 @@ def run(cfg: Config, *, blocking: bool = True, name: str = "hotdog") -> None:
             "joining a running Ray: its HTTP ingress is the one it was started with (RAY_SERVE_ENABLE_HA_PROXY)"
         )
     else:
-        # Serve reads the ingress mode from the environment of the processes Ray starts, so it must be
-        # set before ray.init; a RAY_SERVE_ENABLE_HA_PROXY the user exported wins over the config.
-        os.environ.setdefault(HAPROXY_ENV, "1" if cfg.serve.haproxy else "0")
-        # Ray holds a leaving replica 30 s so that outside load balancers notice; the only balancer
-        # here is Serve's own HAProxy, updated by the controller, and Ctrl-C would wait the 30 s.
-        os.environ.setdefault(DRAIN_ENV, "5")
+        set_serve_env(cfg.serve, drain_s=5)
     init_ray()
     try:  # Ctrl-C at any point, even while the app is still starting, stops Serve cleanly
         try:

@@ -19,14 +19,13 @@ def ray_session():
     machine confuse Train's placement-group cleaner ("Found multiple active Ray instances")."""
     import ray
 
+    from hotdog_ray.config import ServeSettings
     from hotdog_ray.runtime import init_ray
-    from hotdog_ray.serve import DRAIN_ENV, HAPROXY_ENV
+    from hotdog_ray.serve import set_serve_env
 
-    # Serve's tests run behind HAProxy, as `hotdog serve` does by default. A replica leaving HAProxy
-    # drains for 30 s so load balancers notice; nothing here needs that wait (the env reaches the
-    # `hotdog serve` subprocess too).
-    os.environ.setdefault(HAPROXY_ENV, "1")
-    os.environ.setdefault(DRAIN_ENV, "1")
+    # Serve's tests run as `hotdog serve` does by default (HAProxy, throughput mode), with a short
+    # drain (the env reaches the `hotdog serve` subprocess too).
+    set_serve_env(ServeSettings(), drain_s=1)
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()

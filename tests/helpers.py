@@ -123,21 +123,6 @@ def register_model(cfg, model, classes: Sequence[str], name: str = "test-model")
     return run.id, registry.register(cfg.tracking, run.id)
 
 
-def predict_many(predictor, items: Sequence[bytes]) -> list:
-    """A prediction or the decoding error for each item, in order, with one forward pass."""
-    from hotdog_ray.errors import ImageError
-
-    arrays, out = [], []
-    for data in items:
-        try:
-            arrays.append(predictor.preprocess(data))
-            out.append(None)
-        except ImageError as err:
-            out.append(err)
-    preds = iter(predictor.predictions(predictor.predict_arrays(np.stack(arrays))) if arrays else [])
-    return [next(preds) if o is None else o for o in out]
-
-
 class KillAWorkerAfterEpoch(ray.train.UserCallback):
     """A Ray Train callback that SIGKILLs one training worker once, after ``epoch`` is reported and
     checkpointed, as a lost machine would; ``marker`` records that it did."""

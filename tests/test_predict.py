@@ -17,7 +17,7 @@ from hotdog_ray.config import load_config
 from hotdog_ray.errors import ImageError
 from hotdog_ray.models import build_model
 from hotdog_ray.predict import Predictor, grad_cam, overlay_png, prediction_from
-from tests.helpers import png, png_header_claiming, predict_many
+from tests.helpers import png, png_header_claiming
 from tests.imagegen import CLASSES, LEVELS, encode, truncated_jpeg
 
 
@@ -94,10 +94,11 @@ def test_exif_rotation_is_applied():
 
 def test_a_batch_keeps_order_and_gives_one_error_per_bad_image(predictor):
     good = encode(LEVELS["cat"], "RGB", "JPEG", (30, 30))
-    out = predict_many(predictor, [good, b"", good, b"nope"])
-    assert [type(o).__name__ for o in out] == ["Prediction", "ImageError", "Prediction", "ImageError"]
-    assert out[0].probabilities == out[2].probabilities == predictor.predict(good).probabilities
-    assert predict_many(predictor, [b""])[0].args[0] == "empty file"
+    out = predictor.predict_many([good, b"", good, b"nope"])
+    assert [type(o).__name__ for o in out] == ["ndarray", "ImageError", "ndarray", "ImageError"]
+    expected = list(predictor.predict(good).probabilities.values())
+    assert out[0].tolist() == out[2].tolist() == pytest.approx(expected)
+    assert predictor.predict_many([b""])[0].args[0] == "empty file"
 
 
 def test_prediction_lists_every_class_and_the_top_k():
