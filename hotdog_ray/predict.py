@@ -5,7 +5,7 @@ and ``to_model_input``), so a served prediction equals the offline one for the s
 Bad bytes raise :class:`~hotdog_ray.images.ImageError` with a reason a client can act on.
 
 The forward pass runs in one of two runtimes (``predict.runtime``): ONNX Runtime on the model's
-verified ONNX graph (about 5x faster than eager PyTorch for the zoo's CNNs on one CPU thread, see
+verified ONNX graph (1.1-2.1x faster than eager PyTorch for the zoo's CNNs on one CPU thread, see
 ``bench/infer.py``) or PyTorch, which Grad-CAM (:meth:`Predictor.explain`) always uses.
 """
 
