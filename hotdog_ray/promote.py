@@ -105,10 +105,12 @@ def promote(
 
 
 def force(cfg: "Config", version: str) -> Decision:
-    """Point the alias at ``version`` without evaluating: for humans (rollbacks, hotfixes)."""
+    """Point the alias at ``version`` without evaluating: for humans (rollbacks, hotfixes). A version
+    registered before ONNX export existed is exported first (its ``onnx`` tag says how it went)."""
     from hotdog_ray import registry
 
     before = registry.alias_version(cfg.tracking)
+    registry.ensure_version_exported(cfg.tracking, version)
     registry.set_alias(cfg.tracking, version)
     return Decision(
         True,

@@ -87,6 +87,22 @@ def ensure_exported(tracking: "TrackingSettings", run_id: str) -> str:
     return tag or ""
 
 
+def ensure_version_exported(tracking: "TrackingSettings", version: str) -> str:
+    """:func:`ensure_exported` for a registered version's run, and the outcome as the version's tag."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow, name = client(tracking), tracking.registered_model
+    try:
+        found = mlflow.get_model_version(name, version)
+    except MlflowException as exc:
+        raise ModelError(f"{name} has no version {version} in {tracking_uri(tracking)}") from exc
+    onnx = found.tags.get(ONNX_TAG)
+    if onnx is None and found.run_id:
+        onnx = ensure_exported(tracking, found.run_id)
+        mlflow.set_model_version_tag(name, version, ONNX_TAG, onnx)
+    return onnx or ""
+
+
 def alias_version(tracking: "TrackingSettings") -> str | None:
     """The version ``tracking.alias`` points at, or None when the alias is not set."""
     from mlflow.exceptions import MlflowException

@@ -25,6 +25,7 @@ from hotdog_ray.errors import ModelError
 from hotdog_ray.export import TOLERANCE, check_batch, export_onnx, onnx_session, probability_column
 from hotdog_ray.models import build_model
 from hotdog_ray.predict import Predictor, choose_runtime
+from hotdog_ray.promote import force
 from tests.helpers import free_port, register_model, stop_command, tiny_model, tiny_model_config
 from tests.imagegen import CLASSES, LEVELS, encode
 
@@ -99,9 +100,9 @@ def test_choose_runtime():
         choose_runtime("onnxruntime", "cpu", False)
 
 
-def test_a_version_registered_before_export_loads_and_gets_onnx_when_registered_again(tmp_path):
+def test_a_version_registered_before_export_loads_and_gets_onnx_when_promoted(tmp_path):
     """The old layout (weights.pt and model.json at the top of model/, no MLmodel) still loads;
-    registering its run again (a promotion) exports it first."""
+    forcing it to champion, or registering its run again (a promotion), exports it first."""
     cfg = tiny_model_config(tmp_path)
     model, meta = tiny_model(CLASSES, seed=2), model_meta(cfg, list(CLASSES))
     client = registry.client(cfg.tracking)
@@ -117,10 +118,12 @@ def test_a_version_registered_before_export_loads_and_gets_onnx_when_registered_
 
     data = encode(LEVELS["cat"], "RGB", "JPEG", (24, 20))
     expected = Predictor(ModelBundle(model, meta), device="cpu", runtime="torch").predict(data).probabilities
-    new = registry.register(cfg.tracking, run.id)
-    assert client.get_model_version(name, new).tags["onnx"] == "exported"
-    upgraded = registry.load_model(cfg.tracking, f"models:/{name}/{old}")  # same artifacts: upgraded too
+    force(cfg, old)
+    assert client.get_model_version(name, old).tags["onnx"] == "exported"
+    upgraded = registry.load_model(cfg.tracking, f"models:/{name}@{cfg.tracking.alias}")
     assert upgraded.onnx is not None
+    new = registry.register(cfg.tracking, run.id)  # already exported: the tag carries over
+    assert client.get_model_version(name, new).tags["onnx"] == "exported"
     served = Predictor(upgraded, device="cpu")
     assert served.runtime == "onnxruntime"
     assert served.predict(data).probabilities == pytest.approx(expected, abs=TOLERANCE)
