@@ -273,6 +273,43 @@ ERRORS = {
     )
 }
 
+# The answers' schemas, written out: the handlers return JSONResponse directly, because FastAPI's
+# validation and encoding of a returned dict cost a visible share of a small request.
+_PREDICTION = {
+    "type": "object",
+    "properties": {
+        "label": {"type": "string"},
+        "probability": {"type": "number"},
+        "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
+        "top_k": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"label": {"type": "string"}, "probability": {"type": "number"}},
+            },
+        },
+        "model": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "version": {"type": ["string", "null"]}},
+        },
+    },
+}
+
+
+def answer(description: str, schema: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {200: {"description": description, "content": {"application/json": {"schema": schema}}}}
+
+
+PREDICTION = answer("the label, every class's probability and the top k", _PREDICTION)
+BATCH = answer(
+    "one result (with its filename) or one error per image, in order",
+    {"type": "object", "properties": {"results": {"type": "array", "items": _PREDICTION}}},
+)
+EXPLANATION = answer(
+    "the prediction and a PNG data URL of the heatmap",
+    {**_PREDICTION, "properties": {**_PREDICTION["properties"], "heatmap_png": {"type": "string"}}},
+)
+
 router = APIRouter()
 
 
@@ -304,19 +341,19 @@ async def model(
     "/predict",
     summary="Classify one image (multipart file field, or the raw image as the body)",
     openapi_extra=body_doc("file", many=False),
-    responses=ERRORS,
+    responses={**PREDICTION, **ERRORS},
 )
-async def predict(request: Request, predictor: Predictor = Depends(loaded_predictor)) -> dict[str, Any]:
-    return await on_one_image(request, predictor, predict_one)
+async def predict(request: Request, predictor: Predictor = Depends(loaded_predictor)) -> JSONResponse:
+    return JSONResponse(await on_one_image(request, predictor, predict_one))
 
 
 @router.post(
     "/predict/batch",
     summary="Classify several images (multipart); one result or error per image",
     openapi_extra=body_doc("files", many=True),
-    responses=ERRORS,
+    responses={**BATCH, **ERRORS},
 )
-async def predict_batch(request: Request, predictor: Predictor = Depends(loaded_predictor)) -> dict[str, Any]:
+async def predict_batch(request: Request, predictor: Predictor = Depends(loaded_predictor)) -> JSONResponse:
     files = await images_of(request, settings(request).max_images_per_request)
 
     async def one(name: str, data: bytes) -> dict[str, Any]:
@@ -325,17 +362,18 @@ async def predict_batch(request: Request, predictor: Predictor = Depends(loaded_
         except ImageError as err:
             return {"filename": name, "error": str(err)}
 
-    return {"results": await asyncio.gather(*(one(n, d) for n, d in files)), "model": model_of(predictor)}
+    results = await asyncio.gather(*(one(n, d) for n, d in files))
+    return JSONResponse({"results": results, "model": model_of(predictor)})
 
 
 @router.post(
     "/explain",
     summary="Classify one image and show where the model looked (Grad-CAM PNG overlay)",
     openapi_extra=body_doc("file", many=False),
-    responses=ERRORS,
+    responses={**EXPLANATION, **ERRORS},
 )
-async def explain(request: Request, predictor: Predictor = Depends(loaded_predictor)) -> dict[str, Any]:
-    return await on_one_image(request, predictor, explain_one)
+async def explain(request: Request, predictor: Predictor = Depends(loaded_predictor)) -> JSONResponse:
+    return JSONResponse(await on_one_image(request, predictor, explain_one))
 
 
 def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastAPI:
