@@ -316,6 +316,12 @@ class ServeSettings(_Section):
         "cluster keeps the RAY_SERVE_ENABLE_HA_PROXY it was started with)",
     )
 
+    api_keys_env: str | None = Field(
+        None,
+        description="name of an environment variable holding one or more API keys (separated by commas or "
+        "whitespace; on Kubernetes from a Secret): /predict, /predict/batch and /explain then require "
+        "`Authorization: Bearer <key>`; unset: open (logged once)",
+    )
     throughput_optimized: bool = Field(
         True,
         description="Ray Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED): replicas run requests on "

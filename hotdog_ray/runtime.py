@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -32,3 +36,28 @@ def quiet_ray_data() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+@contextlib.contextmanager
+def sigterm_interrupts(*, replace: bool = False) -> Iterator[None]:
+    """Within the block, SIGTERM (docker stop, systemd, Kubernetes) interrupts like Ctrl-C.
+
+    Only in the main thread (the only one that can set handlers), and only where nobody else
+    handles SIGTERM unless ``replace`` (Ray's driver installs a handler of its own at ``ray.init``
+    that aborts; a server that drains on Ctrl-C replaces it). A handler set inside the block stays.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        not replace and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is interrupt:
+            signal.signal(signal.SIGTERM, before if replace else signal.SIG_DFL)

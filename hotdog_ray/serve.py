@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import logging
 import os
+import re
 import threading
 import time
 from importlib import resources
@@ -28,12 +30,14 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
 from hotdog_ray import __version__
 from hotdog_ray.config import Config, ServeSettings, from_dict, load_config
-from hotdog_ray.errors import ImageError
+from hotdog_ray.errors import ConfigError, ImageError
 from hotdog_ray.predict import Predictor, cpu_threads
+from hotdog_ray.runtime import sigterm_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,9 @@ def set_serve_env(s: ServeSettings, drain_s: float) -> None:
     os.environ.setdefault(THROUGHPUT_ENV, "1" if s.throughput_optimized else "0")
     os.environ.setdefault(DRAIN_ENV, f"{drain_s:g}")
 
+
+# Reads the Authorization header and declares the scheme in the OpenAPI; require_key decides.
+BEARER = HTTPBearer(auto_error=False, description="an API key of serve.api_keys_env, when it is set")
 
 # Content types a client may post an image as, besides multipart/form-data.
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -134,7 +141,8 @@ class HTTPError(Exception):
 
 
 async def http_error(_request: Request, exc: HTTPError) -> JSONResponse:
-    return JSONResponse({"error": exc.reason}, status_code=exc.status)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=headers)
 
 
 # The dependencies are coroutines: FastAPI runs a plain function dependency in its thread pool, a
@@ -145,6 +153,39 @@ async def current_service(request: Request) -> ModelService:
 
 def settings(request: Request) -> ServeSettings:
     return request.app.state.settings
+
+
+def api_keys(env_name: str | None) -> list[bytes] | None:
+    """The keys in the variable ``env_name`` names (None: the endpoints are open). A named variable
+    that is unset or empty is an error: a misconfigured deployment must not open up."""
+    if env_name is None:
+        return None
+    keys = [k.encode() for k in re.split(r"[\s,]+", os.environ.get(env_name, "")) if k]
+    if not keys:
+        raise ConfigError(
+            f"serve.api_keys_env names {env_name}, which holds no key in this process's environment "
+            "(on a cluster: set it on every node, e.g. from a Kubernetes Secret)"
+        )
+    return keys
+
+
+def key_matches(given: str, keys: list[bytes]) -> bool:
+    """Whether ``given`` is one of ``keys``, comparing with every key in constant time."""
+    candidate = given.encode()
+    return sum(hmac.compare_digest(candidate, k) for k in keys) > 0
+
+
+async def require_key(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(BEARER)
+) -> None:
+    """401 with a reason unless the request carries one of the app's keys (when it has any)."""
+    keys = request.app.state.api_keys
+    if keys is None:
+        return
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPError(401, "this endpoint needs an API key: send `Authorization: Bearer <key>`")
+    if not key_matches(credentials.credentials, keys):
+        raise HTTPError(401, "the API key is not valid")
 
 
 async def loaded_predictor(service: ModelService = Depends(current_service)) -> Predictor:
@@ -243,10 +284,19 @@ def model_of(predictor: Predictor) -> dict[str, Any]:
     return {"name": info["name"], "version": info["version"]}
 
 
+IMAGE_DOC = (
+    "an image file (JPEG, PNG, GIF, BMP, TIFF or WebP; grayscale, palette, RGBA, CMYK and 16-bit are "
+    "converted) at least {min_side} pixels a side and at most {max_pixels} pixels in all; the whole "
+    "request at most {max_bytes} bytes"
+)
+
+
 def body_doc(field: str, many: bool) -> dict[str, Any]:
-    """OpenAPI for a body the handler reads itself: multipart file(s), or (one image) the raw bytes."""
-    binary = {"type": "string", "format": "binary"}
-    part = {"type": "array", "items": binary} if many else binary
+    """OpenAPI for a body the handler reads itself: multipart file(s), or (one image) the raw bytes.
+
+    The limits are the app's settings, filled in by :func:`_with_limits` when the schema is built."""
+    binary = {"type": "string", "format": "binary", "description": IMAGE_DOC}
+    part = {"type": "array", "items": binary, "minItems": 1, "maxItems": "{max_images}"} if many else binary
     content: dict[str, Any] = {
         "multipart/form-data": {
             "schema": {"type": "object", "properties": {field: part}, "required": [field]}
@@ -254,7 +304,36 @@ def body_doc(field: str, many: bool) -> dict[str, Any]:
     }
     if not many:
         content["image/*"] = {"schema": binary}
+        content["application/octet-stream"] = {"schema": binary}
     return {"requestBody": {"required": True, "content": content}}
+
+
+def _drop_security(schema: dict[str, Any]) -> None:
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            operation.pop("security", None)
+            operation.get("responses", {}).pop("401", None)
+    schema.get("components", {}).pop("securitySchemes", None)
+
+
+def _with_limits(schema: dict[str, Any], limits: dict[str, int]) -> dict[str, Any]:
+    """The request bodies' limit placeholders replaced by the app's values (an int stays an int)."""
+
+    def fill(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: fill(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fill(v) for v in node]
+        if isinstance(node, str) and "{" in node:
+            name = node.strip("{}")
+            return limits[name] if node == f"{{{name}}}" else node.format(**limits)
+        return node
+
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if "requestBody" in operation:
+                operation["requestBody"] = fill(operation["requestBody"])
+    return schema
 
 
 ERRORS = {
@@ -266,6 +345,7 @@ ERRORS = {
     }
     for code, text in (
         (400, "too many images, or no file"),
+        (401, "no API key, or not a valid one (when serve.api_keys_env is set)"),
         (413, "body over serve.max_upload_bytes"),
         (415, "content type is not an image"),
         (422, "not a usable image (the reason says why)"),
@@ -339,6 +419,7 @@ async def model(
 
 @router.post(
     "/predict",
+    dependencies=[Depends(require_key)],
     summary="Classify one image (multipart file field, or the raw image as the body)",
     openapi_extra=body_doc("file", many=False),
     responses={**PREDICTION, **ERRORS},
@@ -349,6 +430,7 @@ async def predict(request: Request, predictor: Predictor = Depends(loaded_predic
 
 @router.post(
     "/predict/batch",
+    dependencies=[Depends(require_key)],
     summary="Classify several images (multipart); one result or error per image",
     openapi_extra=body_doc("files", many=True),
     responses={**BATCH, **ERRORS},
@@ -368,6 +450,7 @@ async def predict_batch(request: Request, predictor: Predictor = Depends(loaded_
 
 @router.post(
     "/explain",
+    dependencies=[Depends(require_key)],
     summary="Classify one image and show where the model looked (Grad-CAM PNG overlay)",
     openapi_extra=body_doc("file", many=False),
     responses={**EXPLANATION, **ERRORS},
@@ -386,8 +469,30 @@ def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastA
         "every class's probability and where the model looked.",
     )
     app.state.service, app.state.settings, app.state.infer = service, cfg, infer
+    app.state.api_keys = api_keys(cfg.api_keys_env)
+    if app.state.api_keys is None:
+        log.warning(
+            "serve.api_keys_env is not set: the prediction endpoints are open to anyone who reaches them"
+        )
     app.add_exception_handler(HTTPError, http_error)
     app.include_router(router)
+    build_schema = app.openapi
+    limits = {
+        "min_side": cfg.min_image_side,
+        "max_pixels": service.cfg.data.max_image_pixels,
+        "max_bytes": cfg.max_upload_bytes,
+        "max_images": cfg.max_images_per_request,
+    }
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = _with_limits(build_schema(), limits)
+            if app.state.api_keys is None:  # open: the schema must not ask for a key
+                _drop_security(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
@@ -522,7 +627,14 @@ def run(cfg: Config, *, blocking: bool = True, name: str = "hotdog") -> None:
     else:
         set_serve_env(cfg.serve, drain_s=5)
     init_ray()
-    try:  # Ctrl-C at any point, even while the app is still starting, stops Serve cleanly
+    # Ctrl-C or SIGTERM (docker stop, systemd, Kubernetes) at any point, even while the app is still
+    # starting, stops Serve cleanly: replicas finish the requests they hold before they exit.
+    with sigterm_interrupts(replace=True):
+        _serve_until_interrupted(cfg, name, blocking)
+
+
+def _serve_until_interrupted(cfg: Config, name: str, blocking: bool) -> None:
+    try:
         try:
             serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         except Exception:
@@ -542,5 +654,6 @@ def run(cfg: Config, *, blocking: bool = True, name: str = "hotdog") -> None:
         while blocking:
             time.sleep(3600)
     except KeyboardInterrupt:
-        log.info("stopping")
+        log.info("stopping: finishing the requests in flight")
         serve.shutdown()
+        log.info("stopped")

@@ -13,16 +13,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from hotdog_ray.bundle import MODEL_DIR
 from hotdog_ray.registry import tracking_uri
+from hotdog_ray.runtime import sigterm_interrupts
 
 if TYPE_CHECKING:
     import torch
@@ -161,7 +160,7 @@ def run(
     handle = _reopen(uri, resume) if resume else _create(uri, tracking.experiment, name, parent)
     if tags or not resume:
         handle.set_tags({**({} if resume else {"git_commit": git_commit()}), **(tags or {})})
-    with _sigterm_interrupts():
+    with sigterm_interrupts():  # so that the run ends KILLED instead of staying RUNNING
         try:
             yield handle
         except (KeyboardInterrupt, SystemExit) as exc:
@@ -190,30 +189,6 @@ def _reopen(uri: str, run_id: str) -> Run:
     handle = Run(uri, run_id)
     handle.client.update_run(run_id, status="RUNNING")
     return handle
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """Within the block, SIGTERM (docker stop, Kubernetes) interrupts like Ctrl-C, so the run ends
-    KILLED instead of staying RUNNING. Only where nobody else handles SIGTERM, and only in the main
-    thread (the only one that can set handlers)."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-    ):
-        yield
-        return
-
-    def interrupt(_signum, _frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        # Leave alone a handler that was set inside the block (Ray's driver sets one).
-        if signal.getsignal(signal.SIGTERM) is interrupt:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def find_runs(tracking: "TrackingSettings", tags: dict[str, str]) -> list:

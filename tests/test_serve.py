@@ -392,6 +392,102 @@ def test_a_user_config_change_reloads_in_place(app, tmp_path):
         serve.delete("ondemand")
 
 
+def test_api_keys_close_the_prediction_endpoints_and_leave_the_probes_open(app):
+    """With serve.api_keys_env set (here through the replica's runtime_env; on Kubernetes a Secret),
+    every prediction endpoint answers 401 with a reason without a key or with a wrong one, and 200
+    with each configured key; the probes stay open."""
+    from ray import serve
+
+    from hotdog_ray.serve import deployment
+
+    keys = ["k-first-0123456789", "k-second-9876543210"]
+    cfg = app.cfg.model_copy(
+        update={"serve": app.cfg.serve.model_copy(update={"api_keys_env": "HOTDOG_TEST_KEYS"})}
+    )
+    env = {"env_vars": {"HOTDOG_TEST_KEYS": f"{keys[0]}, {keys[1]}"}}
+    keyed = deployment(cfg).options(ray_actor_options={"num_cpus": 0.25, "runtime_env": env})
+    serve.run(keyed.bind(cfg.model_dump(mode="json")), name="keyed", route_prefix="/keyed")
+    url = app.url + "/keyed"
+    try:
+        assert wait_ready(url, timeout=60)
+        data = encode(LEVELS["dog"], "RGB", "JPEG", (20, 20))
+        for path in ("/predict", "/explain"):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {keys[0]}"}):
+                r = requests.post(url + path, files={"file": ("d.jpg", data)}, headers=headers, timeout=30)
+                assert r.status_code == 401 and "API key" in r.json()["error"], (path, headers, r.text)
+                assert r.headers["WWW-Authenticate"] == "Bearer"
+            for key in keys:
+                auth = {"Authorization": f"Bearer {key}"}
+                r = requests.post(url + path, files={"file": ("d.jpg", data)}, headers=auth, timeout=30)
+                assert r.status_code == 200, r.text
+        r = requests.post(url + "/predict/batch", files=[("files", ("d.jpg", data))], timeout=30)
+        assert r.status_code == 401
+        r = requests.post(
+            url + "/predict/batch",
+            files=[("files", ("d.jpg", data))],
+            headers={"Authorization": f"Bearer {keys[1]}"},
+            timeout=30,
+        )
+        assert r.status_code == 200 and len(r.json()["results"]) == 1
+        for probe in ("/healthz", "/readyz"):
+            assert requests.get(url + probe, timeout=10).status_code == 200
+        spec = requests.get(url + "/openapi.json", timeout=10).json()
+        assert spec["paths"]["/predict"]["post"]["security"] == [{"HTTPBearer": []}]
+    finally:
+        serve.delete("keyed")
+
+
+def images_as_documented(min_side: int):
+    """A Hypothesis strategy of image files as the schema describes them: any of the listed
+    formats and modes, at least ``min_side`` pixels a side (JSON Schema cannot say "a decodable
+    image of this size", so the schema says it in words and this generator follows them)."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def image(draw) -> bytes:
+        w, h = draw(st.integers(min_side, 48)), draw(st.integers(min_side, 48))
+        fmt = draw(st.sampled_from(["JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP"]))
+        mode = draw(st.sampled_from(["RGB", "L", "RGBA", "P"] if fmt != "JPEG" else ["RGB", "L", "CMYK"]))
+        seed = draw(st.integers(0, 2**16))
+        pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).convert(mode).save(buf, format=fmt)
+        return buf.getvalue()
+
+    return image()
+
+
+def test_the_api_matches_its_openapi_schema(app):
+    """schemathesis reads the live app's /openapi.json and sends what it describes: no server error,
+    every status, header and body as documented, and every schema-valid request accepted."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.specs.openapi.formats import unregister_string_format
+    from schemathesis.specs.openapi.media_types import unregister_all
+    from schemathesis.transport.serialization import Binary
+
+    images = images_as_documented(app.cfg.serve.min_image_side)
+    schemathesis.openapi.format("binary", images.map(Binary))
+    schemathesis.openapi.media_type("image/*", images, aliases=["application/octet-stream"])
+    try:
+        schema = schemathesis.openapi.from_url(app.url + "/openapi.json")
+        operations = [result.ok() for result in schema.get_all_operations()]
+        assert {op.path for op in operations} >= {"/predict", "/predict/batch", "/explain", "/healthz"}
+        for operation in operations:
+
+            @given(case=operation.as_strategy())
+            @settings(
+                max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+            )
+            def check(case):
+                case.call_and_validate(timeout=30)
+
+            check()
+    finally:
+        unregister_string_format("binary")
+        unregister_all()  # the media types registered above
+
+
 def _chromium() -> tuple[str, str] | None:
     import shutil
 
@@ -459,9 +555,10 @@ def _current_version(app) -> str:
 
 
 @pytest.mark.ray_head
-def test_hotdog_serve_command_serves_a_bundle_until_interrupted(tmp_path):
+def test_hotdog_serve_command_serves_a_bundle_and_drains_on_sigterm(tmp_path):
     """``hotdog serve`` as a user runs it: its own Ray, the page and the API on the configured port,
-    a model given as a bundle folder, and a clean stop on Ctrl-C."""
+    a model given as a bundle folder; SIGTERM under load (what docker stop, systemd and Kubernetes
+    send) drains it: every request in flight when the signal came is answered, and it exits 0."""
     import os
     import signal
 
@@ -501,7 +598,35 @@ def test_hotdog_serve_command_serves_a_bundle_until_interrupted(tmp_path):
         assert r.json()["probabilities"] == pytest.approx(offline.predict(data).probabilities, abs=1e-5)
         assert "Is it a hotdog?" in requests.get(url + "/", timeout=10).text
         assert listener(port) == "haproxy"  # serve.haproxy's default in the Ray the command started
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: the command shuts Serve down and exits cleanly
-        assert proc.wait(timeout=90) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+        outcomes: list[tuple[float, float, str]] = []  # (sent, answered, "200" or the failure)
+        stop = threading.Event()
+
+        def client() -> None:
+            with requests.Session() as http:
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    try:
+                        status = str(http.post(url + "/predict", data=data, timeout=60).status_code)
+                    except requests.RequestException as exc:
+                        status = type(exc).__name__
+                    outcomes.append((t0, time.monotonic(), status))
+
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for c in clients:
+            c.start()
+        time.sleep(2)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # to the command itself, as a process manager does
+        try:
+            code = proc.wait(timeout=90)
+        finally:
+            stop.set()
+            for c in clients:
+                c.join(timeout=70)
+        assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        in_flight = [o for o in outcomes if o[0] < signalled]
+        assert any(o[1] > signalled for o in in_flight), "no request was in flight at the signal"
+        assert {o[2] for o in in_flight} == {"200"}, sorted({o[2] for o in in_flight})
     finally:
         stop_command(proc, own_ray=True)
