@@ -214,6 +214,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from hotdog_ray import promote
 
     cfg = config_from_args(args)
+    if args.challenger or args.clear_challenger:
+        version = promote.set_challenger(cfg, None if args.clear_challenger else args.challenger)
+        name, alias = cfg.tracking.registered_model, cfg.tracking.challenger_alias
+        print(f"{name}@{alias} is version {version}" if version else f"{name}@{alias} removed")
+        return 0
     if args.force:
         decision = promote.force(cfg, args.force)
     else:
@@ -224,6 +229,45 @@ def cmd_promote(args: argparse.Namespace) -> int:
         else f"{'promoted' if decision.promoted else 'kept the champion'}: {decision.reason}; "
         f"{cfg.tracking.registered_model}@{cfg.tracking.alias} is version {decision.version}"
     )
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from hotdog_ray import registry, rollout
+    from hotdog_ray.errors import ModelError
+
+    cfg = config_from_args(args)
+    t = cfg.tracking
+    champion, challenger = registry.alias_version(t), registry.alias_version(t, t.challenger_alias)
+    if champion is None or challenger is None:
+        raise ModelError(
+            f"{t.registered_model} needs both aliases {t.alias!r} and {t.challenger_alias!r} for a rollout "
+            f"(champion: {champion}, challenger: {challenger}); see hotdog promote --challenger"
+        )
+    stats = rollout.report(cfg, champion, challenger)
+    allowed, why = rollout.gate(cfg, stats)
+    out = {
+        "champion": champion,
+        "challenger": challenger,
+        **stats.summary(),
+        "promotable": allowed,
+        "why": why,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    print(f"{t.registered_model}: champion version {champion}, challenger version {challenger}")
+    print(
+        f"  requests {out['requests']} (champion {out['served_by_champion']}, challenger "
+        f"{out['served_by_challenger']}), shadowed {out['shadowed']}, agreement {fmt(out['agreement'], '.3f')}"
+    )
+    for role in rollout.ROLES:
+        print(
+            f"  {role:<11} p50 latency {fmt(out['p50_latency_ms'][role], '.2f')} ms, "
+            f"median confidence {fmt(out['median_confidence'][role], '.3f')}"
+        )
+    print(f"  {'promotable' if allowed else 'not promotable'}: {why}")
     return 0
 
 
@@ -371,9 +415,20 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--force", metavar="VERSION", help="point the alias at this version without evaluating"
     )
+    which.add_argument(
+        "--challenger",
+        metavar="VERSION",
+        help="point tracking.challenger_alias at this version: serve.rollout tries it on live traffic",
+    )
+    which.add_argument("--clear-challenger", action="store_true", help="remove the challenger alias")
     p.add_argument("--data", help="dataset root for the comparison (default: data.root)")
     p.add_argument("--json", action="store_true")
 
+    p = command(
+        "rollout", cmd_rollout, "the challenger against the champion on live traffic (serve.rollout)", True
+    )
+    p.add_argument("action", choices=["report"], help="report: every replica's figures, added up")
+    p.add_argument("--json", action="store_true")
     p = command("runs", cmd_runs, "recent training runs, sweeps and trials with their key metrics", True)
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")

@@ -316,6 +316,14 @@ class ServeSettings(_Section):
         "cluster keeps the RAY_SERVE_ENABLE_HA_PROXY it was started with)",
     )
 
+    rollout: Literal["off", "shadow", "canary"] = Field(
+        "off",
+        description="with a challenger (hotdog promote --challenger VERSION): shadow scores every /predict "
+        "request with it too, off the response path; canary answers serve.canary_fraction of them with it",
+    )
+    canary_fraction: float = Field(
+        0.1, ge=0, le=1, description="canary: share of requests the challenger answers"
+    )
     api_keys_env: str | None = Field(
         None,
         description="name of an environment variable holding one or more API keys (separated by commas or "
@@ -368,6 +376,25 @@ class ScoreSettings(_Section):
     gpus_per_actor: float = Field(0.0, ge=0)
 
 
+class RolloutSettings(_Section):
+    """Trying a challenger on live traffic (serve.rollout) and the gate before it takes over."""
+
+    store: str = Field(
+        "rollout",
+        description="where replicas write their rollout figures: a folder or s3:// (shared on a cluster)",
+    )
+    flush_interval_s: float = Field(5.0, gt=0, description="how often each replica writes its figures")
+    min_requests: int = Field(
+        0, ge=0, description="hotdog promote --force: shadow requests the challenger must have answered"
+    )
+    min_agreement: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="hotdog promote --force: least share of shadow answers equal to the champion's",
+    )
+
+
 class TrackingSettings(_Section):
     """MLflow tracking and registry."""
 
@@ -378,6 +405,7 @@ class TrackingSettings(_Section):
     experiment: str = "hotdog-ray"
     registered_model: str = "hotdog-classifier"
     alias: str = "champion"
+    challenger_alias: str = Field("challenger", description="the version serve.rollout tries on live traffic")
 
 
 class Config(_Section):
@@ -390,6 +418,7 @@ class Config(_Section):
     serve: ServeSettings = Field(default_factory=ServeSettings)
     predict: PredictSettings = Field(default_factory=PredictSettings)
     score: ScoreSettings = Field(default_factory=ScoreSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
 

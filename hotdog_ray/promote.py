@@ -105,11 +105,28 @@ def promote(
 
 
 def force(cfg: "Config", version: str) -> Decision:
-    """Point the alias at ``version`` without evaluating: for humans (rollbacks, hotfixes). A version
-    registered before ONNX export existed is exported first (its ``onnx`` tag says how it went)."""
+    """Point the alias at ``version`` without evaluating: for humans (rollbacks, hotfixes). With
+    ``rollout.min_requests`` or ``rollout.min_agreement`` set, only once the version's shadow figures
+    against the current champion meet them. A version registered before ONNX export existed is
+    exported first (its ``onnx`` tag says how it went)."""
     from hotdog_ray import registry
 
     before = registry.alias_version(cfg.tracking)
+    r = cfg.rollout
+    if before is not None and before != version and (r.min_requests or r.min_agreement):
+        from hotdog_ray import rollout
+
+        allowed, why = rollout.gate(cfg, rollout.report(cfg, before, version))
+        if not allowed:
+            log.warning("promotion of version %s refused: %s", version, why)
+            return Decision(
+                False,
+                f"refused: {why} (version {version} against champion {before}, rollout.store {r.store})",
+                cfg.tune.promote_metric,
+                f"version {version}",
+                champion_version=before,
+                version=before,
+            )
     registry.ensure_version_exported(cfg.tracking, version)
     registry.set_alias(cfg.tracking, version)
     return Decision(
@@ -120,6 +137,20 @@ def force(cfg: "Config", version: str) -> Decision:
         champion_version=before,
         version=version,
     )
+
+
+def set_challenger(cfg: "Config", version: str | None) -> str | None:
+    """Point ``tracking.challenger_alias`` at ``version`` (exported first, as for the champion), or
+    remove it with None; replicas with ``serve.rollout`` pick it up at their next reload poll."""
+    from hotdog_ray import registry
+
+    alias = cfg.tracking.challenger_alias
+    if version is None:
+        registry.delete_alias(cfg.tracking, alias)
+        return None
+    registry.ensure_version_exported(cfg.tracking, version)
+    registry.set_alias(cfg.tracking, version, alias)
+    return version
 
 
 def _record(run: "Run | None", decision: Decision) -> Decision:

@@ -103,16 +103,25 @@ def ensure_version_exported(tracking: "TrackingSettings", version: str) -> str:
     return onnx or ""
 
 
-def alias_version(tracking: "TrackingSettings") -> str | None:
-    """The version ``tracking.alias`` points at, or None when the alias is not set."""
+def alias_version(tracking: "TrackingSettings", alias: str | None = None) -> str | None:
+    """The version ``alias`` (default ``tracking.alias``) points at, or None when it is not set."""
     from mlflow.exceptions import MlflowException
 
     try:
         return str(
-            client(tracking).get_model_version_by_alias(tracking.registered_model, tracking.alias).version
+            client(tracking)
+            .get_model_version_by_alias(tracking.registered_model, alias or tracking.alias)
+            .version
         )
     except MlflowException:
         return None
+
+
+def delete_alias(tracking: "TrackingSettings", alias: str) -> None:
+    """Remove ``alias`` from the registered model (nothing happens when it is not set)."""
+    if alias_version(tracking, alias) is not None:
+        client(tracking).delete_registered_model_alias(tracking.registered_model, alias)
+        log.info("%s@%s removed", tracking.registered_model, alias)
 
 
 def version_run_id(tracking: "TrackingSettings", version: str) -> str | None:
@@ -120,17 +129,17 @@ def version_run_id(tracking: "TrackingSettings", version: str) -> str | None:
     return client(tracking).get_model_version(tracking.registered_model, version).run_id
 
 
-def set_alias(tracking: "TrackingSettings", version: str) -> None:
-    """Point ``tracking.alias`` at ``version`` (which must exist)."""
+def set_alias(tracking: "TrackingSettings", version: str, alias: str | None = None) -> None:
+    """Point ``alias`` (default ``tracking.alias``) at ``version`` (which must exist)."""
     from mlflow.exceptions import MlflowException
 
-    mlflow, name = client(tracking), tracking.registered_model
+    mlflow, name, alias = client(tracking), tracking.registered_model, alias or tracking.alias
     try:
         mlflow.get_model_version(name, version)
     except MlflowException as exc:
         raise ModelError(f"{name} has no version {version} in {tracking_uri(tracking)}") from exc
-    mlflow.set_registered_model_alias(name, tracking.alias, version)
-    log.info("%s@%s -> version %s", name, tracking.alias, version)
+    mlflow.set_registered_model_alias(name, alias, version)
+    log.info("%s@%s -> version %s", name, alias, version)
 
 
 def default_model_ref(tracking: "TrackingSettings") -> str:

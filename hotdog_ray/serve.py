@@ -21,6 +21,7 @@ import base64
 import hmac
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -37,6 +38,7 @@ from hotdog_ray import __version__
 from hotdog_ray.config import Config, ServeSettings, from_dict, load_config
 from hotdog_ray.errors import ConfigError, ImageError
 from hotdog_ray.predict import Predictor, cpu_threads
+from hotdog_ray.rollout import RolloutStats
 from hotdog_ray.runtime import sigterm_interrupts
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,9 @@ class ModelService:
         self.key: str | None = None  # the concrete model loaded (a version, a run, a folder)
         self.last_error: str | None = None
         self.metrics: dict[str, float] = {}
+        self.challenger: Predictor | None = None  # serve.rollout's model, when the alias is set
+        self.challenger_key: str | None = None
+        self.rollout = RolloutStats()
         self._lock = threading.Lock()
 
     def _resolve(self) -> str:
@@ -96,20 +101,13 @@ class ModelService:
         from hotdog_ray import registry
 
         with self._lock:  # one load at a time; requests keep using self.predictor meanwhile
+            if self.cfg.serve.rollout != "off":
+                self._refresh_challenger()
             try:
                 key = self._resolve()
                 if key == self.key:
                     return False
-                s = self.cfg.serve
-                predictor = Predictor.from_config(
-                    self.cfg,
-                    key,
-                    max_pixels=self.cfg.data.max_image_pixels,
-                    min_side=s.min_image_side,
-                    top_k=s.top_k,
-                    device="cuda" if s.gpus_per_replica > 0 else "cpu",
-                    threads=cpu_threads(s.cpus_per_replica),
-                )
+                predictor = self._load(key)
                 run_id = predictor.bundle.meta.get("run_id")
                 metrics = registry.run_metrics(self.cfg.tracking, run_id) if run_id else {}
             except Exception as exc:  # noqa: BLE001 - whatever fails (store, download, weights), the old model keeps serving
@@ -118,8 +116,39 @@ class ModelService:
                 return False
             old = self.key
             self.predictor, self.key, self.metrics, self.last_error = predictor, key, metrics, None
+            self.rollout = RolloutStats()  # a new champion: a new pair to compare
         log.info("now serving %s (was %s)", key, old)
         return True
+
+    def _load(self, key: str) -> Predictor:
+        s = self.cfg.serve
+        return Predictor.from_config(
+            self.cfg,
+            key,
+            max_pixels=self.cfg.data.max_image_pixels,
+            min_side=s.min_image_side,
+            top_k=s.top_k,
+            device="cuda" if s.gpus_per_replica > 0 else "cpu",
+            threads=cpu_threads(s.cpus_per_replica),
+        )
+
+    def _refresh_challenger(self) -> None:
+        """Load the version the challenger alias names now (None when it is unset), beside the champion."""
+        from hotdog_ray import registry
+
+        t = self.cfg.tracking
+        version = registry.alias_version(t, t.challenger_alias)
+        key = None if version is None else f"models:/{t.registered_model}/{version}"
+        if key == self.challenger_key:
+            return
+        try:
+            challenger = None if key is None else self._load(key)
+        except Exception as exc:  # noqa: BLE001 - a challenger that fails to load is left out, not served
+            log.error("challenger %s failed to load, rollout paused: %s", key, exc)
+            return
+        self.challenger, self.challenger_key = challenger, key
+        self.rollout = RolloutStats()  # figures are per champion-challenger pair
+        log.info("rollout %s: challenger %s", self.cfg.serve.rollout, key)
 
     def info(self) -> dict[str, Any]:
         p = self.predictor
@@ -410,6 +439,17 @@ async def readyz(service: ModelService = Depends(current_service)) -> JSONRespon
     return JSONResponse({"ready": True, "model": model_of(service.predictor)})
 
 
+@router.get("/rollout", summary="This replica's champion against the challenger (serve.rollout)")
+async def rollout(service: ModelService = Depends(current_service)) -> dict[str, Any]:
+    return {
+        "mode": service.cfg.serve.rollout,
+        "champion": service.key,
+        "challenger": service.challenger_key,
+        "pid": os.getpid(),
+        **service.rollout.summary(),
+    }
+
+
 @router.get("/model", summary="The model being served: name, version, classes, input, training metrics")
 async def model(
     service: ModelService = Depends(current_service), _loaded: Predictor = Depends(loaded_predictor)
@@ -424,8 +464,61 @@ async def model(
     openapi_extra=body_doc("file", many=False),
     responses={**PREDICTION, **ERRORS},
 )
-async def predict(request: Request, predictor: Predictor = Depends(loaded_predictor)) -> JSONResponse:
-    return JSONResponse(await on_one_image(request, predictor, predict_one))
+async def predict(
+    request: Request,
+    service: ModelService = Depends(current_service),
+    predictor: Predictor = Depends(loaded_predictor),
+) -> JSONResponse:
+    s = settings(request)
+    if s.rollout == "off" or service.challenger is None:
+        return JSONResponse(await on_one_image(request, predictor, predict_one))
+    if s.rollout == "canary" and random.random() < s.canary_fraction:
+        return JSONResponse(
+            await on_one_image(request, service.challenger, rollout_work(service, "challenger"))
+        )
+    return JSONResponse(await on_one_image(request, predictor, rollout_work(service, "champion")))
+
+
+def rollout_work(service: ModelService, role: str) -> Callable[..., Awaitable[dict[str, Any]]]:
+    """:func:`predict_one` that records its latency and confidence under ``role``; in shadow mode the
+    champion's answer also starts the challenger on the same image, off the response path."""
+
+    async def work(request: Request, predictor: Predictor, data: bytes) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        result = await predict_one(request, predictor, data)
+        stats = service.rollout
+        stats.sample(role, 1000 * (time.perf_counter() - t0), result["probability"])
+        if role == "challenger":
+            stats.canary += 1
+            return result
+        stats.served += 1
+        challenger = service.challenger
+        if settings(request).rollout == "shadow" and challenger is not None:
+            task = asyncio.create_task(shadow_one(request, service, challenger, data, result["label"]))
+            shadows = request.app.state.shadow_tasks  # held until done: the loop keeps only weak references
+            shadows.add(task)
+            task.add_done_callback(shadows.discard)
+        return result
+
+    return work
+
+
+async def shadow_one(
+    request: Request, service: ModelService, challenger: Predictor, data: bytes, champion_label: str
+) -> None:
+    """The challenger's answer to a request the champion answered, compared and recorded, never sent."""
+    t0 = time.perf_counter()
+    try:
+        result = await predict_one(request, challenger, data)
+    except Exception as exc:  # noqa: BLE001 - the shadow must never disturb serving
+        log.warning("shadow prediction by %s failed: %s", service.challenger_key, exc)
+        return
+    stats = service.rollout
+    stats.sample("challenger", 1000 * (time.perf_counter() - t0), result["probability"])
+    stats.shadowed += 1
+    stats.agreed += result["label"] == champion_label
+    if stats.shadowed % 500 == 0:
+        log.info("shadow %s against %s: %s", service.challenger_key, service.key, stats.summary())
 
 
 @router.post(
@@ -469,6 +562,7 @@ def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastA
         "every class's probability and where the model looked.",
     )
     app.state.service, app.state.settings, app.state.infer = service, cfg, infer
+    app.state.shadow_tasks = set()
     app.state.api_keys = api_keys(cfg.api_keys_env)
     if app.state.api_keys is None:
         log.warning(
@@ -519,6 +613,8 @@ class HotdogReplica:
         self._user_config: dict[str, Any] | None = None
         if s.reload_interval_s > 0:
             self._poller = asyncio.create_task(self._poll())
+        if s.rollout != "off":
+            self._flusher = asyncio.create_task(self._flush_rollout())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.service, self.cfg.serve, self.infer)
@@ -527,6 +623,20 @@ class HotdogReplica:
         while True:
             await asyncio.sleep(self.cfg.serve.reload_interval_s)
             await asyncio.to_thread(self.service.refresh)
+
+    async def _flush_rollout(self) -> None:
+        """Write this replica's rollout figures where ``hotdog rollout report`` adds them up."""
+        from hotdog_ray import rollout
+
+        while True:
+            await asyncio.sleep(self.cfg.rollout.flush_interval_s)
+            svc = self.service
+            if svc.key and svc.challenger_key:
+                figures = svc.rollout.to_json()  # on the loop: nothing appends meanwhile
+                try:
+                    await asyncio.to_thread(rollout.write, self.cfg, svc.key, svc.challenger_key, figures)
+                except Exception as exc:  # noqa: BLE001 - figures must never stop the replica
+                    log.warning("could not write rollout figures to %s: %s", self.cfg.rollout.store, exc)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this after start and on every ``user_config`` change: a change reloads now."""

@@ -18,6 +18,7 @@ import requests
 import torch
 from PIL import Image
 
+from hotdog_ray import registry
 from hotdog_ray.bundle import ModelBundle, model_meta, save_bundle
 from hotdog_ray.config import load_config
 from hotdog_ray.models import build_model
@@ -29,6 +30,7 @@ from tests.helpers import (
     png,
     png_header_claiming,
     register_model,
+    set_args,
     stop_command,
     tiny_model,
     tiny_model_config,
@@ -435,6 +437,101 @@ def test_api_keys_close_the_prediction_endpoints_and_leave_the_probes_open(app):
         assert spec["paths"]["/predict"]["post"]["security"] == [{"HTTPBearer": []}]
     finally:
         serve.delete("keyed")
+
+
+def test_shadow_and_canary_rollouts_and_the_promotion_gate(app, tmp_path, capsys):
+    """A challenger on live traffic. Shadow: under concurrent load no request fails, every answer is
+    the champion's, and the challenger scored the same requests off the response path; the replica's
+    figures reach the rollout store, `hotdog rollout report` adds them up, and `hotdog promote --force`
+    refuses below rollout.min_requests / min_agreement and moves the alias above them. Canary at
+    0.2: over 1,000 requests the challenger answers a share within binomial bounds, and each answer
+    names the version that gave it."""
+    from ray import serve
+
+    from hotdog_ray import rollout
+    from hotdog_ray.cli import main
+    from hotdog_ray.config import apply_overrides, from_dict
+    from hotdog_ray.promote import force, set_challenger
+    from hotdog_ray.serve import deployment
+
+    cfg = from_dict(
+        apply_overrides(
+            app.cfg.model_dump(mode="json"),
+            [
+                "tracking.registered_model=rollout-model",
+                f"rollout.store={tmp_path}",
+                "rollout.flush_interval_s=0.5",
+            ],
+        )
+    )
+    champion, _ = register(cfg, seed=7)
+    challenger, _ = register(cfg, seed=8)
+    set_alias(cfg.tracking, champion)
+    set_challenger(cfg, challenger)
+    for mode in ("shadow", "canary"):
+        c = cfg.model_copy(
+            update={"serve": cfg.serve.model_copy(update={"rollout": mode, "canary_fraction": 0.2})}
+        )
+        serve.run(deployment(c).bind(c.model_dump(mode="json")), name=mode, route_prefix=f"/{mode}")
+    try:
+        for mode in ("shadow", "canary"):
+            assert wait_ready(f"{app.url}/{mode}", timeout=60)
+        data = encode(LEVELS["cat"], "RGB", "JPEG", (24, 24))
+
+        load = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "loadgen.py"), f"{app.url}/shadow/predict"]
+            + ["--requests", "400", "--concurrency", "8", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert json.loads(load.stdout)["errors"] == 0, load.stdout + load.stderr[-2000:]
+        seen = {app.post("/shadow/predict", data=data).json()["model"]["version"] for _ in range(50)}
+        assert seen == {champion}
+        deadline = time.monotonic() + 30
+        while (replica := requests.get(f"{app.url}/shadow/rollout", timeout=10).json())["shadowed"] < 450:
+            assert time.monotonic() < deadline, replica
+            time.sleep(0.2)
+        assert replica["challenger"] == f"models:/rollout-model/{challenger}"
+        while (stored := rollout.report(cfg, champion, challenger)).shadowed < replica["shadowed"]:
+            assert time.monotonic() < deadline, stored.summary()
+            time.sleep(0.2)
+        assert stored.served == stored.shadowed and stored.canary == 0 and 0 <= stored.agreement <= 1
+        assert all(ms > 0 for ms in stored.summary()["p50_latency_ms"].values())
+
+        assert main(["rollout", "report", "--json", *set_args(rollout_args(cfg))]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["shadowed"] >= stored.shadowed and printed["challenger"] == challenger
+
+        def gated(**limits):
+            return cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update=limits)})
+
+        refused = force(gated(min_requests=stored.shadowed + 10_000), challenger)
+        assert not refused.promoted and "shadow requests" in refused.reason
+        if stored.agreement < 1:
+            refused = force(gated(min_requests=10, min_agreement=1.0), challenger)
+            assert not refused.promoted and "agreement" in refused.reason
+        assert registry.alias_version(cfg.tracking) == champion
+
+        answered = [app.post("/canary/predict", data=data).json()["model"]["version"] for _ in range(1000)]
+        by_challenger = answered.count(challenger)
+        assert set(answered) == {champion, challenger}
+        assert 143 <= by_challenger <= 257, by_challenger  # 200 +- 4.5 standard deviations
+        assert (
+            requests.get(f"{app.url}/canary/rollout", timeout=10).json()["served_by_challenger"]
+            == by_challenger
+        )
+    finally:
+        for mode in ("shadow", "canary"):
+            serve.delete(mode)
+
+
+def rollout_args(cfg) -> list[str]:
+    return [
+        f"tracking.uri={cfg.tracking.uri}",
+        f"tracking.registered_model={cfg.tracking.registered_model}",
+        f"rollout.store={cfg.rollout.store}",
+    ]
 
 
 def images_as_documented(min_side: int):
