@@ -63,7 +63,7 @@ def measure(url: str, args) -> dict:
     return {1: load(url, 1, args.requests_c1), 32: load(url, 32, args.requests_c32)}
 
 
-def register_model(cfg) -> str:
+def register_model(cfg, seed: int = 0) -> str:
     """The preset's architecture with fresh weights, registered: speed does not depend on the weights."""
     import torch
 
@@ -71,7 +71,7 @@ def register_model(cfg) -> str:
     from hotdog_ray.bundle import model_meta
     from hotdog_ray.models import build_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     classes = ["hotdog", "not_hotdog"]
     model = build_model(
         cfg.model.name,
@@ -151,6 +151,7 @@ def main() -> None:
             [
                 f"tracking.uri={db}",
                 "serve.reload_interval_s=0",
+                f"rollout.store={tmp}/rollout",
                 "serve.access_log=false",
                 f"serve.min_replicas={args.replicas}",
                 f"serve.max_replicas={args.replicas}",
@@ -177,12 +178,24 @@ def main() -> None:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
-        for name, batch in (("Ray Serve, batching", cfg.serve.max_batch_size), ("Ray Serve, no batching", 1)):
-            c = cfg.model_copy(
-                update={
-                    "serve": cfg.serve.model_copy(update={"model_uri": model_uri, "max_batch_size": batch})
-                }
-            )
+        # Shadow: the challenger (the same architecture, other weights) also scores every request.
+        from hotdog_ray.promote import set_challenger
+        from hotdog_ray.registry import set_alias
+
+        set_alias(cfg.tracking, version)
+        set_challenger(cfg, register_model(cfg, seed=1))
+        runs = (
+            ("Ray Serve, batching", cfg.serve.max_batch_size, "off"),
+            ("Ray Serve, no batching", 1, "off"),
+            ("Ray Serve, shadow", cfg.serve.max_batch_size, "shadow"),
+        )
+        for name, batch, mode in runs:
+            update = {
+                "model_uri": None if mode != "off" else model_uri,
+                "max_batch_size": batch,
+                "rollout": mode,
+            }
+            c = cfg.model_copy(update={"serve": cfg.serve.model_copy(update=update)})
             serve.run(deployment(c).bind(c.model_dump(mode="json")), name="bench", route_prefix="/")
             if not wait_ready(url):
                 raise RuntimeError(f"{name} did not become ready")
@@ -191,10 +204,11 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    base, fast, ours = (
+    base, fast, ours, shadow = (
         results["uvicorn + PyTorch"],
         results["uvicorn + ONNX Runtime"],
         results["Ray Serve, batching"],
+        results["Ray Serve, shadow"],
     )
     summary = {
         "config": args.config,
@@ -211,6 +225,8 @@ def main() -> None:
         "throughput_ratio_c32": round(ours[32]["rps"] / base[32]["rps"], 3),
         "p50_diff_ms_c1": round(ours[1]["p50_ms"] - base[1]["p50_ms"], 2),
         "throughput_ratio_c32_vs_onnxruntime": round(ours[32]["rps"] / fast[32]["rps"], 3),
+        "shadow_throughput_ratio_c32": round(shadow[32]["rps"] / ours[32]["rps"], 3),
+        "shadow_p50_diff_ms_c1": round(shadow[1]["p50_ms"] - ours[1]["p50_ms"], 2),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +250,8 @@ def main() -> None:
         "  throughput ratio at 32 (Serve batching / uvicorn + ONNX Runtime): "
         f"{summary['throughput_ratio_c32_vs_onnxruntime']:.3f}"
     )
+    print(f"  shadow rollout at 32 (shadow / off): {summary['shadow_throughput_ratio_c32']:.3f}")
+    print(f"  shadow rollout p50 at 1 (shadow - off): {summary['shadow_p50_diff_ms_c1']:+.2f} ms")
 
 
 if __name__ == "__main__":

@@ -244,16 +244,25 @@ class Predictor:
     def predict_many(self, images: Sequence[bytes]) -> list[np.ndarray | ImageError]:
         """Each image's class probabilities, or its decoding error, in order, with one forward pass
         for the decodable ones."""
-        arrays: list[np.ndarray] = []
-        out: list[ImageError | None] = []
+        return self.decode_and_predict(images)[0]
+
+    def decode_and_predict(
+        self, images: Sequence[bytes]
+    ) -> tuple[list[np.ndarray | ImageError], list[np.ndarray | None]]:
+        """:meth:`predict_many`, and the model inputs it decoded (None where decoding failed), which
+        another model of the same input size can take as they are (a shadow rollout)."""
+        inputs: list[np.ndarray | None] = []
+        errors: list[ImageError | None] = []
         for data in images:
             try:
-                arrays.append(self.preprocess(data))
-                out.append(None)
+                inputs.append(self.preprocess(data))
+                errors.append(None)
             except ImageError as err:
-                out.append(err)
-        rows = iter(self.predict_arrays(np.stack(arrays)) if arrays else [])
-        return [next(rows) if o is None else o for o in out]
+                inputs.append(None)
+                errors.append(err)
+        decoded = [x for x in inputs if x is not None]
+        rows = iter(self.predict_arrays(np.stack(decoded)) if decoded else [])
+        return [next(rows) if e is None else e for e in errors], inputs
 
     def predictions(self, probs: np.ndarray) -> list[Prediction]:
         return [prediction_from(row, self.classes, self.top_k) for row in probs]

@@ -25,6 +25,7 @@ import random
 import re
 import threading
 import time
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Awaitable, Callable
 
@@ -65,8 +66,17 @@ BEARER = HTTPBearer(auto_error=False, description="an API key of serve.api_keys_
 # Content types a client may post an image as, besides multipart/form-data.
 RAW_TYPES = ("image/", "application/octet-stream")
 
-# Runs the model on one encoded image: its probabilities, or raises ImageError.
-Infer = Callable[[Predictor, bytes], Awaitable[np.ndarray]]
+# Runs the model on one encoded image: its probabilities, or raises ImageError; with a Shadow, the
+# challenger also scores the image later, off the response path.
+Infer = Callable[..., Awaitable[np.ndarray]]
+
+
+@dataclass
+class Shadow:
+    """A request's shadow: the challenger, and what to do with its and the champion's answers."""
+
+    challenger: Predictor
+    done: Callable[[np.ndarray, np.ndarray], None]  # (challenger's probabilities, champion's)
 
 
 class ModelService:
@@ -481,44 +491,35 @@ async def predict(
 
 def rollout_work(service: ModelService, role: str) -> Callable[..., Awaitable[dict[str, Any]]]:
     """:func:`predict_one` that records its latency and confidence under ``role``; in shadow mode the
-    champion's answer also starts the challenger on the same image, off the response path."""
+    champion's request also has the challenger score the same decoded image, off the response path."""
 
     async def work(request: Request, predictor: Predictor, data: bytes) -> dict[str, Any]:
         t0 = time.perf_counter()
-        result = await predict_one(request, predictor, data)
         stats = service.rollout
+        challenger = service.challenger
+        shadow = None
+        if role == "champion" and settings(request).rollout == "shadow" and challenger is not None:
+
+            def done(challenger_probs: np.ndarray, champion_probs: np.ndarray) -> None:
+                theirs = challenger.classes[int(np.argmax(challenger_probs))]
+                ours = predictor.classes[int(np.argmax(champion_probs))]
+                stats.sample("challenger", 1000 * (time.perf_counter() - t0), float(challenger_probs.max()))
+                stats.shadowed += 1
+                stats.agreed += theirs == ours
+                if stats.shadowed % 500 == 0:
+                    log.info("shadow %s against %s: %s", service.challenger_key, service.key, stats.summary())
+
+            shadow = Shadow(challenger, done)
+        probs = await request.app.state.infer(predictor, data, shadow)
+        result = predictor.predictions(probs[None])[0].to_dict()
         stats.sample(role, 1000 * (time.perf_counter() - t0), result["probability"])
         if role == "challenger":
             stats.canary += 1
-            return result
-        stats.served += 1
-        challenger = service.challenger
-        if settings(request).rollout == "shadow" and challenger is not None:
-            task = asyncio.create_task(shadow_one(request, service, challenger, data, result["label"]))
-            shadows = request.app.state.shadow_tasks  # held until done: the loop keeps only weak references
-            shadows.add(task)
-            task.add_done_callback(shadows.discard)
+        else:
+            stats.served += 1
         return result
 
     return work
-
-
-async def shadow_one(
-    request: Request, service: ModelService, challenger: Predictor, data: bytes, champion_label: str
-) -> None:
-    """The challenger's answer to a request the champion answered, compared and recorded, never sent."""
-    t0 = time.perf_counter()
-    try:
-        result = await predict_one(request, challenger, data)
-    except Exception as exc:  # noqa: BLE001 - the shadow must never disturb serving
-        log.warning("shadow prediction by %s failed: %s", service.challenger_key, exc)
-        return
-    stats = service.rollout
-    stats.sample("challenger", 1000 * (time.perf_counter() - t0), result["probability"])
-    stats.shadowed += 1
-    stats.agreed += result["label"] == champion_label
-    if stats.shadowed % 500 == 0:
-        log.info("shadow %s against %s: %s", service.challenger_key, service.key, stats.summary())
 
 
 @router.post(
@@ -562,7 +563,6 @@ def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastA
         "every class's probability and where the model looked.",
     )
     app.state.service, app.state.settings, app.state.infer = service, cfg, infer
-    app.state.shadow_tasks = set()
     app.state.api_keys = api_keys(cfg.api_keys_env)
     if app.state.api_keys is None:
         log.warning(
@@ -590,8 +590,8 @@ def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastA
     return app
 
 
-async def direct_infer(predictor: Predictor, data: bytes) -> np.ndarray:
-    """One image, one forward pass (no batching)."""
+async def direct_infer(predictor: Predictor, data: bytes, shadow: Shadow | None = None) -> np.ndarray:
+    """One image, one forward pass (no batching, no rollout: a plain server has no challenger)."""
     return one_result((await asyncio.to_thread(predictor.predict_many, [data]))[0])
 
 
@@ -609,6 +609,7 @@ class HotdogReplica:
         self.infer_batch.set_max_batch_size(s.max_batch_size)
         self.infer_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.service = ModelService(self.cfg)
+        self._shadows: set[asyncio.Task] = set()
         await asyncio.to_thread(self.service.refresh)
         self._user_config: dict[str, Any] | None = None
         if s.reload_interval_s > 0:
@@ -648,24 +649,60 @@ class HotdogReplica:
         if changed:
             await asyncio.to_thread(self.service.refresh)
 
-    async def infer(self, predictor: Predictor, data: bytes) -> np.ndarray:
-        return one_result(await self.infer_batch((predictor, data)))
+    async def infer(self, predictor: Predictor, data: bytes, shadow: Shadow | None = None) -> np.ndarray:
+        return one_result(await self.infer_batch((predictor, data, shadow)))
 
     # Decoding and the forward pass run together, one worker thread hop per batch: a hop per request
     # for decoding cost as much as decoding a small photo.
     @serve.batch  # sizes are set per replica in __init__, from the config
-    async def infer_batch(self, items: list[tuple[Predictor, bytes]]) -> list[np.ndarray | ImageError]:
+    async def infer_batch(
+        self, items: list[tuple[Predictor, bytes, Shadow | None]]
+    ) -> list[np.ndarray | ImageError]:
         # A batch may straddle a reload: each image runs on the model its request started with.
         out: list[Any] = [None] * len(items)
         groups: dict[int, list[int]] = {}
-        for i, (predictor, _) in enumerate(items):
+        for i, (predictor, _, _) in enumerate(items):
             groups.setdefault(id(predictor), []).append(i)
         for idx in groups.values():
             predictor = items[idx[0]][0]
-            results = await asyncio.to_thread(predictor.predict_many, [items[i][1] for i in idx])
+            results, inputs = await asyncio.to_thread(
+                predictor.decode_and_predict, [items[i][1] for i in idx]
+            )
             for i, result in zip(idx, results):
                 out[i] = result
+            shadows = [
+                (items[i][2], x, result)
+                for i, x, result in zip(idx, inputs, results)
+                if items[i][2] is not None and x is not None
+            ]
+            if shadows:
+                task = asyncio.create_task(self._shadow(predictor, shadows))
+                self._shadows.add(task)  # held until done: the loop keeps only weak references
+                task.add_done_callback(self._shadows.discard)
         return out
+
+    async def _shadow(
+        self, champion: Predictor, shadows: list[tuple[Shadow, np.ndarray, np.ndarray]]
+    ) -> None:
+        """The challenger on the champion's decoded images, batched, after the answers went out."""
+        challenger = shadows[0][0].challenger
+
+        def score() -> np.ndarray:
+            inputs = [x for _, x, _ in shadows]
+            if challenger.image_size != champion.image_size:  # resize what the champion saw
+                from PIL import Image
+
+                size = (challenger.image_size, challenger.image_size)
+                inputs = [np.asarray(Image.fromarray(x).resize(size, Image.BILINEAR)) for x in inputs]
+            return challenger.predict_arrays(np.stack(inputs))
+
+        try:
+            rows = await asyncio.to_thread(score)
+        except Exception as exc:  # noqa: BLE001 - the shadow must never disturb serving
+            log.warning("shadow batch failed: %s", exc)
+            return
+        for (shadow, _, champion_row), row in zip(shadows, rows):
+            shadow.done(row, champion_row)
 
 
 def deployment(cfg: Config) -> "serve.Deployment":
