@@ -307,8 +307,14 @@ def test_every_ray_cluster_has_the_settings_shared_memory_and_gpu_wiring():
             env_from = {
                 (e.get("configMapRef") or e.get("secretRef"))["name"]: e for e in container["envFrom"]
             }
-            assert set(env_from) == {"hotdog-env", "hotdog-s3"}, f"{name} {group}: settings and credentials"
+            # The serving cluster also reads its API keys; it must not start without them.
+            expected = {"hotdog-env", "hotdog-s3"} | (
+                {"hotdog-api-keys"} if name == "rayservice.yaml" else set()
+            )
+            assert set(env_from) == expected, f"{name} {group}: settings and credentials"
             assert env_from["hotdog-s3"]["secretRef"]["optional"] is True  # IAM roles replace it on AWS
+            if name == "rayservice.yaml":
+                assert not env_from["hotdog-api-keys"]["secretRef"].get("optional", False)
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             volumes = {v["name"]: v for v in pod["volumes"]}
             assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", (
@@ -391,6 +397,10 @@ def test_serve_configs_are_valid_for_serve_deploy_and_build_the_app(name, monkey
     assert application.import_path == "hotdog_ray.serve:build_app"
     monkeypatch.chdir(REPO)
     cfg = load_config(application.args["config"], application.args.get("set") or [])
+    if name == "k8s/rayservice.yaml":  # closed on a cluster: the keys come from the Secret's variable
+        secrets = list(yaml.safe_load_all((REPO / "k8s" / "secrets.example.yaml").read_text()))
+        keys = next(s for s in secrets if s["metadata"]["name"] == "hotdog-api-keys")
+        assert cfg.serve.api_keys_env in keys["stringData"]
     (deployment,) = application.deployments
     assert deployment.name == "hotdog"
     assert set(deployment.user_config) == {"reload_token", "model_uri"}
