@@ -129,6 +129,20 @@ def test_a_version_registered_before_export_loads_and_gets_onnx_when_promoted(tm
     assert served.predict(data).probabilities == pytest.approx(expected, abs=TOLERANCE)
 
 
+def test_promote_sets_and_clears_the_challenger_alias(tmp_path, capsys):
+    from hotdog_ray.cli import main
+
+    cfg = tiny_model_config(tmp_path)
+    _, version = register_model(cfg, tiny_model(CLASSES), CLASSES)
+    store = ["--set", f"tracking.uri={cfg.tracking.uri}"]
+    assert main(["promote", "--challenger", version, *store]) == 0
+    assert registry.alias_version(cfg.tracking, "challenger") == version
+    assert registry.alias_version(cfg.tracking) is None  # the champion alias is untouched
+    assert main(["promote", "--clear-challenger", *store]) == 0
+    assert registry.alias_version(cfg.tracking, "challenger") is None
+    assert "challenger removed" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory):
     """A registered version with the champion alias: (cfg, our predictor of it, images)."""
