@@ -124,8 +124,10 @@ class Predictor:
         min_side: int = 8,
         top_k: int = 5,
     ) -> None:
-        """``threads`` caps the forward pass's threads (a Serve replica's or scoring actor's CPU
-        reservation); None leaves each runtime its default."""
+        """``threads`` caps ONNX Runtime's threads (a Serve replica's or scoring actor's CPU
+        reservation; None: one per core). PyTorch is left alone: in a Ray worker it already follows
+        OMP_NUM_THREADS, which Ray sets from the same reservation, and setting it here would change
+        the whole process's PyTorch (a driver's, a notebook's)."""
         self.bundle = bundle
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = bundle.model.to(self.device).eval()
@@ -136,8 +138,6 @@ class Predictor:
             self.runtime = self._faster_on_gpu()
         if self.runtime == ONNXRUNTIME and self.session is None:
             self.session = self._session(threads)
-        elif threads and self.runtime == TORCH:
-            torch.set_num_threads(threads)
         log.info("%s runs on %s (%s)", bundle.meta["name"], self.runtime, self.device)
 
     def _session(self, threads: int | None = None):

@@ -286,9 +286,11 @@ async def _multipart_files(request: Request, max_images: int) -> list[tuple[str,
     return files
 
 
-async def predict_one(request: Request, predictor: Predictor, data: bytes) -> dict[str, Any]:
+async def predict_one(
+    request: Request, predictor: Predictor, data: bytes, shadow: "Shadow | None" = None
+) -> dict[str, Any]:
     """The app's inference (Serve's batching queue, or direct) on one image's bytes."""
-    probs = await request.app.state.infer(predictor, data)
+    probs = await request.app.state.infer(predictor, data, shadow)
     return predictor.predictions(probs[None])[0].to_dict()
 
 
@@ -510,8 +512,7 @@ def rollout_work(service: ModelService, role: str) -> Callable[..., Awaitable[di
                     log.info("shadow %s against %s: %s", service.challenger_key, service.key, stats.summary())
 
             shadow = Shadow(challenger, done)
-        probs = await request.app.state.infer(predictor, data, shadow)
-        result = predictor.predictions(probs[None])[0].to_dict()
+        result = await predict_one(request, predictor, data, shadow)
         stats.sample(role, 1000 * (time.perf_counter() - t0), result["probability"])
         if role == "challenger":
             stats.canary += 1
@@ -675,8 +676,11 @@ class HotdogReplica:
                 for i, x, result in zip(idx, inputs, results)
                 if items[i][2] is not None and x is not None
             ]
-            if shadows:
-                task = asyncio.create_task(self._shadow(predictor, shadows))
+            by_challenger: dict[int, list[tuple[Shadow, np.ndarray, np.ndarray]]] = {}
+            for job in shadows:  # a reload may have swapped the challenger between two requests
+                by_challenger.setdefault(id(job[0].challenger), []).append(job)
+            for jobs in by_challenger.values():
+                task = asyncio.create_task(self._shadow(predictor, jobs))
                 self._shadows.add(task)  # held until done: the loop keeps only weak references
                 task.add_done_callback(self._shadows.discard)
         return out
@@ -684,7 +688,7 @@ class HotdogReplica:
     async def _shadow(
         self, champion: Predictor, shadows: list[tuple[Shadow, np.ndarray, np.ndarray]]
     ) -> None:
-        """The challenger on the champion's decoded images, batched, after the answers went out."""
+        """One challenger on the champion's decoded images, batched, after the answers went out."""
         challenger = shadows[0][0].challenger
 
         def score() -> np.ndarray:
