@@ -42,6 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -110,27 +111,28 @@ class Context:
     def gpu(self) -> bool:
         return self.device == "cuda"
 
+    def overrides(self, *extra: str) -> list[str]:
+        """The run's base settings: generated data, a store and checkpoints under ``work``."""
+        model, size = self.sizes.models[0]
+        return [
+            f"data.root={self.work / 'photos'}",
+            f"data.image_size={size}",
+            f"model.name={model}",
+            f"train.batch_size={self.sizes.batch_size}",
+            f"train.epochs={self.sizes.epochs}",
+            f"train.num_workers={self.sizes.train_workers}",
+            f"train.use_gpu={str(self.gpu).lower()}",
+            "train.learning_rate=0.003",
+            f"train.storage_path={self.work / 'checkpoints'}",
+            f"tracking.uri=sqlite:///{self.work / 'mlflow.db'}",
+            *extra,
+        ]
+
     def config(self, *overrides: str):
-        """The run's base config: generated data, a store and checkpoints under ``work``."""
+        """The run's config: :meth:`overrides` and then ``overrides``."""
         from hotdog_ray.config import load_config
 
-        model, size = self.sizes.models[0]
-        return load_config(
-            None,
-            [
-                f"data.root={self.work / 'photos'}",
-                f"data.image_size={size}",
-                f"model.name={model}",
-                f"train.batch_size={self.sizes.batch_size}",
-                f"train.epochs={self.sizes.epochs}",
-                f"train.num_workers={self.sizes.train_workers}",
-                f"train.use_gpu={str(self.gpu).lower()}",
-                "train.learning_rate=0.003",
-                f"train.storage_path={self.work / 'checkpoints'}",
-                f"tracking.uri=sqlite:///{self.work / 'mlflow.db'}",
-                *overrides,
-            ],
-        )
+        return load_config(None, self.overrides(*overrides))
 
 
 # --- generated data -----------------------------------------------------------------------------
@@ -363,8 +365,16 @@ def step_serve(ctx: Context) -> dict[str, Any]:
             serve.delete("gpu-check")
     finally:
         serve.shutdown()
+    # What a user writes without a serving framework, on the same device: one uvicorn process
+    # running our handlers with PyTorch (bench/serve.py's baseline).
+    bench_args = SimpleNamespace(config=None, overrides=ctx.overrides(), requests_c1=c1, requests_c32=c32)
+    plain = bench_serve.run_baseline(bench_args, cfg.tracking.uri, model_uri, "torch")
+    results["uvicorn baseline"] = {"c1": plain[1], "c32": plain[32]}
     errors = sum(r[c]["errors"] for r in results.values() for c in ("c1", "c32"))
     out = {"ok": errors == 0, **results}
+    served = results["gpu replica" if ctx.gpu else "cpu replica"]
+    out["serve_over_uvicorn_rps_c32"] = round(served["c32"]["rps"] / plain[32]["rps"], 3)
+    out["p50_diff_ms_c1_vs_uvicorn"] = round(served["c1"]["p50_ms"] - plain[1]["p50_ms"], 2)
     if ctx.gpu:
         gpu, cpu = results["gpu replica"], results["cpu replica"]
         out["gpu_over_cpu_rps_c32"] = round(gpu["c32"]["rps"] / cpu["c32"]["rps"], 3)
@@ -521,12 +531,19 @@ def _figures(name: str, r: dict[str, Any]) -> str:
         rows = [
             f"{replica}: c32 {x['c32']['rps']:.0f} req/s p99 {x['c32']['p99_ms']:.1f} ms, c1 p50 {x['c1']['p50_ms']:.1f} ms"
             for replica, x in r.items()
-            if replica.endswith("replica")
+            if replica.endswith(("replica", "baseline"))
         ]
         ratio = f"; GPU/CPU at c32 x{r['gpu_over_cpu_rps_c32']}" if "gpu_over_cpu_rps_c32" in r else ""
-        return "; ".join(rows) + ratio
+        return "; ".join(rows) + ratio + f"; Serve/uvicorn at c32 x{r['serve_over_uvicorn_rps_c32']}"
     if name == "score":
         return f"{r['ours_images_per_s']:g} vs loop {r['loop_images_per_s']:g} images/s (x{r['ratio']})"
+    if name == "onnx":
+        where = "/".join(p.removesuffix("ExecutionProvider") for p in r["session_providers"])
+        rows = ", ".join(
+            f"{x['model']} b{x['batch']} torch {x['torch_ms']:g} ms vs ORT {x['onnxruntime_ms']:g} ms"
+            for x in r["runs"]
+        )
+        return f"ORT on {where}: {rows}; auto picks {r['runs'][0]['auto_picks'] if r['runs'] else '-'}"
     return ""
 
 

@@ -18,16 +18,33 @@ python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implement
 # ORT_GPU=1: ONNX Runtime with its CUDA provider (255 MB, five more groups) so that the onnx step
 # compares it with PyTorch on the GPU; by default the CPU build (17 MB), and PyTorch serves on the GPU.
 
-# The device image's packages (device tool, KINDS.md, read 2026-11-17): keep theirs, carry the rest.
-has="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal anyio attrs certifi
-charset-normalizer click cloudpickle colorama contourpy cycler filelock fonttools frozenlist fsspec
-grpcio h11 httpcore httpx idna imageio jinja2 joblib kiwisolver markdown markupsafe matplotlib msgpack
-multidict networkx numpy opencv-python-headless packaging pandas pillow prometheus-client propcache
-protobuf psutil pyarrow pygments pyparsing python-dateutil pyyaml regex requests rich scikit-learn scipy
-setuptools six sympy threadpoolctl torch tqdm typing-extensions urllib3 werkzeug wrapt yarl zipp"
+# The device image's packages (device tool, KINDS.md, read 2026-11-17; onnx and the CPU onnxruntime
+# among them): keep theirs, carry the rest. Matched whole, one name a line.
+has="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch
+build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage
+cuda-bindings cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops
+equinox etils execnet filelock flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch
+grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize hypothesis idna imageio iniconfig
+interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver
+lazy-loader lightning lightning-utilities linear-operator lineax llvmlite lxml markdown
+markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack multidict
+multipledispatch mypy-extensions nanobind narwhals networkx ninja numba numba-cuda numpy numpyro
+nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft
+nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py
+nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime
+onnxscript opencv-python-headless optax opt-einsum opt-einsum-fx optimistix orbax-checkpoint
+packaging pandas pathspec patsy peft pillow pip pluggy portalocker prometheus-client propcache
+protobuf psutil pyarrow pybind11 py-cpuinfo pygments pyparsing pyproject-hooks pyre-extensions
+pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist python-dateutil
+pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core scikit-image
+scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six
+sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore
+threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric
+torchmetrics torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect
+urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp"
 for wheel in /tmp/gpu-wheels/*.whl; do
   name=$(basename "$wheel" | cut -d- -f1 | tr '_A-Z' '-a-z')
-  if grep -qw -- "$name" <<<"$has"; then rm "$wheel"; fi
+  if tr ' ' '\n' <<<"$has" | grep -qxF -- "$name"; then rm "$wheel"; fi
 done
 (cd /tmp/gpu-wheels && sha256sum *.whl) >/tmp/gpu-wheels.manifest  # what gpu_install.sh must rebuild
 

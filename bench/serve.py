@@ -98,7 +98,7 @@ def run_baseline(args, db: str, model_uri: str, runtime: str) -> dict:
     ]
     env = {
         **os.environ,
-        "HOTDOG_BENCH_CONFIG": args.config,
+        "HOTDOG_BENCH_CONFIG": args.config or "",
         "HOTDOG_BENCH_MODEL": model_uri,
         "HOTDOG_BENCH_SET": "\n".join(overrides),
     }

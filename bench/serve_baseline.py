@@ -15,7 +15,7 @@ def app():
     from hotdog_ray.serve import ModelService, create_api, direct_infer
 
     overrides = [s for s in os.environ.get("HOTDOG_BENCH_SET", "").splitlines() if s]
-    cfg = load_config(os.environ.get("HOTDOG_BENCH_CONFIG"), overrides)
+    cfg = load_config(os.environ.get("HOTDOG_BENCH_CONFIG") or None, overrides)
     service = ModelService(cfg, os.environ["HOTDOG_BENCH_MODEL"])
     service.refresh()
     return create_api(service, cfg.serve, direct_infer)

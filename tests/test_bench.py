@@ -39,9 +39,13 @@ def test_gpu_check_smoke_runs_every_step_and_reports_it(tmp_path, joining_env):
     assert steps["sweep"]["statuses"] == ["finished", "finished"]
     serve = steps["serve"]
     assert "gpu replica" not in serve  # off a GPU the CPU replica is measured once
-    assert serve["cpu replica"]["c32"]["errors"] == 0 and serve["cpu replica"]["c32"]["rps"] > 0
+    for row in ("cpu replica", "uvicorn baseline"):  # Serve against a hand-written server, same run
+        assert serve[row]["c32"]["errors"] == 0 and serve[row]["c32"]["rps"] > 0
+    assert serve["serve_over_uvicorn_rps_c32"] > 0
     assert steps["score"]["photos"] == 40 and steps["score"]["ours_images_per_s"] > 0
-    assert "skipped" in steps["onnx"] or steps["onnx"]["ok"]
+    onnx = steps["onnx"]
+    assert [(r["batch"], r["auto_picks"]) for r in onnx["runs"]] == [(1, "onnxruntime"), (16, "onnxruntime")]
+    assert all(r["max_abs_diff"] <= 1e-4 and r["torch_ms"] > 0 for r in onnx["runs"])
 
     table = (tmp_path / "gpu_check.md").read_text()
     assert all(f"| {name} |" in table for name in steps) and "FAIL" not in table
