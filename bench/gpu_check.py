@@ -40,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -261,12 +261,17 @@ def step_train(ctx: Context) -> dict[str, Any]:
                     failures.append(f"{name}: the loss did not fall ({losses})")
                 if not Path(out.checkpoint_path, "state.pt").is_file():  # checkpoints go under ctx.work
                     failures.append(f"{name}: no checkpoint at {out.checkpoint_path}")
-        # Resume the last run from its checkpoint for one more epoch, on the same device.
+        # Resume the last run from its checkpoint for one more epoch, on the same device. A failure
+        # here is one more finding: the figures above still count.
         longer = cfg.model_copy(
             update={"train": cfg.train.model_copy(update={"epochs": cfg.train.epochs + 1})}
         )
-        again = run_training(longer, run_name=name, register=False, evaluate_test=False)
-        resumed = [int(h["epoch"]) for h in again.history]
+        resumed: list[int] = []
+        try:
+            again = run_training(longer, run_name=name, register=False, evaluate_test=False)
+            resumed = [int(h["epoch"]) for h in again.history]
+        except Exception as err:
+            failures.append(f"{name}: resuming failed: {type(err).__name__}: {str(err)[-1500:]}")
         if resumed != list(range(cfg.train.epochs + 1)):
             failures.append(f"{name}: resumed run's epochs are {resumed}")
     # Off a GPU both settings are ignored: a ratio there would only measure warm-up and noise.
@@ -522,7 +527,8 @@ def _figures(name: str, r: dict[str, Any]) -> str:
         gpu = r["gpu_while_training"]
         util = f"; GPU busy {gpu['util_mean_pct']}% (max {gpu['util_max_pct']}%)" if gpu["samples"] else ""
         speedup = f"; bf16/fp32 {r['bf16_over_fp32']}" if r["bf16_over_fp32"] else ""
-        return f"{rates}{speedup}; resumed to epoch {r['resumed_epochs'][-1]}{util}"
+        resumed = f"resumed to epoch {r['resumed_epochs'][-1]}" if r["resumed_epochs"] else "NOT resumed"
+        return f"{rates}{speedup}; {resumed}{util}"
     if name == "two_workers":
         return f"backend {r['backend']}, {r['images_per_s']:g} images/s"
     if name == "sweep":
@@ -566,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--smoke", action="store_true", help="every step tiny (seconds each on a CPU)")
     ap.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
+    ap.add_argument(
+        "--models", nargs="+", metavar="NAME", help="only these of the check's models (a short rerun)"
+    )
     ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "out" / "gpu_check"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -586,6 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     set_serve_env(ServeSettings(), drain_s=1)  # read by the processes Ray starts
     init_ray()
     sizes = SMOKE if args.smoke else FULL
+    if args.models:
+        sizes = replace(sizes, models=tuple(m for m in sizes.models if m[0] in args.models))
+        if not sizes.models:
+            ap.error(f"--models: none of {args.models} is among this run's models")
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         ctx = Context(args.device, sizes, Path(work))
         write_photos(ctx.work / "photos", sizes)

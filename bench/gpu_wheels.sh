@@ -14,9 +14,12 @@ python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implement
   --platform manylinux1_x86_64 --platform any -d /tmp/gpu-wheels \
   'ray[default,data,train,tune,serve]==2.60.0' 'mlflow-skinny>=3.0,<3.18' 'mlflow>=3.0,<3.18' \
   'pydantic>=2.6' 'fastapi>=0.110' 'uvicorn>=0.29' 'python-multipart>=0.0.9' 'onnx>=1.16' \
+  'grpcio-reflection==1.84.0' \
   "$([ "${ORT_GPU:-0}" = 1 ] && echo 'onnxruntime-gpu>=1.18' || echo 'onnxruntime>=1.18')"
 # ORT_GPU=1: ONNX Runtime with its CUDA provider (255 MB, five more groups) so that the onnx step
 # compares it with PyTorch on the GPU; by default the CPU build (17 MB), and PyTorch serves on the GPU.
+# grpcio-reflection must match the image's grpcio (1.84.0, seen 2026-11-30): Serve imports it and a
+# newer one refuses to load beside an older grpcio.
 
 # The device image's packages (device tool, KINDS.md, read 2026-11-17; onnx and the CPU onnxruntime
 # among them): keep theirs, carry the rest. Matched whole, one name a line.
@@ -42,22 +45,27 @@ sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server 
 threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric
 torchmetrics torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect
 urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp"
+# SKIP: more names to leave out. SKIP=mlflow (the UI, which the check never opens; mlflow-skinny
+# holds the rest) with GROUP_MIB=58 packs everything into two groups, one call fewer.
 for wheel in /tmp/gpu-wheels/*.whl; do
   name=$(basename "$wheel" | cut -d- -f1 | tr '_A-Z' '-a-z')
-  if tr ' ' '\n' <<<"$has" | grep -qxF -- "$name"; then rm "$wheel"; fi
+  if tr ' ' '\n' <<<"$has ${SKIP:-}" | grep -qxF -- "$name"; then rm "$wheel"; fi
 done
 (cd /tmp/gpu-wheels && sha256sum *.whl) >/tmp/gpu-wheels.manifest  # what gpu_install.sh must rebuild
 
-# Parts of at most 40 MB, then greedy groups of at most 56 MiB.
+# Parts of at most 40 MB, then groups of at most GROUP_MIB (default 56) MiB: largest first, each into
+# the first group with room (the tree travels beside each group within the call's 64 MiB).
 (cd /tmp/gpu-wheels && for w in *.whl; do
   if [ "$(stat -c %s "$w")" -gt 40000000 ]; then split -b 40000000 -d "$w" "$w.part-" && rm "$w"; fi
 done)
-group=1 size=0 limit=$((56 * 1024 * 1024))
-mkdir -p "$out/$group"
+limit=$((${GROUP_MIB:-56} * 1024 * 1024))
+declare -a used=()
 for f in $(ls -S /tmp/gpu-wheels); do
-  s=$(stat -c %s "/tmp/gpu-wheels/$f")
-  if [ $((size + s)) -gt "$limit" ]; then group=$((group + 1)) size=0 && mkdir -p "$out/$group"; fi
-  mv "/tmp/gpu-wheels/$f" "$out/$group/" && size=$((size + s))
+  s=$(stat -c %s "/tmp/gpu-wheels/$f") g=0
+  while [ -n "${used[g]:-}" ] && [ $((used[g] + s)) -gt "$limit" ]; do g=$((g + 1)); done
+  used[g]=$((${used[g]:-0} + s))
+  mkdir -p "$out/$((g + 1))" && mv "/tmp/gpu-wheels/$f" "$out/$((g + 1))/"
 done
+group=${#used[@]}
 for g in "$out"/*/; do cp /tmp/gpu-wheels.manifest "$g/MANIFEST"; done  # whichever group comes last
 echo "$(wc -l </tmp/gpu-wheels.manifest) wheels in $group groups:" && du -sh "$out"/*/

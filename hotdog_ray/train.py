@@ -170,7 +170,10 @@ class Loop:
         self.cfg, self.classes, self.device, self.rank = cfg, classes, device, rank
         self.amp = cfg.train.mixed_precision and device.type == "cuda"
         self.channels_last = cfg.train.channels_last and device.type == "cuda"
-        self.model = build_network(cfg, classes)
+        # On the device before the optimizer exists: a resumed optimizer casts its state to where the
+        # parameters are, and a model moved afterwards leaves that state behind (Adam then fails on
+        # the GPU mixing cuda and cpu tensors; found by bench/gpu_check.py).
+        self.model = build_network(cfg, classes).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.train)

@@ -319,3 +319,26 @@ def test_fixed_seed_reproduces_an_augmented_cpu_run(ray_session, image_tree, tmp
     keys = ("loss", "accuracy", "val_loss", "val_accuracy")
     assert [[h[k] for k in keys] for h in a.history] == [[h[k] for k in keys] for h in b.history]
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+
+
+def test_a_resumed_optimizer_keeps_its_state_on_the_models_device():
+    """Regression (found on a GPU by bench/gpu_check.py): the model must reach its device before the
+    optimizer loads a checkpoint, or Adam's state stays on the CPU beside CUDA parameters. The meta
+    device stands in for a GPU here: it is another device that any machine has."""
+    cfg = load_config(None, ["model.name=first_cnn", "data.image_size=16", "train.use_gpu=false"])
+    classes = ["a", "b"]
+    first = Loop(cfg, classes, torch.device("cpu"), rank=0)
+    first.model(torch.rand(2, 3, 16, 16)).sum().backward()
+    first.optimizer.step()
+    state = first.checkpoint(epoch=0)
+
+    again = Loop(cfg, classes, torch.device("meta"), rank=0)
+    again.resume(state)
+    tensors = [
+        value
+        for per_param in again.optimizer.state.values()
+        for key, value in per_param.items()
+        if key != "step" and torch.is_tensor(value)  # Adam keeps its step count on the CPU by design
+    ]
+    assert tensors and {t.device.type for t in tensors} == {"meta"}
+    assert {p.device.type for p in again.model.parameters()} == {"meta"}
