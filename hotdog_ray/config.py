@@ -337,6 +337,20 @@ class ServeSettings(_Section):
         "applies, like haproxy, to the Ray that `hotdog serve` starts itself",
     )
 
+    prediction_log: str | None = Field(
+        None,
+        description="where replicas log a sample of their answers as Parquet (<location>/date=YYYY-MM-DD/): "
+        "a folder or s3://; unset: no prediction log",
+    )
+    log_sample_rate: float = Field(1.0, ge=0, le=1, description="share of answers the prediction log keeps")
+    log_images: bool = Field(
+        False, description="also store each logged image, at <prediction_log>/images/<sha256>"
+    )
+    log_flush_interval_s: float = Field(5.0, gt=0, description="most seconds a logged answer waits in memory")
+    log_queue_rows: int = Field(
+        20_000, ge=1, description="rows held in memory at most; when storage falls behind, more are dropped"
+    )
+
     @model_validator(mode="after")
     def _batching_fits(self) -> "ServeSettings":
         # A replica never sees more than max_ongoing_requests at once: a larger batch never fills.
@@ -408,6 +422,23 @@ class TrackingSettings(_Section):
     challenger_alias: str = Field("challenger", description="the version serve.rollout tries on live traffic")
 
 
+class MonitorSettings(_Section):
+    """Watching the model in production: drift against the training reference, progress on long jobs."""
+
+    psi_threshold: float = Field(
+        0.2, gt=0, description="population stability index above which a day is flagged as drifted"
+    )
+    low_confidence: float = Field(
+        0.6, gt=0, le=1, description="answers below this probability count as low-confidence"
+    )
+    max_low_confidence_increase: float = Field(
+        0.2, ge=0, le=1, description="flag a day whose low-confidence share rose by more than this"
+    )
+    progress_interval_s: float = Field(
+        30.0, gt=0, description="hotdog score and inspect log a progress line this often"
+    )
+
+
 class Config(_Section):
     """The whole configuration; every stage reads its own section."""
 
@@ -419,6 +450,7 @@ class Config(_Section):
     predict: PredictSettings = Field(default_factory=PredictSettings)
     score: ScoreSettings = Field(default_factory=ScoreSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
 

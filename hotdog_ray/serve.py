@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import logging
 import os
@@ -38,7 +39,9 @@ from ray import serve
 from hotdog_ray import __version__
 from hotdog_ray.config import Config, ServeSettings, from_dict, load_config
 from hotdog_ray.errors import ConfigError, ImageError
+from hotdog_ray.metrics import NoMetrics, reason_of, serve_metrics
 from hotdog_ray.predict import Predictor, cpu_threads
+from hotdog_ray.predlog import Entry, PredictionLog, new_request_id
 from hotdog_ray.rollout import RolloutStats
 from hotdog_ray.runtime import sigterm_interrupts
 
@@ -92,6 +95,7 @@ class ModelService:
         self.challenger: Predictor | None = None  # serve.rollout's model, when the alias is set
         self.challenger_key: str | None = None
         self.rollout = RolloutStats()
+        self.telemetry: NoMetrics = serve_metrics()
         self._lock = threading.Lock()
 
     def _resolve(self) -> str:
@@ -124,11 +128,22 @@ class ModelService:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("model reload failed, still serving %s: %s", self.key, self.last_error)
                 return False
-            old = self.key
+            old, old_predictor = self.key, self.predictor
             self.predictor, self.key, self.metrics, self.last_error = predictor, key, metrics, None
             self.rollout = RolloutStats()  # a new champion: a new pair to compare
+        self._swapped("champion", old_predictor, predictor)
         log.info("now serving %s (was %s)", key, old)
         return True
+
+    def _swapped(self, role: str, old: Predictor | None, new: Predictor | None) -> None:
+        """The model info gauge follows what is loaded; a load after the first counts as a reload."""
+        if old is not None:
+            self.telemetry.reload(role)
+            info = old.info
+            self.telemetry.model(info["name"], info["version"], role, loaded=False)
+        if new is not None:
+            info = new.info
+            self.telemetry.model(info["name"], info["version"], role, loaded=True)
 
     def _load(self, key: str) -> Predictor:
         s = self.cfg.serve
@@ -156,7 +171,8 @@ class ModelService:
         except Exception as exc:  # noqa: BLE001 - a challenger that fails to load is left out, not served
             log.error("challenger %s failed to load, rollout paused: %s", key, exc)
             return
-        self.challenger, self.challenger_key = challenger, key
+        old, self.challenger, self.challenger_key = self.challenger, challenger, key
+        self._swapped("challenger", old, challenger)
         self.rollout = RolloutStats()  # figures are per champion-challenger pair
         log.info("rollout %s: challenger %s", self.cfg.serve.rollout, key)
 
@@ -179,7 +195,8 @@ class HTTPError(Exception):
         self.status, self.reason = status, reason
 
 
-async def http_error(_request: Request, exc: HTTPError) -> JSONResponse:
+async def http_error(request: Request, exc: HTTPError) -> JSONResponse:
+    request.app.state.metrics.error(reason_of(exc.status))
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=headers)
 
@@ -309,15 +326,65 @@ async def explain_one(request: Request, predictor: Predictor, data: bytes) -> di
 
 
 async def on_one_image(
-    request: Request, predictor: Predictor, work: Callable[..., Awaitable[dict[str, Any]]]
+    request: Request,
+    predictor: Predictor,
+    work: Callable[..., Awaitable[dict[str, Any]]],
+    answered: Callable[[dict[str, Any], bytes], None] | None = None,
 ):
-    """The POST endpoints that take one image: read it, run ``work``, and turn bad bytes into a 422."""
+    """The POST endpoints that take one image: read it, run ``work``, and turn bad bytes into a 422;
+    ``answered(result, image)`` sees each answer (metrics and the prediction log)."""
     ((name, data),) = await images_of(request, 1)
     try:
         result = await work(request, predictor, data)
     except ImageError as err:
         raise HTTPError(422, f"{name}: {err}") from None
-    return {**result, "model": model_of(predictor)}
+    result = {**result, "model": model_of(predictor)}
+    if answered is not None:
+        answered(result, data)
+    return result
+
+
+# A request's X-Request-Id (the client's, or the one Ray Serve's proxy gives every request and
+# echoes in the response) is kept when it is short and plain; otherwise we make one.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(request: Request) -> tuple[str, dict[str, str]]:
+    """The request's id, and the response headers that carry it when nobody else echoes it."""
+    given = request.headers.get("x-request-id")
+    if given and REQUEST_ID.fullmatch(given):
+        return given, {}
+    rid = new_request_id()
+    return rid, {"X-Request-Id": rid}
+
+
+def recorder(
+    request: Request, endpoint: str, request_id: str, served_by: str = "champion"
+) -> Callable[[dict[str, Any], bytes], None]:
+    """What happens to each answer: counted by class, and queued for the prediction log with its
+    request id (which the answer carries, for POST /feedback), latency counted from now."""
+    state, t0 = request.app.state, time.perf_counter()
+
+    def answered(result: dict[str, Any], data: bytes) -> None:
+        result["request_id"] = request_id
+        state.metrics.prediction(result["label"], served_by)
+        if state.prediction_log is not None:
+            model = result["model"]
+            state.prediction_log.offer(
+                Entry(
+                    request_id,
+                    endpoint,
+                    model["name"],
+                    model["version"],
+                    served_by,
+                    result["label"],
+                    result["probabilities"],
+                    1000 * (time.perf_counter() - t0),
+                    data,
+                )
+            )
+
+    return answered
 
 
 def model_of(predictor: Predictor) -> dict[str, Any]:
@@ -481,14 +548,15 @@ async def predict(
     service: ModelService = Depends(current_service),
     predictor: Predictor = Depends(loaded_predictor),
 ) -> JSONResponse:
-    s = settings(request)
+    s, (rid, headers) = settings(request), request_id_of(request)
     if s.rollout == "off" or service.challenger is None:
-        return JSONResponse(await on_one_image(request, predictor, predict_one))
-    if s.rollout == "canary" and random.random() < s.canary_fraction:
-        return JSONResponse(
-            await on_one_image(request, service.challenger, rollout_work(service, "challenger"))
-        )
-    return JSONResponse(await on_one_image(request, predictor, rollout_work(service, "champion")))
+        answered = recorder(request, "/predict", rid)
+        return JSONResponse(await on_one_image(request, predictor, predict_one, answered), headers=headers)
+    role = "challenger" if s.rollout == "canary" and random.random() < s.canary_fraction else "champion"
+    chosen = service.challenger if role == "challenger" else predictor
+    answered = recorder(request, "/predict", rid, served_by=role)
+    result = await on_one_image(request, chosen, rollout_work(service, role), answered)
+    return JSONResponse(result, headers=headers)
 
 
 def rollout_work(service: ModelService, role: str) -> Callable[..., Awaitable[dict[str, Any]]]:
@@ -531,16 +599,23 @@ def rollout_work(service: ModelService, role: str) -> Callable[..., Awaitable[di
     responses={**BATCH, **ERRORS},
 )
 async def predict_batch(request: Request, predictor: Predictor = Depends(loaded_predictor)) -> JSONResponse:
+    rid, headers = request_id_of(request)
     files = await images_of(request, settings(request).max_images_per_request)
+    model = model_of(predictor)
 
-    async def one(name: str, data: bytes) -> dict[str, Any]:
+    async def one(i: int, name: str, data: bytes) -> dict[str, Any]:
+        answered = recorder(request, "/predict/batch", f"{rid}-{i}")
         try:
-            return {"filename": name, **(await predict_one(request, predictor, data))}
+            result = {"filename": name, **(await predict_one(request, predictor, data)), "model": model}
         except ImageError as err:
+            request.app.state.metrics.error("bad_image")
             return {"filename": name, "error": str(err)}
+        answered(result, data)
+        del result["model"]  # said once for the whole batch
+        return result
 
-    results = await asyncio.gather(*(one(n, d) for n, d in files))
-    return JSONResponse({"results": results, "model": model_of(predictor)})
+    results = await asyncio.gather(*(one(i, n, d) for i, (n, d) in enumerate(files)))
+    return JSONResponse({"results": results, "model": model}, headers=headers)
 
 
 @router.post(
@@ -554,16 +629,70 @@ async def explain(request: Request, predictor: Predictor = Depends(loaded_predic
     return JSONResponse(await on_one_image(request, predictor, explain_one))
 
 
+class RequestMetrics:
+    """Pure ASGI middleware: requests by endpoint (the route's template, so labels stay bounded)
+    and status, and their latency. Cheaper than Starlette's BaseHTTPMiddleware, which wraps every
+    response in a stream."""
+
+    def __init__(self, app: Any, metrics: NoMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 500
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.request(endpoint, status, time.perf_counter() - t0)
+
+
+def prediction_log(cfg: ServeSettings, metrics: NoMetrics) -> PredictionLog | None:
+    """The server process's prediction log (``serve.prediction_log``), or None when unset."""
+    if not cfg.prediction_log:
+        return None
+    return PredictionLog(
+        cfg.prediction_log,
+        sample_rate=cfg.log_sample_rate,
+        flush_interval_s=cfg.log_flush_interval_s,
+        max_rows=cfg.log_queue_rows,
+        log_images=cfg.log_images,
+        on_drop=lambda n: metrics.log_rows("dropped", n),
+        on_write=lambda n: metrics.log_rows("written", n),
+    )
+
+
 def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastAPI:
     """The HTTP API and the web page around ``service``; ``infer`` runs the model on one encoded
     image (Serve passes its batching queue, the baseline :func:`direct_infer`)."""
+    metrics = service.telemetry
+    plog = prediction_log(cfg, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        if plog is not None:  # the rows still queued, before the process goes
+            await asyncio.to_thread(plog.close)
+
     app = FastAPI(
         title="hotdog-ray",
         version=__version__,
         description="Image classification: is it a hotdog? Upload a photo, get the label, "
         "every class's probability and where the model looked.",
+        lifespan=lifespan,
     )
     app.state.service, app.state.settings, app.state.infer = service, cfg, infer
+    app.state.metrics, app.state.prediction_log = metrics, plog
+    app.add_middleware(RequestMetrics, metrics=metrics)
     app.state.api_keys = api_keys(cfg.api_keys_env)
     if app.state.api_keys is None:
         log.warning(
@@ -619,6 +748,7 @@ class HotdogReplica:
             self._flusher = asyncio.create_task(self._flush_rollout())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
+        # Serve runs the app's lifespan: its shutdown writes the prediction log's last rows.
         return create_api(self.service, self.cfg.serve, self.infer)
 
     async def _poll(self) -> None:
@@ -659,6 +789,7 @@ class HotdogReplica:
     async def infer_batch(
         self, items: list[tuple[Predictor, bytes, Shadow | None]]
     ) -> list[np.ndarray | ImageError]:
+        self.service.telemetry.batch(len(items))
         # A batch may straddle a reload: each image runs on the model its request started with.
         out: list[Any] = [None] * len(items)
         groups: dict[int, list[int]] = {}

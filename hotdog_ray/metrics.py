@@ -1,0 +1,143 @@
+"""Prometheus metrics through Ray's metrics API: every node serves them beside Ray's own.
+
+Ray exports what ``ray.util.metrics`` records at ``http://<node>:<MetricsExportPort>/metrics``
+(``ray.nodes()[i]["MetricsExportPort"]``), prefixed ``ray_``: ``hotdog_requests`` is scraped as
+``ray_hotdog_requests_total``. Labels are bounded (endpoint, status, class, reason, model version,
+run name): never a request id or a file name. Outside Ray (the plain uvicorn baseline, unit tests)
+:func:`serve_metrics` returns :class:`NoMetrics`, which records nothing.
+
+Ray exports a histogram's ``_sum`` from its bucket midpoints, so averages are approximate; the
+buckets and ``_count`` are exact. The names, with their labels, are in :data:`SERIES`; the Grafana
+dashboard and the alert rules in
+``k8s/`` query only these (a test checks).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LATENCY_S = [0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+# name -> (kind, labels, help). Ray adds its own labels (node, session, worker) and, for
+# ray.serve.metrics, the deployment, replica and application.
+SERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "hotdog_requests": ("counter", ("endpoint", "status"), "HTTP requests by endpoint and status"),
+    "hotdog_request_latency_seconds": ("histogram", ("endpoint",), "request latency, seconds"),
+    "hotdog_batch_size": ("histogram", (), "images per forward pass in a Serve replica"),
+    "hotdog_predictions": ("counter", ("label", "served_by"), "answers by predicted class"),
+    "hotdog_errors": ("counter", ("reason",), "refused requests and images by reason"),
+    "hotdog_model_reloads": ("counter", ("role",), "models loaded by hot reload"),
+    "hotdog_model_info": ("gauge", ("model", "version", "role"), "1 for each loaded model version"),
+    "hotdog_prediction_log_rows": ("counter", ("outcome",), "prediction log rows written or dropped"),
+    "hotdog_score_images": ("counter", ("outcome",), "batch scoring: images scored or failed"),
+    "hotdog_score_images_per_second": ("gauge", (), "batch scoring: rate of the last run"),
+    "hotdog_score_last_success_timestamp_seconds": ("gauge", (), "batch scoring: end of the last run"),
+    "hotdog_drift_psi": ("gauge", ("measure",), "population stability index of the last drift check"),
+    "hotdog_drift_flagged": ("gauge", (), "1 when the last drift check went over monitor.psi_threshold"),
+    "hotdog_train_epoch": ("gauge", ("run",), "training: last finished epoch"),
+    "hotdog_train_loss": ("gauge", ("run",), "training: last epoch's loss"),
+    "hotdog_train_images_per_second": ("gauge", ("run",), "training: last epoch's rate"),
+}
+
+# HTTP statuses our handlers refuse with, as bounded reasons.
+REASONS = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    413: "too_large",
+    415: "unsupported_type",
+    422: "bad_image",
+    503: "no_model",
+}
+
+
+def reason_of(status: int) -> str:
+    return REASONS.get(status, "server_error" if status >= 500 else "client_error")
+
+
+def _make(name: str, module: Any) -> Any:
+    kind, labels, help_text = SERIES[name]
+    if kind == "counter":
+        return module.Counter(name, description=help_text, tag_keys=labels)
+    if kind == "gauge":
+        return module.Gauge(name, description=help_text, tag_keys=labels)
+    bounds = BATCH_SIZES if name == "hotdog_batch_size" else LATENCY_S
+    return module.Histogram(name, description=help_text, boundaries=bounds, tag_keys=labels)
+
+
+class NoMetrics:
+    """Records nothing: outside Ray, where no node would export it."""
+
+    def request(self, endpoint: str, status: int, seconds: float) -> None: ...
+
+    def batch(self, size: int) -> None: ...
+
+    def prediction(self, label: str, served_by: str) -> None: ...
+
+    def error(self, reason: str, n: int = 1) -> None: ...
+
+    def reload(self, role: str) -> None: ...
+
+    def model(self, model: str, version: str | None, role: str, loaded: bool) -> None: ...
+
+    def log_rows(self, outcome: str, n: int) -> None: ...
+
+
+class ServeMetrics(NoMetrics):
+    """The serving series (``ray.serve.metrics``, which adds the deployment and replica labels)."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics as serve_metrics
+
+        names = [n for n in SERIES if not n.startswith(("hotdog_score", "hotdog_train", "hotdog_drift"))]
+        self._m = {n: _make(n, serve_metrics) for n in names}
+
+    def request(self, endpoint: str, status: int, seconds: float) -> None:
+        self._m["hotdog_requests"].inc(1, tags={"endpoint": endpoint, "status": str(status)})
+        self._m["hotdog_request_latency_seconds"].observe(seconds, tags={"endpoint": endpoint})
+
+    def batch(self, size: int) -> None:
+        self._m["hotdog_batch_size"].observe(size)
+
+    def prediction(self, label: str, served_by: str) -> None:
+        self._m["hotdog_predictions"].inc(1, tags={"label": label, "served_by": served_by})
+
+    def error(self, reason: str, n: int = 1) -> None:
+        self._m["hotdog_errors"].inc(n, tags={"reason": reason})
+
+    def reload(self, role: str) -> None:
+        self._m["hotdog_model_reloads"].inc(1, tags={"role": role})
+
+    def model(self, model: str, version: str | None, role: str, loaded: bool) -> None:
+        tags = {"model": model, "version": str(version), "role": role}
+        self._m["hotdog_model_info"].set(1 if loaded else 0, tags=tags)
+
+    def log_rows(self, outcome: str, n: int) -> None:
+        if n:
+            self._m["hotdog_prediction_log_rows"].inc(n, tags={"outcome": outcome})
+
+
+def serve_metrics() -> NoMetrics:
+    """:class:`ServeMetrics` inside a Serve replica, else :class:`NoMetrics`."""
+    try:
+        from ray import serve
+
+        serve.get_replica_context()
+    except Exception:  # noqa: BLE001 - not in a replica (RayServeException), or Ray absent
+        return NoMetrics()
+    return ServeMetrics()
+
+
+def job_gauges(*names: str) -> dict[str, Any]:
+    """``ray.util.metrics`` series for a job (scoring, training, drift); empty outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    from ray.util import metrics as ray_metrics
+
+    return {n: _make(n, ray_metrics) for n in names}

@@ -1,0 +1,201 @@
+"""The prediction log: a sample of what the service answered, as Parquet partitioned by date.
+
+A Serve replica (or the plain uvicorn app) hands each answered image to :class:`PredictionLog`,
+which only appends a row to a bounded in-memory queue: the request never waits on storage. A
+background thread writes the queue every ``serve.log_flush_interval_s`` to
+``<serve.prediction_log>/date=YYYY-MM-DD/<host>-<pid>-<n>.parquet`` (a folder or ``s3://``), and
+once more when the app stops. When the queue is full (storage slower than traffic) new rows are
+dropped and counted, so memory stays bounded. With ``serve.log_images`` the image itself goes to
+``<prediction_log>/images/<sha256>`` beside its row.
+
+:func:`read` loads the rows of one day (``hotdog drift``, ``hotdog rollout report``, tests).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hotdog_ray import storage
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("time", pa.timestamp("ms", tz="UTC")),
+        ("endpoint", pa.string()),
+        ("model", pa.string()),
+        ("version", pa.string()),
+        ("served_by", pa.string()),  # champion, or challenger in a canary rollout
+        ("label", pa.string()),
+        ("probability", pa.float64()),
+        ("probabilities", pa.map_(pa.string(), pa.float64())),
+        ("latency_ms", pa.float64()),
+        ("image_bytes", pa.int64()),
+        ("sha256", pa.string()),
+    ]
+)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Entry:
+    """One answered image, as the request path hands it over (cheap to build: no I/O, no hashing
+    of large data beyond the image's SHA-256)."""
+
+    request_id: str
+    endpoint: str
+    model: str
+    version: str | None
+    served_by: str
+    label: str
+    probabilities: dict[str, float]
+    latency_ms: float
+    image: bytes
+    time: float = 0.0
+
+
+class PredictionLog:
+    """A bounded queue of rows and the thread that writes it to Parquet.
+
+    ``on_drop(n)`` and ``on_write(n)`` let the caller count dropped and written rows in its metrics.
+    """
+
+    def __init__(
+        self,
+        location: str,
+        *,
+        sample_rate: float = 1.0,
+        flush_interval_s: float = 5.0,
+        max_rows: int = 10_000,
+        log_images: bool = False,
+        on_drop: Callable[[int], None] = lambda n: None,
+        on_write: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self.location = storage.resolve(location)
+        self.sample_rate, self.flush_interval_s = sample_rate, flush_interval_s
+        self.max_rows, self.log_images = max_rows, log_images
+        self.on_drop, self.on_write = on_drop, on_write
+        self.dropped = self.written = 0
+        self._queue: collections.deque[Entry] = collections.deque()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # one flush at a time: the thread's and close()'s
+        self._prefix = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._files = 0
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+        log.info(
+            "prediction log: %s (sample rate %g, flush every %g s)", location, sample_rate, flush_interval_s
+        )
+
+    def offer(self, entry: Entry) -> bool:
+        """Queue ``entry`` (sampled at ``sample_rate``); False when it was sampled out or dropped.
+        Never blocks: a full queue drops the row and counts it."""
+        if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
+            return False
+        if len(self._queue) >= self.max_rows:
+            self.dropped += 1
+            self.on_drop(1)
+            return False
+        entry.time = entry.time or time.time()
+        self._queue.append(entry)  # deque.append is atomic: no lock on the request path
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            self.flush()
+
+    def flush(self) -> int:
+        """Write what is queued now; the number of rows written. Storage errors are logged and the
+        rows counted as dropped: the log must never take the service down."""
+        with self._lock:
+            entries = []
+            while self._queue:
+                entries.append(self._queue.popleft())
+            if not entries:
+                return 0
+            try:
+                self._write(entries)
+            except Exception as exc:  # noqa: BLE001 - see docstring
+                log.warning(
+                    "prediction log: could not write %d rows to %s: %s", len(entries), self.location.uri, exc
+                )
+                self.dropped += len(entries)
+                self.on_drop(len(entries))
+                return 0
+            self.written += len(entries)
+            self.on_write(len(entries))
+            return len(entries)
+
+    def _write(self, entries: list[Entry]) -> None:
+        rows = [_row(e) for e in entries]
+        by_day: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+        for row in rows:
+            by_day[row["time"].strftime("%Y-%m-%d")].append(row)
+        for day, day_rows in by_day.items():
+            self._files += 1
+            buf = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(day_rows, schema=SCHEMA), buf)
+            name = f"{self._prefix}-{self._files:06d}.parquet"
+            storage.write_bytes(
+                self.location.fs, self.location.join(f"date={day}", name).path, buf.getvalue()
+            )
+        if self.log_images:
+            for entry, row in zip(entries, rows):
+                path = self.location.join("images", row["sha256"]).path
+                storage.write_bytes(self.location.fs, path, entry.image)
+
+    def close(self) -> None:
+        """Stop the thread and write what is left (idempotent)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=max(5.0, self.flush_interval_s))
+        self.flush()
+        log.info("prediction log closed: %d rows written, %d dropped", self.written, self.dropped)
+
+
+def _row(e: Entry) -> dict[str, Any]:
+    return {
+        "request_id": e.request_id,
+        "time": datetime.fromtimestamp(e.time, tz=timezone.utc),
+        "endpoint": e.endpoint,
+        "model": e.model,
+        "version": None if e.version is None else str(e.version),
+        "served_by": e.served_by,
+        "label": e.label,
+        "probability": max(e.probabilities.values()),
+        "probabilities": list(e.probabilities.items()),
+        "latency_ms": round(e.latency_ms, 3),
+        "image_bytes": len(e.image),
+        # In the writer thread, not on the request path (hashlib releases the GIL on large inputs).
+        "sha256": hashlib.sha256(e.image).hexdigest(),
+    }
+
+
+def read(location: str, date: str | None = None) -> pa.Table:
+    """Every row of the log (of one ``date``, YYYY-MM-DD, if given); an empty table if none."""
+    loc = storage.resolve(location)
+    if date:
+        loc = loc.join(f"date={date}")
+    files = [p for p in storage.list_files(loc) if p.endswith(".parquet")]
+    tables = [pq.read_table(pa.BufferReader(storage.read_bytes(loc.fs, p)), schema=SCHEMA) for p in files]
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
