@@ -76,7 +76,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     root = args.uri or cfg.data.root
     discover(cfg.data, required=(), root=root)  # fail fast, before Ray starts
     init_ray()
-    report = inspect(cfg.data, root=root)
+    report = inspect(cfg.data, root=root, progress_interval_s=cfg.monitor.progress_interval_s)
     print(json.dumps(report, indent=2) if args.json else format_inspect(report))
     return 0
 
@@ -311,6 +311,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    from hotdog_ray.drift import check
+    from hotdog_ray.score import run_date
+
+    report = check(config_from_args(args), run_date(args.date).isoformat(), args.source)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 3 if report.flagged else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from hotdog_ray import serve
 
@@ -442,6 +451,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="Parquet root, gets date=YYYY-MM-DD/ (default: score.output)")
     p.add_argument("--date", help="run date: YYYY-MM-DD to backfill, today (default) or yesterday; UTC")
     p.add_argument("--model", help="model to score with (default: serve.model_uri, else the registry alias)")
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "drift",
+        cmd_drift,
+        "compare a day's answers with the model's validation profile (PSI); exit 3 when flagged",
+        True,
+    )
+    p.add_argument("--date", help="YYYY-MM-DD, today (default) or yesterday; UTC")
+    p.add_argument(
+        "--source",
+        choices=["predictions", "scores"],
+        default="predictions",
+        help="the prediction log (serve.prediction_log) or the nightly scores (score.output)",
+    )
     p.add_argument("--json", action="store_true")
 
     p = command(

@@ -407,8 +407,13 @@ def iter_torch_batches(
 # Inspection
 
 
-def inspect(cfg: "DataSettings", root: str | None = None) -> dict[str, Any]:
-    """Per split: class counts, majority-class share, unreadable files and image size range."""
+def inspect(
+    cfg: "DataSettings", root: str | None = None, progress_interval_s: float = 30.0
+) -> dict[str, Any]:
+    """Per split: class counts, majority-class share, unreadable files and image size range; a
+    progress line every ``progress_interval_s``."""
+    from hotdog_ray.runtime import Progress
+
     layout = discover(cfg, required=(), root=root)
     paths = [p for s in layout.splits for p, _ in layout.files[s]]
     rows = read_bytes_dataset(paths, layout.root.fs, cfg.files_per_task).map_batches(
@@ -416,7 +421,16 @@ def inspect(cfg: "DataSettings", root: str | None = None) -> dict[str, Any]:
         batch_format="numpy",
         fn_kwargs={"root_path": layout.root.path, "max_pixels": cfg.max_image_pixels},
     )
-    return summarize(layout, (b for b in rows.iter_batches(batch_format="numpy", batch_size=1024)))
+    progress = Progress(len(paths), progress_interval_s, "inspected")
+
+    def batches() -> Iterable[dict[str, np.ndarray]]:
+        done = 0
+        for batch in rows.iter_batches(batch_format="numpy", batch_size=1024):
+            done += len(batch["path"])
+            progress.update(done)
+            yield batch
+
+    return summarize(layout, batches())
 
 
 def summarize(layout: DatasetLayout, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:

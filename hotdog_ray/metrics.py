@@ -132,6 +132,9 @@ def serve_metrics() -> NoMetrics:
     return ServeMetrics()
 
 
+_JOB_SERIES: dict[str, Any] = {}  # one object per name and process: Ray registers each once
+
+
 def job_gauges(*names: str) -> dict[str, Any]:
     """``ray.util.metrics`` series for a job (scoring, training, drift); empty outside Ray."""
     import ray
@@ -140,4 +143,7 @@ def job_gauges(*names: str) -> dict[str, Any]:
         return {}
     from ray.util import metrics as ray_metrics
 
-    return {n: _make(n, ray_metrics) for n in names}
+    for n in names:
+        if n not in _JOB_SERIES:
+            _JOB_SERIES[n] = _make(n, ray_metrics)
+    return {n: _JOB_SERIES[n] for n in names}

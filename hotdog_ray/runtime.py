@@ -1,4 +1,4 @@
-"""Starting or joining Ray, the same way from the CLI, the jobs and the tests."""
+"""Starting or joining Ray, the same way from the CLI, the jobs and the tests; progress lines on long jobs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import logging
 import os
 import signal
 import threading
-from typing import Iterator
+import time
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +62,67 @@ def sigterm_interrupts(*, replace: bool = False) -> Iterator[None]:
     finally:
         if signal.getsignal(signal.SIGTERM) is interrupt:
             signal.signal(signal.SIGTERM, before if replace else signal.SIG_DFL)
+
+
+def progress_line(what: str, done: int, total: int, elapsed_s: float) -> str:
+    """``scored 1200 of 5000 files (24%), 85.3 files/s, about 45 s left`` (pure)."""
+    rate = done / elapsed_s if elapsed_s > 0 else 0.0
+    share = done / total if total else 1.0
+    left = f"about {(total - done) / rate:.0f} s left" if rate > 0 and done < total else "done"
+    return f"{what} {done} of {total} files ({share:.0%}), {rate:.1f} files/s, {left}"
+
+
+class Progress:
+    """Logs a :func:`progress_line` at most every ``interval_s`` as ``update`` reports work done."""
+
+    def __init__(self, total: int, interval_s: float, what: str, clock: Callable[[], float] = time.monotonic):
+        self.total, self.interval_s, self.what, self.clock = total, interval_s, what, clock
+        self.start = self.last = clock()
+        self.lines: list[str] = []
+
+    def update(self, done: int, *, force: bool = False) -> None:
+        now = self.clock()
+        if force or now - self.last >= self.interval_s:
+            self.last = now
+            line = progress_line(self.what, done, self.total, now - self.start)
+            self.lines.append(line)
+            log.info("%s", line)
+
+
+@contextlib.contextmanager
+def progress_counter(total: int, interval_s: float, what: str) -> Iterator[Any]:
+    """A counter actor that workers report finished files to (``counter.add.remote(n)``), and a
+    thread in the driver that logs progress from it every ``interval_s``; for Ray Data jobs whose
+    driver only waits (a ``write_parquet``), with the progress bars off as they are in job logs."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Counter:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def add(self, n: int) -> None:
+            self.n += n
+
+        def done(self) -> int:
+            return self.n
+
+    counter = Counter.remote()
+    progress = Progress(total, interval_s, what)
+    stop = threading.Event()
+
+    def report() -> None:
+        while not stop.wait(min(interval_s, 1.0)):
+            try:
+                progress.update(ray.get(counter.done.remote(), timeout=10))
+            except Exception:  # noqa: BLE001 - progress must never fail the job
+                log.debug("progress counter unavailable", exc_info=True)
+
+    thread = threading.Thread(target=report, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield counter
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        ray.kill(counter)

@@ -22,6 +22,7 @@ import numpy as np
 from hotdog_ray import storage
 from hotdog_ray.config import Config
 from hotdog_ray.errors import ScoreError
+from hotdog_ray.runtime import progress_counter
 
 if TYPE_CHECKING:
     import ray.data
@@ -74,6 +75,7 @@ class ScoreSummary:
     model_version: str | None
     run_id: str
     mlflow_run_id: str | None = None
+    drift: dict[str, Any] | None = None  # the day against the model's reference (hotdog_ray.drift)
 
 
 def decode_for_scoring(
@@ -115,6 +117,7 @@ class Scorer:
         device: str,
         runtime: str,
         threads: int,
+        progress: Any = None,
     ) -> None:
         import torch
 
@@ -126,13 +129,15 @@ class Scorer:
         self.predictor = Predictor(
             ModelBundle(model, meta, onnx), device=device, runtime=runtime, threads=threads
         )
-        self.run_id = run_id
+        self.run_id, self.progress = run_id, progress
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
 
         p = self.predictor
         classes = p.classes
+        if self.progress is not None:
+            self.progress.add.remote(len(batch["error"]))  # fire and forget: a count, not a result
         errors = [str(e) if e else None for e in batch["error"]]
         ok = np.asarray([e is None for e in errors], bool)
         n, k = len(ok), len(classes)
@@ -255,11 +260,12 @@ def score(
     # Fails here, before any work, if the model is missing (or lacks the ONNX graph asked for).
     predictor = Predictor.from_config(cfg, key, device="cpu", threads=1)
     if job.paths:
-        # Writes take a quarter CPU: at 1 CPU they could not start beside the model actors and the
-        # decoding tasks, so every block waited in the object store until the model was done.
-        scoring_dataset(cfg, job, predictor).write_parquet(
-            job.staging.path, filesystem=job.out.fs, ray_remote_args={"num_cpus": WRITE_CPUS}
-        )
+        with progress_counter(len(job.paths), cfg.monitor.progress_interval_s, "scored") as counter:
+            # Writes take a quarter CPU: at 1 CPU they could not start beside the model actors and
+            # the decoding tasks, so every block waited in the object store until the model was done.
+            scoring_dataset(cfg, job, predictor, counter).write_parquet(
+                job.staging.path, filesystem=job.out.fs, ray_remote_args={"num_cpus": WRITE_CPUS}
+            )
     summary = _summary(job, predictor, time.perf_counter() - t0)
 
     # The MLflow run first, so that the summary beside the Parquet names it.
@@ -275,6 +281,7 @@ def score(
         },
     ) as mlflow_run:
         summary.mlflow_run_id = mlflow_run.id
+        summary.drift = _drift(cfg, job, summary, mlflow_run)
         storage.write_bytes(
             job.out.fs, f"{job.staging.path}/{SUMMARY_FILE}", json.dumps(asdict(summary), indent=2).encode()
         )
@@ -297,11 +304,47 @@ def score(
         summary.failed,
         summary.images_per_s,
     )
+    _export_metrics(summary)
     return summary
 
 
-def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any) -> "ray.data.Dataset":
-    """Read, decode and score ``job.paths``: one output row per input file."""
+def _drift(cfg: Config, job: ScorePlan, summary: ScoreSummary, run: Any) -> dict[str, Any]:
+    """The night's answers against the model's reference profile; a model without one (trained
+    before drift checks) is said in the summary, and the scores are published all the same."""
+    from hotdog_ray import drift
+    from hotdog_ray.errors import HotdogError
+
+    table = drift.read_parquet_folder(job.staging)
+    labels, conf, version = drift.answers_of(table, "model_version")
+    try:
+        report = drift.assess(
+            cfg, labels, conf, version or summary.model_version, date=summary.date, source="scores", run=run
+        )
+    except HotdogError as exc:
+        log.warning("no drift check for this run: %s", exc)
+        return {"error": str(exc)}
+    return report.to_dict()
+
+
+def _export_metrics(summary: ScoreSummary) -> None:
+    """The run's figures as hotdog_score_* series (scraped while the job's Ray runs; the alert on a
+    missing nightly run reads the last success time)."""
+    from hotdog_ray import metrics
+
+    series = metrics.job_gauges(
+        "hotdog_score_images", "hotdog_score_images_per_second", "hotdog_score_last_success_timestamp_seconds"
+    )
+    if series:
+        for outcome, n in (("scored", summary.scored), ("failed", summary.failed)):
+            if n:
+                series["hotdog_score_images"].inc(n, tags={"outcome": outcome})
+        series["hotdog_score_images_per_second"].set(summary.images_per_s)
+        series["hotdog_score_last_success_timestamp_seconds"].set(time.time())
+
+
+def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any, progress: Any = None) -> "ray.data.Dataset":
+    """Read, decode and score ``job.paths``: one output row per input file; each scored batch is
+    reported to the ``progress`` counter actor, if any."""
     import ray.data
 
     from hotdog_ray.data import read_bytes_dataset
@@ -331,6 +374,7 @@ def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any) -> "ray.data.Da
                 "device": "cuda" if cfg.score.gpus_per_actor else "cpu",
                 "runtime": cfg.predict.runtime,
                 "threads": cpu_threads(cfg.score.cpus_per_actor),
+                "progress": progress,
             },
             compute=ray.data.ActorPoolStrategy(size=cfg.score.num_actors),
             batch_size=cfg.score.batch_size,

@@ -580,6 +580,7 @@ def run_training(
         skipped = pipeline.skipped()
         _log_history(run, state, skipped)
         test_metrics = _evaluate_test(run, model, pipeline, cfg) if evaluate_test else None
+        _log_reference_profile(run, model, pipeline, cfg)
         run.log_model(model, model_meta(cfg, layout.classes))
         version = registry.register(cfg.tracking, run.id) if register else None
     return TrainOutcome(
@@ -757,3 +758,15 @@ def _evaluate_test(run: "Run", model: nn.Module, pipeline: "ImagePipeline", cfg:
     run.log_text(evaluate.format_report(metrics), "evaluation/test_report.txt")
     run.log_figure(evaluate.plot_confusion(metrics), "evaluation/confusion_matrix.png")
     return metrics
+
+
+def _log_reference_profile(run: "Run", model: nn.Module, pipeline: "ImagePipeline", cfg: Config) -> None:
+    """What the model's answers look like on the validation split: the reference that drift checks
+    compare a day's traffic with (:mod:`hotdog_ray.drift`)."""
+    from hotdog_ray import drift, evaluate
+    from hotdog_ray.data import iter_torch_batches
+
+    batches = iter_torch_batches(pipeline.dataset("validation"), batch_size=256, rescale=cfg.data.rescale)
+    _, probs = evaluate.predict_batches(model, batches)
+    reference = drift.profile_from_probabilities(probs, pipeline.layout.classes, cfg.monitor.low_confidence)
+    run.log_dict(drift.to_json(reference), drift.REFERENCE_ARTIFACT)
