@@ -298,16 +298,25 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from hotdog_ray.score import score
 
-    summary = score(
-        config_from_args(args), input=args.input, output=args.output, date=args.date, model=args.model
-    )
+    cfg = config_from_args(args)
+    summary = score(cfg, input=args.input, output=args.output, date=args.date, model=args.model)
+    drift = summary.drift or {}
     print(
         json.dumps(asdict(summary), indent=2)
         if args.json
         else f"scored {summary.scored} of {summary.files} files ({summary.failed} unreadable) with "
         f"{summary.model} version {summary.model_version} in {summary.seconds:.1f} s "
         f"({summary.images_per_s:.0f} images/s) -> {summary.output}"
+        + (f"\ndrift: FLAGGED: {'; '.join(drift['reasons'])}" if drift.get("flagged") else "")
     )
+    if cfg.monitor.metrics_linger_s:
+        import time
+
+        log.info(
+            "keeping the job's metrics up %g s for Prometheus (monitor.metrics_linger_s)",
+            cfg.monitor.metrics_linger_s,
+        )
+        time.sleep(cfg.monitor.metrics_linger_s)
     return 0
 
 

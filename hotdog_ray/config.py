@@ -437,6 +437,13 @@ class MonitorSettings(_Section):
     progress_interval_s: float = Field(
         30.0, gt=0, description="hotdog score and inspect log a progress line this often"
     )
+    metrics_linger_s: float = Field(
+        0.0,
+        ge=0,
+        le=600,
+        description="hotdog score waits this long after a run so that Prometheus scrapes its hotdog_score_* "
+        "series before the job's Ray goes (a nightly RayJob on Kubernetes: at least two scrape intervals)",
+    )
 
 
 class Config(_Section):

@@ -38,7 +38,7 @@ SERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "hotdog_score_last_success_timestamp_seconds": ("gauge", (), "batch scoring: end of the last run"),
     "hotdog_drift_psi": ("gauge", ("measure",), "population stability index of the last drift check"),
     "hotdog_drift_flagged": ("gauge", (), "1 when the last drift check went over monitor.psi_threshold"),
-    "hotdog_train_epoch": ("gauge", ("run",), "training: last finished epoch"),
+    "hotdog_train_epoch": ("gauge", ("run",), "training: epochs finished"),
     "hotdog_train_loss": ("gauge", ("run",), "training: last epoch's loss"),
     "hotdog_train_images_per_second": ("gauge", ("run",), "training: last epoch's rate"),
 }

@@ -344,9 +344,26 @@ def fit_loop(cfg: Config, classes: list[str], session: Session) -> None:
             return
         validated = loop.validate(val_shard, session.world)
         metrics = loop.end_epoch(epoch, trained, validated, session.world)
+        if session.rank == 0:
+            _export_epoch(getattr(session, "name", None) or "local", metrics)
         session.report(metrics, loop.checkpoint(epoch) if session.rank == 0 else None)
         if metrics["stopped_early"]:
             return
+
+
+def _export_epoch(run: str, metrics: dict[str, Any]) -> None:
+    """The epoch's figures as hotdog_train_* gauges on this node's Prometheus endpoint."""
+    from hotdog_ray.metrics import job_gauges
+
+    gauges = job_gauges("hotdog_train_epoch", "hotdog_train_loss", "hotdog_train_images_per_second")
+    values = {
+        "hotdog_train_epoch": metrics["epoch"] + 1,  # epochs finished
+        "hotdog_train_loss": metrics["loss"],
+        "hotdog_train_images_per_second": metrics["images_per_s"],
+    }
+    for name, value in values.items():
+        if name in gauges and math.isfinite(value):
+            gauges[name].set(float(value), tags={"run": run})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +404,7 @@ class TrainSession:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.name = ctx.get_experiment_name()  # the run's name: a bounded label for its metrics
 
     def checkpoint_state(self) -> dict[str, Any] | None:
         checkpoint = ray.train.get_checkpoint()
@@ -465,6 +483,7 @@ class DriverSession(InProcessSession):
     def __init__(self, cfg: Config, datasets: dict[str, Any], run: "Run", folder: "storage.Location") -> None:
         super().__init__(cfg, datasets, run)
         self.folder, self.keep = folder, cfg.train.num_to_keep
+        self.name = folder.path.rstrip("/").rsplit("/", 1)[-1]
         self.latest: storage.Location | None = None  # the newest checkpoint folder
 
     def _checkpoints(self) -> list[str]:

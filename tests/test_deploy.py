@@ -27,6 +27,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 CRDS = Path(__file__).parent / "kuberay-crds"
+PROMETHEUS_CRDS = Path(__file__).parent / "prometheus-operator-crds"
+MONITORING = "monitoring.coreos.com/v1"
 # The oldest Kubernetes the manifests are written for (CronJob timeZone is GA from 1.27).
 KUBERNETES_VERSION = "1.30"
 APP_DIR = "/home/ray/app"  # the image's WORKDIR: where drivers run and relative paths resolve
@@ -87,7 +89,7 @@ def crd_validator(kind: str):
 
 
 def crd_schema(kind: str) -> dict[str, Any]:
-    for path in CRDS.glob("ray.io_*.yaml"):
+    for path in [*CRDS.glob("ray.io_*.yaml"), *PROMETHEUS_CRDS.glob("monitoring.coreos.com_*.yaml")]:
         crd = yaml.load(path.read_text(), Loader=Loader)
         if crd["spec"]["names"]["kind"] == kind:
             (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
@@ -127,9 +129,10 @@ def config_map(name: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "item", [i for i in k8s_documents() if i[1]["apiVersion"] == "ray.io/v1"], ids=_doc_id
+    "item", [i for i in k8s_documents() if i[1]["apiVersion"] in ("ray.io/v1", MONITORING)], ids=_doc_id
 )
-def test_kuberay_manifests_match_the_crd_schemas(item):
+def test_custom_resources_match_their_crd_schemas(item):
+    """KubeRay's kinds, and the Prometheus Operator's PodMonitor and PrometheusRule."""
     name, doc = item
     errors = sorted(crd_validator(doc["kind"]).iter_errors(doc), key=str)
     assert not errors, f"{name}: " + "; ".join(
@@ -138,7 +141,7 @@ def test_kuberay_manifests_match_the_crd_schemas(item):
 
 
 @pytest.mark.parametrize(
-    "item", [i for i in k8s_documents() if i[1]["apiVersion"] != "ray.io/v1"], ids=_doc_id
+    "item", [i for i in k8s_documents() if i[1]["apiVersion"] not in ("ray.io/v1", MONITORING)], ids=_doc_id
 )
 def test_core_manifests_match_the_kubernetes_schemas(item):
     import kubernetes_validate
@@ -150,14 +153,80 @@ def test_core_manifests_match_the_kubernetes_schemas(item):
         pytest.fail(f"{name} {doc['kind']}: {'/'.join(map(str, e.path))}: {e.message}")
 
 
-def test_vendored_crds_are_the_workplace_copies():
-    """tests/kuberay-crds/ is ../shared/kuberay-crds/ (vendored so that a bare clone validates too)."""
-    shared = REPO.parent / "shared" / "kuberay-crds"
+@pytest.mark.parametrize("folder", [CRDS, PROMETHEUS_CRDS], ids=lambda p: p.name)
+def test_vendored_crds_are_the_workplace_copies(folder):
+    """tests/<name>/ is ../shared/<name>/ (vendored so that a bare clone validates too)."""
+    shared = REPO.parent / "shared" / folder.name
     if not shared.is_dir():
         pytest.skip(f"{shared} is not beside this clone; the vendored copies are used as they are")
-    for path in sorted(shared.glob("ray.io_*.yaml")):
-        assert (CRDS / path.name).read_bytes() == path.read_bytes(), path.name
-    assert {p.name for p in CRDS.glob("ray.io_*.yaml")} == {p.name for p in shared.glob("ray.io_*.yaml")}
+    for path in sorted(shared.glob("*.yaml")):
+        assert (folder / path.name).read_bytes() == path.read_bytes(), path.name
+    assert {p.name for p in folder.glob("*.yaml")} == {p.name for p in shared.glob("*.yaml")}
+
+
+def _queries() -> list[tuple[str, str]]:
+    """(where, PromQL) of every dashboard panel and alert rule."""
+    dashboard = json.loads((K8S / "grafana-dashboard.json").read_text())
+    out = [(f"panel {p['title']!r}", t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+    for _, doc in k8s_documents():
+        if doc["kind"] == "PrometheusRule":
+            out += [(f"alert {r['alert']}", r["expr"]) for g in doc["spec"]["groups"] for r in g["rules"]]
+    return out
+
+
+def test_dashboard_and_alerts_query_only_series_we_export():
+    """Every ray_hotdog_* name in a panel or an alert is one of hotdog_ray.metrics.SERIES, with the
+    suffix Prometheus gives its kind (counters _total, histograms _bucket/_count/_sum)."""
+    import re
+
+    from hotdog_ray.metrics import SERIES
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    queries = _queries()
+    assert len(queries) >= 15
+    seen = set()
+    for where, expr in queries:
+        names = re.findall(r"\bray_(hotdog_[a-z_]+)", expr)
+        assert names, f"{where}: queries none of our series: {expr}"
+        for name in names:
+            base = next(
+                (b for b, (kind, _, _) in SERIES.items() for suf in suffixes[kind] if name == b + suf), None
+            )
+            assert base, f"{where}: ray_{name} is not a series hotdog_ray.metrics exports"
+            seen.add(base)
+    # The issue's panels and alerts: requests, latency, batch sizes, class mix, errors, model version,
+    # drift, nightly scoring.
+    assert {
+        "hotdog_requests",
+        "hotdog_request_latency_seconds",
+        "hotdog_batch_size",
+        "hotdog_predictions",
+        "hotdog_errors",
+        "hotdog_model_info",
+        "hotdog_drift_flagged",
+        "hotdog_score_last_success_timestamp_seconds",
+    } <= seen
+    alerts = {where.split()[1] for where, _ in queries if where.startswith("alert")}
+    assert {
+        "HotdogHighErrorRate",
+        "HotdogHighLatencyP99",
+        "HotdogNoModelLoaded",
+        "HotdogDriftFlagged",
+        "HotdogNightlyScoringMissing",
+    } <= alerts
+
+
+def test_the_podmonitor_scrapes_every_ray_pod_on_the_metrics_port():
+    (monitor,) = [d for _, d in k8s_documents() if d["kind"] == "PodMonitor"]
+    (expr,) = monitor["spec"]["selector"]["matchExpressions"]
+    assert expr == {"key": "ray.io/node-type", "operator": "In", "values": ["head", "worker"]}
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    for _, doc in k8s_documents():  # where a Ray pod lists its ports, the metrics port is among them
+        for where, pod in pod_specs(doc):
+            for c in pod["containers"]:
+                names = {p["name"] for p in c.get("ports", [])}
+                if "gcs" in names or "serve" in names:
+                    assert {"name": "metrics", "containerPort": 8080} in c["ports"], f"{where}: {c['name']}"
 
 
 def test_the_strict_schemas_catch_a_misspelt_field():
@@ -185,7 +254,13 @@ def test_kustomization_covers_every_manifest_but_the_documented_ones():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     applied = set(kustomization["resources"])
     generated = {f for g in kustomization["configMapGenerator"] for f in g["files"]}
-    by_hand = {"secrets.example.yaml", "rayjob-train.yaml", "rayjob-tune.yaml", "raycronjob-score.yaml"}
+    by_hand = {
+        "secrets.example.yaml",
+        "rayjob-train.yaml",
+        "rayjob-tune.yaml",
+        "raycronjob-score.yaml",
+        "monitoring.yaml",
+    }
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert applied | generated | by_hand == on_disk
     assert not applied & (generated | by_hand)
