@@ -7,7 +7,9 @@ In one run, on loopback, with the same model and the same FastAPI handlers (``cr
   * baseline: what a user would write otherwise, one ``uvicorn`` process running the handlers with
     a direct forward pass per request in eager PyTorch, no Ray; and the same process on ONNX Runtime,
     to show what Ray Serve adds on top of a fast runtime.
-Serve replicas run ``predict.runtime`` (default auto: ONNX Runtime on the CPU).
+Serve replicas run ``predict.runtime`` (default auto: ONNX Runtime on the CPU). Two more Serve rows:
+a shadow rollout (a challenger scores every request too) and the prediction log at rate 1.0 (every
+answer written as Parquet), each as a ratio of the plain batching row.
 Each is loaded by ``bench/loadgen.py`` in its own process at concurrency 1 and 32. Printed:
 requests/s, p50 and p99 latency, the throughput ratio at 32 and the p50 difference at 1.
 
@@ -184,16 +186,21 @@ def main() -> None:
 
         set_alias(cfg.tracking, version)
         set_challenger(cfg, register_model(cfg, seed=1))
+        log_root = f"{tmp}/prediction-log"
         runs = (
-            ("Ray Serve, batching", cfg.serve.max_batch_size, "off"),
-            ("Ray Serve, no batching", 1, "off"),
-            ("Ray Serve, shadow", cfg.serve.max_batch_size, "shadow"),
+            ("Ray Serve, batching", cfg.serve.max_batch_size, "off", {}),
+            ("Ray Serve, no batching", 1, "off", {}),
+            ("Ray Serve, shadow", cfg.serve.max_batch_size, "shadow", {}),
+            # Every answer logged (rate 1.0): what the prediction log costs a replica.
+            ("Ray Serve, prediction log", cfg.serve.max_batch_size, "off", {"prediction_log": log_root}),
         )
-        for name, batch, mode in runs:
+        for name, batch, mode, extra in runs:
             update = {
                 "model_uri": None if mode != "off" else model_uri,
                 "max_batch_size": batch,
                 "rollout": mode,
+                "log_sample_rate": 1.0,
+                **extra,
             }
             c = cfg.model_copy(update={"serve": cfg.serve.model_copy(update=update)})
             serve.run(deployment(c).bind(c.model_dump(mode="json")), name="bench", route_prefix="/")
@@ -203,12 +210,16 @@ def main() -> None:
             serve.delete("bench")
         serve.shutdown()
         ray.shutdown()
+        from hotdog_ray import predlog
 
-    base, fast, ours, shadow = (
+        logged_rows = predlog.read(log_root).num_rows  # every answer, the last ones at shutdown
+
+    base, fast, ours, shadow, logged = (
         results["uvicorn + PyTorch"],
         results["uvicorn + ONNX Runtime"],
         results["Ray Serve, batching"],
         results["Ray Serve, shadow"],
+        results["Ray Serve, prediction log"],
     )
     summary = {
         "config": args.config,
@@ -227,6 +238,10 @@ def main() -> None:
         "throughput_ratio_c32_vs_onnxruntime": round(ours[32]["rps"] / fast[32]["rps"], 3),
         "shadow_throughput_ratio_c32": round(shadow[32]["rps"] / ours[32]["rps"], 3),
         "shadow_p50_diff_ms_c1": round(shadow[1]["p50_ms"] - ours[1]["p50_ms"], 2),
+        "log_throughput_ratio_c32": round(logged[32]["rps"] / ours[32]["rps"], 3),
+        "log_p50_diff_ms_c1": round(logged[1]["p50_ms"] - ours[1]["p50_ms"], 2),
+        "log_rows": logged_rows,
+        "log_requests_ok": logged[1]["ok"] + logged[32]["ok"],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -252,6 +267,10 @@ def main() -> None:
     )
     print(f"  shadow rollout at 32 (shadow / off): {summary['shadow_throughput_ratio_c32']:.3f}")
     print(f"  shadow rollout p50 at 1 (shadow - off): {summary['shadow_p50_diff_ms_c1']:+.2f} ms")
+    print(
+        f"  prediction log at 32 (logged / off): {summary['log_throughput_ratio_c32']:.3f}; p50 at 1: "
+        f"{summary['log_p50_diff_ms_c1']:+.2f} ms; {summary['log_rows']} rows for {summary['log_requests_ok']} answers"
+    )
 
 
 if __name__ == "__main__":

@@ -52,6 +52,12 @@ SCHEMA = pa.schema(
 )
 
 
+FEEDBACK_SCHEMA = pa.schema(
+    [("request_id", pa.string()), ("time", pa.timestamp("ms", tz="UTC")), ("label", pa.string())]
+)
+FEEDBACK = "feedback"  # <prediction_log>/feedback/date=YYYY-MM-DD/: true labels sent to POST /feedback
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -73,11 +79,23 @@ class Entry:
     time: float = 0.0
 
 
-class PredictionLog:
-    """A bounded queue of rows and the thread that writes it to Parquet.
+@dataclass
+class Feedback:
+    """The true label of an answered request (``POST /feedback``)."""
+
+    request_id: str
+    label: str
+    time: float = 0.0
+
+
+class RowLog:
+    """A bounded queue of rows and the thread that writes it to Parquet by date; subclasses say
+    what a row is (:attr:`schema`, :meth:`rows`).
 
     ``on_drop(n)`` and ``on_write(n)`` let the caller count dropped and written rows in its metrics.
     """
+
+    schema: pa.Schema
 
     def __init__(
         self,
@@ -95,18 +113,22 @@ class PredictionLog:
         self.max_rows, self.log_images = max_rows, log_images
         self.on_drop, self.on_write = on_drop, on_write
         self.dropped = self.written = 0
-        self._queue: collections.deque[Entry] = collections.deque()
+        self._queue: collections.deque[Any] = collections.deque()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one flush at a time: the thread's and close()'s
         self._prefix = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._files = 0
-        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
         self._thread.start()
         log.info(
-            "prediction log: %s (sample rate %g, flush every %g s)", location, sample_rate, flush_interval_s
+            "%s: %s (sample rate %g, flush every %g s)",
+            type(self).__name__,
+            location,
+            sample_rate,
+            flush_interval_s,
         )
 
-    def offer(self, entry: Entry) -> bool:
+    def offer(self, entry: Any) -> bool:
         """Queue ``entry`` (sampled at ``sample_rate``); False when it was sampled out or dropped.
         Never blocks: a full queue drops the row and counts it."""
         if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
@@ -145,23 +167,26 @@ class PredictionLog:
             self.on_write(len(entries))
             return len(entries)
 
-    def _write(self, entries: list[Entry]) -> None:
-        rows = [_row(e) for e in entries]
+    def rows(self, entries: list[Any]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _write(self, entries: list[Any]) -> None:
+        rows = self.rows(entries)
         by_day: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         for row in rows:
             by_day[row["time"].strftime("%Y-%m-%d")].append(row)
         for day, day_rows in by_day.items():
             self._files += 1
             buf = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(day_rows, schema=SCHEMA), buf)
+            pq.write_table(pa.Table.from_pylist(day_rows, schema=self.schema), buf)
             name = f"{self._prefix}-{self._files:06d}.parquet"
             storage.write_bytes(
                 self.location.fs, self.location.join(f"date={day}", name).path, buf.getvalue()
             )
-        if self.log_images:
-            for entry, row in zip(entries, rows):
-                path = self.location.join("images", row["sha256"]).path
-                storage.write_bytes(self.location.fs, path, entry.image)
+        self.written_rows(entries, rows)
+
+    def written_rows(self, entries: list[Any], rows: list[dict[str, Any]]) -> None:
+        """Called after each write with what was written."""
 
     def close(self) -> None:
         """Stop the thread and write what is left (idempotent)."""
@@ -170,7 +195,38 @@ class PredictionLog:
         self._stop.set()
         self._thread.join(timeout=max(5.0, self.flush_interval_s))
         self.flush()
-        log.info("prediction log closed: %d rows written, %d dropped", self.written, self.dropped)
+        log.info("%s closed: %d rows written, %d dropped", type(self).__name__, self.written, self.dropped)
+
+
+class PredictionLog(RowLog):
+    """The answers (:class:`Entry`), and with ``log_images`` the images, at ``<location>``."""
+
+    schema = SCHEMA
+
+    def rows(self, entries: list[Entry]) -> list[dict[str, Any]]:
+        return [_row(e) for e in entries]
+
+    def written_rows(self, entries: list[Entry], rows: list[dict[str, Any]]) -> None:
+        if self.log_images:
+            for entry, row in zip(entries, rows):
+                path = self.location.join("images", row["sha256"]).path
+                storage.write_bytes(self.location.fs, path, entry.image)
+
+
+class FeedbackLog(RowLog):
+    """True labels (:class:`Feedback`) at ``<prediction log>/feedback``."""
+
+    schema = FEEDBACK_SCHEMA
+
+    def rows(self, entries: list[Feedback]) -> list[dict[str, Any]]:
+        return [
+            {
+                "request_id": e.request_id,
+                "time": datetime.fromtimestamp(e.time, tz=timezone.utc),
+                "label": e.label,
+            }
+            for e in entries
+        ]
 
 
 def _row(e: Entry) -> dict[str, Any]:
@@ -191,11 +247,18 @@ def _row(e: Entry) -> dict[str, Any]:
     }
 
 
-def read(location: str, date: str | None = None) -> pa.Table:
-    """Every row of the log (of one ``date``, YYYY-MM-DD, if given); an empty table if none."""
+def read(
+    location: str, date: str | None = None, *, since: str | None = None, schema: pa.Schema = SCHEMA
+) -> pa.Table:
+    """Every row of the log at ``location`` (of one ``date``, or of the days from ``since``, both
+    YYYY-MM-DD); an empty table if none. ``schema``: :data:`FEEDBACK_SCHEMA` for the feedback."""
     loc = storage.resolve(location)
-    if date:
-        loc = loc.join(f"date={date}")
-    files = [p for p in storage.list_files(loc) if p.endswith(".parquet")]
-    tables = [pq.read_table(pa.BufferReader(storage.read_bytes(loc.fs, p)), schema=SCHEMA) for p in files]
-    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    days = [d.removeprefix("date=") for d in storage.list_dirs(loc) if d.startswith("date=")]
+    days = [d for d in days if (date is None or d == date) and (since is None or d >= since)]
+    tables = []
+    for day in days:
+        folder = loc.join(f"date={day}")
+        for path in storage.list_files(folder):
+            if path.endswith(".parquet"):
+                tables.append(pq.read_table(pa.BufferReader(storage.read_bytes(loc.fs, path)), schema=schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()

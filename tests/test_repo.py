@@ -44,3 +44,15 @@ def test_the_test_command_lints_and_checks_formatting_before_the_suite():
     assert (
         "ruff" in (ROOT / "pyproject.toml").read_text().split("[tool.ruff]")[0]
     )  # installed by the dev extra
+
+
+def test_no_test_file_is_named_like_a_ray_process():
+    """``ray stop --force`` (which tests run after a ``ray start``) SIGKILLs every process whose
+    command line contains one of Ray's process keywords: ``pytest tests/test_monitor.py`` matched
+    "monitor.py" (the autoscaler's) and killed the run mid-suite."""
+    from ray.autoscaler._private.constants import RAY_PROCESSES
+
+    keywords = [k for k, by_name in RAY_PROCESSES if not by_name]
+    here = Path(__file__).resolve().parent
+    names = [str(p.relative_to(here.parent)) for p in here.rglob("*.py")]
+    assert not [(n, k) for n in names for k in keywords if k in n]

@@ -655,7 +655,8 @@ def _current_version(app) -> str:
 def test_hotdog_serve_command_serves_a_bundle_and_drains_on_sigterm(tmp_path):
     """``hotdog serve`` as a user runs it: its own Ray, the page and the API on the configured port,
     a model given as a bundle folder; SIGTERM under load (what docker stop, systemd and Kubernetes
-    send) drains it: every request in flight when the signal came is answered, and it exits 0."""
+    send) drains it: every request in flight when the signal came is answered, and it exits 0. The
+    prediction log, flushed only at shutdown here, then holds exactly one row per answer."""
     import os
     import signal
 
@@ -678,6 +679,10 @@ def test_hotdog_serve_command_serves_a_bundle_and_drains_on_sigterm(tmp_path):
         "serve.cpus_per_replica=0.5",
         "--set",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set",
+        f"serve.prediction_log={tmp_path / 'answers'}",
+        "--set",
+        "serve.log_flush_interval_s=600",  # nothing written before the stop: the stop must write it all
     ]
     log = open(tmp_path / "serve.log", "w")
     env = {k: v for k, v in os.environ.items() if k != HAPROXY_ENV}  # the config decides, not the suite's env
@@ -697,6 +702,7 @@ def test_hotdog_serve_command_serves_a_bundle_and_drains_on_sigterm(tmp_path):
         assert listener(port) == "haproxy"  # serve.haproxy's default in the Ray the command started
 
         outcomes: list[tuple[float, float, str]] = []  # (sent, answered, "200" or the failure)
+        answered_ids = [r.json()["request_id"]]
         stop = threading.Event()
 
         def client() -> None:
@@ -704,7 +710,10 @@ def test_hotdog_serve_command_serves_a_bundle_and_drains_on_sigterm(tmp_path):
                 while not stop.is_set():
                     t0 = time.monotonic()
                     try:
-                        status = str(http.post(url + "/predict", data=data, timeout=60).status_code)
+                        answer = http.post(url + "/predict", data=data, timeout=60)
+                        status = str(answer.status_code)
+                        if answer.status_code == 200:
+                            answered_ids.append(answer.json()["request_id"])
                     except requests.RequestException as exc:
                         status = type(exc).__name__
                     outcomes.append((t0, time.monotonic(), status))
@@ -725,5 +734,12 @@ def test_hotdog_serve_command_serves_a_bundle_and_drains_on_sigterm(tmp_path):
         in_flight = [o for o in outcomes if o[0] < signalled]
         assert any(o[1] > signalled for o in in_flight), "no request was in flight at the signal"
         assert {o[2] for o in in_flight} == {"200"}, sorted({o[2] for o in in_flight})
+        from hotdog_ray import predlog
+
+        # Every answer a client got is in the log; at most the requests whose answer the stop cut
+        # off on its way back are in it besides.
+        logged = predlog.read(str(tmp_path / "answers"))["request_id"].to_pylist()
+        assert len(set(logged)) == len(logged) and set(answered_ids) <= set(logged)
+        assert len(logged) - len(answered_ids) <= sum(o[2] != "200" for o in outcomes)
     finally:
         stop_command(proc, own_ray=True)
