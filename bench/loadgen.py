@@ -62,6 +62,7 @@ async def _run(url: str, body: bytes, requests: int, concurrency: int, warmup: i
     return {
         "url": url,
         "requests": requests,
+        "warmup": warmup,  # answered too, before the timed requests
         "concurrency": concurrency,
         "ok": len(latencies),
         "errors": len(errors),

@@ -235,6 +235,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_rollout(args: argparse.Namespace) -> int:
     from hotdog_ray import registry, rollout
     from hotdog_ray.errors import ModelError
+    from hotdog_ray.score import run_date
 
     cfg = config_from_args(args)
     t = cfg.tracking
@@ -244,12 +245,20 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             f"{t.registered_model} needs both aliases {t.alias!r} and {t.challenger_alias!r} for a rollout "
             f"(champion: {champion}, challenger: {challenger}); see hotdog promote --challenger"
         )
-    stats = rollout.report(cfg, champion, challenger)
+    # The replicas' own running figures, unless a period is asked for: that comes from the
+    # prediction log, which also gives each version's accuracy where feedback came in.
+    accuracy = None
+    if args.since or cfg.serve.prediction_log:
+        since = run_date(args.since).isoformat() if args.since else None
+        from_log, accuracy = rollout.from_prediction_log(cfg, champion, challenger, since)
+    stats = from_log if args.since else rollout.report(cfg, champion, challenger)
     allowed, why = rollout.gate(cfg, stats)
     out = {
         "champion": champion,
         "challenger": challenger,
+        "since": args.since,
         **stats.summary(),
+        "accuracy": accuracy,
         "promotable": allowed,
         "why": why,
     }
@@ -263,9 +272,14 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         f"{out['served_by_challenger']}), shadowed {out['shadowed']}, agreement {fmt(out['agreement'], '.3f')}"
     )
     for role in rollout.ROLES:
+        labelled = (
+            f", accuracy {fmt(accuracy[role]['accuracy'], '.3f')} on {accuracy[role]['labelled']} labelled"
+            if accuracy
+            else ""
+        )
         print(
             f"  {role:<11} p50 latency {fmt(out['p50_latency_ms'][role], '.2f')} ms, "
-            f"median confidence {fmt(out['median_confidence'][role], '.3f')}"
+            f"median confidence {fmt(out['median_confidence'][role], '.3f')}{labelled}"
         )
     print(f"  {'promotable' if allowed else 'not promotable'}: {why}")
     return 0
@@ -446,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
         "rollout", cmd_rollout, "the challenger against the champion on live traffic (serve.rollout)", True
     )
     p.add_argument("action", choices=["report"], help="report: every replica's figures, added up")
+    p.add_argument(
+        "--since",
+        help="YYYY-MM-DD, today or yesterday (UTC): figures of those days only, from serve.prediction_log",
+    )
     p.add_argument("--json", action="store_true")
     p = command("runs", cmd_runs, "recent training runs, sweeps and trials with their key metrics", True)
     p.add_argument("--limit", type=int, default=20)

@@ -5,6 +5,9 @@ and writes them every ``rollout.flush_interval_s`` to ``rollout.store`` (a local
 ``s3://``), one JSON file per replica under ``<model>/<champion>-vs-<challenger>/``.
 :func:`report` adds up every replica's file (``hotdog rollout report``), and :func:`gate` is what
 ``hotdog promote --force`` checks against ``rollout.min_requests`` and ``rollout.min_agreement``.
+With a prediction log, :func:`from_prediction_log` gives the same figures for a period (the log holds
+the champion's, the canary's and the shadow's answers under one request id) and each version's
+accuracy on the requests that got a true label through ``POST /feedback``.
 """
 
 from __future__ import annotations
@@ -123,3 +126,75 @@ def gate(cfg: "Config", stats: RolloutStats) -> tuple[bool, str]:
     if r.min_agreement > 0 and (stats.agreement or 0.0) < r.min_agreement:
         return False, f"agreement {stats.agreement or 0:.3f} is below rollout.min_agreement {r.min_agreement}"
     return True, f"{stats.shadowed} shadow requests, agreement {stats.agreement or 0:.3f}"
+
+
+def _challenger_role(row: dict[str, Any]) -> bool:
+    return row["served_by"] in ("challenger", "shadow")
+
+
+def stats_from_log(rows: list[dict[str, Any]], champion: str, challenger: str) -> RolloutStats:
+    """The pair's figures from prediction log rows (pure): the champion's answers, the challenger's
+    canary answers and its shadow answers, agreement over the requests both answered."""
+    stats = RolloutStats()
+    champion_label: dict[str, str] = {}
+    shadow_label: dict[str, str] = {}
+    for row in rows:
+        version = str(row["version"])
+        if row["served_by"] == "champion" and version == champion:
+            stats.served += 1
+            champion_label[row["request_id"]] = row["label"]
+            stats.sample("champion", row["latency_ms"], row["probability"])
+        elif _challenger_role(row) and version == challenger:
+            if row["served_by"] == "challenger":
+                stats.canary += 1
+            else:
+                shadow_label[row["request_id"]] = row["label"]
+            stats.sample("challenger", row["latency_ms"], row["probability"])
+    both = champion_label.keys() & shadow_label.keys()
+    stats.shadowed = len(both)
+    stats.agreed = sum(champion_label[r] == shadow_label[r] for r in both)
+    return stats
+
+
+def accuracy(
+    rows: list[dict[str, Any]], labels: dict[str, str], champion: str, challenger: str
+) -> dict[str, dict[str, Any]]:
+    """Each role's accuracy on the requests that got feedback (``POST /feedback``), pure: the
+    champion's answers, and the challenger's canary and shadow answers."""
+    out = {role: {"labelled": 0, "correct": 0, "accuracy": None} for role in ROLES}
+    for row in rows:
+        truth = labels.get(row["request_id"])
+        version = str(row["version"])
+        if truth is None:
+            continue
+        if row["served_by"] == "champion" and version == champion:
+            role = "champion"
+        elif _challenger_role(row) and version == challenger:
+            role = "challenger"
+        else:
+            continue
+        out[role]["labelled"] += 1
+        out[role]["correct"] += row["label"] == truth
+    for figures in out.values():
+        if figures["labelled"]:
+            figures["accuracy"] = figures["correct"] / figures["labelled"]
+    return out
+
+
+def from_prediction_log(
+    cfg: "Config", champion: str, challenger: str, since: str | None = None
+) -> tuple[RolloutStats, dict[str, dict[str, Any]]]:
+    """The pair's figures and accuracies from ``serve.prediction_log`` and its feedback (the days
+    from ``since``, YYYY-MM-DD, or all)."""
+    from hotdog_ray import predlog, storage
+    from hotdog_ray.errors import ConfigError
+
+    if not cfg.serve.prediction_log:
+        raise ConfigError(
+            "serve.prediction_log is not set: figures by date and accuracy need the prediction log"
+        )
+    rows = predlog.read(cfg.serve.prediction_log, since=since).to_pylist()
+    feedback_at = storage.resolve(cfg.serve.prediction_log).join(predlog.FEEDBACK).uri
+    feedback = predlog.read(feedback_at, since=since, schema=predlog.FEEDBACK_SCHEMA).to_pylist()
+    labels = {f["request_id"]: f["label"] for f in sorted(feedback, key=lambda f: f["time"])}  # latest wins
+    return stats_from_log(rows, champion, challenger), accuracy(rows, labels, champion, challenger)

@@ -34,6 +34,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
 from ray import serve
 
 from hotdog_ray import __version__
@@ -41,7 +42,7 @@ from hotdog_ray.config import Config, ServeSettings, from_dict, load_config
 from hotdog_ray.errors import ConfigError, ImageError
 from hotdog_ray.metrics import NoMetrics, reason_of, serve_metrics
 from hotdog_ray.predict import Predictor, cpu_threads
-from hotdog_ray.predlog import Entry, PredictionLog, new_request_id
+from hotdog_ray.predlog import FEEDBACK, Entry, Feedback, FeedbackLog, PredictionLog, new_request_id
 from hotdog_ray.rollout import RolloutStats
 from hotdog_ray.runtime import sigterm_interrupts
 
@@ -549,6 +550,7 @@ async def predict(
     predictor: Predictor = Depends(loaded_predictor),
 ) -> JSONResponse:
     s, (rid, headers) = settings(request), request_id_of(request)
+    request.state.request_id = rid  # the shadow's row in the prediction log names it too
     if s.rollout == "off" or service.challenger is None:
         answered = recorder(request, "/predict", rid)
         return JSONResponse(await on_one_image(request, predictor, predict_one, answered), headers=headers)
@@ -573,9 +575,27 @@ def rollout_work(service: ModelService, role: str) -> Callable[..., Awaitable[di
             def done(challenger_probs: np.ndarray, champion_probs: np.ndarray) -> None:
                 theirs = challenger.classes[int(np.argmax(challenger_probs))]
                 ours = predictor.classes[int(np.argmax(champion_probs))]
-                stats.sample("challenger", 1000 * (time.perf_counter() - t0), float(challenger_probs.max()))
+                latency_ms = 1000 * (time.perf_counter() - t0)
+                stats.sample("challenger", latency_ms, float(challenger_probs.max()))
                 stats.shadowed += 1
                 stats.agreed += theirs == ours
+                plog = request.app.state.prediction_log
+                if plog is not None:  # the challenger's answer beside the champion's, same request id
+                    model = model_of(challenger)
+                    probs = dict(zip(challenger.classes, map(float, challenger_probs)))
+                    plog.offer(
+                        Entry(
+                            request.state.request_id,
+                            "/predict",
+                            model["name"],
+                            model["version"],
+                            "shadow",
+                            theirs,
+                            probs,
+                            latency_ms,
+                            data,
+                        )
+                    )
                 if stats.shadowed % 500 == 0:
                     log.info("shadow %s against %s: %s", service.challenger_key, service.key, stats.summary())
 
@@ -671,17 +691,60 @@ def prediction_log(cfg: ServeSettings, metrics: NoMetrics) -> PredictionLog | No
     )
 
 
+class FeedbackIn(BaseModel):
+    """The true label of an answered image, for accuracy by model version (hotdog rollout report)."""
+
+    request_id: str = Field(
+        pattern=f"^{REQUEST_ID.pattern}$",  # anchored: JSON Schema and pydantic patterns search
+        description="the answer's request_id (also its X-Request-Id header)",
+    )
+    label: str = Field(min_length=1, max_length=200, description="what the image really shows")
+
+
+@router.post(
+    "/feedback",
+    dependencies=[Depends(require_key)],
+    status_code=202,
+    summary="The true label of an answered image (stored beside the prediction log)",
+    responses={
+        202: {"description": "stored (written with the next flush of the prediction log)"},
+        401: ERRORS[401],
+        404: {
+            "description": "feedback is off: serve.prediction_log is not set",
+            "content": ERRORS[401]["content"],
+        },
+    },
+)
+async def feedback(request: Request, body: FeedbackIn) -> JSONResponse:
+    store = request.app.state.feedback_log
+    if store is None:
+        raise HTTPError(404, "feedback is off on this server: serve.prediction_log is not set")
+    if not store.offer(Feedback(body.request_id, body.label)):
+        raise HTTPError(503, "feedback is not keeping up; try again later")
+    return JSONResponse({"request_id": body.request_id, "label": body.label, "stored": True}, status_code=202)
+
+
 def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastAPI:
     """The HTTP API and the web page around ``service``; ``infer`` runs the model on one encoded
     image (Serve passes its batching queue, the baseline :func:`direct_infer`)."""
     metrics = service.telemetry
     plog = prediction_log(cfg, metrics)
+    feedback_log = (
+        None
+        if plog is None
+        else FeedbackLog(
+            plog.location.join(FEEDBACK).uri,
+            flush_interval_s=cfg.log_flush_interval_s,
+            max_rows=cfg.log_queue_rows,
+        )
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
-        if plog is not None:  # the rows still queued, before the process goes
-            await asyncio.to_thread(plog.close)
+        for log_ in (plog, feedback_log):  # the rows still queued, before the process goes
+            if log_ is not None:
+                await asyncio.to_thread(log_.close)
 
     app = FastAPI(
         title="hotdog-ray",
@@ -691,7 +754,7 @@ def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastA
         lifespan=lifespan,
     )
     app.state.service, app.state.settings, app.state.infer = service, cfg, infer
-    app.state.metrics, app.state.prediction_log = metrics, plog
+    app.state.metrics, app.state.prediction_log, app.state.feedback_log = metrics, plog, feedback_log
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.state.api_keys = api_keys(cfg.api_keys_env)
     if app.state.api_keys is None:
@@ -713,6 +776,8 @@ def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastA
             schema = _with_limits(build_schema(), limits)
             if app.state.api_keys is None:  # open: the schema must not ask for a key
                 _drop_security(schema)
+            if feedback_log is None:  # off: nothing there to describe
+                schema["paths"].pop("/feedback", None)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -758,17 +823,27 @@ class HotdogReplica:
 
     async def _flush_rollout(self) -> None:
         """Write this replica's rollout figures where ``hotdog rollout report`` adds them up."""
-        from hotdog_ray import rollout
-
         while True:
             await asyncio.sleep(self.cfg.rollout.flush_interval_s)
-            svc = self.service
-            if svc.key and svc.challenger_key:
-                figures = svc.rollout.to_json()  # on the loop: nothing appends meanwhile
-                try:
-                    await asyncio.to_thread(rollout.write, self.cfg, svc.key, svc.challenger_key, figures)
-                except Exception as exc:  # noqa: BLE001 - figures must never stop the replica
-                    log.warning("could not write rollout figures to %s: %s", self.cfg.rollout.store, exc)
+            await self._write_rollout()
+
+    async def _write_rollout(self) -> None:
+        from hotdog_ray import rollout
+
+        svc = self.service
+        if svc.key and svc.challenger_key:
+            figures = svc.rollout.to_json()  # on the loop: nothing appends meanwhile
+            try:
+                await asyncio.to_thread(rollout.write, self.cfg, svc.key, svc.challenger_key, figures)
+            except Exception as exc:  # noqa: BLE001 - figures must never stop the replica
+                log.warning("could not write rollout figures to %s: %s", self.cfg.rollout.store, exc)
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops (after the app's lifespan): the rollout figures
+        gathered since the last flush are written, not lost."""
+        cfg = getattr(self, "cfg", None)  # None when __init__ failed before setting it
+        if cfg is not None and cfg.serve.rollout != "off":
+            await self._write_rollout()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this after start and on every ``user_config`` change: a change reloads now."""

@@ -4,6 +4,7 @@ known requests to a real Serve app."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.request
@@ -188,3 +189,102 @@ def test_known_requests_show_in_metrics_and_the_log(ray_session, tmp_path):
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
     assert Counter(r["label"] for r in rows) == expected
     assert {r["version"] for r in rows} == {version} and all(r["latency_ms"] > 0 for r in rows)
+
+
+# --- rollouts from the prediction log, and feedback ------------------------------------------------
+
+
+def log_row(rid: str, served_by: str, version: str, label: str, p: float = 0.9) -> dict:
+    return {
+        "request_id": rid,
+        "served_by": served_by,
+        "version": version,
+        "label": label,
+        "probability": p,
+        "latency_ms": 3.0,
+    }
+
+
+def test_rollout_figures_and_accuracy_from_log_rows():
+    from hotdog_ray import rollout
+
+    rows = [
+        log_row("a", "champion", "1", "hotdog"),
+        log_row("a", "shadow", "2", "hotdog"),
+        log_row("b", "champion", "1", "hotdog"),
+        log_row("b", "shadow", "2", "not_hotdog"),
+        log_row("c", "champion", "1", "not_hotdog"),  # its shadow never came back
+        log_row("d", "challenger", "2", "hotdog"),  # a canary answer
+        log_row("e", "champion", "0", "hotdog"),  # an older champion: not this pair
+    ]
+    stats = rollout.stats_from_log(rows, "1", "2")
+    assert (stats.served, stats.canary, stats.shadowed, stats.agreed) == (3, 1, 2, 1)
+    truth = {"a": "hotdog", "b": "not_hotdog", "c": "hotdog", "d": "hotdog", "e": "hotdog"}
+    acc = rollout.accuracy(rows, truth, "1", "2")
+    assert acc["champion"] == {"labelled": 3, "correct": 1, "accuracy": 1 / 3}
+    assert acc["challenger"] == {"labelled": 3, "correct": 3, "accuracy": 1.0}
+
+
+def test_shadow_answers_and_feedback_give_each_version_its_accuracy(ray_session, tmp_path, capsys):
+    """A shadow rollout with the prediction log: the log holds both versions' answers under one
+    request id, POST /feedback stores true labels, and `hotdog rollout report --since today` gives
+    agreement and each version's accuracy as the answers imply."""
+    from ray import serve
+
+    from hotdog_ray.cli import main
+    from hotdog_ray.predict import Predictor
+    from hotdog_ray.promote import set_challenger
+    from hotdog_ray.serve import deployment
+
+    port = free_port()
+    cfg = tiny_model_config(
+        tmp_path,
+        "serve.reload_interval_s=0",
+        "serve.cpus_per_replica=0.25",
+        "serve.rollout=shadow",
+        f"serve.prediction_log={tmp_path / 'log'}",
+        "serve.log_flush_interval_s=0.3",
+        f"rollout.store={tmp_path / 'rollout'}",
+    )
+    _, champion = register_model(cfg, tiny_model(CLASSES, seed=11), CLASSES, name="champion")
+    _, challenger = register_model(cfg, tiny_model(CLASSES, seed=12), CLASSES, name="challenger")
+    set_alias(cfg.tracking, champion)
+    set_challenger(cfg, challenger)
+    theirs = Predictor.from_config(cfg, f"models:/{cfg.tracking.registered_model}/{challenger}", device="cpu")
+    rng = np.random.default_rng(1)
+    images = [png(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(10)]
+    truth = {}
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(deployment(cfg).bind(cfg.model_dump(mode="json")), name="shadowed", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_ready(url, timeout=60)
+        ours, shadow = {}, {}
+        for i, img in enumerate(images):
+            answer = requests.post(
+                url + "/predict", data=img, headers={"content-type": "image/png"}, timeout=30
+            )
+            rid = answer.json()["request_id"]
+            ours[rid], shadow[rid] = answer.json()["label"], theirs.predict(img).label
+            truth[rid] = CLASSES[i % len(CLASSES)]
+            r = requests.post(url + "/feedback", json={"request_id": rid, "label": truth[rid]}, timeout=30)
+            assert r.status_code == 202 and r.json()["stored"] is True
+        bad = requests.post(url + "/feedback", json={"request_id": "no spaces", "label": "cat"}, timeout=30)
+        assert bad.status_code == 422
+        spec = requests.get(url + "/openapi.json", timeout=10).json()
+        assert "/feedback" in spec["paths"]
+        time.sleep(1.5)  # the shadow answers come after the responses; the log flushes every 0.3 s
+    finally:
+        serve.delete("shadowed")
+        serve.shutdown()
+
+    capsys.readouterr()
+    args = ["--set", f"tracking.uri={cfg.tracking.uri}", "--set", f"serve.prediction_log={tmp_path / 'log'}"]
+    assert main(["rollout", "report", "--since", "today", "--json", *args]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shadowed"] == len(images) and report["served_by_champion"] == len(images)
+    assert report["agreement"] == pytest.approx(sum(ours[r] == shadow[r] for r in ours) / len(images))
+    for role, answers in (("champion", ours), ("challenger", shadow)):
+        expected = sum(answers[r] == truth[r] for r in truth) / len(truth)
+        assert report["accuracy"][role]["labelled"] == len(images)
+        assert report["accuracy"][role]["accuracy"] == pytest.approx(expected)
