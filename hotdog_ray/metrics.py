@@ -33,6 +33,11 @@ SERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "hotdog_model_reloads": ("counter", ("role",), "models loaded by hot reload"),
     "hotdog_model_info": ("gauge", ("model", "version", "role"), "1 for each loaded model version"),
     "hotdog_prediction_log_rows": ("counter", ("outcome",), "prediction log rows written or dropped"),
+    "hotdog_shadow_answers": (
+        "counter",
+        ("agreed",),
+        "shadow rollout: challenger answers, same label or not",
+    ),
     "hotdog_score_images": ("counter", ("outcome",), "batch scoring: images scored or failed"),
     "hotdog_score_images_per_second": ("gauge", (), "batch scoring: rate of the last run"),
     "hotdog_score_last_success_timestamp_seconds": ("gauge", (), "batch scoring: end of the last run"),
@@ -86,6 +91,8 @@ class NoMetrics:
 
     def log_rows(self, outcome: str, n: int) -> None: ...
 
+    def shadow(self, agreed: bool) -> None: ...
+
 
 class ServeMetrics(NoMetrics):
     """The serving series (``ray.serve.metrics``, which adds the deployment and replica labels)."""
@@ -119,6 +126,9 @@ class ServeMetrics(NoMetrics):
     def log_rows(self, outcome: str, n: int) -> None:
         if n:
             self._m["hotdog_prediction_log_rows"].inc(n, tags={"outcome": outcome})
+
+    def shadow(self, agreed: bool) -> None:
+        self._m["hotdog_shadow_answers"].inc(1, tags={"agreed": str(agreed).lower()})
 
 
 def serve_metrics() -> NoMetrics:

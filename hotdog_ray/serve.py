@@ -579,6 +579,8 @@ def rollout_work(service: ModelService, role: str) -> Callable[..., Awaitable[di
                 stats.sample("challenger", latency_ms, float(challenger_probs.max()))
                 stats.shadowed += 1
                 stats.agreed += theirs == ours
+                service.telemetry.shadow(theirs == ours)
+                service.telemetry.prediction(theirs, "shadow")
                 plog = request.app.state.prediction_log
                 if plog is not None:  # the challenger's answer beside the champion's, same request id
                     model = model_of(challenger)
