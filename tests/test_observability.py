@@ -5,6 +5,7 @@ known requests to a real Serve app."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import urllib.request
@@ -123,14 +124,30 @@ def total(pattern: str, **labels: str) -> float:
     )
 
 
-def test_known_requests_show_in_metrics_and_the_log(ray_session, tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_known_requests_show_in_metrics_and_the_log(where, ray_session, tmp_path, request):
+    """N known requests to a real Serve app: the node's metrics endpoint counts them by status and
+    class, with a batch-size observation each; the prediction log (a folder, or a bucket on moto's
+    S3) holds exactly one row per answer once the app is deleted."""
     from ray import serve
 
     from hotdog_ray.predict import Predictor
     from hotdog_ray.serve import deployment
 
     port = free_port()
-    log_root = tmp_path / "predictions"
+    app_name = f"monitored-{where}"
+    env = {}
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        s3.client.create_bucket(Bucket="served")
+        log_root = "s3://served/predictions"
+        # The replica is a Ray worker started by a raylet that predates the S3 server's variables.
+        env = {
+            k: os.environ[k]
+            for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL")
+        }
+    else:
+        log_root = tmp_path / "predictions"
     cfg = tiny_model_config(
         tmp_path,
         "serve.reload_interval_s=0",
@@ -147,7 +164,10 @@ def test_known_requests_show_in_metrics_and_the_log(ray_session, tmp_path):
     expected = Counter(offline.predict(img).label for img in images)
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(deployment(cfg).bind(cfg.model_dump(mode="json")), name="monitored", route_prefix="/")
+    dep = deployment(cfg)
+    if env:
+        dep = dep.options(ray_actor_options={**dep.ray_actor_options, "runtime_env": {"env_vars": env}})
+    serve.run(dep.bind(cfg.model_dump(mode="json")), name=app_name, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_ready(url, timeout=60)
@@ -163,7 +183,7 @@ def test_known_requests_show_in_metrics_and_the_log(ray_session, tmp_path):
                 ).status_code
                 == 422
             )
-        mine = {"application": "monitored"}
+        mine = {"application": app_name}
         deadline = time.monotonic() + 60  # Ray exports every few seconds
         while time.monotonic() < deadline:
             ok = total(r"ray_hotdog_requests_total\{", endpoint="/predict", status="200", **mine)
@@ -183,7 +203,7 @@ def test_known_requests_show_in_metrics_and_the_log(ray_session, tmp_path):
         info = scrape(r"ray_hotdog_model_info\{")
         assert any(f'version="{version}"' in s and 'role="champion"' in s and v == 1 for s, v in info.items())
     finally:
-        serve.delete("monitored")  # the replica's shutdown writes what the log still holds
+        serve.delete(app_name)  # the replica's shutdown writes what the log still holds
         serve.shutdown()
     rows = predlog.read(str(log_root)).to_pylist()
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
