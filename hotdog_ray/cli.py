@@ -70,9 +70,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from hotdog_ray.data import discover, inspect
-    from hotdog_ray.runtime import init_ray
+    from hotdog_ray.runtime import init_ray, show_progress_bars
 
     cfg = config_from_args(args)
+    show_progress_bars(args.progress)
     root = args.uri or cfg.data.root
     discover(cfg.data, required=(), root=root)  # fail fast, before Ray starts
     init_ray()
@@ -310,7 +311,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from hotdog_ray.runtime import show_progress_bars
     from hotdog_ray.score import score
+
+    show_progress_bars(args.progress)
 
     cfg = config_from_args(args)
     summary = score(cfg, input=args.input, output=args.output, date=args.date, model=args.model)
@@ -407,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("uri", nargs="?", help="dataset root (default: data.root of the config)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--progress", action="store_true", help="Ray Data's progress bars, for a terminal")
 
     p = command(
         "train", cmd_train, "train a model with Ray Train, track it in MLflow, evaluate on test", True
@@ -479,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", help="run date: YYYY-MM-DD to backfill, today (default) or yesterday; UTC")
     p.add_argument("--model", help="model to score with (default: serve.model_uri, else the registry alias)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--progress", action="store_true", help="Ray Data's progress bars, for a terminal")
 
     p = command(
         "drift",

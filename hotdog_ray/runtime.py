@@ -29,13 +29,23 @@ def init_ray(num_cpus: int | None = None) -> None:
     quiet_ray_data()
 
 
+_PROGRESS_BARS = False  # --progress: a person at a terminal asked for Ray Data's own bars
+
+
+def show_progress_bars(on: bool = True) -> None:
+    """Keep Ray Data's progress bars in this process (``hotdog score/inspect --progress``)."""
+    global _PROGRESS_BARS
+    _PROGRESS_BARS = on
+
+
 def quiet_ray_data() -> None:
-    """Ray Data's progress bars and per-execution banners swamp a terminal on small jobs; our
-    per-epoch line is the progress. Applies to this process (the driver, or a Tune trial)."""
+    """Ray Data's progress bars and per-execution banners swamp a terminal on small jobs and fill
+    job logs; our progress lines say how far a job is. Applies to this process (the driver, or a
+    Tune trial), unless :func:`show_progress_bars` asked for them."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = _PROGRESS_BARS
     ctx.print_on_execution_start = False
 
 

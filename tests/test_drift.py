@@ -123,3 +123,19 @@ def test_nightly_scoring_flags_a_one_class_night_and_not_a_validation_night(trai
     assert main(["drift", "--date", "2026-11-01", "--source", "scores", *set_args]) == 0
     assert "no drift" in capsys.readouterr().out
     assert set(CLASSES) == set(reference.classes)
+
+
+def test_progress_bars_stay_off_unless_asked_for():
+    from ray.data import DataContext
+
+    from hotdog_ray.runtime import quiet_ray_data, show_progress_bars
+
+    try:
+        quiet_ray_data()
+        assert DataContext.get_current().enable_progress_bars is False
+        show_progress_bars(True)  # hotdog score/inspect --progress
+        quiet_ray_data()
+        assert DataContext.get_current().enable_progress_bars is True
+    finally:
+        show_progress_bars(False)
+        quiet_ray_data()
