@@ -136,3 +136,51 @@ def progress_counter(total: int, interval_s: float, what: str) -> Iterator[Any]:
         stop.set()
         thread.join(timeout=5)
         ray.kill(counter)
+
+
+def placement_problem(
+    nodes: list[dict[str, float]], count: int, bundle: dict[str, float], data_cpus: float
+) -> str | None:
+    """Why ``count`` workers of ``bundle`` (each on one node) cannot run beside a data task of
+    ``data_cpus`` on ``nodes`` (each node's resources), or None when they can (pure).
+
+    Workers are packed as Ray Train packs them, onto the fullest node that still fits one: the
+    tasks that read and decode images then need ``data_cpus`` free on some node, or they wait for
+    good ("Cluster resources are not enough to run any task ... may hang forever").
+    """
+    free = [dict(n) for n in nodes]
+    for placed in range(count):
+        fits = [n for n in free if all(n.get(k, 0.0) >= v - 1e-9 for k, v in bundle.items())]
+        if not fits:
+            return f"only {placed} of the {count} workers fit on the nodes"
+        node = min(fits, key=lambda n: n.get("CPU", 0.0))
+        for k, v in bundle.items():
+            node[k] -= v
+    spare = max((n.get("CPU", 0.0) for n in free), default=0.0)
+    if spare < data_cpus - 1e-9:
+        return (
+            f"the workers leave at most {spare:g} CPU free on any node, and the data tasks need {data_cpus:g}"
+        )
+    return None
+
+
+def check_capacity(count: int, bundle: dict[str, float], data_cpus: float, keys: str) -> None:
+    """Fail in seconds, naming ``keys`` and the numbers, when the cluster's nodes cannot hold
+    ``count`` workers of ``bundle`` and still run data tasks; a job would otherwise hang."""
+    import ray
+
+    from hotdog_ray.errors import ConfigError
+
+    nodes = [
+        {k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU")}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+    problem = placement_problem(nodes, count, bundle, data_cpus)
+    if problem:
+        present = ", ".join("{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(n.items())) + "}" for n in nodes)
+        asked = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
+        raise ConfigError(
+            f"{problem}: asked {count} x {{{asked}}} plus {data_cpus:g} CPU for reading and decoding, "
+            f"and the cluster's nodes have [{present}]; lower {keys}, or add nodes (the job would hang)"
+        )

@@ -574,10 +574,18 @@ def run_training(
     from hotdog_ray import registry, tracking
     from hotdog_ray.bundle import model_meta
     from hotdog_ray.data import ImagePipeline, discover
-    from hotdog_ray.runtime import init_ray
+    from hotdog_ray.runtime import check_capacity, init_ray
 
     layout = discover(cfg.data, required=("train", "validation", *(("test",) if evaluate_test else ())))
     init_ray()  # after the data checks: a bad path fails before Ray starts
+    if cfg.train.num_workers > 0 and not (trial and trial.in_process):
+        # Read and decode tasks take a whole CPU each (data.py): fail now rather than hang later.
+        check_capacity(
+            cfg.train.num_workers,
+            worker_resources(cfg.train),
+            data_cpus=1.0,
+            keys="train.num_workers or train.cpus_per_worker (train.gpus_per_worker)",
+        )
     pipeline = ImagePipeline(cfg.data, layout)
     run_name = (
         run_name
@@ -674,12 +682,14 @@ def _in_process_datasets(cfg: Config, pipeline: "ImagePipeline") -> dict[str, An
 
 
 def scaling_config(cfg: TrainSettings) -> "ray.train.ScalingConfig":
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = cfg.gpus_per_worker
     return ray.train.ScalingConfig(
-        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg)
     )
+
+
+def worker_resources(cfg: "TrainSettings") -> dict[str, float]:
+    """What one Train worker reserves."""
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
 
 
 def ordered_ingest() -> "ray.train.DataConfig":

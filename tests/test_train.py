@@ -16,7 +16,7 @@ import torch
 
 from hotdog_ray import tracking
 from hotdog_ray.config import load_config
-from hotdog_ray.errors import TrainingError
+from hotdog_ray.errors import ConfigError, TrainingError
 from hotdog_ray.evaluate import predict_batches
 from hotdog_ray.registry import client, load_model
 from hotdog_ray.train import EarlyStopping, Loop, check_loss, run_training
@@ -342,3 +342,28 @@ def test_a_resumed_optimizer_keeps_its_state_on_the_models_device():
     ]
     assert tensors and {t.device.type for t in tensors} == {"meta"}
     assert {p.device.type for p in again.model.parameters()} == {"meta"}
+
+
+def test_placement_fits_workers_beside_the_data_tasks_or_says_why():
+    from hotdog_ray.runtime import placement_problem
+
+    two_nodes = [{"CPU": 2.0}, {"CPU": 2.0}]
+    # The hang a user met: 1.5-CPU workers on 2-CPU nodes leave 0.5 free on each, data tasks need 1.
+    assert "at most 0.5 CPU free" in placement_problem(two_nodes, 2, {"CPU": 1.5}, 1.0)
+    assert placement_problem([{"CPU": 3.0}, {"CPU": 3.0}], 2, {"CPU": 2.0}, 1.0) is None
+    assert "only 2 of the 3 workers" in placement_problem(two_nodes, 3, {"CPU": 1.5}, 1.0)
+    gpu_nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0}]
+    assert placement_problem(gpu_nodes, 1, {"CPU": 1.0, "GPU": 1.0}, 1.0) is None
+    assert "only 1 of the 2" in placement_problem(gpu_nodes, 2, {"CPU": 1.0, "GPU": 1.0}, 1.0)
+
+
+def test_training_that_cannot_fit_fails_in_seconds_naming_the_keys(ray_session, image_tree, tmp_path):
+    """On the session's 2-CPU node, two 1-CPU workers would leave nothing for reading images."""
+    cfg = tiny_config(tmp_path, str(image_tree.root), "train.num_workers=2", "train.cpus_per_worker=1")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg, run_name="too-big")
+    assert time.monotonic() - t0 < 10
+    assert "train.num_workers or train.cpus_per_worker" in str(err.value)
+    assert "asked 2 x {CPU: 1}" in str(err.value) and "{CPU: 2}" in str(err.value)
+    assert not (tmp_path / "ckpt" / "too-big").exists()  # nothing started
