@@ -40,6 +40,20 @@ def config_from_args(args: argparse.Namespace) -> "Config":
     return load_config(args.config, args.overrides)
 
 
+def refuse_lost_results(cfg: "Config", command: str) -> None:
+    """Under ``ray job submit --working-dir``, stop before any work if the job's results would be
+    written into Ray's temporary copy of the working directory (or its data was never uploaded)."""
+    from hotdog_ray.errors import ConfigError
+    from hotdog_ray.runtime import lost_results
+
+    problems = lost_results(cfg, command)
+    if problems:
+        raise ConfigError(
+            "this job runs from Ray's copy of its working directory (ray job submit --working-dir) "
+            "and would lose its results or miss its data:\n  - " + "\n  - ".join(problems)
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -122,6 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hotdog_ray.train import run_training
 
     cfg = config_from_args(args)
+    refuse_lost_results(cfg, "train")
     out = run_training(cfg, run_name=args.run_name, register=not args.no_register)
     print()
     if out.test_metrics:
@@ -191,6 +206,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from hotdog_ray.tune import epochs_saved, format_trials, max_epochs, run_sweep
 
     cfg = config_from_args(args)
+    refuse_lost_results(cfg, "tune")
     out = run_sweep(cfg, name=args.name, resume=args.resume, promote=False if args.no_promote else None)
     print()
     print(format_trials(out.trials))
@@ -317,6 +333,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     show_progress_bars(args.progress)
 
     cfg = config_from_args(args)
+    output = args.output or cfg.score.output
+    refuse_lost_results(
+        cfg.model_copy(update={"score": cfg.score.model_copy(update={"output": output})}), "score"
+    )
     summary = score(cfg, input=args.input, output=args.output, date=args.date, model=args.model)
     drift = summary.drift or {}
     print(

@@ -184,3 +184,55 @@ def check_capacity(count: int, bundle: dict[str, float], data_cpus: float, keys:
             f"{problem}: asked {count} x {{{asked}}} plus {data_cpus:g} CPU for reading and decoding, "
             f"and the cluster's nodes have [{present}]; lower {keys}, or add nodes (the job would hang)"
         )
+
+
+# Where `ray job submit --working-dir` unpacks the job's files on the node: a copy that Ray deletes
+# with the session, and that lacks every .gitignored folder (data/, mlflow.db, ray_results/).
+RAY_WORKING_DIR_COPY = "runtime_resources/working_dir_files"
+
+
+def in_ray_working_dir_copy(cwd: str | None = None) -> bool:
+    return RAY_WORKING_DIR_COPY in (cwd or os.getcwd()).replace(os.sep, "/")
+
+
+def _relative_local(uri: str) -> bool:
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme
+    return scheme in ("", "file") and not os.path.isabs(uri.removeprefix("file://"))
+
+
+def lost_results(cfg: Any, command: str, cwd: str | None = None) -> list[str]:
+    """What a job run from Ray's copy of its working directory would lose or not find: relative
+    local stores (written into the copy Ray deletes) and a relative ``data.root`` Ray did not
+    upload. Empty elsewhere, or when every store is absolute or remote."""
+    from hotdog_ray.registry import DEFAULT_TRACKING_URI
+
+    cwd = cwd or os.getcwd()
+    if not in_ray_working_dir_copy(cwd):
+        return []
+    problems = []
+    tracking = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if tracking.startswith(prefix) and not tracking.startswith(prefix + "/"):
+        problems.append(
+            f"the MLflow store {tracking} would be created in Ray's copy of the working directory "
+            f"({cwd}), which Ray deletes with the session: set MLFLOW_TRACKING_URI (a tracking server) "
+            "in the job's runtime env, or tracking.uri to an absolute path"
+        )
+    stores = {"train": ["train.storage_path"], "tune": ["train.storage_path"], "score": ["score.output"]}
+    for key in stores.get(command, []):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and _relative_local(value):
+            problems.append(
+                f"{key}={value} is a relative local path: it would end up in Ray's copy of the working "
+                f"directory ({cwd}), deleted with the session; use an absolute path on shared storage or s3://"
+            )
+    root = cfg.data.root
+    if command in ("train", "tune") and _relative_local(root) and not os.path.exists(os.path.join(cwd, root)):
+        problems.append(
+            f"data.root={root} is not in the job's files: Ray uploads the working directory without its "
+            ".gitignored folders (data/ among them); use an absolute path the nodes share, or s3://"
+        )
+    return problems

@@ -72,3 +72,22 @@ def test_every_user_error_is_a_hotdog_error_and_exits_2(capsys):
     assert main(["config", "--set", "train.epochs=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.epochs" in err[0]
+
+
+def test_only_jobs_run_from_rays_working_dir_copy_check_their_stores(tmp_path, monkeypatch):
+    from hotdog_ray.config import load_config
+    from hotdog_ray.runtime import lost_results
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    copy = "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_abc"
+    default = load_config(None, [])
+    assert lost_results(default, "train", cwd=str(tmp_path)) == []  # a laptop: relative is fine
+    problems = lost_results(default, "train", cwd=copy)
+    assert len(problems) == 3 and "MLFLOW_TRACKING_URI" in problems[0]
+    safe = load_config(
+        None, ["tracking.uri=http://mlflow:5000", f"train.storage_path={tmp_path}", f"data.root={tmp_path}"]
+    )
+    assert lost_results(safe, "train", cwd=copy) == []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    scoring = load_config(None, ["score.output=predictions"])
+    assert [p.split("=")[0] for p in lost_results(scoring, "score", cwd=copy)] == ["score.output"]

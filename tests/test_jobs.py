@@ -300,3 +300,32 @@ def test_a_failing_job_fails_the_submission_with_the_reason(ray_head, tmp_path):
     assert proc.returncode != 0
     assert "failed" in out.lower()
     assert str(tmp_path / "nothing") in out  # the job's own error names what is missing
+
+
+def test_a_job_that_would_lose_its_results_refuses_to_start(ray_head):
+    """The README's first cluster command, as a new user types it: Ray runs the job from its own
+    copy of the working directory, without data/ (.gitignored) and deleted with the session, so
+    the default SQLite store and relative paths would vanish: the job says so and does nothing."""
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_head,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        "jobs/train.py",
+        "--config",
+        "configs/sample.yaml",
+    ]
+    env = {k: v for k, v in _env().items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "failed" in out.lower()
+    assert "runs from Ray's copy of its working directory" in out
+    assert "set MLFLOW_TRACKING_URI" in out  # the default sqlite:///mlflow.db
+    assert "train.storage_path=ray_results is a relative local path" in out
+    assert "data.root=data/sample is not in the job's files" in out and ".gitignored" in out
+    assert "Epoch" not in out and "epoch 1/" not in out  # refused before any work
