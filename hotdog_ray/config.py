@@ -152,6 +152,11 @@ class TrainSettings(_Section):
         1.0, gt=0, description="leave CPUs for Ray Data ingest: 2 workers x 1 CPU on 2 cores hang"
     )
     gpus_per_worker: float = Field(1.0, gt=0, description="below 1: workers share GPUs")
+    placement_strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK",
+        description="PACK: workers on as few nodes as fit (less network); SPREAD: one per node where possible "
+        "(a lost node takes fewer workers with it)",
+    )
     backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto",
         description="torch.distributed backend; auto: nccl when every worker has a whole GPU, else gloo "

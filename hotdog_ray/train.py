@@ -683,7 +683,10 @@ def _in_process_datasets(cfg: Config, pipeline: "ImagePipeline") -> dict[str, An
 
 def scaling_config(cfg: TrainSettings) -> "ray.train.ScalingConfig":
     return ray.train.ScalingConfig(
-        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg)
+        num_workers=cfg.num_workers,
+        use_gpu=cfg.use_gpu,
+        resources_per_worker=worker_resources(cfg),
+        placement_strategy=cfg.placement_strategy,
     )
 
 

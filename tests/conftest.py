@@ -106,4 +106,6 @@ def image_tree(tmp_path_factory):
 
 def pytest_collection_modifyitems(config, items):
     """Tests that start their own Ray head run last, after the shared in-process Ray is done."""
-    items.sort(key=lambda item: item.get_closest_marker("ray_head") is not None)
+    items.sort(
+        key=lambda item: any(item.get_closest_marker(m) is not None for m in ("ray_head", "multinode"))
+    )

@@ -138,3 +138,23 @@ class KillAWorkerAfterEpoch(ray.train.UserCallback):
         workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         self.marker.write_text(str(workers[-1].pid))
         os.kill(workers[-1].pid, signal.SIGKILL)
+
+
+class HoldAfterEpoch(ray.train.UserCallback):
+    """A Ray Train callback that, once ``epoch`` is reported and checkpointed, writes
+    ``<folder>/reported`` and holds the run's controller until ``<folder>/removed`` appears (at most
+    a minute): the test removes a node meanwhile, as a lost machine would."""
+
+    def __init__(self, epoch: int, folder: Path) -> None:
+        self.epoch, self.folder = epoch, str(folder)
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        import time
+
+        folder = Path(self.folder)
+        if metrics[0].get("epoch") != self.epoch or (folder / "reported").exists():
+            return
+        (folder / "reported").write_text(str(self.epoch))
+        deadline = time.monotonic() + 60
+        while not (folder / "removed").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
