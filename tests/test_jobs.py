@@ -278,24 +278,17 @@ def test_train_and_score_rayjobs_run_on_a_ray_head(ray_head, platform, s3_server
     ]
 
 
+def _submit_sample_training(
+    address: str, *options: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <checkout> -- python jobs/train.py --config configs/sample.yaml`."""
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--"]
+    cmd += ["python", "jobs/train.py", "--config", "configs/sample.yaml", *options]
+    return subprocess.run(cmd, env=env or _env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
 def test_a_failing_job_fails_the_submission_with_the_reason(ray_head, tmp_path):
-    cmd = [
-        str(BIN / "ray"),
-        "job",
-        "submit",
-        "--address",
-        ray_head,
-        "--working-dir",
-        str(REPO),
-        "--",
-        "python",
-        "jobs/train.py",
-        "--config",
-        "configs/sample.yaml",
-        "--set",
-        f"data.root={tmp_path / 'nothing'}",
-    ]
-    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = _submit_sample_training(ray_head, "--set", f"data.root={tmp_path / 'nothing'}")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "failed" in out.lower()
@@ -306,22 +299,8 @@ def test_a_job_that_would_lose_its_results_refuses_to_start(ray_head):
     """The README's first cluster command, as a new user types it: Ray runs the job from its own
     copy of the working directory, without data/ (.gitignored) and deleted with the session, so
     the default SQLite store and relative paths would vanish: the job says so and does nothing."""
-    cmd = [
-        str(BIN / "ray"),
-        "job",
-        "submit",
-        "--address",
-        ray_head,
-        "--working-dir",
-        str(REPO),
-        "--",
-        "python",
-        "jobs/train.py",
-        "--config",
-        "configs/sample.yaml",
-    ]
     env = {k: v for k, v in _env().items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = _submit_sample_training(ray_head, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "failed" in out.lower()
     assert "runs from Ray's copy of its working directory" in out
