@@ -254,12 +254,10 @@ def day_table(cfg: "Config", date: str, source: str) -> tuple["pa.Table", str]:
 def read_parquet_folder(loc: "storage.Location") -> "pa.Table":
     """Every Parquet file below ``loc`` as one table (empty when there is none)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from hotdog_ray import storage
 
-    files = [p for p in storage.list_files(loc) if p.endswith(".parquet")]
-    tables = [pq.read_table(pa.BufferReader(storage.read_bytes(loc.fs, p))) for p in files]
+    tables = storage.read_parquet_tables(loc)
     return (
         pa.concat_tables(tables)
         if tables

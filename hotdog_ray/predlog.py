@@ -255,10 +255,5 @@ def read(
     loc = storage.resolve(location)
     days = [d.removeprefix("date=") for d in storage.list_dirs(loc) if d.startswith("date=")]
     days = [d for d in days if (date is None or d == date) and (since is None or d >= since)]
-    tables = []
-    for day in days:
-        folder = loc.join(f"date={day}")
-        for path in storage.list_files(folder):
-            if path.endswith(".parquet"):
-                tables.append(pq.read_table(pa.BufferReader(storage.read_bytes(loc.fs, path)), schema=schema))
+    tables = [t for day in days for t in storage.read_parquet_tables(loc.join(f"date={day}"), schema)]
     return pa.concat_tables(tables) if tables else schema.empty_table()

@@ -205,3 +205,12 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         fs.create_dir(parent, recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def read_parquet_tables(loc: Location, schema=None) -> list:
+    """Every Parquet file below ``loc`` as pyarrow tables (read whole, through our filesystem)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [p for p in list_files(loc) if p.endswith(".parquet")]
+    return [pq.read_table(pa.BufferReader(read_bytes(loc.fs, p)), schema=schema) for p in files]
