@@ -49,7 +49,8 @@ def run(cfg, name: str) -> dict:
         "stopped_early": out.stopped_early,
         "epochs_trained": sum(t["epochs"] for t in out.trials),
         "trials": [
-            {k: t[k] for k in ("trial_id", "status", "epochs", "best_val_loss", "params")} for t in out.trials
+            {k: t[k] for k in ("trial_id", "status", "epochs", "best_val_loss", "params", "curve")}
+            for t in out.trials
         ],
     }
 

@@ -146,7 +146,14 @@ class ModelSettings(_Section):
 class TrainSettings(_Section):
     """Ray Train settings; defaults run on a 2-core laptop."""
 
-    num_workers: int = Field(1, ge=0, le=1024, description="0 runs the loop in the driver")
+    num_workers: int | tuple[int, int] = Field(
+        1,
+        description="0 runs the loop in the driver; [min, max] trains elastically: Ray Train starts with as "
+        "many workers as fit, keeps going on at least min when nodes go, and grows back towards max",
+    )
+    elastic_resize_interval_s: float = Field(
+        60.0, gt=0, description="with a [min, max] range: how often a running group checks for room to grow"
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(
         1.0, gt=0, description="leave CPUs for Ray Data ingest: 2 workers x 1 CPU on 2 cores hang"
@@ -188,7 +195,37 @@ class TrainSettings(_Section):
     channels_last: bool = Field(True, description="NHWC memory format on GPU (ignored on CPU)")
     seed: int = 42
     storage_path: str = Field("ray_results", description="checkpoints: local path or s3:// URI")
+    shared_storage: bool = Field(
+        False,
+        description="a local storage_path is a disk every node mounts (allowed on a multi-node cluster)",
+    )
     run_name: str | None = Field(None, description="rerunning a name resumes it (default: a new name)")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_count(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(v, int):
+            if not 0 <= v <= 1024:
+                raise ValueError("must be between 0 and 1024")
+            return v
+        low, high = v
+        if not 1 <= low <= high <= 1024:
+            raise ValueError(f"a range [min, max] needs 1 <= min <= max <= 1024, got [{low}, {high}]")
+        return low if low == high else (low, high)
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run trains on (``num_workers``, or a range's min)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains on (``num_workers``, or a range's max)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
 
     @model_validator(mode="after")
     def _nccl_needs_gpus(self) -> "TrainSettings":
@@ -221,6 +258,11 @@ class TuneSettings(_Section):
         "worker's resources (train.cpus_per_worker, train.gpus_per_worker); starts in seconds, best for small "
         "CNNs (bench/tune.py). train: a trial is a data-parallel Ray Train run of train.num_workers workers",
     )
+    reuse_actors: bool = Field(
+        True,
+        description="run the next trial in the process of a finished one (Tune's reuse_actors): saves "
+        "each trial the seconds of a new process importing torch (bench/tune.py)",
+    )
     cpus_per_trial: float = Field(
         0.01,
         gt=0,
@@ -248,9 +290,10 @@ class TuneSettings(_Section):
     startup_trials: int = Field(3, ge=1, description="optuna: random trials before TPE takes over")
     asha: bool = Field(True, description="stop poor trials early; off runs every trial to the end (bench)")
     max_epochs: int | None = Field(None, ge=1, description="ASHA's max_t (default: train.epochs)")
-    # Chosen by bench/tune.py over 5 seeds (bench/RESULTS.md): grace 2 with reduction 3 kept the best
-    # trial every time; grace 1 with halving dropped it once after one noisy epoch, for a similar saving.
-    grace_period: int = Field(2, ge=1, description="epochs every trial gets before ASHA may stop it")
+    # Chosen by bench/tune.py over 5 seeds (bench/RESULTS.md): grace 1 with reduction 3 saved the most
+    # (median 0.52x the wall time of every trial to the end) and kept the best trial or one within
+    # 0.004 accuracy of it; grace 2 kept it every time for 0.60x, halving lost 0.0074 once.
+    grace_period: int = Field(1, ge=1, description="epochs every trial gets before ASHA may stop it")
     reduction_factor: int = Field(3, ge=2, description="ASHA keeps the best 1/reduction_factor at each rung")
     brackets: int = Field(1, ge=1, le=8, description="ASHA brackets: more start some trials at later rungs")
     seed: int | None = Field(None, description="sampler seed (default: train.seed): same seed, same trials")
@@ -384,6 +427,9 @@ class ScoreSettings(_Section):
         None, description="prefix or list file of image URIs; {date} becomes the run date"
     )
     output: str | None = Field(None, description="Parquet root; the run writes <output>/date=YYYY-MM-DD/")
+    shared_output: bool = Field(
+        False, description="a local output is a disk every node mounts (allowed on a multi-node cluster)"
+    )
     batch_size: int = Field(64, ge=1)
     num_actors: int = Field(1, ge=1, description="model actors (ActorPoolStrategy size)")
     cpus_per_actor: float = Field(

@@ -304,7 +304,10 @@ class _Reporter:
         import ray
 
         # Waiting makes the count exact when the epoch ends; skips are rare, so this is cheap.
-        ray.get(self.actor.add.remote(items))
+        try:
+            ray.get(self.actor.add.remote(items), timeout=60)
+        except Exception as exc:  # noqa: BLE001 - losing the tally must not fail the epoch
+            log.warning("could not record %d skipped file(s) (%s): %s", len(items), type(exc).__name__, items)
 
 
 class ImagePipeline:
@@ -318,7 +321,9 @@ class ImagePipeline:
         self.layout = layout
         import ray
 
-        self._skip_log = ray.remote(SkipLog).options(num_cpus=0).remote()
+        from hotdog_ray.runtime import on_this_node
+
+        self._skip_log = ray.remote(SkipLog).options(**on_this_node()).remote()
 
     @classmethod
     def from_config(

@@ -106,7 +106,7 @@ def progress_counter(total: int, interval_s: float, what: str) -> Iterator[Any]:
     driver only waits (a ``write_parquet``), with the progress bars off as they are in job logs."""
     import ray
 
-    @ray.remote(num_cpus=0)
+    @ray.remote
     class Counter:
         def __init__(self) -> None:
             self.n = 0
@@ -117,7 +117,7 @@ def progress_counter(total: int, interval_s: float, what: str) -> Iterator[Any]:
         def done(self) -> int:
             return self.n
 
-    counter = Counter.remote()
+    counter = Counter.options(**on_this_node()).remote()
     progress = Progress(total, interval_s, what)
     stop = threading.Event()
 
@@ -136,6 +136,20 @@ def progress_counter(total: int, interval_s: float, what: str) -> Iterator[Any]:
         stop.set()
         thread.join(timeout=5)
         ray.kill(counter)
+
+
+def on_this_node() -> dict[str, Any]:
+    """Actor options that keep a job's helper actor (a counter, a log) on the driver's node: it
+    lives and dies with the driver, and a worker node going away does not take it along."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {
+        "num_cpus": 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False
+        ),
+    }
 
 
 def placement_problem(
@@ -177,12 +191,62 @@ def check_capacity(count: int, bundle: dict[str, float], data_cpus: float, keys:
         if n.get("Alive")
     ]
     problem = placement_problem(nodes, count, bundle, data_cpus)
-    if problem:
-        present = ", ".join("{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(n.items())) + "}" for n in nodes)
-        asked = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
+    if not problem:
+        return
+    present = ", ".join("{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(n.items())) + "}" for n in nodes)
+    asked = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
+    what = f"asked {count} x {{{asked}}} plus {data_cpus:g} CPU for reading and decoding"
+    maximum = autoscaling_maximum()
+    if maximum is not None and within(maximum, count, bundle, data_cpus):
+        # The work's own resource requests make the autoscaler add nodes; Ray schedules it then.
+        log.warning(
+            "%s now (%s; nodes [%s]); the cluster autoscales up to %s: waiting for it to add nodes",
+            problem,
+            what,
+            present,
+            {k: v for k, v in sorted(maximum.items()) if k in ("CPU", "GPU")},
+        )
+        return
+    raise ConfigError(
+        f"{problem}: {what}, and the cluster's nodes have [{present}]; lower {keys}, or add nodes "
+        "(the job would hang)"
+    )
+
+
+def autoscaling_maximum() -> dict[str, float] | None:
+    """The most of each resource the cluster's autoscaler may bring up, or None on a fixed cluster."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API: without it the cluster counts as fixed
+        log.debug("no autoscaler configuration readable", exc_info=True)
+        return None
+
+
+def within(maximum: dict[str, float], count: int, bundle: dict[str, float], data_cpus: float) -> bool:
+    """Whether the cluster's maximum resources hold ``count`` bundles plus the data tasks (pure)."""
+    needed = {k: v * count for k, v in bundle.items()}
+    needed["CPU"] = needed.get("CPU", 0.0) + data_cpus
+    return all(maximum.get(k, 0) >= v - 1e-9 for k, v in needed.items())
+
+
+def check_shared_store(uri: str | None, key: str, shared: bool, shared_key: str) -> None:
+    """Refuse a local store for work spread over several nodes: each would write to its own disk,
+    and what one node wrote the driver or the next attempt would not find. ``shared`` says the
+    path is on a disk every node mounts."""
+    import ray
+
+    from hotdog_ray import storage
+    from hotdog_ray.errors import ConfigError
+
+    if not uri or shared or not storage.resolve(uri).is_local:
+        return
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1:
         raise ConfigError(
-            f"{problem}: asked {count} x {{{asked}}} plus {data_cpus:g} CPU for reading and decoding, "
-            f"and the cluster's nodes have [{present}]; lower {keys}, or add nodes (the job would hang)"
+            f"{key}={uri} is a local path, and this Ray cluster has {nodes} nodes that do not share a "
+            f"disk: set {key} to s3://... (or a path every node mounts and {shared_key}=true)"
         )
 
 

@@ -255,7 +255,7 @@ def score(
     restore_interrupted_publish(job.out, job.day)
     log.info("scoring %d files from %s with %s into %s", len(job.paths), job.input, key, job.final.uri)
     init_ray()
-    check_cpus(cfg)
+    check_cluster(cfg, job.out.uri)
     t0 = time.perf_counter()
     # Fails here, before any work, if the model is missing (or lacks the ONNX graph asked for).
     predictor = Predictor.from_config(cfg, key, device="cpu", threads=1)
@@ -411,20 +411,22 @@ def _summary(job: ScorePlan, predictor: Any, seconds: float) -> ScoreSummary:
     )
 
 
-def check_cpus(cfg: Config) -> None:
-    """Warn when the model actors would hold every CPU: decoding tasks would wait for good."""
-    import ray
+def check_cluster(cfg: Config, output: str) -> None:
+    """Fail in seconds when the model actors would leave no CPU for the decoding tasks (the job would
+    stall for good), or when actors on several nodes would write the output to local disks."""
+    from hotdog_ray.runtime import check_capacity, check_shared_store
 
-    cpus = ray.cluster_resources().get("CPU", 0)
-    wanted = cfg.score.num_actors * cfg.score.cpus_per_actor + DECODE_CPUS
-    if cpus and wanted > cpus:
-        log.warning(
-            "score.num_actors x score.cpus_per_actor (%g) leaves less than %g of the cluster's %g CPUs "
-            "for decoding: unless the autoscaler adds nodes the job will stall; lower them",
-            cfg.score.num_actors * cfg.score.cpus_per_actor,
-            DECODE_CPUS,
-            cpus,
-        )
+    actor = {
+        "CPU": cfg.score.cpus_per_actor,
+        **({"GPU": cfg.score.gpus_per_actor} if cfg.score.gpus_per_actor else {}),
+    }
+    check_capacity(
+        cfg.score.num_actors,
+        actor,
+        data_cpus=DECODE_CPUS,
+        keys="score.num_actors or score.cpus_per_actor (score.gpus_per_actor)",
+    )
+    check_shared_store(output, "score.output", cfg.score.shared_output, "score.shared_output")
 
 
 def _clean_stale_staging(out, day: dt.date) -> None:

@@ -132,6 +132,12 @@ def check_loss(loss: torch.Tensor, epoch: int, step: int, max_loss: float) -> fl
 # The per-worker loop
 
 
+def per_worker_batch(batch_size: int, world: int) -> int:
+    """Each worker's share of the global ``batch_size`` (pure): an elastic run that loses or gains
+    workers keeps the global batch, so the learning rate still fits it."""
+    return max(1, batch_size // world)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -202,7 +208,7 @@ class Loop:
     def _batches(self, shard: Any, world: int, shuffle_seed: int | None = None):
         from hotdog_ray.data import iter_torch_batches
 
-        size = max(1, self.cfg.train.batch_size // world)
+        size = per_worker_batch(self.cfg.train.batch_size, world)
         return iter_torch_batches(
             shard,
             batch_size=size,
@@ -264,6 +270,7 @@ class Loop:
             "val_accuracy": v_correct / max(1, v_count),
             "images_per_s": count / max(1e-9, secs / world),
             "lr": self.optimizer.param_groups[0]["lr"],
+            "workers": world,  # an elastic run's size changes between epochs
         }
         if self.stopper.update(epoch, metrics["val_loss"]) and self.cfg.train.restore_best:
             self.best_state = copy.deepcopy(_unwrap(self.model).state_dict())
@@ -536,6 +543,7 @@ class SweepTrial:
     parent_run_id: str
     tags: dict[str, str]
     in_process: bool  # tune.trial_mode=process: the loop runs in the trial's own process
+    run_id: str | None = None  # the MLflow run of an earlier attempt (a lost node, a killed sweep)
 
 
 @dataclass
@@ -574,17 +582,20 @@ def run_training(
     from hotdog_ray import registry, tracking
     from hotdog_ray.bundle import model_meta
     from hotdog_ray.data import ImagePipeline, discover
-    from hotdog_ray.runtime import check_capacity, init_ray
+    from hotdog_ray.runtime import check_capacity, check_shared_store, init_ray
 
     layout = discover(cfg.data, required=("train", "validation", *(("test",) if evaluate_test else ())))
     init_ray()  # after the data checks: a bad path fails before Ray starts
-    if cfg.train.num_workers > 0 and not (trial and trial.in_process):
+    if cfg.train.max_workers > 0 and not (trial and trial.in_process):
         # Read and decode tasks take a whole CPU each (data.py): fail now rather than hang later.
         check_capacity(
-            cfg.train.num_workers,
+            cfg.train.min_workers,
             worker_resources(cfg.train),
             data_cpus=1.0,
             keys="train.num_workers or train.cpus_per_worker (train.gpus_per_worker)",
+        )
+        check_shared_store(
+            cfg.train.storage_path, "train.storage_path", cfg.train.shared_storage, "train.shared_storage"
         )
     pipeline = ImagePipeline(cfg.data, layout)
     run_name = (
@@ -598,6 +609,7 @@ def run_training(
         name=run_name,
         tags=_run_tags(cfg, layout, trial),
         parent=trial.parent_run_id if trial else None,
+        resume=trial.run_id if trial else None,
     ) as run:
         run.log_params(flatten(cfg))
         run.log_dict({"classes": layout.classes}, "classes.json")
@@ -633,7 +645,7 @@ def _run_tags(cfg: Config, layout: "DatasetLayout", trial: SweepTrial | None) ->
         "ray_cluster_cpus": str(resources.get("CPU", 0)),
         "ray_cluster_gpus": str(resources.get("GPU", 0)),
         "ray_nodes": str(len([n for n in ray.nodes() if n.get("Alive")])),
-        "num_workers": "1" if in_process else str(cfg.train.num_workers),
+        "num_workers": "1" if in_process else _worker_count(cfg.train),
         **(trial.tags if trial else {}),
     }
 
@@ -656,7 +668,7 @@ def fit(
         session = TrialSession(cfg, _in_process_datasets(cfg, pipeline), run)
         fit_loop(cfg, classes, session)
         state, path = session.state, tune.get_context().get_trial_dir()
-    elif cfg.train.num_workers == 0:
+    elif cfg.train.max_workers == 0:
         folder = storage.resolve(cfg.train.storage_path).join(run_name)
         session = DriverSession(cfg, _in_process_datasets(cfg, pipeline), run, folder)
         fit_loop(cfg, classes, session)
@@ -684,10 +696,15 @@ def _in_process_datasets(cfg: Config, pipeline: "ImagePipeline") -> dict[str, An
 def scaling_config(cfg: TrainSettings) -> "ray.train.ScalingConfig":
     return ray.train.ScalingConfig(
         num_workers=cfg.num_workers,
+        elastic_resize_monitor_interval_s=cfg.elastic_resize_interval_s,
         use_gpu=cfg.use_gpu,
         resources_per_worker=worker_resources(cfg),
         placement_strategy=cfg.placement_strategy,
     )
+
+
+def _worker_count(cfg: TrainSettings) -> str:
+    return f"{cfg.min_workers}-{cfg.max_workers}" if cfg.elastic else str(cfg.num_workers)
 
 
 def worker_resources(cfg: "TrainSettings") -> dict[str, float]:

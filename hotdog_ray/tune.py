@@ -84,7 +84,7 @@ def trial_resources(cfg: Config) -> dict[str, float]:
 
 def trial_cpus(cfg: Config) -> float:
     """CPUs one trial holds while it runs, workers included."""
-    workers = cfg.train.num_workers * cfg.train.cpus_per_worker if cfg.tune.trial_mode == "train" else 0.0
+    workers = cfg.train.max_workers * cfg.train.cpus_per_worker if cfg.tune.trial_mode == "train" else 0.0
     return trial_resources(cfg)["CPU"] + workers
 
 
@@ -122,11 +122,12 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
 
     cfg = trial_config(base, params)
     trial_id = tune.get_context().get_trial_id()
-    done = [
+    earlier = [
         r
         for r in tracking.find_runs(cfg.tracking, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id})
-        if r.info.status == "FINISHED" and r.data.tags.get(tracking.PARENT_TAG) == parent_run_id
+        if r.data.tags.get(tracking.PARENT_TAG) == parent_run_id
     ]
+    done = [r for r in earlier if r.info.status == "FINISHED"]
     if done:
         # Tune had not recorded its end when the driver died: training again would log a second run.
         metrics = done[0].data.metrics
@@ -143,7 +144,13 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
         register=False,
         evaluate_test=False,
         callbacks=callbacks,
-        trial=SweepTrial(parent_run_id, {SWEEP_TAG: sweep, TRIAL_TAG: trial_id}, in_process),
+        # A trial restarted after its node or the sweep's driver died carries on in its own MLflow run.
+        trial=SweepTrial(
+            parent_run_id,
+            {SWEEP_TAG: sweep, TRIAL_TAG: trial_id},
+            in_process,
+            earlier[0].info.run_id if earlier else None,
+        ),
     )
 
 
@@ -192,9 +199,15 @@ class SweepOutcome:
 
 
 def run_sweep(
-    cfg: Config, *, name: str | None = None, resume: bool = False, promote: bool | None = None
+    cfg: Config,
+    *,
+    name: str | None = None,
+    resume: bool = False,
+    promote: bool | None = None,
+    callbacks: list | None = None,
 ) -> SweepOutcome:
-    """Run (or with ``resume``, continue) a sweep; promote its best trial unless told not to."""
+    """Run (or with ``resume``, continue) a sweep; promote its best trial unless told not to.
+    ``callbacks``: Ray Tune callbacks for the sweep's driver (a new sweep; a resumed one keeps its own)."""
     from ray import tune
 
     from hotdog_ray import storage, tracking
@@ -205,6 +218,7 @@ def run_sweep(
     name = name or cfg.tune.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     where = storage.resolve(cfg.train.storage_path)
     init_ray()
+    _check_cluster(cfg)
     concurrency = _concurrency(cfg)
     search = searcher(cfg, cfg.train.seed if cfg.tune.seed is None else cfg.tune.seed, concurrency)
 
@@ -228,7 +242,7 @@ def run_sweep(
             sweep_run.log_params(flatten(cfg))
         tuner = _restored_tuner(name, where.join(name), trainable) if resume else None
         if tuner is None:
-            tuner = _new_tuner(cfg, name, where, trainable, search)
+            tuner = _new_tuner(cfg, name, where, trainable, search, callbacks or [])
         trials = trials_table(cfg, tuner.fit(), sweep_run.id)
         outcome = SweepOutcome(
             name, sweep_run.id, trials, summarize_trials(trials), path=where.join(name).uri
@@ -260,6 +274,28 @@ def _trial_base(cfg: Config) -> Config:
     )
 
 
+def _check_cluster(cfg: Config) -> None:
+    """Fail in seconds when not even one trial fits beside Ray Data's tasks, or when trials on
+    several nodes would write checkpoints to a local path (each node's own disk)."""
+    from hotdog_ray.runtime import check_capacity, check_shared_store
+    from hotdog_ray.train import worker_resources
+
+    if cfg.tune.trial_mode == "train":
+        check_capacity(
+            cfg.train.min_workers,
+            worker_resources(cfg.train),
+            data_cpus=1.0 + cfg.tune.cpus_per_trial,
+            keys="train.num_workers or train.cpus_per_worker (train.gpus_per_worker)",
+        )
+    else:
+        check_capacity(
+            1, trial_resources(cfg), data_cpus=1.0, keys="train.cpus_per_worker (train.gpus_per_worker)"
+        )
+    check_shared_store(
+        cfg.train.storage_path, "train.storage_path", cfg.train.shared_storage, "train.shared_storage"
+    )
+
+
 def _concurrency(cfg: Config) -> int:
     """Trials at a time: as asked, unless that would leave Ray Data no whole CPU (then fewer, said once)."""
     import ray
@@ -279,7 +315,9 @@ def _concurrency(cfg: Config) -> int:
     return concurrency
 
 
-def _new_tuner(cfg: Config, name: str, where: "storage.Location", trainable: Any, search: Any):
+def _new_tuner(
+    cfg: Config, name: str, where: "storage.Location", trainable: Any, search: Any, callbacks: list
+):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -300,12 +338,20 @@ def _new_tuner(cfg: Config, name: str, where: "storage.Location", trainable: Any
         trainable,
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode=MODE, scheduler=scheduler, num_samples=cfg.tune.num_samples, search_alg=search
+            metric=METRIC,
+            mode=MODE,
+            scheduler=scheduler,
+            num_samples=cfg.tune.num_samples,
+            search_alg=search,
+            reuse_actors=cfg.tune.reuse_actors,
         ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=where.path,
             storage_filesystem=None if where.is_local else where.fs,
+            # A trial whose process or node died restarts from its own last checkpoint.
+            failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
             verbose=1,
         ),
     )

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import ray.train
+import ray.tune
 from PIL import Image
 
 
@@ -157,4 +158,42 @@ class HoldAfterEpoch(ray.train.UserCallback):
         (folder / "reported").write_text(str(self.epoch))
         deadline = time.monotonic() + 60
         while not (folder / "removed").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+class HoldThenPace(HoldAfterEpoch):
+    """:class:`HoldAfterEpoch`, then every epoch trained by fewer than ``full`` workers is followed by
+    a pause of ``pause_s`` (and ``<folder>/small`` is written): a run shrunk by a lost node lasts long
+    enough for the cluster to regain a node and the run to grow back, whatever this machine's speed."""
+
+    def __init__(self, epoch: int, folder: Path, full: int, pause_s: float) -> None:
+        super().__init__(epoch, folder)
+        self.full, self.pause_s = full, pause_s
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        import time
+
+        super().after_report(run_context, metrics, checkpoint)
+        if metrics[0].get("workers", self.full) < self.full:
+            (Path(self.folder) / "small").write_text(str(metrics[0]["epoch"]))
+            time.sleep(self.pause_s)
+
+
+class HoldAfterFirstResult(ray.tune.Callback):
+    """A Ray Tune callback: at the sweep's first trial result, write the trial's id and process id to
+    ``<folder>/reported`` and hold the sweep's driver until ``<folder>/removed`` appears (at most a
+    minute): the test removes that trial's node meanwhile. The trial has checkpointed by then."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        import json
+        import time
+
+        if (self.folder / "reported").exists():
+            return
+        (self.folder / "reported").write_text(json.dumps({"trial": trial.trial_id, "pid": result["pid"]}))
+        deadline = time.monotonic() + 60
+        while not (self.folder / "removed").exists() and time.monotonic() < deadline:
             time.sleep(0.1)

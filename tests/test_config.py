@@ -80,6 +80,17 @@ def test_cross_field_rules():
         load_config(None, ["data.augment.brightness=[0.9, 0.1]"])
 
 
+def test_worker_count_is_a_number_or_an_elastic_range():
+    fixed = load_config(None, ["train.num_workers=3"]).train
+    assert (fixed.min_workers, fixed.max_workers, fixed.elastic) == (3, 3, False)
+    elastic = load_config(None, ["train.num_workers=[1, 4]"]).train
+    assert (elastic.min_workers, elastic.max_workers, elastic.elastic) == (1, 4, True)
+    assert load_config(None, ["train.num_workers=[2, 2]"]).train.num_workers == 2  # no range at all
+    for bad in ("[3, 1]", "[0, 2]", "[1, 2, 3]", "-1"):
+        with pytest.raises(ConfigError, match="train.num_workers"):
+            load_config(None, [f"train.num_workers={bad}"])
+
+
 def test_malformed_override_and_files(tmp_path):
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["data.image_size"])

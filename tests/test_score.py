@@ -11,7 +11,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from hotdog_ray.bundle import ModelBundle, model_meta
-from hotdog_ray.errors import ScoreError
+from hotdog_ray.errors import ConfigError, ScoreError
 from hotdog_ray.predict import Predictor
 from hotdog_ray.registry import set_alias
 from hotdog_ray.score import expand, run_date, score
@@ -217,8 +217,8 @@ def test_scoring_from_and_to_s3(ray_session, scoring, s3, tmp_path):
     check(read_partition(loc.path, loc.fs), files, predictor)
 
 
-def test_actors_that_would_hold_every_cpu_are_warned_about(ray_session, scoring, caplog):
-    from hotdog_ray.score import check_cpus
+def test_actors_that_would_hold_every_cpu_are_refused_naming_the_keys(ray_session, scoring, tmp_path):
+    from hotdog_ray.score import check_cluster
 
     cfg, _ = scoring
     fits = cfg.model_copy(
@@ -227,11 +227,10 @@ def test_actors_that_would_hold_every_cpu_are_warned_about(ray_session, scoring,
     starves = cfg.model_copy(
         update={"score": cfg.score.model_copy(update={"num_actors": 2, "cpus_per_actor": 1.0})}
     )
-    with caplog.at_level("WARNING", logger="hotdog_ray.score"):
-        check_cpus(fits)
-        assert not caplog.records
-        check_cpus(starves)
-    assert "stall" in caplog.text and "2 CPUs" in caplog.text
+    check_cluster(fits, str(tmp_path / "out"))  # one node: a local output is fine
+    with pytest.raises(ConfigError, match=r"score\.num_actors or score\.cpus_per_actor") as err:
+        check_cluster(starves, str(tmp_path / "out"))
+    assert "asked 2 x {CPU: 1}" in str(err.value) and "{CPU: 2}" in str(err.value)
 
 
 def test_a_missing_input_fails_before_any_work(scoring, tmp_path):

@@ -19,7 +19,7 @@ from hotdog_ray.config import load_config
 from hotdog_ray.errors import ConfigError, TrainingError
 from hotdog_ray.evaluate import predict_batches
 from hotdog_ray.registry import client, load_model
-from hotdog_ray.train import EarlyStopping, Loop, check_loss, run_training
+from hotdog_ray.train import EarlyStopping, Loop, check_loss, per_worker_batch, run_training
 from tests.helpers import KillAWorkerAfterEpoch, mlflow_store, set_args, stop_command
 
 
@@ -287,6 +287,12 @@ def test_check_loss_rejects_nan_inf_and_explosions(value, ok):
             check_loss(torch.tensor(value), epoch=3, step=7, max_loss=50)
 
 
+def test_the_global_batch_stays_when_the_worker_count_changes():
+    # an elastic run shrinking from 4 workers to 3 to 1 keeps (about) the configured 64 images a step
+    assert [per_worker_batch(64, w) * w for w in (4, 2, 1)] == [64, 64, 64]
+    assert per_worker_batch(64, 3) * 3 == 63 and per_worker_batch(2, 4) == 1
+
+
 def test_early_stopping_state_machine():
     es = EarlyStopping(patience=2)
     assert es.update(0, 1.0) and not es.should_stop
@@ -367,3 +373,21 @@ def test_training_that_cannot_fit_fails_in_seconds_naming_the_keys(ray_session, 
     assert "train.num_workers or train.cpus_per_worker" in str(err.value)
     assert "asked 2 x {CPU: 1}" in str(err.value) and "{CPU: 2}" in str(err.value)
     assert not (tmp_path / "ckpt" / "too-big").exists()  # nothing started
+
+
+def test_an_autoscaling_cluster_waits_for_nodes_instead_of_failing(ray_session, monkeypatch, caplog):
+    """Where the autoscaler may add what is missing, the check logs and lets Ray wait for the nodes;
+    beyond the autoscaler's maximum it still fails."""
+    from hotdog_ray import runtime
+
+    assert runtime.within({"CPU": 16, "GPU": 4}, 4, {"CPU": 2.0, "GPU": 1.0}, 1.0)
+    assert not runtime.within({"CPU": 16, "GPU": 4}, 5, {"CPU": 2.0, "GPU": 1.0}, 1.0)
+    assert not runtime.within({"CPU": 8}, 4, {"CPU": 2.0}, 1.0)  # no CPU left for the data tasks
+    assert runtime.autoscaling_maximum() is None  # the session's Ray does not autoscale
+
+    monkeypatch.setattr(runtime, "autoscaling_maximum", lambda: {"CPU": 64.0, "GPU": 8.0})
+    with caplog.at_level("WARNING", logger="hotdog_ray.runtime"):
+        runtime.check_capacity(4, {"CPU": 2.0, "GPU": 1.0}, 1.0, keys="train.num_workers")
+    assert "autoscales" in caplog.text and "asked 4 x {CPU: 2, GPU: 1}" in caplog.text
+    with pytest.raises(ConfigError, match="train.num_workers"):
+        runtime.check_capacity(9, {"CPU": 2.0, "GPU": 1.0}, 1.0, keys="train.num_workers")
