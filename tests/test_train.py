@@ -391,3 +391,29 @@ def test_an_autoscaling_cluster_waits_for_nodes_instead_of_failing(ray_session, 
     assert "autoscales" in caplog.text and "asked 4 x {CPU: 2, GPU: 1}" in caplog.text
     with pytest.raises(ConfigError, match="train.num_workers"):
         runtime.check_capacity(9, {"CPU": 2.0, "GPU": 1.0}, 1.0, keys="train.num_workers")
+
+
+def test_a_driver_joining_a_cluster_shows_each_worker_line_once(joining_env, tmp_path):
+    """A driver that joins a running Ray (RAY_ADDRESS, as under `ray job submit`) gets each line a
+    worker writes exactly once. (Nodes started on one machine with a shared --temp-dir each stream
+    the other's worker logs too, which doubles them: docs/operations.md.)"""
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import logging, ray\n"
+        "from hotdog_ray.runtime import init_ray\n"
+        "init_ray()\n"
+        "@ray.remote(num_cpus=0)\n"
+        "def work(i):\n"
+        "    print(f'printed-by-worker-{i}', flush=True)\n"
+        "    logging.getLogger('hotdog_ray.test').warning('logged-by-worker-%d', i)\n"
+        "ray.get([work.remote(i) for i in range(2)])\n"
+        "import time; time.sleep(2)  # the log monitor streams worker output every few hundred ms\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], env=joining_env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    for i in range(2):
+        assert text.count(f"printed-by-worker-{i}") == 1, text[-3000:]
+        assert text.count(f"logged-by-worker-{i}") == 1, text[-3000:]
