@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import BUCKET, free_port, k8s_manifest, mlflow_store, ray_client_env, wait_http
 from tests.imagegen import write_image_tree
 
 
@@ -109,3 +110,44 @@ def pytest_collection_modifyitems(config, items):
     items.sort(
         key=lambda item: any(item.get_closest_marker(m) is not None for m in ("ray_head", "multinode"))
     )
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3_server, tmp_path_factory):
+    """The tracking server, run with k8s/mlflow.yaml's own command and environment (artifacts to S3),
+    for the module; stopped by process id."""
+    deployment = k8s_manifest("mlflow.yaml", "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    script = container["args"][0]
+    assert "--host 0.0.0.0 --port 5000" in script
+    port = free_port()
+    script = script.replace("--host 0.0.0.0 --port 5000", f"--host 127.0.0.1 --port {port}")  # loopback here
+    try:
+        s3_server.client.create_bucket(Bucket=BUCKET)
+    except s3_server.client.exceptions.BucketAlreadyOwnedByYou:  # another module's server made it
+        pass
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    # Stand-ins for the optional Secrets: a store of our own, moto's credentials.
+    env["MLFLOW_BACKEND_STORE_URI"] = mlflow_store(tmp_path_factory.mktemp("mlflow"))
+    env.update(
+        AWS_ENDPOINT_URL=s3_server.endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_REGION="us-east-1",
+    )
+    proc = subprocess.Popen(
+        [*container["command"], script],
+        env={**ray_client_env(bare=True), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", 120, proc)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

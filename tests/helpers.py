@@ -7,6 +7,11 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import ray.train
 import ray.tune
+import yaml
 from PIL import Image
 
 
@@ -197,3 +203,43 @@ class HoldAfterFirstResult(ray.tune.Callback):
         deadline = time.monotonic() + 60
         while not (self.folder / "removed").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+# Where a node of a bare cluster takes its Python from, and what it lacks: the jobs must get those
+# settings from their runtime env.
+BIN = Path(sys.executable).parent
+K8S = Path(__file__).resolve().parents[1] / "k8s"
+BUCKET = "hotdog-data"  # the bucket k8s/mlflow.yaml's artifact root is in
+NODE_UNSET = ("AWS_", "MLFLOW_")
+
+
+def ray_client_env(bare: bool = False) -> dict[str, str]:
+    # The head's job drivers run `python` from PATH: make it this interpreter, which has the package.
+    # Ray 2.60 clusters use token auth; the job client needs this to send the token.
+    env = {k: v for k, v in os.environ.items() if not (bare and k.startswith(NODE_UNSET))}
+    return {
+        **env,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except urllib.error.HTTPError:  # answering (401 without the token) is up
+            return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def k8s_manifest(file: str, kind: str) -> dict:
+    return next(d for d in yaml.safe_load_all((K8S / file).read_text()) if d and d["kind"] == kind)

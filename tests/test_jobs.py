@@ -18,30 +18,27 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import os
 import re
 import shlex
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.helpers import free_port, mlflow_store
+from tests.helpers import BUCKET, free_port
+from tests.helpers import k8s_manifest as _manifest
+from tests.helpers import ray_client_env as _env
+from tests.helpers import wait_http as _wait_http
 
 pytestmark = pytest.mark.ray_head
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 BIN = Path(sys.executable).parent
-BUCKET = "hotdog-data"
-# Settings a bare cluster node does not have: the jobs must get them from the runtime env.
-NODE_UNSET = ("AWS_", "MLFLOW_")
 
 SMALL = [
     "data.image_size=16",
@@ -56,34 +53,6 @@ SMALL = [
     "score.gpus_per_actor=0",
     "score.batch_size=8",
 ]
-
-
-def _env(bare: bool = False) -> dict[str, str]:
-    # The head's job drivers run `python` from PATH: make it this interpreter, which has the package.
-    # Ray 2.60 clusters use token auth; the job client needs this to send the token.
-    env = {k: v for k, v in os.environ.items() if not (bare and k.startswith(NODE_UNSET))}
-    return {
-        **env,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-
-
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            return
-        except urllib.error.HTTPError:  # answering (401 without the token) is up
-            return
-        except OSError:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +89,6 @@ def ray_head():
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def _manifest(file: str, kind: str) -> dict:
-    return next(d for d in yaml.safe_load_all((K8S / file).read_text()) if d and d["kind"] == kind)
-
-
 @dataclass
 class Platform:
     """What the manifests expect around them, on loopback."""
@@ -132,43 +97,6 @@ class Platform:
     mlflow_uri: str
     date: dt.date
     incoming: list[str]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(s3_server, tmp_path_factory):
-    """The tracking server, run with k8s/mlflow.yaml's own command and environment (artifacts to S3)."""
-    deployment = _manifest("mlflow.yaml", "Deployment")
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    script = container["args"][0]
-    assert "--host 0.0.0.0 --port 5000" in script
-    port = free_port()
-    script = script.replace("--host 0.0.0.0 --port 5000", f"--host 127.0.0.1 --port {port}")  # loopback here
-    s3_server.client.create_bucket(Bucket=BUCKET)
-    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-    # Stand-ins for the optional Secrets: a store of our own, moto's credentials.
-    env["MLFLOW_BACKEND_STORE_URI"] = mlflow_store(tmp_path_factory.mktemp("mlflow"))
-    env.update(
-        AWS_ENDPOINT_URL=s3_server.endpoint,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_REGION="us-east-1",
-    )
-    proc = subprocess.Popen(
-        [*container["command"], script],
-        env={**_env(bare=True), **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(f"{uri}/health", 120, proc)
-        yield uri
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_mlflow_server_answers_its_service_names_and_refuses_others(mlflow_server):

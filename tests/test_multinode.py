@@ -1,7 +1,7 @@
 """Beyond one machine: a Ray cluster of several nodes on this one (``ray.cluster_utils.Cluster``:
 a head with no CPUs for the driver, and worker nodes that each run their own raylet and can be
-removed on their own, as a lost machine or a reclaimed spot instance is), with moto's S3 as the
-store the nodes share. Runs last (see conftest): the session's in-process Ray is shut down first.
+removed on their own, as a lost machine or a reclaimed spot instance is), with moto's S3 and an
+MLflow tracking server as the stores the nodes share. Runs last (see conftest): the session's in-process Ray is shut down first.
 """
 
 from __future__ import annotations
@@ -47,56 +47,65 @@ def cluster(s3_server):
         os.environ.pop("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", None)
 
 
+def _training_config(s3_server, image_tree, mlflow_server, *overrides: str):
+    """A tiny training run whose data and checkpoints are on S3 and whose run is on the MLflow server."""
+    bucket = s3_server.bucket("multinode")
+    root = s3_server.upload_dir(image_tree.root, bucket, "data")
+    common = [
+        f"data.root={root}",
+        "data.image_size=16",
+        "model.name=first_cnn",
+        "model.filters=4",
+        "train.batch_size=8",
+        "train.learning_rate=0.01",
+        f"train.storage_path=s3://{bucket}/runs",
+        f"tracking.uri={mlflow_server}",
+    ]
+    return load_config(None, [*common, *overrides])
+
+
+def _train_in_background(cfg, run_name: str, callback) -> tuple[threading.Thread, dict]:
+    """``run_training`` in a thread (the test changes the cluster meanwhile): the thread, and the dict
+    that gets its outcome (``out``) or its exception (``error``)."""
+    result: dict = {}
+
+    def train() -> None:
+        try:
+            result["out"] = run_training(
+                cfg, run_name=run_name, register=False, evaluate_test=False, callbacks=[callback]
+            )
+        except Exception as exc:  # noqa: BLE001 - reported by the test's assertions
+            result["error"] = exc
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    return thread, result
+
+
 def _train_workers() -> list:
     from ray.util.state import list_actors
 
     return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
 
 
-def test_training_loses_a_node_and_resumes_on_its_replacement(cluster, s3_server, image_tree, tmp_path):
+def test_training_loses_a_node_and_resumes_on_its_replacement(
+    cluster, s3_server, image_tree, tmp_path, mlflow_server
+):
     """One worker per node (SPREAD); after epoch 1 is checkpointed to S3, a node is removed and a
     new one joins: the run restarts its worker group from the checkpoint and finishes, and the
     MLflow run has one point per epoch (nothing repeated in the record)."""
-    bucket = s3_server.bucket("multinode")
-    root = s3_server.upload_dir(image_tree.root, bucket, "data")
-    cfg = load_config(
-        None,
-        [
-            f"data.root={root}",
-            "data.image_size=16",
-            "model.name=first_cnn",
-            "model.filters=4",
-            "train.batch_size=8",
-            "train.epochs=4",
-            "train.learning_rate=0.01",
-            "train.num_workers=2",
-            "train.cpus_per_worker=1",
-            "train.placement_strategy=SPREAD",
-            "train.max_failures=2",
-            f"train.storage_path=s3://{bucket}/runs",
-            f"tracking.uri={mlflow_store(tmp_path)}",
-        ],
+    cfg = _training_config(
+        s3_server,
+        image_tree,
+        mlflow_server,
+        "train.epochs=4",
+        "train.num_workers=2",
+        "train.cpus_per_worker=1",
+        "train.placement_strategy=SPREAD",
+        "train.max_failures=2",
     )
-    result: dict = {}
-
-    def train() -> None:
-        try:
-            result["out"] = run_training(
-                cfg,
-                run_name="node-loss",
-                register=False,
-                evaluate_test=False,
-                callbacks=[HoldAfterEpoch(0, tmp_path)],
-            )
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            result["error"] = exc
-
-    thread = threading.Thread(target=train, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 180
-    while not (tmp_path / "reported").exists():
-        assert thread.is_alive() and time.monotonic() < deadline, result
-        time.sleep(0.1)
+    thread, result = _train_in_background(cfg, "node-loss", HoldAfterEpoch(0, tmp_path))
+    _wait_for(tmp_path / "reported", thread, result, 180)
     before = _train_workers()
     assert len({w.node_id for w in before}) == 2  # one worker on each node
     cluster.cluster.remove_node(cluster.nodes[1], allow_graceful=False)  # the machine is gone
@@ -117,48 +126,23 @@ def test_training_loses_a_node_and_resumes_on_its_replacement(cluster, s3_server
 
 
 def test_elastic_training_goes_on_without_a_lost_node_and_grows_back(
-    cluster, s3_server, image_tree, tmp_path
+    cluster, s3_server, image_tree, tmp_path, mlflow_server
 ):
     """``train.num_workers: [1, 2]``: a node is removed after epoch 1 and none replaces it, so the run
     continues from its S3 checkpoint on the one worker left; a node then joins and the run grows back
     to two workers. Every epoch is trained and recorded once, and each epoch says how many trained it."""
-    bucket = s3_server.bucket("elastic")
-    root = s3_server.upload_dir(image_tree.root, bucket, "data")
     epochs = 12
-    cfg = load_config(
-        None,
-        [
-            f"data.root={root}",
-            "data.image_size=16",
-            "model.name=first_cnn",
-            "model.filters=4",
-            "train.batch_size=8",
-            f"train.epochs={epochs}",
-            "train.learning_rate=0.01",
-            "train.num_workers=[1, 2]",
-            "train.cpus_per_worker=2",
-            "train.elastic_resize_interval_s=1",
-            "train.max_failures=4",
-            f"train.storage_path=s3://{bucket}/runs",
-            f"tracking.uri={mlflow_store(tmp_path)}",
-        ],
+    cfg = _training_config(
+        s3_server,
+        image_tree,
+        mlflow_server,
+        f"train.epochs={epochs}",
+        "train.num_workers=[1, 2]",
+        "train.cpus_per_worker=2",
+        "train.elastic_resize_interval_s=1",
+        "train.max_failures=4",
     )
-    result: dict = {}
-
-    def train() -> None:
-        try:
-            result["out"] = run_training(
-                cfg,
-                run_name="elastic",
-                register=False,
-                evaluate_test=False,
-                callbacks=[HoldThenPace(0, tmp_path, full=2, pause_s=3.0)],
-            )
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            result["error"] = exc
-
-    thread = threading.Thread(target=train, daemon=True)
-    thread.start()
+    thread, result = _train_in_background(cfg, "elastic", HoldThenPace(0, tmp_path, full=2, pause_s=3.0))
     _wait_for(tmp_path / "reported", thread, result, 180)
     assert len({w.node_id for w in _train_workers()}) == 2
     cluster.cluster.remove_node(cluster.nodes[1], allow_graceful=False)
@@ -207,7 +191,7 @@ def test_local_stores_are_refused_on_several_nodes_unless_shared(cluster, image_
 
 
 def test_a_sweep_spreads_over_nodes_and_a_lost_nodes_trial_restarts_from_its_checkpoint(
-    cluster, s3_server, image_tree, tmp_path
+    cluster, s3_server, image_tree, tmp_path, mlflow_server
 ):
     """Two trials of 2 CPUs: one per node. After the first result, that trial's node is removed and a
     replacement joins: the trial restarts there from its S3 checkpoint in its own MLflow run, and each
@@ -233,7 +217,7 @@ def test_a_sweep_spreads_over_nodes_and_a_lost_nodes_trial_restarts_from_its_che
             "train.cpus_per_worker=2",
             "train.max_failures=2",
             f"train.storage_path=s3://{bucket}/sweeps",
-            f"tracking.uri={mlflow_store(tmp_path)}",
+            f"tracking.uri={mlflow_server}",
             "tune.num_samples=2",
             "tune.max_concurrent_trials=2",
             "tune.filters=[4]",
@@ -277,7 +261,7 @@ def test_a_sweep_spreads_over_nodes_and_a_lost_nodes_trial_restarts_from_its_che
         assert sorted(steps) == list(range(epochs)), (run.data.tags["trial_id"], steps)
 
 
-def test_serve_replicas_on_two_nodes_keep_answering_when_one_node_goes(cluster, tmp_path):
+def test_serve_replicas_on_two_nodes_keep_answering_when_one_node_goes(cluster, tmp_path, mlflow_server):
     """Two replicas of 2 CPUs, one per node, under load at concurrency 8 from another process: a
     node is removed mid-run. At most the requests in flight on it fail, the app keeps answering,
     and a second replica runs again once a node joins."""
@@ -301,6 +285,7 @@ def test_serve_replicas_on_two_nodes_keep_answering_when_one_node_goes(cluster, 
         "serve.min_replicas=2",
         "serve.max_replicas=2",
         "serve.cpus_per_replica=2",
+        f"tracking.uri={mlflow_server}",
     )
     set_alias(cfg.tracking, register_model(cfg, tiny_model(CLASSES), CLASSES, name="spread")[1])
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
@@ -351,7 +336,9 @@ def test_serve_replicas_on_two_nodes_keep_answering_when_one_node_goes(cluster, 
         serve.shutdown()
 
 
-def test_scoring_loses_a_model_actors_node_and_still_accounts_for_every_file(cluster, s3_server, tmp_path):
+def test_scoring_loses_a_model_actors_node_and_still_accounts_for_every_file(
+    cluster, s3_server, tmp_path, mlflow_server
+):
     """Two model actors of 2 CPUs, one per node, score images from S3 to S3; as soon as they are up,
     one actor's node is removed and a new node joins. The run either publishes exactly one row per
     input (Ray Data restarts the actor and retries its batches) or fails saying so and publishes
@@ -380,6 +367,7 @@ def test_scoring_loses_a_model_actors_node_and_still_accounts_for_every_file(clu
         "score.cpus_per_actor=2",
         "score.batch_size=2",
         "data.files_per_task=8",
+        f"tracking.uri={mlflow_server}",
     )
     set_alias(cfg.tracking, register_model(cfg, tiny_model(CLASSES), CLASSES, name="spread-scoring")[1])
     output = f"s3://{bucket}/predictions"
