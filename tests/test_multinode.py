@@ -16,7 +16,7 @@ import pytest
 from hotdog_ray.config import load_config
 from hotdog_ray.registry import client
 from hotdog_ray.train import run_training
-from tests.helpers import HoldAfterEpoch, HoldThenPace, mlflow_store
+from tests.helpers import HoldThenPace, mlflow_store
 
 pytestmark = pytest.mark.multinode
 
@@ -88,50 +88,15 @@ def _train_workers() -> list:
     return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
 
 
-def test_training_loses_a_node_and_resumes_on_its_replacement(
-    cluster, s3_server, image_tree, tmp_path, mlflow_server
-):
-    """One worker per node (SPREAD); after epoch 1 is checkpointed to S3, a node is removed and a
-    new one joins: the run restarts its worker group from the checkpoint and finishes, and the
-    MLflow run has one point per epoch (nothing repeated in the record)."""
-    cfg = _training_config(
-        s3_server,
-        image_tree,
-        mlflow_server,
-        "train.epochs=4",
-        "train.num_workers=2",
-        "train.cpus_per_worker=1",
-        "train.placement_strategy=SPREAD",
-        "train.max_failures=2",
-    )
-    thread, result = _train_in_background(cfg, "node-loss", HoldAfterEpoch(0, tmp_path))
-    _wait_for(tmp_path / "reported", thread, result, 180)
-    before = _train_workers()
-    assert len({w.node_id for w in before}) == 2  # one worker on each node
-    cluster.cluster.remove_node(cluster.nodes[1], allow_graceful=False)  # the machine is gone
-    (tmp_path / "removed").write_text("1")
-    time.sleep(2)
-    cluster.nodes[1] = cluster.cluster.add_node(num_cpus=NODE_CPUS)  # its replacement joins
-    thread.join(timeout=300)
-    assert not thread.is_alive() and "error" not in result, result
-    out = result["out"]
-    assert [h["epoch"] for h in out.history] == [0, 1, 2, 3]
-    steps = [m.step for m in client(cfg.tracking).get_metric_history(out.run_id, "val_loss")]
-    assert steps == [0, 1, 2, 3]
-    from ray.util.state import list_actors
-
-    # The worker group was started again (the two first workers and two more), not patched.
-    everyone = list_actors(filters=[("class_name", "=", "RayTrainWorker")])
-    assert len(everyone) >= 4 and {w.actor_id for w in before} <= {w.actor_id for w in everyone}
-
-
 def test_elastic_training_goes_on_without_a_lost_node_and_grows_back(
     cluster, s3_server, image_tree, tmp_path, mlflow_server
 ):
-    """``train.num_workers: [1, 2]``: a node is removed after epoch 1 and none replaces it, so the run
-    continues from its S3 checkpoint on the one worker left; a node then joins and the run grows back
-    to two workers. Every epoch is trained and recorded once, and each epoch says how many trained it."""
-    epochs = 12
+    """``train.num_workers: [1, 2]``, one worker per node: a node is removed after epoch 1 and none
+    replaces it, so the run restarts from its S3 checkpoint on the one worker left; a node then joins
+    and the run restarts from its latest checkpoint with two workers again. Every epoch is trained and
+    recorded once (one MLflow point per epoch), and each epoch says how many workers trained it.
+    (A fixed-size run that loses a node goes through the same restart from the checkpoint.)"""
+    epochs = 10
     cfg = _training_config(
         s3_server,
         image_tree,
@@ -142,7 +107,7 @@ def test_elastic_training_goes_on_without_a_lost_node_and_grows_back(
         "train.elastic_resize_interval_s=1",
         "train.max_failures=4",
     )
-    thread, result = _train_in_background(cfg, "elastic", HoldThenPace(0, tmp_path, full=2, pause_s=3.0))
+    thread, result = _train_in_background(cfg, "elastic", HoldThenPace(0, tmp_path, full=2, pause_s=4.0))
     _wait_for(tmp_path / "reported", thread, result, 180)
     assert len({w.node_id for w in _train_workers()}) == 2
     cluster.cluster.remove_node(cluster.nodes[1], allow_graceful=False)
@@ -156,8 +121,10 @@ def test_elastic_training_goes_on_without_a_lost_node_and_grows_back(
     assert [h["epoch"] for h in out.history] == list(range(epochs))
     workers = [h["workers"] for h in out.history]
     assert workers[0] == 2 and 1 in workers and workers[-1] == 2, workers  # shrank, then grew back
-    history = client(cfg.tracking).get_metric_history(out.run_id, "workers")
+    mlflow = client(cfg.tracking)
+    history = mlflow.get_metric_history(out.run_id, "workers")
     assert sorted((m.step, m.value) for m in history) == list(enumerate(map(float, workers)))
+    assert sorted(m.step for m in mlflow.get_metric_history(out.run_id, "val_loss")) == list(range(epochs))
 
 
 def _wait_for(marker, thread: threading.Thread, result: dict, seconds: float) -> None:
