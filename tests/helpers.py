@@ -24,9 +24,20 @@ from PIL import Image
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on loopback below Linux's ephemeral range (32768+), which the kernel hands out for
+    outgoing connections and bind(0), and above Ray's worker ports (10002-19999): a port picked from
+    the ephemeral range can be taken by someone else's connection before our server binds it."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 def stop_command(proc, own_ray: bool = False) -> None:
