@@ -582,21 +582,12 @@ def run_training(
     from hotdog_ray import registry, tracking
     from hotdog_ray.bundle import model_meta
     from hotdog_ray.data import ImagePipeline, discover
-    from hotdog_ray.runtime import check_capacity, check_shared_store, init_ray
+    from hotdog_ray.runtime import init_ray
 
     layout = discover(cfg.data, required=("train", "validation", *(("test",) if evaluate_test else ())))
     init_ray()  # after the data checks: a bad path fails before Ray starts
     if cfg.train.max_workers > 0 and not (trial and trial.in_process):
-        # Read and decode tasks take a whole CPU each (data.py): fail now rather than hang later.
-        check_capacity(
-            cfg.train.min_workers,
-            worker_resources(cfg.train),
-            data_cpus=1.0,
-            keys="train.num_workers or train.cpus_per_worker (train.gpus_per_worker)",
-        )
-        check_shared_store(
-            cfg.train.storage_path, "train.storage_path", cfg.train.shared_storage, "train.shared_storage"
-        )
+        check_cluster(cfg)
     pipeline = ImagePipeline(cfg.data, layout)
     run_name = (
         run_name
@@ -632,6 +623,30 @@ def run_training(
         version,
         checkpoint_path,
         skipped,
+    )
+
+
+def check_cluster(cfg: Config, driver_cpus: float = 0.0) -> None:
+    """Fail in seconds when the cluster cannot hold the run's (least) workers beside the read and
+    decode tasks, which take a whole CPU each (data.py), and a driver of ``driver_cpus``; or when
+    workers on several nodes would write checkpoints to a local path."""
+    from hotdog_ray.runtime import check_capacity
+
+    check_capacity(
+        cfg.train.min_workers,
+        worker_resources(cfg.train),
+        data_cpus=1.0 + driver_cpus,
+        keys="train.num_workers or train.cpus_per_worker (train.gpus_per_worker)",
+    )
+    check_shared_checkpoints(cfg)
+
+
+def check_shared_checkpoints(cfg: Config) -> None:
+    """Refuse a local ``train.storage_path`` on several nodes unless ``train.shared_storage``."""
+    from hotdog_ray.runtime import check_shared_store
+
+    check_shared_store(
+        cfg.train.storage_path, "train.storage_path", cfg.train.shared_storage, "train.shared_storage"
     )
 
 

@@ -277,23 +277,16 @@ def _trial_base(cfg: Config) -> Config:
 def _check_cluster(cfg: Config) -> None:
     """Fail in seconds when not even one trial fits beside Ray Data's tasks, or when trials on
     several nodes would write checkpoints to a local path (each node's own disk)."""
-    from hotdog_ray.runtime import check_capacity, check_shared_store
-    from hotdog_ray.train import worker_resources
+    from hotdog_ray.runtime import check_capacity
+    from hotdog_ray.train import check_cluster, check_shared_checkpoints
 
-    if cfg.tune.trial_mode == "train":
-        check_capacity(
-            cfg.train.min_workers,
-            worker_resources(cfg.train),
-            data_cpus=1.0 + cfg.tune.cpus_per_trial,
-            keys="train.num_workers or train.cpus_per_worker (train.gpus_per_worker)",
-        )
-    else:
-        check_capacity(
-            1, trial_resources(cfg), data_cpus=1.0, keys="train.cpus_per_worker (train.gpus_per_worker)"
-        )
-    check_shared_store(
-        cfg.train.storage_path, "train.storage_path", cfg.train.shared_storage, "train.shared_storage"
+    if cfg.tune.trial_mode == "train":  # the trial's Train run, and the trial itself as its driver
+        check_cluster(cfg, driver_cpus=cfg.tune.cpus_per_trial)
+        return
+    check_capacity(
+        1, trial_resources(cfg), data_cpus=1.0, keys="train.cpus_per_worker (train.gpus_per_worker)"
     )
+    check_shared_checkpoints(cfg)
 
 
 def _concurrency(cfg: Config) -> int:
