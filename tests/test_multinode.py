@@ -82,10 +82,19 @@ def _train_in_background(cfg, run_name: str, callback) -> tuple[threading.Thread
     return thread, result
 
 
-def _train_workers() -> list:
+def _alive(cluster, class_name: str = "") -> list:
+    """This cluster's live actors whose class name starts with ``class_name``, asked of its own
+    dashboard: with no address the state API picks whichever Ray on the machine it finds first."""
     from ray.util.state import list_actors
 
-    return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(
+        address=f"http://{cluster.cluster.webui_url}", filters=[("state", "=", "ALIVE")], limit=10_000
+    )
+    return [a for a in actors if a.class_name.startswith(class_name)]
+
+
+def _train_workers(cluster) -> list:
+    return _alive(cluster, "RayTrainWorker")
 
 
 def test_elastic_training_goes_on_without_a_lost_node_and_grows_back(
@@ -109,11 +118,11 @@ def test_elastic_training_goes_on_without_a_lost_node_and_grows_back(
     )
     thread, result = _train_in_background(cfg, "elastic", HoldThenPace(0, tmp_path, full=2, pause_s=4.0))
     _wait_for(tmp_path / "reported", thread, result, 180)
-    assert len({w.node_id for w in _train_workers()}) == 2
+    assert len({w.node_id for w in _train_workers(cluster)}) == 2
     cluster.cluster.remove_node(cluster.nodes[1], allow_graceful=False)
     (tmp_path / "removed").write_text("1")
     _wait_for(tmp_path / "small", thread, result, 180)  # an epoch trained by the one worker left
-    assert len(_train_workers()) == 1
+    assert len(_train_workers(cluster)) == 1
     cluster.nodes[1] = cluster.cluster.add_node(num_cpus=NODE_CPUS)
     thread.join(timeout=300)
     assert not thread.is_alive() and "error" not in result, result
@@ -165,8 +174,6 @@ def test_a_sweep_spreads_over_nodes_and_a_lost_nodes_trial_restarts_from_its_che
     planned trial ends once, FINISHED, with one point per epoch."""
     import json
 
-    from ray.util.state import list_actors
-
     from hotdog_ray.tune import run_sweep
     from tests.helpers import HoldAfterFirstResult
 
@@ -207,11 +214,11 @@ def test_a_sweep_spreads_over_nodes_and_a_lost_nodes_trial_restarts_from_its_che
     first = json.loads((tmp_path / "reported").read_text())
     deadline = time.monotonic() + 60
     while True:  # the state API may answer partially on a loaded machine: ask until both are seen
-        trials = list_actors(filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")])
+        trials = _alive(cluster, "ImplicitFunc")
         if len({a.node_id for a in trials}) == 2 or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert len({a.node_id for a in trials}) == 2, trials  # the two trials run on two nodes
+    assert len({a.node_id for a in trials}) == 2, [(a.class_name, a.node_id) for a in _alive(cluster)]
     (node_id,) = {a.node_id for a in trials if a.pid == first["pid"]}
     index = next(i for i, n in enumerate(cluster.nodes) if n.node_id == node_id)
     cluster.cluster.remove_node(cluster.nodes[index], allow_graceful=False)
@@ -243,7 +250,6 @@ def test_serve_replicas_on_two_nodes_keep_answering_when_one_node_goes(cluster, 
     from pathlib import Path
 
     from ray import serve
-    from ray.util.state import list_actors
 
     from hotdog_ray.registry import set_alias
     from hotdog_ray.serve import deployment, wait_ready
@@ -267,11 +273,7 @@ def test_serve_replicas_on_two_nodes_keep_answering_when_one_node_goes(cluster, 
         assert wait_ready(url, timeout=120)
 
         def replicas() -> list:
-            return [
-                a
-                for a in list_actors(filters=[("state", "=", "ALIVE")])
-                if a.class_name.startswith("ServeReplica:hotdog")
-            ]
+            return _alive(cluster, "ServeReplica:hotdog")
 
         assert len({r.node_id for r in replicas()}) == 2
         requests, concurrency = 3000, 8
@@ -316,7 +318,6 @@ def test_scoring_loses_a_model_actors_node_and_still_accounts_for_every_file(
     input (Ray Data restarts the actor and retries its batches) or fails saying so and publishes
     nothing: never a partition with rows missing or doubled."""
     import pyarrow.dataset as pads
-    from ray.util.state import list_actors
 
     from hotdog_ray import storage
     from hotdog_ray.errors import ScoreError
@@ -355,11 +356,7 @@ def test_scoring_loses_a_model_actors_node_and_still_accounts_for_every_file(
     thread.start()
     deadline = time.monotonic() + 180
     while True:
-        actors = [
-            a
-            for a in list_actors(filters=[("state", "=", "ALIVE")])
-            if "Scorer" in a.class_name and a.node_id is not None
-        ]
+        actors = [a for a in _alive(cluster) if "Scorer" in a.class_name and a.node_id is not None]
         if len({a.node_id for a in actors}) == 2:
             break
         assert thread.is_alive() and time.monotonic() < deadline, result
