@@ -83,14 +83,15 @@ def _train_in_background(cfg, run_name: str, callback) -> tuple[threading.Thread
 
 
 def _alive(cluster, class_name: str = "") -> list:
-    """This cluster's live actors whose class name starts with ``class_name``, asked of its own
-    dashboard: with no address the state API picks whichever Ray on the machine it finds first."""
+    """This cluster's live actors whose class name contains ``class_name`` (Tune's trials are
+    ``ImplicitFunc`` in one run, ``wrap_function.<locals>.ImplicitFunc`` in another), asked of its
+    own dashboard: with no address the state API picks whichever Ray on the machine it finds first."""
     from ray.util.state import list_actors
 
     actors = list_actors(
         address=f"http://{cluster.cluster.webui_url}", filters=[("state", "=", "ALIVE")], limit=10_000
     )
-    return [a for a in actors if a.class_name.startswith(class_name)]
+    return [a for a in actors if class_name in a.class_name]
 
 
 def _train_workers(cluster) -> list:
@@ -356,7 +357,7 @@ def test_scoring_loses_a_model_actors_node_and_still_accounts_for_every_file(
     thread.start()
     deadline = time.monotonic() + 180
     while True:
-        actors = [a for a in _alive(cluster) if "Scorer" in a.class_name and a.node_id is not None]
+        actors = [a for a in _alive(cluster, "Scorer") if a.node_id is not None]
         if len({a.node_id for a in actors}) == 2:
             break
         assert thread.is_alive() and time.monotonic() < deadline, result
