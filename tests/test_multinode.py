@@ -35,7 +35,14 @@ def cluster(s3_server):
     # that no longer fits: give up on such a start after 15 s rather than a minute (inherited by the
     # node processes started below).
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # The GCS declares a node dead after failed health checks: 3 missed 1 s checks here rather than
+    # Ray's default of 5 missed 3 s checks, so each test's lost node is noticed in seconds.
+    health = {
+        "health_check_period_ms": 1000,
+        "health_check_timeout_ms": 3000,
+        "health_check_failure_threshold": 3,
+    }
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": health})
     nodes = [c.add_node(num_cpus=NODE_CPUS) for _ in range(2)]
     c.wait_for_nodes()
     c.connect()
