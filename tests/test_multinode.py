@@ -1,7 +1,9 @@
 """Beyond one machine: a Ray cluster of several nodes on this one (``ray.cluster_utils.Cluster``:
 a head with no CPUs for the driver, and worker nodes that each run their own raylet and can be
 removed on their own, as a lost machine or a reclaimed spot instance is), with moto's S3 and an
-MLflow tracking server as the stores the nodes share. Runs last (see conftest): the session's in-process Ray is shut down first.
+MLflow tracking server as the stores the nodes share. A step of its own (``pytest -m multinode``, the
+second half of the README's test command; the default run deselects it), so the suite's main run
+stays within its time budget; within any run it comes last (see conftest), after the shared Ray.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def test_run_artefacts_are_ignored():
         assert item in ignored
 
 
-def test_the_test_command_lints_and_checks_formatting_before_the_suite():
+def test_the_test_command_lints_and_checks_formatting_before_the_suite(pytestconfig):
     test_cmd = quickstart_commands()[1]
     steps = [step.strip() for step in test_cmd.split("&&")]
     assert (
@@ -40,7 +40,11 @@ def test_the_test_command_lints_and_checks_formatting_before_the_suite():
         < steps.index(".venv/bin/ruff format --check .")
         < len(steps) - 1
     )
-    assert steps[-1] == ".venv/bin/pytest"
+    # The suite in two steps that together run every test: the default run leaves the multi-node
+    # tests out (pyproject's addopts), the second runs exactly those.
+    assert steps[-2:] == [".venv/bin/pytest", ".venv/bin/pytest -m multinode"]
+    addopts = pytestconfig.getini("addopts")
+    assert addopts[addopts.index("-m") + 1] == "not multinode"
     assert (
         "ruff" in (ROOT / "pyproject.toml").read_text().split("[tool.ruff]")[0]
     )  # installed by the dev extra
