@@ -461,14 +461,21 @@ class InProcessSession:
 
 class TrialSession(InProcessSession):
     """A Tune trial's process: epochs also go to Tune (for ASHA), checkpoints are Tune's, so a trial
-    restarted by a resumed sweep continues from its last epoch."""
+    restarted by a resumed sweep, or after its node was lost, continues from its last epoch."""
 
     def checkpoint_state(self) -> dict[str, Any] | None:
         from ray import tune
 
-        checkpoint = tune.get_checkpoint()
-        self.state = load_checkpoint_state(checkpoint) if checkpoint else None
-        return self.state
+        for checkpoint in [*_trial_checkpoints(), tune.get_checkpoint()]:
+            if checkpoint is None:
+                continue
+            try:
+                self.state = load_checkpoint_state(checkpoint)
+                return self.state
+            except Exception as exc:  # noqa: BLE001 - cut short by the loss of its node: an older one
+                log.warning("checkpoint %s cannot be read (%s): trying an older one", checkpoint.path, exc)
+        self.state = None
+        return None
 
     def _save(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         from ray import tune
@@ -481,6 +488,35 @@ class TrialSession(InProcessSession):
 
 
 CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def _trial_checkpoints() -> list["ray.tune.Checkpoint"]:
+    """This trial's checkpoints in its own storage folder, newest first.
+
+    Tune restarts a trial from the last checkpoint its driver recorded; one written just before the
+    trial's node went away may never have been recorded, and the restarted trial would train (and
+    log to MLflow) that epoch again. Empty where the folder cannot be listed.
+    """
+    import pyarrow.fs as pafs
+    from ray import tune
+    from ray.train._internal.session import get_storage  # Tune's (developer) API for the trial folder
+
+    try:
+        where = get_storage()
+        fs, folder = where.storage_filesystem, where.trial_fs_path
+        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    except Exception as exc:  # noqa: BLE001 - then only the checkpoint Tune recorded is used
+        log.debug("trial folder not listed: %s", exc)
+        return []
+    names = sorted(
+        (
+            i.base_name
+            for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
+        ),
+        reverse=True,
+    )
+    return [tune.Checkpoint(f"{folder}/{name}", filesystem=fs) for name in names]
 
 
 class DriverSession(InProcessSession):
