@@ -327,6 +327,41 @@ def test_fixed_seed_reproduces_an_augmented_cpu_run(ray_session, image_tree, tmp
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
 
 
+def test_a_restarted_trial_takes_the_newest_readable_checkpoint_of_its_folder(tmp_path, monkeypatch):
+    """Tune may not have recorded a trial's last checkpoint (its node went before the driver asked):
+    the trial reads its own folder, newest first, and skips one cut short."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+    import ray.train._internal.session as train_session
+    from ray import tune
+
+    from hotdog_ray import train
+
+    for epoch in (0, 1):
+        (tmp_path / f"checkpoint_00000{epoch}").mkdir()
+        torch.save({"epoch": epoch}, tmp_path / f"checkpoint_00000{epoch}" / train.STATE_FILE)
+    (tmp_path / "checkpoint_000002").mkdir()
+    (tmp_path / "checkpoint_000002" / train.STATE_FILE).write_bytes(b"cut short")
+    (tmp_path / "params.json").write_text("{}")  # the trial folder's other files are not checkpoints
+    where = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), trial_fs_path=str(tmp_path))
+    monkeypatch.setattr(train_session, "get_storage", lambda: where)
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)  # what Tune recorded: nothing
+
+    assert [Path(c.path).name for c in train._trial_checkpoints()] == [
+        "checkpoint_000002",
+        "checkpoint_000001",
+        "checkpoint_000000",
+    ]
+    session = train.TrialSession.__new__(train.TrialSession)
+    assert session.checkpoint_state() == {"epoch": 1}
+
+    monkeypatch.setattr(
+        train_session, "get_storage", lambda: (_ for _ in ()).throw(RuntimeError("no session"))
+    )
+    assert train._trial_checkpoints() == [] and session.checkpoint_state() is None
+
+
 def test_a_resumed_optimizer_keeps_its_state_on_the_models_device():
     """Regression (found on a GPU by bench/gpu_check.py): the model must reach its device before the
     optimizer loads a checkpoint, or Adam's state stays on the CPU beside CUDA parameters. The meta
