@@ -497,26 +497,22 @@ def _trial_checkpoints() -> list["ray.tune.Checkpoint"]:
     trial's node went away may never have been recorded, and the restarted trial would train (and
     log to MLflow) that epoch again. Empty where the folder cannot be listed.
     """
-    import pyarrow.fs as pafs
     from ray import tune
     from ray.train._internal.session import get_storage  # Tune's (developer) API for the trial folder
 
     try:
         where = get_storage()
-        fs, folder = where.storage_filesystem, where.trial_fs_path
-        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        folder = storage.Location(where.storage_filesystem, where.trial_fs_path, where.trial_fs_path)
+        names = checkpoint_names(folder)
     except Exception as exc:  # noqa: BLE001 - then only the checkpoint Tune recorded is used
         log.debug("trial folder not listed: %s", exc)
         return []
-    names = sorted(
-        (
-            i.base_name
-            for i in infos
-            if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
-        ),
-        reverse=True,
-    )
-    return [tune.Checkpoint(f"{folder}/{name}", filesystem=fs) for name in names]
+    return [tune.Checkpoint(folder.join(name).path, filesystem=folder.fs) for name in reversed(names)]
+
+
+def checkpoint_names(folder: "storage.Location") -> list[str]:
+    """The ``checkpoint_*`` folders in ``folder`` (Tune's, Train's and our driver loop's), oldest first."""
+    return [n for n in storage.list_dirs(folder) if n.startswith(CHECKPOINT_PREFIX)]
 
 
 class DriverSession(InProcessSession):
@@ -529,11 +525,8 @@ class DriverSession(InProcessSession):
         self.name = folder.path.rstrip("/").rsplit("/", 1)[-1]
         self.latest: storage.Location | None = None  # the newest checkpoint folder
 
-    def _checkpoints(self) -> list[str]:
-        return sorted(n for n in storage.list_dirs(self.folder) if n.startswith(CHECKPOINT_PREFIX))
-
     def checkpoint_state(self) -> dict[str, Any] | None:
-        names = self._checkpoints()
+        names = checkpoint_names(self.folder)
         if not names:
             return None
         self.latest = self.folder.join(names[-1])
@@ -548,7 +541,7 @@ class DriverSession(InProcessSession):
         torch.save(state, buf)
         self.latest = self.folder.join(f"{CHECKPOINT_PREFIX}{state['epoch']:06d}")
         storage.write_bytes(self.folder.fs, self.latest.join(STATE_FILE).path, buf.getvalue())
-        for old in self._checkpoints()[: -self.keep]:
+        for old in checkpoint_names(self.folder)[: -self.keep]:
             self.folder.fs.delete_dir(self.folder.join(old).path)
 
 
