@@ -81,7 +81,7 @@ class NoMetrics:
 
     def batch(self, size: int) -> None: ...
 
-    def prediction(self, label: str, served_by: str) -> None: ...
+    def prediction(self, label: str, served_by: str, n: int = 1) -> None: ...
 
     def error(self, reason: str, n: int = 1) -> None: ...
 
@@ -91,7 +91,7 @@ class NoMetrics:
 
     def log_rows(self, outcome: str, n: int) -> None: ...
 
-    def shadow(self, agreed: bool) -> None: ...
+    def shadow(self, agreed: bool, n: int = 1) -> None: ...
 
 
 class ServeMetrics(NoMetrics):
@@ -110,8 +110,8 @@ class ServeMetrics(NoMetrics):
     def batch(self, size: int) -> None:
         self._m["hotdog_batch_size"].observe(size)
 
-    def prediction(self, label: str, served_by: str) -> None:
-        self._m["hotdog_predictions"].inc(1, tags={"label": label, "served_by": served_by})
+    def prediction(self, label: str, served_by: str, n: int = 1) -> None:
+        self._m["hotdog_predictions"].inc(n, tags={"label": label, "served_by": served_by})
 
     def error(self, reason: str, n: int = 1) -> None:
         self._m["hotdog_errors"].inc(n, tags={"reason": reason})
@@ -127,8 +127,8 @@ class ServeMetrics(NoMetrics):
         if n:
             self._m["hotdog_prediction_log_rows"].inc(n, tags={"outcome": outcome})
 
-    def shadow(self, agreed: bool) -> None:
-        self._m["hotdog_shadow_answers"].inc(1, tags={"agreed": str(agreed).lower()})
+    def shadow(self, agreed: bool, n: int = 1) -> None:
+        self._m["hotdog_shadow_answers"].inc(n, tags={"agreed": str(agreed).lower()})
 
 
 def serve_metrics() -> NoMetrics:

@@ -26,6 +26,7 @@ import random
 import re
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Awaitable, Callable
@@ -80,7 +81,8 @@ class Shadow:
     """A request's shadow: the challenger, and what to do with its and the champion's answers."""
 
     challenger: Predictor
-    done: Callable[[np.ndarray, np.ndarray], None]  # (challenger's probabilities, champion's)
+    # (challenger's probabilities, champion's) -> the challenger's label and whether both agreed
+    done: Callable[[np.ndarray, np.ndarray], tuple[str, bool]]
 
 
 class ModelService:
@@ -572,15 +574,13 @@ def rollout_work(service: ModelService, role: str) -> Callable[..., Awaitable[di
         shadow = None
         if role == "champion" and settings(request).rollout == "shadow" and challenger is not None:
 
-            def done(challenger_probs: np.ndarray, champion_probs: np.ndarray) -> None:
+            def done(challenger_probs: np.ndarray, champion_probs: np.ndarray) -> tuple[str, bool]:
                 theirs = challenger.classes[int(np.argmax(challenger_probs))]
                 ours = predictor.classes[int(np.argmax(champion_probs))]
                 latency_ms = 1000 * (time.perf_counter() - t0)
                 stats.sample("challenger", latency_ms, float(challenger_probs.max()))
                 stats.shadowed += 1
                 stats.agreed += theirs == ours
-                service.telemetry.shadow(theirs == ours)
-                service.telemetry.prediction(theirs, "shadow")
                 plog = request.app.state.prediction_log
                 if plog is not None:  # the challenger's answer beside the champion's, same request id
                     model = model_of(challenger)
@@ -600,6 +600,7 @@ def rollout_work(service: ModelService, role: str) -> Callable[..., Awaitable[di
                     )
                 if stats.shadowed % 500 == 0:
                     log.info("shadow %s against %s: %s", service.challenger_key, service.key, stats.summary())
+                return theirs, theirs == ours
 
             shadow = Shadow(challenger, done)
         result = await predict_one(request, predictor, data, shadow)
@@ -913,8 +914,13 @@ class HotdogReplica:
         except Exception as exc:  # noqa: BLE001 - the shadow must never disturb serving
             log.warning("shadow batch failed: %s", exc)
             return
-        for (shadow, _, champion_row), row in zip(shadows, rows):
-            shadow.done(row, champion_row)
+        answers = [shadow.done(row, champion_row) for (shadow, _, champion_row), row in zip(shadows, rows)]
+        # One metric update per distinct value and batch, not two per answer.
+        telemetry = self.service.telemetry
+        for agreed, n in Counter(agreed for _, agreed in answers).items():
+            telemetry.shadow(agreed, n)
+        for label, n in Counter(label for label, _ in answers).items():
+            telemetry.prediction(label, "shadow", n)
 
 
 def deployment(cfg: Config) -> "serve.Deployment":

@@ -246,9 +246,10 @@ def test_rollout_figures_and_accuracy_from_log_rows():
 
 
 def test_shadow_answers_and_feedback_give_each_version_its_accuracy(ray_session, tmp_path, capsys):
-    """A shadow rollout with the prediction log: the log holds both versions' answers under one
-    request id, POST /feedback stores true labels, and `hotdog rollout report --since today` gives
-    agreement and each version's accuracy as the answers imply."""
+    """A shadow rollout with the prediction log: the metrics count the shadow's answers by agreement
+    and label, the log holds both versions' answers under one request id, POST /feedback stores true
+    labels, and `hotdog rollout report --since today` gives agreement and each version's accuracy as
+    the answers imply."""
     from ray import serve
 
     from hotdog_ray.cli import main
@@ -293,6 +294,20 @@ def test_shadow_answers_and_feedback_give_each_version_its_accuracy(ray_session,
         assert bad.status_code == 422
         spec = requests.get(url + "/openapi.json", timeout=10).json()
         assert "/feedback" in spec["paths"]
+        # The shadow's answers reach the metrics too, counted per batch: agreement and labels.
+        mine, agreed = {"application": "shadowed"}, sum(ours[r] == shadow[r] for r in ours)
+        deadline = time.monotonic() + 60  # Ray exports every few seconds
+        while time.monotonic() < deadline:
+            answers = [
+                total(r"ray_hotdog_shadow_answers_total\{", agreed=a, **mine) for a in ("true", "false")
+            ]
+            if answers == [agreed, len(images) - agreed]:
+                break
+            time.sleep(1)
+        assert answers == [agreed, len(images) - agreed]
+        for label in CLASSES:
+            n = sum(v == label for v in shadow.values())
+            assert total(r"ray_hotdog_predictions_total\{", label=label, served_by="shadow", **mine) == n
         time.sleep(1.5)  # the shadow answers come after the responses; the log flushes every 0.3 s
     finally:
         serve.delete("shadowed")
