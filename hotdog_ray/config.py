@@ -291,9 +291,10 @@ class TuneSettings(_Section):
     asha: bool = Field(True, description="stop poor trials early; off runs every trial to the end (bench)")
     max_epochs: int | None = Field(None, ge=1, description="ASHA's max_t (default: train.epochs)")
     # Chosen by bench/tune.py over 5 seeds (bench/RESULTS.md): grace 1 with reduction 3 saved the most
-    # (medians 0.52-0.57x the wall time of every trial to the end over three runs) and kept the best
-    # trial or one within 0.004 accuracy of it; grace 2 kept it every time for 0.60x; reduction 4 and
-    # halving each lost more than 0.005 once.
+    # (medians 0.52-0.57x the wall time of every trial to the end over four runs) and kept the best
+    # trial in 4 or 5 of 5 (misses lost up to 0.0074); grace 2 kept it every time for 0.60x; reduction
+    # 4 and halving each lost more than 0.005 once; two brackets differed by less than the run-to-run
+    # spread; synchronous HyperBand hung on 2 cores.
     grace_period: int = Field(1, ge=1, description="epochs every trial gets before ASHA may stop it")
     reduction_factor: int = Field(3, ge=2, description="ASHA keeps the best 1/reduction_factor at each rung")
     brackets: int = Field(1, ge=1, le=8, description="ASHA brackets: more start some trials at later rungs")
