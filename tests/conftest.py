@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+
+# MLflow's telemetry client, when it cannot fetch its config (no network here), removes an
+# environment variable from a background thread; a request built meanwhile in another thread
+# iterates os.environ and fails with KeyError '_MLFLOW_TELEMETRY_SESSION_ID' (seen once in CI, in a
+# training thread's runs/create). Off for the tests, their Ray workers and their MLflow servers.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import subprocess
 import uuid
 from dataclasses import dataclass
