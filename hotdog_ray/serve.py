@@ -85,6 +85,10 @@ class Shadow:
     done: Callable[[np.ndarray, np.ndarray], tuple[str, bool]]
 
 
+# Queued shadow work: the champion, the request's shadow, the decoded image and the champion's answer.
+ShadowJob = tuple[Predictor, Shadow, np.ndarray, np.ndarray]
+
+
 class ModelService:
     """The model one server process answers with, and the switch to a newer one."""
 
@@ -807,7 +811,9 @@ class HotdogReplica:
         self.infer_batch.set_max_batch_size(s.max_batch_size)
         self.infer_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.service = ModelService(self.cfg)
-        self._shadows: set[asyncio.Task] = set()
+        # Shadow work waiting for the challenger, and the one task that runs it (see _drain_shadows).
+        self._shadow_queue: list[ShadowJob] = []
+        self._shadow_worker: asyncio.Task | None = None
         await asyncio.to_thread(self.service.refresh)
         self._user_config: dict[str, Any] | None = None
         if s.reload_interval_s > 0:
@@ -880,19 +886,29 @@ class HotdogReplica:
             )
             for i, result in zip(idx, results):
                 out[i] = result
-            shadows = [
-                (items[i][2], x, result)
+            self._shadow_queue += [
+                (predictor, items[i][2], x, result)
                 for i, x, result in zip(idx, inputs, results)
                 if items[i][2] is not None and x is not None
             ]
-            by_challenger: dict[int, list[tuple[Shadow, np.ndarray, np.ndarray]]] = {}
-            for job in shadows:  # a reload may have swapped the challenger between two requests
-                by_challenger.setdefault(id(job[0].challenger), []).append(job)
-            for jobs in by_challenger.values():
-                task = asyncio.create_task(self._shadow(predictor, jobs))
-                self._shadows.add(task)  # held until done: the loop keeps only weak references
-                task.add_done_callback(self._shadows.discard)
+        if self._shadow_queue and (self._shadow_worker is None or self._shadow_worker.done()):
+            self._shadow_worker = asyncio.create_task(self._drain_shadows())
         return out
+
+    async def _drain_shadows(self) -> None:
+        """Runs the queued shadow work, one challenger batch at a time per replica, each taking up
+        to ``serve.max_batch_size`` images queued meanwhile. Under load the challenger's batches
+        fill (its weights are read once a batch, not once an image) and its passes do not crowd
+        the champion's on the cores; at low load each batch runs as soon as its answers went out."""
+        while self._shadow_queue:
+            limit = self.cfg.serve.max_batch_size
+            taken, self._shadow_queue = self._shadow_queue[:limit], self._shadow_queue[limit:]
+            # A reload may have swapped the champion or the challenger between two requests.
+            pairs: dict[tuple[int, int], list[ShadowJob]] = {}
+            for job in taken:
+                pairs.setdefault((id(job[0]), id(job[1].challenger)), []).append(job)
+            for jobs in pairs.values():
+                await self._shadow(jobs[0][0], [job[1:] for job in jobs])
 
     async def _shadow(
         self, champion: Predictor, shadows: list[tuple[Shadow, np.ndarray, np.ndarray]]

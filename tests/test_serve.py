@@ -526,6 +526,58 @@ def test_shadow_and_canary_rollouts_and_the_promotion_gate(app, tmp_path, capsys
             serve.delete(mode)
 
 
+def test_shadow_work_runs_one_challenger_batch_at_a_time_per_replica():
+    """Queued shadow work drains in batches of at most serve.max_batch_size, one at a time, each
+    batch one champion-challenger pair; every queued image is scored once."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from hotdog_ray.serve import HotdogReplica, Shadow
+
+    # No Serve and no model: the replica's queue and its drain, with the challenger pass recorded.
+    replica = SimpleNamespace(cfg=load_config(None, ["serve.max_batch_size=4"]), _shadow_queue=[])
+    calls, running = [], []
+
+    async def shadow(champion, jobs):
+        running.append(1)
+        assert len(running) == 1, "two challenger batches ran at once"
+        await asyncio.sleep(0.01)
+        calls.append((champion, [job[0].challenger for job in jobs], [int(job[1][0]) for job in jobs]))
+        running.pop()
+
+    replica._shadow = shadow
+    champions = ["champion-1", "champion-2"]
+    challengers = [SimpleNamespace(name="a"), SimpleNamespace(name="b")]
+    shadows = [Shadow(challengers[0], None), Shadow(challengers[1], None)]
+
+    async def main():
+        # Three batches' worth arrives while the first challenger batch runs; a reload swaps the
+        # challenger (b) and then the champion (champion-2) along the way.
+        jobs = [(champions[0], shadows[0], np.array([i]), None) for i in range(6)]
+        jobs += [
+            (champions[0], shadows[1], np.array([6]), None),
+            (champions[1], shadows[1], np.array([7]), None),
+        ]
+        replica._shadow_queue += jobs[:2]
+        worker = asyncio.create_task(HotdogReplica._drain_shadows(replica))
+        await asyncio.sleep(0)
+        replica._shadow_queue += jobs[2:]
+        await worker
+
+    asyncio.run(main())
+    assert sorted(i for _, _, images in calls for i in images) == list(range(8))
+    assert all(len(images) <= 4 for _, _, images in calls)
+    assert all(len({id(c) for c in chall}) == 1 for _, chall, _ in calls)  # one challenger a batch
+    assert calls[0][2] == [0, 1]  # the first batch did not wait for more
+    assert calls[1][2] == [2, 3, 4, 5]  # the next took what queued meanwhile, up to the limit
+    assert [(champion, chall[0].name) for champion, chall, _ in calls[1:]] == [
+        ("champion-1", "a"),
+        ("champion-1", "b"),
+        ("champion-2", "b"),
+    ]
+    assert not replica._shadow_queue
+
+
 def rollout_args(cfg) -> list[str]:
     return [
         f"tracking.uri={cfg.tracking.uri}",
