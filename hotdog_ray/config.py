@@ -366,6 +366,20 @@ class ServeSettings(_Section):
         "cluster keeps the RAY_SERVE_ENABLE_HA_PROXY it was started with)",
     )
 
+    haproxy_threads: int | None = Field(
+        None,
+        ge=1,
+        description="HAProxy's threads (RAY_SERVE_HAPROXY_NBTHREAD); unset: a quarter of the node's cores, "
+        "at least 1 and at most Ray's default of 4 (4 threads on 2 cores cost the replicas CPU for no gain)",
+    )
+    haproxy_request_metrics: bool = Field(
+        False,
+        description="Ray Serve's per-request HTTP metrics from HAProxy (serve_num_http_requests and its "
+        "latency; RAY_SERVE_HAPROXY_METRICS_ENABLED): HAProxy sends a log line per request that a Python "
+        "process parses. Off by default: hotdog_requests_total and hotdog_request_latency_seconds count "
+        "every request by endpoint and status already",
+    )
+
     rollout: Literal["off", "shadow", "canary"] = Field(
         "off",
         description="with a challenger (hotdog promote --challenger VERSION): shadow scores every /predict "

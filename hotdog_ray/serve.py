@@ -53,16 +53,27 @@ log = logging.getLogger(__name__)
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+HAPROXY_THREADS_ENV = "RAY_SERVE_HAPROXY_NBTHREAD"
+HAPROXY_METRICS_ENV = "RAY_SERVE_HAPROXY_METRICS_ENABLED"
+
+
+def haproxy_threads(cpus: int) -> int:
+    """HAProxy's threads on a node of ``cpus`` cores: a quarter of them, 1 to 4 (pure). One thread
+    forwards tens of thousands of requests a second; the cores are the replicas'."""
+    return max(1, min(4, cpus // 4))
 
 
 def set_serve_env(s: ServeSettings, drain_s: float) -> None:
     """Serve's switches that the processes Ray starts read from their environment, so set before Ray
-    starts (a value already exported wins): the HAProxy ingress, the throughput mode, and how long a
-    leaving replica drains (Ray's 30 s are for outside load balancers; here the only one is Serve's
+    starts (a value already exported wins): the HAProxy ingress, its threads and per-request metrics,
+    the throughput mode, and how long a leaving replica drains (Ray's 30 s are for outside load balancers; here the only one is Serve's
     own HAProxy, and Ctrl-C would wait them out)."""
     os.environ.setdefault(HAPROXY_ENV, "1" if s.haproxy else "0")
     os.environ.setdefault(THROUGHPUT_ENV, "1" if s.throughput_optimized else "0")
     os.environ.setdefault(DRAIN_ENV, f"{drain_s:g}")
+    threads = s.haproxy_threads or haproxy_threads(os.cpu_count() or 1)
+    os.environ.setdefault(HAPROXY_THREADS_ENV, str(threads))
+    os.environ.setdefault(HAPROXY_METRICS_ENV, "1" if s.haproxy_request_metrics else "0")
 
 
 # Reads the Authorization header and declares the scheme in the OpenAPI; require_key decides.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from hotdog_ray.config import load_config
 from hotdog_ray.models import build_model
 from hotdog_ray.predict import Predictor
 from hotdog_ray.registry import set_alias
-from hotdog_ray.serve import HAPROXY_ENV, wait_ready
+from hotdog_ray.serve import HAPROXY_ENV, haproxy_threads, wait_ready
 from tests.helpers import (
     free_port,
     png,
@@ -101,8 +102,8 @@ def test_health_readiness_model_and_docs(app):
     assert requests.get(app.url + "/docs", timeout=10).status_code == 200
 
 
-def listener(port: int, timeout: float = 10) -> str:
-    """The name of the local process listening on ``port`` ("" if none is found in ``timeout``).
+def listening_process(port: int, timeout: float = 10):
+    """The local process listening on ``port`` (a psutil.Process; None if none is found in ``timeout``).
 
     Polled: HAProxy hands its socket to a new process on every config reload."""
     import psutil
@@ -115,14 +116,26 @@ def listener(port: int, timeout: float = 10) -> str:
             except (psutil.AccessDenied, psutil.NoSuchProcess):
                 continue
             if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
-                return proc.info["name"]
+                return proc
         time.sleep(0.2)
-    return ""
+    return None
+
+
+def listener(port: int, timeout: float = 10) -> str:
+    """The name of the local process listening on ``port`` ("" if none is found in ``timeout``)."""
+    proc = listening_process(port, timeout)
+    return proc.info["name"] if proc else ""
 
 
 def test_http_enters_through_haproxy(app):
-    """The port is HAProxy's (``serve.haproxy``), not Serve's Python proxy, and it reaches the replica."""
-    assert listener(int(app.url.rsplit(":", 1)[1])) == "haproxy"
+    """The port is HAProxy's (``serve.haproxy``), not Serve's Python proxy, and it reaches the replica;
+    HAProxy runs the threads ``serve.haproxy_threads`` gives and sends no per-request metrics line."""
+    proc = listening_process(int(app.url.rsplit(":", 1)[1]))
+    assert proc is not None and proc.info["name"] == "haproxy"
+    args = proc.cmdline()
+    config = Path(args[args.index("-f") + 1]).read_text()
+    assert f"nbthread {haproxy_threads(os.cpu_count())}\n" in config
+    assert "format rfc5424" not in config  # serve.haproxy_request_metrics off: no log line per request
     assert requests.get(app.url + "/healthz", timeout=10).status_code == 200
 
 
