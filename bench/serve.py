@@ -6,12 +6,16 @@ In one run, on loopback, with the same model and the same FastAPI handlers (``cr
     proxy with ``--ingress proxy``), one replica per core by default (``--replicas``);
   * baseline: what a user would write otherwise, one ``uvicorn`` process running the handlers with
     a direct forward pass per request in eager PyTorch, no Ray; and the same process on ONNX Runtime,
-    to show what Ray Serve adds on top of a fast runtime.
+    to show what Ray Serve adds on top of a fast runtime. Both run before and after the Serve rows,
+    and the Serve rows are compared with the mean of the two.
 Serve replicas run ``predict.runtime`` (default auto: ONNX Runtime on the CPU). Two more Serve rows:
 a shadow rollout (a challenger scores every request too) and the prediction log at rate 1.0 (every
 answer written as Parquet), each as a ratio of the plain batching row.
 Each is loaded by ``bench/loadgen.py`` in its own process at concurrency 1 and 32. Printed:
-requests/s, p50 and p99 latency, the throughput ratio at 32 and the p50 difference at 1.
+requests/s, p50 and p99 latency, the throughput ratio at 32 and the p50 difference at 1. With
+``--repeats N`` the Serve rows run N rounds, one after the other in each and each round starting
+one row later, and each ratio is the median of the rounds' (this machine's speed drifts between
+minutes; rows measured side by side in one round compare, rows minutes apart less so).
 
     python bench/serve.py --config configs/sample.yaml
     python bench/serve.py --config configs/sample.yaml --ingress proxy --replicas 1   # the old path
@@ -25,6 +29,7 @@ import logging
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,6 +68,12 @@ def load(url: str, concurrency: int, n: int) -> dict:
 
 def measure(url: str, args) -> dict:
     return {1: load(url, 1, args.requests_c1), 32: load(url, 32, args.requests_c32)}
+
+
+def mean_of(before: dict, after: dict) -> dict:
+    """A baseline measured before and after the Serve rows: the mean throughput and p50 at each
+    concurrency (pure)."""
+    return {c: {k: (before[c][k] + after[c][k]) / 2 for k in ("rps", "p50_ms")} for c in before if c in after}
 
 
 def register_model(cfg, seed: int = 0) -> str:
@@ -136,6 +147,9 @@ def main() -> None:
         default=os.cpu_count(),
         help="Serve replicas (serve.min/max_replicas); the baseline is always one process",
     )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="rounds of the Serve rows; ratios are the rounds' median"
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="bench/out/serve.json")
     args = ap.parse_args()
@@ -164,10 +178,12 @@ def main() -> None:
         version = register_model(cfg)
         model_uri = f"models:/{cfg.tracking.registered_model}/{version}"
 
-        # Baselines first, alone on the machine: one uvicorn process, the same handlers, no Ray; the
-        # runtime's own threads (one per core), as a hand-written server would leave them.
-        for name, runtime in (("uvicorn + PyTorch", "torch"), ("uvicorn + ONNX Runtime", "onnxruntime")):
-            results[name] = run_baseline(args, db, model_uri, runtime)
+        # Baselines alone on the machine (no Ray), before and after the Serve rows, which are compared
+        # with the mean of the two (the machine's speed drifts over a run): one uvicorn process, the
+        # same handlers, the runtime's own threads (one per core), as a hand-written server would.
+        baselines = (("uvicorn + PyTorch", "torch"), ("uvicorn + ONNX Runtime", "onnxruntime"))
+        for name, runtime in baselines:
+            results[f"{name} (before)"] = run_baseline(args, db, model_uri, runtime)
 
         import ray
         from ray import serve
@@ -194,33 +210,60 @@ def main() -> None:
             # Every answer logged (rate 1.0): what the prediction log costs a replica.
             ("Ray Serve, prediction log", cfg.serve.max_batch_size, "off", {"prediction_log": log_root}),
         )
-        for name, batch, mode, extra in runs:
-            update = {
-                "model_uri": None if mode != "off" else model_uri,
-                "max_batch_size": batch,
-                "rollout": mode,
-                "log_sample_rate": 1.0,
-                **extra,
-            }
-            c = cfg.model_copy(update={"serve": cfg.serve.model_copy(update=update)})
-            serve.run(deployment(c).bind(c.model_dump(mode="json")), name="bench", route_prefix="/")
-            if not wait_ready(url):
-                raise RuntimeError(f"{name} did not become ready")
-            results[name] = measure(url, args)
-            serve.delete("bench")
+        rounds: list[dict[str, dict]] = []
+        for i in range(args.repeats):
+            rounds.append({})
+            # Each round starts one row later: no row is always measured first (after Ray's start,
+            # or right after the previous app was deleted).
+            for name, batch, mode, extra in runs[i % len(runs) :] + runs[: i % len(runs)]:
+                update = {
+                    "model_uri": None if mode != "off" else model_uri,
+                    "max_batch_size": batch,
+                    "rollout": mode,
+                    "log_sample_rate": 1.0,
+                    **extra,
+                }
+                c = cfg.model_copy(update={"serve": cfg.serve.model_copy(update=update)})
+                serve.run(deployment(c).bind(c.model_dump(mode="json")), name="bench", route_prefix="/")
+                if not wait_ready(url):
+                    raise RuntimeError(f"{name} did not become ready")
+                rounds[-1][name] = measure(url, args)
+                serve.delete("bench")
         serve.shutdown()
         ray.shutdown()
+        for name, runtime in baselines:
+            results[f"{name} (after)"] = run_baseline(args, db, model_uri, runtime)
         from hotdog_ray import predlog
 
         logged_rows = predlog.read(log_root).num_rows  # every answer, the last ones at shutdown
 
-    base, fast, ours, shadow, logged = (
-        results["uvicorn + PyTorch"],
-        results["uvicorn + ONNX Runtime"],
-        results["Ray Serve, batching"],
-        results["Ray Serve, shadow"],
-        results["Ray Serve, prediction log"],
-    )
+    base, fast = (mean_of(results[f"{name} (before)"], results[f"{name} (after)"]) for name, _ in baselines)
+
+    def per_round(row: str, versus: str | dict, what: str) -> list[float]:
+        """``row`` against ``versus`` (a row of the same round, or a baseline) in every round:
+        the throughput ratio at 32 (``rps``) or the p50 difference at 1 (``p50``)."""
+        out = []
+        for rd in rounds:
+            other = rd[versus] if isinstance(versus, str) else versus
+            if what == "rps":
+                out.append(round(rd[row][32]["rps"] / other[32]["rps"], 3))
+            else:
+                out.append(round(rd[row][1]["p50_ms"] - other[1]["p50_ms"], 2))
+        return out
+
+    serve_row, shadow_row, log_row = "Ray Serve, batching", "Ray Serve, shadow", "Ray Serve, prediction log"
+    figures = {
+        "throughput_ratio_c32": per_round(serve_row, base, "rps"),
+        "p50_diff_ms_c1": per_round(serve_row, base, "p50"),
+        "throughput_ratio_c32_vs_onnxruntime": per_round(serve_row, fast, "rps"),
+        "shadow_throughput_ratio_c32": per_round(shadow_row, serve_row, "rps"),
+        "shadow_p50_diff_ms_c1": per_round(shadow_row, serve_row, "p50"),
+        "log_throughput_ratio_c32": per_round(log_row, serve_row, "rps"),
+        "log_p50_diff_ms_c1": per_round(log_row, serve_row, "p50"),
+    }
+    for i, rd in enumerate(rounds):  # every round's rows in the table
+        for name, r in rd.items():
+            results[name if len(rounds) == 1 else f"{name} #{i + 1}"] = r
     summary = {
         "config": args.config,
         "model": cfg.model.name,
@@ -231,17 +274,15 @@ def main() -> None:
         "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
         "replicas": cfg.serve.max_replicas,
         "cpus_per_replica": cfg.serve.cpus_per_replica,
+        "repeats": args.repeats,
         "results": {k: {str(c): v for c, v in r.items()} for k, r in results.items()},
         "runtime": cfg.predict.runtime,
-        "throughput_ratio_c32": round(ours[32]["rps"] / base[32]["rps"], 3),
-        "p50_diff_ms_c1": round(ours[1]["p50_ms"] - base[1]["p50_ms"], 2),
-        "throughput_ratio_c32_vs_onnxruntime": round(ours[32]["rps"] / fast[32]["rps"], 3),
-        "shadow_throughput_ratio_c32": round(shadow[32]["rps"] / ours[32]["rps"], 3),
-        "shadow_p50_diff_ms_c1": round(shadow[1]["p50_ms"] - ours[1]["p50_ms"], 2),
-        "log_throughput_ratio_c32": round(logged[32]["rps"] / ours[32]["rps"], 3),
-        "log_p50_diff_ms_c1": round(logged[1]["p50_ms"] - ours[1]["p50_ms"], 2),
+        **{key: statistics.median(values) for key, values in figures.items()},
+        "rounds": figures,
         "log_rows": logged_rows,
-        "log_requests_ok": sum(logged[c]["ok"] + logged[c].get("warmup", 0) for c in (1, 32)),
+        "log_requests_ok": sum(
+            rd[log_row][c]["ok"] + rd[log_row][c].get("warmup", 0) for rd in rounds for c in (1, 32)
+        ),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -251,25 +292,31 @@ def main() -> None:
         f"  Serve: {args.ingress} ingress, {cfg.serve.max_replicas} replica(s) x {cfg.serve.cpus_per_replica} CPU, "
         f"batches of up to {cfg.serve.max_batch_size}, wait {cfg.serve.batch_wait_timeout_s * 1000:g} ms"
     )
-    print(f"  {'server':<24}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(f"  {'server':<30}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for name, r in results.items():
         for c, s in r.items():
-            print(f"  {name:<24}{c:>5}{s['rps']:>9.1f}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}{s['errors']:>8}")
-    print(
-        f"  throughput ratio at 32 (Serve batching / uvicorn + PyTorch): {summary['throughput_ratio_c32']:.3f}"
-    )
-    print(
-        f"  p50 difference at 1 (Serve batching - uvicorn + PyTorch):   {summary['p50_diff_ms_c1']:+.2f} ms"
-    )
+            print(f"  {name:<30}{c:>5}{s['rps']:>9.1f}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}{s['errors']:>8}")
+
+    def said(key: str, unit: str = "") -> str:
+        """The figure (the rounds' median), and every round's when there are several."""
+        sign, values = ("+" if unit else ""), figures[key]
+        text = f"{summary[key]:{sign}.{2 if unit else 3}f}{unit}"
+        if len(values) > 1:
+            text += " (median of " + ", ".join(f"{v:{sign}g}" for v in values) + ")"
+        return text
+
+    print(f"  throughput ratio at 32 (Serve batching / uvicorn + PyTorch): {said('throughput_ratio_c32')}")
+    print(f"  p50 difference at 1 (Serve batching - uvicorn + PyTorch):   {said('p50_diff_ms_c1', ' ms')}")
     print(
         "  throughput ratio at 32 (Serve batching / uvicorn + ONNX Runtime): "
-        f"{summary['throughput_ratio_c32_vs_onnxruntime']:.3f}"
+        f"{said('throughput_ratio_c32_vs_onnxruntime')}"
     )
-    print(f"  shadow rollout at 32 (shadow / off): {summary['shadow_throughput_ratio_c32']:.3f}")
-    print(f"  shadow rollout p50 at 1 (shadow - off): {summary['shadow_p50_diff_ms_c1']:+.2f} ms")
+    print(f"  shadow rollout at 32 (shadow / off): {said('shadow_throughput_ratio_c32')}")
+    print(f"  shadow rollout p50 at 1 (shadow - off): {said('shadow_p50_diff_ms_c1', ' ms')}")
     print(
-        f"  prediction log at 32 (logged / off): {summary['log_throughput_ratio_c32']:.3f}; p50 at 1: "
-        f"{summary['log_p50_diff_ms_c1']:+.2f} ms; {summary['log_rows']} rows for {summary['log_requests_ok']} answers (warm-ups included)"
+        f"  prediction log at 32 (logged / off): {said('log_throughput_ratio_c32')}; p50 at 1: "
+        f"{said('log_p50_diff_ms_c1', ' ms')}; {summary['log_rows']} rows for {summary['log_requests_ok']} "
+        "answers (warm-ups included)"
     )
 
 
