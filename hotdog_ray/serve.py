@@ -66,8 +66,8 @@ def haproxy_threads(cpus: int) -> int:
 def set_serve_env(s: ServeSettings, drain_s: float) -> None:
     """Serve's switches that the processes Ray starts read from their environment, so set before Ray
     starts (a value already exported wins): the HAProxy ingress, its threads and per-request metrics,
-    the throughput mode, and how long a leaving replica drains (Ray's 30 s are for outside load balancers; here the only one is Serve's
-    own HAProxy, and Ctrl-C would wait them out)."""
+    the throughput mode, and how long a leaving replica drains (Ray's 30 s are for outside load
+    balancers; here the only one is Serve's own HAProxy, and Ctrl-C would wait them out)."""
     os.environ.setdefault(HAPROXY_ENV, "1" if s.haproxy else "0")
     os.environ.setdefault(THROUGHPUT_ENV, "1" if s.throughput_optimized else "0")
     os.environ.setdefault(DRAIN_ENV, f"{drain_s:g}")
