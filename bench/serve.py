@@ -239,27 +239,26 @@ def main() -> None:
 
     base, fast = (mean_of(results[f"{name} (before)"], results[f"{name} (after)"]) for name, _ in baselines)
 
-    def per_round(row: str, versus: str | dict, what: str) -> list[float]:
-        """``row`` against ``versus`` (a row of the same round, or a baseline) in every round:
-        the throughput ratio at 32 (``rps``) or the p50 difference at 1 (``p50``)."""
-        out = []
-        for rd in rounds:
-            other = rd[versus] if isinstance(versus, str) else versus
-            if what == "rps":
-                out.append(round(rd[row][32]["rps"] / other[32]["rps"], 3))
-            else:
-                out.append(round(rd[row][1]["p50_ms"] - other[1]["p50_ms"], 2))
-        return out
+    def other(rd: dict, versus: str | dict) -> dict:
+        return rd[versus] if isinstance(versus, str) else versus  # a row of the round, or a baseline
+
+    def ratios(row: str, versus: str | dict) -> list[float]:
+        """``row``'s throughput at 32 over ``versus``'s, in every round."""
+        return [round(rd[row][32]["rps"] / other(rd, versus)[32]["rps"], 3) for rd in rounds]
+
+    def p50_diffs(row: str, versus: str | dict) -> list[float]:
+        """``row``'s p50 at 1 less ``versus``'s, in every round."""
+        return [round(rd[row][1]["p50_ms"] - other(rd, versus)[1]["p50_ms"], 2) for rd in rounds]
 
     serve_row, shadow_row, log_row = "Ray Serve, batching", "Ray Serve, shadow", "Ray Serve, prediction log"
     figures = {
-        "throughput_ratio_c32": per_round(serve_row, base, "rps"),
-        "p50_diff_ms_c1": per_round(serve_row, base, "p50"),
-        "throughput_ratio_c32_vs_onnxruntime": per_round(serve_row, fast, "rps"),
-        "shadow_throughput_ratio_c32": per_round(shadow_row, serve_row, "rps"),
-        "shadow_p50_diff_ms_c1": per_round(shadow_row, serve_row, "p50"),
-        "log_throughput_ratio_c32": per_round(log_row, serve_row, "rps"),
-        "log_p50_diff_ms_c1": per_round(log_row, serve_row, "p50"),
+        "throughput_ratio_c32": ratios(serve_row, base),
+        "p50_diff_ms_c1": p50_diffs(serve_row, base),
+        "throughput_ratio_c32_vs_onnxruntime": ratios(serve_row, fast),
+        "shadow_throughput_ratio_c32": ratios(shadow_row, serve_row),
+        "shadow_p50_diff_ms_c1": p50_diffs(shadow_row, serve_row),
+        "log_throughput_ratio_c32": ratios(log_row, serve_row),
+        "log_p50_diff_ms_c1": p50_diffs(log_row, serve_row),
     }
     for i, rd in enumerate(rounds):  # every round's rows in the table
         for name, r in rd.items():

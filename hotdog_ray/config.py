@@ -370,7 +370,7 @@ class ServeSettings(_Section):
         None,
         ge=1,
         description="HAProxy's threads (RAY_SERVE_HAPROXY_NBTHREAD); unset: a quarter of the node's cores, "
-        "at least 1 and at most Ray's default of 4 (4 threads on 2 cores cost the replicas CPU for no gain)",
+        "at least 1 and at most Ray's default of 4 (on 2 cores, 4 threads cost HAProxy more CPU a request)",
     )
     haproxy_request_metrics: bool = Field(
         False,

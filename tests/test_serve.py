@@ -127,6 +127,10 @@ def listener(port: int, timeout: float = 10) -> str:
     return proc.info["name"] if proc else ""
 
 
+def test_haproxy_gets_a_quarter_of_the_cores_from_one_to_four_threads():
+    assert [haproxy_threads(n) for n in (1, 2, 7, 8, 12, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
+
+
 def test_http_enters_through_haproxy(app):
     """The port is HAProxy's (``serve.haproxy``), not Serve's Python proxy, and it reaches the replica;
     HAProxy runs the threads ``serve.haproxy_threads`` gives and sends no per-request metrics line."""
