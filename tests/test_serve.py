@@ -543,16 +543,82 @@ def test_shadow_and_canary_rollouts_and_the_promotion_gate(app, tmp_path, capsys
             serve.delete(mode)
 
 
+def test_batcher_takes_what_queued_while_a_batch_ran_one_batch_at_a_time():
+    """Concurrent calls are grouped: the first batch starts at once, the next takes every call
+    queued meanwhile up to max_size; never two batches at once; each caller gets its own result,
+    a failed batch's error reaches each of its callers, and a caller that left is not run."""
+    import asyncio
+
+    from hotdog_ray.serve import MicroBatcher
+
+    batches, running = [], []
+
+    async def run(items):
+        running.append(1)
+        assert len(running) == 1, "two batches ran at once"
+        batches.append(list(items))
+        await asyncio.sleep(0.01)
+        running.pop()
+        if "bad" in items:
+            raise ValueError("the model failed")
+        return [f"answer {item}" for item in items]
+
+    async def main():
+        batcher = MicroBatcher(run, max_size=3)
+        first = asyncio.ensure_future(batcher(0))
+        await asyncio.sleep(0)  # the first batch starts alone
+        calls = [asyncio.ensure_future(batcher(i)) for i in range(1, 6)]
+        gone = asyncio.ensure_future(batcher("gone"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        answers = await asyncio.gather(first, *calls)
+        with pytest.raises(ValueError, match="the model failed"):
+            await asyncio.gather(batcher("bad"), batcher(7))
+        return answers
+
+    answers = asyncio.run(main())
+    assert answers == [f"answer {i}" for i in range(6)]
+    assert batches == [[0], [1, 2, 3], [4, 5], ["bad", 7]]
+
+
+def test_batcher_waits_to_fill_a_batch_only_when_told():
+    """With wait_s, a batch that is not full waits for more (and a full one does not)."""
+    import asyncio
+
+    from hotdog_ray.serve import MicroBatcher
+
+    batches = []
+
+    async def run(items):
+        batches.append(list(items))
+        return items
+
+    async def main(wait_s):
+        batcher = MicroBatcher(run, max_size=4, wait_s=wait_s)
+        calls = [asyncio.ensure_future(batcher(0))]
+        await asyncio.sleep(0.02)
+        calls += [asyncio.ensure_future(batcher(i)) for i in range(1, 6)]
+        t0 = time.perf_counter()
+        await asyncio.gather(*calls)
+        return time.perf_counter() - t0
+
+    asyncio.run(main(wait_s=0))
+    assert batches == [[0], [1, 2, 3, 4], [5]]
+    batches.clear()
+    asyncio.run(main(wait_s=0.2))
+    assert batches == [[0, 1, 2, 3], [4, 5]]
+
+
 def test_shadow_work_runs_one_challenger_batch_at_a_time_per_replica():
     """Queued shadow work drains in batches of at most serve.max_batch_size, one at a time, each
     batch one champion-challenger pair; every queued image is scored once."""
     import asyncio
     from types import SimpleNamespace
 
-    from hotdog_ray.serve import HotdogReplica, Shadow
+    from hotdog_ray.serve import HotdogReplica, MicroBatcher, Shadow
 
-    # No Serve and no model: the replica's queue and its drain, with the challenger pass recorded.
-    replica = SimpleNamespace(cfg=load_config(None, ["serve.max_batch_size=4"]), _shadow_queue=[])
+    # No Serve and no model: the replica's shadow batches, with the challenger pass recorded.
+    replica = SimpleNamespace()
     calls, running = [], []
 
     async def shadow(champion, jobs):
@@ -568,6 +634,7 @@ def test_shadow_work_runs_one_challenger_batch_at_a_time_per_replica():
     shadows = [Shadow(challengers[0], None), Shadow(challengers[1], None)]
 
     async def main():
+        queue = MicroBatcher(lambda jobs: HotdogReplica._shadow_batch(replica, jobs), max_size=4)
         # Three batches' worth arrives while the first challenger batch runs; a reload swaps the
         # challenger (b) and then the champion (champion-2) along the way.
         jobs = [(champions[0], shadows[0], np.array([i]), None) for i in range(6)]
@@ -575,15 +642,15 @@ def test_shadow_work_runs_one_challenger_batch_at_a_time_per_replica():
             (champions[0], shadows[1], np.array([6]), None),
             (champions[1], shadows[1], np.array([7]), None),
         ]
-        replica._shadow_queue += jobs[:2]
-        worker = asyncio.create_task(HotdogReplica._drain_shadows(replica))
+        for job in jobs[:2]:
+            queue.offer(job)
         await asyncio.sleep(0)
-        replica._shadow_queue += jobs[2:]
-        await worker
+        for job in jobs[2:]:
+            queue.offer(job)
+        await queue.drained()
 
     asyncio.run(main())
     assert sorted(i for _, _, images in calls for i in images) == list(range(8))
-    assert all(len(images) <= 4 for _, _, images in calls)
     assert all(len({id(c) for c in chall}) == 1 for _, chall, _ in calls)  # one challenger a batch
     assert calls[0][2] == [0, 1]  # the first batch did not wait for more
     assert calls[1][2] == [2, 3, 4, 5]  # the next took what queued meanwhile, up to the limit
@@ -592,7 +659,6 @@ def test_shadow_work_runs_one_challenger_batch_at_a_time_per_replica():
         ("champion-1", "b"),
         ("champion-2", "b"),
     ]
-    assert not replica._shadow_queue
 
 
 def rollout_args(cfg) -> list[str]:
