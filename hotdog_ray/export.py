@@ -24,16 +24,15 @@ import torch
 
 from hotdog_ray.images import to_model_input
 from hotdog_ray.models import probabilities
+from hotdog_ray.onnxrt import INPUT_NAME, OUTPUT_NAME, onnx_session, run_onnx
 
 if TYPE_CHECKING:
     import mlflow
-    import onnxruntime
     import pandas
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 TOLERANCE = 1e-4  # max abs difference of a probability, ONNX Runtime against PyTorch
 CHECK_BATCH = 4
 ONNX_TAG = "onnx"  # on the run and the version: "exported" or "failed: <reason>"
@@ -85,7 +84,7 @@ def export_onnx(model: torch.nn.Module, meta: dict[str, Any], *, tolerance: floa
         data = _export(graph, images)
         _check_graph(data)
         session = onnx_session(data, threads=1)
-        got = session.run(None, {INPUT_NAME: images})[0]
+        got = run_onnx(session, images)
     except Exception as exc:  # noqa: BLE001 - any exporter or runtime failure means: ship without ONNX
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         log.warning("ONNX export of %s failed, registering without it: %s", meta["name"], reason)
@@ -122,20 +121,6 @@ def _check_graph(data: bytes) -> None:
     import onnx
 
     onnx.checker.check_model(onnx.load_from_string(data))
-
-
-def onnx_session(
-    data: bytes, *, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)
-) -> "onnxruntime.InferenceSession":
-    """An ONNX Runtime session over ``data``; ``threads`` caps its intra-op threads (None: one per core)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise
-    return ort.InferenceSession(data, options, providers=list(providers))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ class Predictor:
         log.info("%s runs on %s (%s)", bundle.meta["name"], self.runtime, self.device)
 
     def _session(self, threads: int | None = None):
-        from hotdog_ray.export import onnx_session
+        from hotdog_ray.onnxrt import onnx_session
 
         providers = GPU_PROVIDERS if self.device.type == "cuda" else ("CPUExecutionProvider",)
         return onnx_session(self.bundle.onnx, threads=threads, providers=providers)
@@ -225,9 +225,9 @@ class Predictor:
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
         if self.runtime == ONNXRUNTIME:
-            from hotdog_ray.export import INPUT_NAME
+            from hotdog_ray.onnxrt import run_onnx
 
-            return self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images, np.uint8)})[0]
+            return run_onnx(self.session, images)
         # np.require copies only what PIL left read-only (torch wants writable memory)
         x = to_model_input(
             torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device),

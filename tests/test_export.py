@@ -22,8 +22,9 @@ import torch
 from hotdog_ray import registry, tracking
 from hotdog_ray.bundle import ModelBundle, model_meta, save_bundle
 from hotdog_ray.errors import ModelError
-from hotdog_ray.export import TOLERANCE, check_batch, export_onnx, onnx_session, probability_column
+from hotdog_ray.export import TOLERANCE, check_batch, export_onnx, probability_column
 from hotdog_ray.models import build_model
+from hotdog_ray.onnxrt import onnx_session
 from hotdog_ray.predict import Predictor, choose_runtime
 from hotdog_ray.promote import force
 from tests.helpers import free_port, register_model, stop_command, tiny_model, tiny_model_config

@@ -166,6 +166,57 @@ def check(table, files: dict[str, bytes], predictor: Predictor) -> None:
             assert row["model_version"] == "1" and row["model_name"] == "hotdog-classifier"
 
 
+# Runs in a fresh interpreter: does the scoring actor's code import PyTorch?
+ACTOR = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from hotdog_ray.score import Scorer
+
+folder = Path(sys.argv[1])
+meta = json.loads((folder / "meta.json").read_text())
+actor = Scorer(meta, {}, (folder / "model.onnx").read_bytes(), ("hotdog-classifier", "1"), "run", "cpu",
+               "onnxruntime", 1)
+images = np.load(folder / "images.npy")
+n = len(images)  # the last one marked undecodable
+errors, paths = np.array([""] * (n - 1) + ["bad"], object), np.array([str(i) for i in range(n)], object)
+table = actor({"image": images, "error": errors, "path": paths})
+probs = [None if p is None else dict(p) for p in table["probabilities"].to_pylist()]
+print(json.dumps({"torch": "torch" in sys.modules, "probabilities": probs, "error": table["error"].to_pylist()}))
+"""
+
+
+def test_a_cpu_scoring_actor_runs_the_onnx_graph_without_importing_pytorch(scoring, tmp_path):
+    """On the CPU with ONNX Runtime the actor needs neither PyTorch nor the weights, and answers as
+    the predictor does (the failed row keeps its error)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    cfg, _ = scoring
+    predictor = Predictor.from_config(cfg, device="cpu")  # the registered version, with its ONNX graph
+    assert predictor.runtime == "onnxruntime"
+    images = np.stack(
+        [predictor.preprocess(encode(LEVELS[c], "RGB", "JPEG", (20, 20), seed=3)) for c in CLASSES]
+    )
+    images = np.concatenate([images, np.zeros_like(images[:1])])  # a third row, marked undecodable
+    (tmp_path / "meta.json").write_text(json.dumps(predictor.bundle.meta))
+    (tmp_path / "model.onnx").write_bytes(predictor.bundle.onnx)
+    np.save(tmp_path / "images.npy", images)
+    out = subprocess.run(
+        [sys.executable, "-c", ACTOR, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["torch"] is False
+    n = len(CLASSES)
+    assert got["error"] == [None] * n + ["bad"] and got["probabilities"][n] is None
+    expected = predictor.predict_arrays(images[:n])
+    for row, want in zip(got["probabilities"][:n], expected, strict=True):
+        assert [row[c] for c in predictor.classes] == pytest.approx(want.tolist(), abs=1e-6)
+
+
 def test_every_file_gets_one_row_and_a_rerun_replaces_the_partition(ray_session, scoring, tmp_path):
     cfg, predictor = scoring
     files = write_inputs(tmp_path / "incoming" / "2026-11-23")
