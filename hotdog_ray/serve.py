@@ -1,9 +1,8 @@
 """Online predictions: a FastAPI app, served by Ray Serve with dynamic batching and hot reload.
 
 The HTTP routes (:data:`router`) and the model holder (:class:`ModelService`) know nothing of
-Ray: a route reaches the model through FastAPI dependencies that read the app's state, which
-:func:`create_api` fills, so the same routes also run in one plain uvicorn process
-(``bench/serve.py``'s baseline). :class:`HotdogReplica` is the Serve ingress; :func:`build_app`
+Ray: a route reaches the model through the app's state, which :func:`create_api` fills, so the
+same routes also run in one plain uvicorn process (``bench/serve.py``'s baseline). :class:`HotdogReplica` is the Serve ingress; :func:`build_app`
 is the Serve application builder used by ``hotdog serve`` and ``serving/serve_config.yaml``.
 Ray Serve is imported at module level: this module only runs where a server runs.
 
@@ -33,8 +32,9 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
 from ray import serve
 
@@ -76,8 +76,9 @@ def set_serve_env(s: ServeSettings, drain_s: float) -> None:
     os.environ.setdefault(HAPROXY_METRICS_ENV, "1" if s.haproxy_request_metrics else "0")
 
 
-# Reads the Authorization header and declares the scheme in the OpenAPI; require_key decides.
+# The API key scheme, as the OpenAPI schema declares it (create_api), and the routes that need it.
 BEARER = HTTPBearer(auto_error=False, description="an API key of serve.api_keys_env, when it is set")
+SECURED = {"security": [{"HTTPBearer": []}]}
 
 # Content types a client may post an image as, besides multipart/form-data.
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -280,12 +281,9 @@ async def http_error(request: Request, exc: HTTPError) -> JSONResponse:
     return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=headers)
 
 
-# The dependencies are coroutines: FastAPI runs a plain function dependency in its thread pool, a
-# thread hop per dependency per request (a tenth of a replica's time at 120 px, py-spy).
-async def current_service(request: Request) -> ModelService:
-    return request.app.state.service
-
-
+# The routes take the model and check the key in their own code, not through FastAPI dependencies:
+# solving those was a sixth of a replica's event loop under load at 120 px (py-spy), for what two
+# attribute reads and a header do.
 def settings(request: Request) -> ServeSettings:
     return request.app.state.settings
 
@@ -310,25 +308,33 @@ def key_matches(given: str, keys: list[bytes]) -> bool:
     return sum(hmac.compare_digest(candidate, k) for k in keys) > 0
 
 
-async def require_key(
-    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(BEARER)
-) -> None:
+def check_key(request: Request) -> None:
     """401 with a reason unless the request carries one of the app's keys (when it has any)."""
     keys = request.app.state.api_keys
     if keys is None:
         return
-    if credentials is None or credentials.scheme.lower() != "bearer":
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    given = given.strip()
+    if scheme.lower() != "bearer" or not given:
         raise HTTPError(401, "this endpoint needs an API key: send `Authorization: Bearer <key>`")
-    if not key_matches(credentials.credentials, keys):
+    if not key_matches(given, keys):
         raise HTTPError(401, "the API key is not valid")
 
 
-async def loaded_predictor(service: ModelService = Depends(current_service)) -> Predictor:
-    """The model to answer with; a request keeps it even if a reload swaps in another meanwhile."""
+async def require_key(request: Request) -> None:
+    """:func:`check_key` as a dependency, for a route whose body FastAPI validates (a request
+    without a key gets 401 before any 422 about its body)."""
+    check_key(request)
+
+
+def loaded(request: Request) -> tuple[ModelService, Predictor]:
+    """The model service and the model to answer with; a request keeps that model even if a
+    reload swaps in another meanwhile."""
+    service: ModelService = request.app.state.service
     predictor = service.predictor
     if predictor is None:
         raise HTTPError(503, f"no model loaded yet ({service.last_error or 'loading'})")
-    return predictor
+    return service, predictor
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -591,14 +597,16 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Readiness: a model is loaded")
-async def readyz(service: ModelService = Depends(current_service)) -> JSONResponse:
+async def readyz(request: Request) -> JSONResponse:
+    service = request.app.state.service
     if service.predictor is None:
         return JSONResponse({"ready": False, "error": service.last_error}, status_code=503)
     return JSONResponse({"ready": True, "model": model_of(service.predictor)})
 
 
 @router.get("/rollout", summary="This replica's champion against the challenger (serve.rollout)")
-async def rollout(service: ModelService = Depends(current_service)) -> dict[str, Any]:
+async def rollout(request: Request) -> dict[str, Any]:
+    service = request.app.state.service
     return {
         "mode": service.cfg.serve.rollout,
         "champion": service.key,
@@ -609,24 +617,20 @@ async def rollout(service: ModelService = Depends(current_service)) -> dict[str,
 
 
 @router.get("/model", summary="The model being served: name, version, classes, input, training metrics")
-async def model(
-    service: ModelService = Depends(current_service), _loaded: Predictor = Depends(loaded_predictor)
-) -> dict[str, Any]:
+async def model(request: Request) -> dict[str, Any]:
+    service, _ = loaded(request)
     return service.info()
 
 
 @router.post(
     "/predict",
-    dependencies=[Depends(require_key)],
     summary="Classify one image (multipart file field, or the raw image as the body)",
-    openapi_extra=body_doc("file", many=False),
+    openapi_extra={**body_doc("file", many=False), **SECURED},
     responses={**PREDICTION, **ERRORS},
 )
-async def predict(
-    request: Request,
-    service: ModelService = Depends(current_service),
-    predictor: Predictor = Depends(loaded_predictor),
-) -> JSONResponse:
+async def predict(request: Request) -> JSONResponse:
+    check_key(request)
+    service, predictor = loaded(request)
     s, (rid, headers) = settings(request), request_id_of(request)
     request.state.request_id = rid  # the shadow's row in the prediction log names it too
     if s.rollout == "off" or service.challenger is None:
@@ -692,12 +696,13 @@ def rollout_work(service: ModelService, role: str) -> Callable[..., Awaitable[di
 
 @router.post(
     "/predict/batch",
-    dependencies=[Depends(require_key)],
     summary="Classify several images (multipart); one result or error per image",
-    openapi_extra=body_doc("files", many=True),
+    openapi_extra={**body_doc("files", many=True), **SECURED},
     responses={**BATCH, **ERRORS},
 )
-async def predict_batch(request: Request, predictor: Predictor = Depends(loaded_predictor)) -> JSONResponse:
+async def predict_batch(request: Request) -> JSONResponse:
+    check_key(request)
+    _, predictor = loaded(request)
     rid, headers = request_id_of(request)
     files = await images_of(request, settings(request).max_images_per_request)
     model = model_of(predictor)
@@ -719,12 +724,13 @@ async def predict_batch(request: Request, predictor: Predictor = Depends(loaded_
 
 @router.post(
     "/explain",
-    dependencies=[Depends(require_key)],
     summary="Classify one image and show where the model looked (Grad-CAM PNG overlay)",
-    openapi_extra=body_doc("file", many=False),
+    openapi_extra={**body_doc("file", many=False), **SECURED},
     responses={**EXPLANATION, **ERRORS},
 )
-async def explain(request: Request, predictor: Predictor = Depends(loaded_predictor)) -> JSONResponse:
+async def explain(request: Request) -> JSONResponse:
+    check_key(request)
+    _, predictor = loaded(request)
     return JSONResponse(await on_one_image(request, predictor, explain_one))
 
 
@@ -783,6 +789,7 @@ class FeedbackIn(BaseModel):
 @router.post(
     "/feedback",
     dependencies=[Depends(require_key)],
+    openapi_extra=SECURED,
     status_code=202,
     summary="The true label of an answered image (stored beside the prediction log)",
     responses={
@@ -855,6 +862,9 @@ def create_api(service: ModelService, cfg: ServeSettings, infer: Infer) -> FastA
             schema = _with_limits(build_schema(), limits)
             if app.state.api_keys is None:  # open: the schema must not ask for a key
                 _drop_security(schema)
+            else:
+                schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+                schemes["HTTPBearer"] = jsonable_encoder(BEARER.model, by_alias=True, exclude_none=True)
             if feedback_log is None:  # off: nothing there to describe
                 schema["paths"].pop("/feedback", None)
             app.openapi_schema = schema

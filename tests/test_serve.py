@@ -451,7 +451,9 @@ def test_api_keys_close_the_prediction_endpoints_and_leave_the_probes_open(app):
         for probe in ("/healthz", "/readyz"):
             assert requests.get(url + probe, timeout=10).status_code == 200
         spec = requests.get(url + "/openapi.json", timeout=10).json()
-        assert spec["paths"]["/predict"]["post"]["security"] == [{"HTTPBearer": []}]
+        for path in ("/predict", "/predict/batch", "/explain"):  # /feedback is off here
+            assert spec["paths"][path]["post"]["security"] == [{"HTTPBearer": []}], path
+        assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     finally:
         serve.delete("keyed")
 
