@@ -363,6 +363,12 @@ def step_serve(ctx: Context) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     # Off a GPU the two would be the same CPU replica: measure it once.
     replicas = {"gpu replica": 1.0, "cpu replica": 0.0} if ctx.gpu else {"cpu replica": 0.0}
+    c1, c32 = ctx.sizes.requests
+    # bench/serve.py's measurement for every server here too: loads at 1 and 32 after an uncounted
+    # burst at 32, so that each is measured warm.
+    bench_args = SimpleNamespace(
+        config=None, overrides=ctx.overrides(), requests_c1=c1, requests_c32=c32, settle=min(500, c32)
+    )
     results: dict[str, Any] = {}
     try:
         for name, gpus in replicas.items():
@@ -371,14 +377,13 @@ def step_serve(ctx: Context) -> dict[str, Any]:
             serve.run(deployment(c).bind(c.model_dump(mode="json")), name="gpu-check", route_prefix="/")
             if not wait_ready(url):
                 raise RuntimeError(f"the {name} did not become ready")
-            c1, c32 = ctx.sizes.requests
-            results[name] = {"c1": bench_serve.load(url, 1, c1), "c32": bench_serve.load(url, 32, c32)}
+            measured = bench_serve.measure(url, bench_args)
+            results[name] = {"c1": measured[1], "c32": measured[32]}
             serve.delete("gpu-check")
     finally:
         serve.shutdown()
     # What a user writes without a serving framework, on the same device: one uvicorn process
     # running our handlers with PyTorch (bench/serve.py's baseline).
-    bench_args = SimpleNamespace(config=None, overrides=ctx.overrides(), requests_c1=c1, requests_c32=c32)
     plain = bench_serve.run_baseline(bench_args, cfg.tracking.uri, model_uri, "torch")
     results["uvicorn baseline"] = {"c1": plain[1], "c32": plain[32]}
     errors = sum(r[c]["errors"] for r in results.values() for c in ("c1", "c32"))
