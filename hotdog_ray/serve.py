@@ -2,8 +2,9 @@
 
 The HTTP routes (:data:`router`) and the model holder (:class:`ModelService`) know nothing of
 Ray: a route reaches the model through the app's state, which :func:`create_api` fills, so the
-same routes also run in one plain uvicorn process (``bench/serve.py``'s baseline). :class:`HotdogReplica` is the Serve ingress; :func:`build_app`
-is the Serve application builder used by ``hotdog serve`` and ``serving/serve_config.yaml``.
+same routes also run in one plain uvicorn process (``bench/serve.py``'s baseline).
+:class:`HotdogReplica` is the Serve ingress; :func:`build_app` is the Serve application builder
+used by ``hotdog serve`` and ``serving/serve_config.yaml``.
 Ray Serve is imported at module level: this module only runs where a server runs.
 
 Hot reload: every ``serve.reload_interval_s`` a replica resolves its model reference (the
@@ -106,8 +107,8 @@ class MicroBatcher:
     time. An item queued while a batch runs waits for the next, which takes every item queued
     meanwhile, up to ``max_size``; with ``wait_s`` > 0 a batch that is not full waits up to that
     long for more. What ``@serve.batch`` does, without its per-call costs (a signature inspection
-    per call, a gauge update and a task per wait): a tenth of a replica's event loop under load at
-    120 px (py-spy). ``run`` gets the items and returns one result each; an exception it raises
+    per call, a gauge update and a task per wait): a sixth of a replica's busy event loop under
+    load at 120 px (py-spy). ``run`` gets the items and returns one result each; an exception it raises
     goes to every caller of the batch."""
 
     def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]], max_size: int, wait_s: float = 0.0):
