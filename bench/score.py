@@ -171,7 +171,7 @@ def main() -> None:
         "model": cfg.model.name,
         "image_size": cfg.data.image_size,
         "jpeg_side": args.side,
-        "num_actors": cfg.score.num_actors,
+        "num_actors": summary.actors,
         "cpus_per_actor": cfg.score.cpus_per_actor,
         "batch_size": cfg.score.batch_size,
         "rows": rows,

@@ -447,12 +447,18 @@ class ScoreSettings(_Section):
         False, description="a local output is a disk every node mounts (allowed on a multi-node cluster)"
     )
     batch_size: int = Field(64, ge=1)
-    num_actors: int = Field(1, ge=1, description="model actors (ActorPoolStrategy size)")
+    num_actors: int | None = Field(
+        None,
+        ge=1,
+        description="model actors (ActorPoolStrategy size); unset: as many as the cluster's nodes hold "
+        "beside a decoding task when the job starts, at most one per CPU (GPU actors: per GPU share)",
+    )
     cpus_per_actor: float = Field(
-        1.0,
+        0.5,
         gt=0,
-        description="CPUs each model actor reserves; below 1 lets several actors share the cores "
-        "that decoding tasks also need (keep num_actors x cpus_per_actor under the CPU count)",
+        description="CPUs each model actor reserves; at 0.5, what a decoding task reserves, Ray Data "
+        "runs the reading and decoding inside the actors (keep num_actors x cpus_per_actor under the "
+        "CPU count)",
     )
     gpus_per_actor: float = Field(0.0, ge=0)
 

@@ -178,18 +178,23 @@ def placement_problem(
     return None
 
 
-def check_capacity(count: int, bundle: dict[str, float], data_cpus: float, keys: str) -> None:
-    """Fail in seconds, naming ``keys`` and the numbers, when the cluster's nodes cannot hold
-    ``count`` workers of ``bundle`` and still run data tasks; a job would otherwise hang."""
+def alive_nodes() -> list[dict[str, float]]:
+    """The CPUs and GPUs of each live node of the cluster."""
     import ray
 
-    from hotdog_ray.errors import ConfigError
-
-    nodes = [
+    return [
         {k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU")}
         for n in ray.nodes()
         if n.get("Alive")
     ]
+
+
+def check_capacity(count: int, bundle: dict[str, float], data_cpus: float, keys: str) -> None:
+    """Fail in seconds, naming ``keys`` and the numbers, when the cluster's nodes cannot hold
+    ``count`` workers of ``bundle`` and still run data tasks; a job would otherwise hang."""
+    from hotdog_ray.errors import ConfigError
+
+    nodes = alive_nodes()
     problem = placement_problem(nodes, count, bundle, data_cpus)
     if not problem:
         return

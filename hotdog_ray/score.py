@@ -76,6 +76,7 @@ class ScoreSummary:
     model_version: str | None
     run_id: str
     mlflow_run_id: str | None = None
+    actors: int | None = None  # model actors the run used (score.num_actors, or as many as fitted)
     drift: dict[str, Any] | None = None  # the day against the model's reference (hotdog_ray.drift)
 
 
@@ -262,9 +263,16 @@ def score(
         cfg.tracking, ref
     )  # every actor scores the same version, even if the alias moves
     restore_interrupted_publish(job.out, job.day)
-    log.info("scoring %d files from %s with %s into %s", len(job.paths), job.input, key, job.final.uri)
     init_ray()
-    check_cluster(cfg, job.out.uri)
+    actors = check_cluster(cfg, job.out.uri)
+    log.info(
+        "scoring %d files from %s with %s (%d model actors) into %s",
+        len(job.paths),
+        job.input,
+        key,
+        actors,
+        job.final.uri,
+    )
     t0 = time.perf_counter()
     # Fails here, before any work, if the model is missing (or lacks the ONNX graph asked for).
     predictor = Predictor.from_config(cfg, key, device="cpu", threads=1)
@@ -272,10 +280,11 @@ def score(
         with progress_counter(len(job.paths), cfg.monitor.progress_interval_s, "scored") as counter:
             # Writes take a quarter CPU: at 1 CPU they could not start beside the model actors and
             # the decoding tasks, so every block waited in the object store until the model was done.
-            scoring_dataset(cfg, job, predictor, counter).write_parquet(
+            scoring_dataset(cfg, job, predictor, actors, counter).write_parquet(
                 job.staging.path, filesystem=job.out.fs, ray_remote_args={"num_cpus": WRITE_CPUS}
             )
     summary = _summary(job, predictor, time.perf_counter() - t0)
+    summary.actors = actors
 
     # The MLflow run first, so that the summary beside the Parquet names it.
     with tracking.run(
@@ -351,9 +360,11 @@ def _export_metrics(summary: ScoreSummary) -> None:
         series["hotdog_score_last_success_timestamp_seconds"].set(time.time())
 
 
-def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any, progress: Any = None) -> "ray.data.Dataset":
-    """Read, decode and score ``job.paths``: one output row per input file; each scored batch is
-    reported to the ``progress`` counter actor, if any."""
+def scoring_dataset(
+    cfg: Config, job: ScorePlan, predictor: Any, actors: int, progress: Any = None
+) -> "ray.data.Dataset":
+    """Read, decode and score ``job.paths`` with ``actors`` model actors: one output row per input
+    file; each scored batch is reported to the ``progress`` counter actor, if any."""
     import ray.data
 
     from hotdog_ray.data import read_bytes_dataset
@@ -362,6 +373,9 @@ def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any, progress: Any =
     device = "cuda" if cfg.score.gpus_per_actor else "cpu"
     # Reading and decoding share their resources so that Ray Data fuses them into one task (bytes
     # never cross the object store), and that half a CPU each leaves room beside the model actors.
+    # CPU actors of the same half CPU (the default) take both in too: each actor then reads, decodes
+    # and scores its own blocks, and every core stays busy to the end of the run (with decoding in
+    # separate tasks, it finished first and left the model actor alone on one core; bench/RESULTS.md).
     ds = (
         read_bytes_dataset(job.paths, job.fs, cfg.data.files_per_task, num_cpus=DECODE_CPUS)
         .map_batches(
@@ -388,7 +402,7 @@ def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any, progress: Any =
                 "threads": cpu_threads(cfg.score.cpus_per_actor),
                 "progress": progress,
             },
-            compute=ray.data.ActorPoolStrategy(size=cfg.score.num_actors),
+            compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=cfg.score.batch_size,
             num_cpus=cfg.score.cpus_per_actor,
             num_gpus=cfg.score.gpus_per_actor or None,
@@ -423,22 +437,40 @@ def _summary(job: ScorePlan, predictor: Any, seconds: float) -> ScoreSummary:
     )
 
 
-def check_cluster(cfg: Config, output: str) -> None:
-    """Fail in seconds when the model actors would leave no CPU for the decoding tasks (the job would
-    stall for good), or when actors on several nodes would write the output to local disks."""
-    from hotdog_ray.runtime import check_capacity, check_shared_store
+def auto_actors(nodes: list[dict[str, float]], actor: dict[str, float]) -> int:
+    """How many model actors of ``actor`` to run on ``nodes`` when ``score.num_actors`` is unset
+    (pure): as many as fit beside a decoding task, at most one per CPU (one per GPU share for GPU
+    actors), and at least one (an autoscaling cluster may have no worker node yet)."""
+    from hotdog_ray.runtime import placement_problem
+
+    if actor.get("GPU"):
+        count = sum(int(n.get("GPU", 0.0) / actor["GPU"] + 1e-9) for n in nodes)
+    else:
+        count = sum(int(n.get("CPU", 0.0) + 1e-9) for n in nodes)
+    while count > 1 and placement_problem(nodes, count, actor, DECODE_CPUS):
+        count -= 1
+    return max(count, 1)
+
+
+def check_cluster(cfg: Config, output: str) -> int:
+    """The number of model actors to run (``score.num_actors``, else :func:`auto_actors`); fails in
+    seconds when they would leave no CPU for the decoding tasks (the job would stall for good), or
+    when actors on several nodes would write the output to local disks."""
+    from hotdog_ray.runtime import alive_nodes, check_capacity, check_shared_store
 
     actor = {
         "CPU": cfg.score.cpus_per_actor,
         **({"GPU": cfg.score.gpus_per_actor} if cfg.score.gpus_per_actor else {}),
     }
+    count = cfg.score.num_actors or auto_actors(alive_nodes(), actor)
     check_capacity(
-        cfg.score.num_actors,
+        count,
         actor,
         data_cpus=DECODE_CPUS,
         keys="score.num_actors or score.cpus_per_actor (score.gpus_per_actor)",
     )
     check_shared_store(output, "score.output", cfg.score.shared_output, "score.shared_output")
+    return count
 
 
 def _clean_stale_staging(out, day: dt.date) -> None:

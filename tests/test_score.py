@@ -360,3 +360,18 @@ def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(
     assert table.num_rows == len(names) and set(table["run_id"].to_pylist()) == {third_run}
     assert sorted(Path(p).name for p in table["path"].to_pylist()) == names
     assert not (out / "_staging").exists()
+
+
+def test_unset_num_actors_runs_as_many_actors_as_fit_beside_decoding_at_most_one_per_cpu():
+    from hotdog_ray.score import auto_actors
+
+    half, whole = {"CPU": 0.5}, {"CPU": 1.0}
+    assert auto_actors([{"CPU": 2.0}], half) == 2  # one per core, half a CPU each left over
+    assert auto_actors([{"CPU": 2.0}], whole) == 1  # a second would leave decoding no CPU
+    assert auto_actors([{"CPU": 16.0}, {"CPU": 8.0}], half) == 24
+    assert auto_actors([{"CPU": 4.0}, {"CPU": 4.0}], {"CPU": 2.0}) == 3  # room for decoding on one node
+    gpu = {"CPU": 0.5, "GPU": 1.0}
+    assert auto_actors([{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0}], gpu) == 2
+    assert auto_actors([{"CPU": 8.0, "GPU": 4.0}], {"CPU": 0.5, "GPU": 0.5}) == 8
+    assert auto_actors([{"CPU": 4.0}], gpu) == 1  # no GPU node yet: one actor, as the autoscaler is asked
+    assert auto_actors([], half) == 1
