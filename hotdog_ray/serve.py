@@ -163,6 +163,34 @@ class MicroBatcher:
                     future.set_result(results[i])
 
 
+class PassRunner:
+    """Runs a batch's decoding and forward pass in a worker thread, or, for a lone image whose last
+    lone pass took at most ``inline_max_s``, on the event loop itself.
+
+    At low load a request is a lone batch, and the hop to a worker thread and back (a thread wake-up
+    each way, and the GIL passed between two busy threads) cost 0.4-1.1 ms of p50 at concurrency 1
+    and 0.3-1.0 ms of replica CPU a request on 2 cores (bench/RESULTS.md). Blocking the loop that
+    long is harmless: requests arriving meanwhile would wait for the next batch anyway. A model or an
+    image whose pass takes longer goes back to the thread (the first lone pass always runs there, to
+    be timed), so the loop stays free for health checks and uploads.
+    """
+
+    def __init__(self, inline_max_s: float = 0.005) -> None:
+        self.inline_max_s = inline_max_s
+        self.lone_s = float("inf")  # the last lone pass, hop included when it ran in a thread
+
+    async def __call__(self, fn: Callable[[Any], Any], arg: Any, *, lone: bool) -> Any:
+        if not lone:
+            return await asyncio.to_thread(fn, arg)
+        t0 = time.perf_counter()
+        try:
+            if self.lone_s <= self.inline_max_s:
+                return fn(arg)
+            return await asyncio.to_thread(fn, arg)
+        finally:
+            self.lone_s = time.perf_counter() - t0
+
+
 class ModelService:
     """The model one server process answers with, and the switch to a newer one."""
 
@@ -892,6 +920,7 @@ class HotdogReplica:
         self.cfg = from_dict(raw_config)
         s = self.cfg.serve
         self._batcher = MicroBatcher(self.infer_batch, s.max_batch_size, s.batch_wait_timeout_s)
+        self._passes = PassRunner()
         # Shadow work: one challenger batch at a time per replica (see _shadow_batch).
         self._shadows = MicroBatcher(self._shadow_batch, s.max_batch_size)
         self.service = ModelService(self.cfg)
@@ -949,8 +978,8 @@ class HotdogReplica:
     async def infer(self, predictor: Predictor, data: bytes, shadow: Shadow | None = None) -> np.ndarray:
         return one_result(await self._batcher((predictor, data, shadow)))
 
-    # Decoding and the forward pass run together, one worker thread hop per batch: a hop per request
-    # for decoding cost as much as decoding a small photo.
+    # Decoding and the forward pass run together, one worker thread hop per batch (none for a cheap
+    # lone image, see PassRunner): a hop per request for decoding cost as much as decoding a small photo.
     async def infer_batch(
         self, items: list[tuple[Predictor, bytes, Shadow | None]]
     ) -> list[np.ndarray | ImageError]:
@@ -962,8 +991,8 @@ class HotdogReplica:
             groups.setdefault(id(predictor), []).append(i)
         for idx in groups.values():
             predictor = items[idx[0]][0]
-            results, inputs = await asyncio.to_thread(
-                predictor.decode_and_predict, [items[i][1] for i in idx]
+            results, inputs = await self._passes(
+                predictor.decode_and_predict, [items[i][1] for i in idx], lone=len(items) == 1
             )
             for i, result in zip(idx, results):
                 out[i] = result

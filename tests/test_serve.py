@@ -609,6 +609,32 @@ def test_batcher_waits_to_fill_a_batch_only_when_told():
     assert batches == [[0, 1, 2, 3], [4, 5]]
 
 
+def test_a_cheap_lone_pass_runs_on_the_event_loop_and_anything_else_in_a_thread():
+    """The first lone pass runs in a worker thread and is timed; a lone pass after a fast one runs
+    on the loop; a batch of several always runs in a thread; a slow lone pass sends the next back."""
+    import asyncio
+    import threading
+    import time
+
+    from hotdog_ray.serve import PassRunner
+
+    def where(seconds):
+        time.sleep(seconds)
+        return threading.get_ident()
+
+    async def main():
+        loop_thread = threading.get_ident()
+        runner = PassRunner(inline_max_s=0.05)
+        ran = [await runner(where, 0, lone=True), await runner(where, 0, lone=True)]
+        ran.append(await runner(where, 0, lone=False))
+        ran.append(await runner(where, 0.1, lone=True))  # inline, and too slow to be again
+        ran.append(await runner(where, 0, lone=True))
+        ran.append(await runner(where, 0, lone=True))
+        return [t == loop_thread for t in ran]
+
+    assert asyncio.run(main()) == [False, True, False, True, False, True]
+
+
 def test_shadow_work_runs_one_challenger_batch_at_a_time_per_replica():
     """Queued shadow work drains in batches of at most serve.max_batch_size, one at a time, each
     batch one champion-challenger pair; every queued image is scored once."""
