@@ -170,9 +170,10 @@ class PassRunner:
     At low load a request is a lone batch, and the hop to a worker thread and back (a thread wake-up
     each way, and the GIL passed between two busy threads) cost 0.4-1.1 ms of p50 at concurrency 1
     and 0.3-1.0 ms of replica CPU a request on 2 cores (bench/RESULTS.md). Blocking the loop that
-    long is harmless: requests arriving meanwhile would wait for the next batch anyway. A model or an
-    image whose pass takes longer goes back to the thread (the first lone pass always runs there, to
-    be timed), so the loop stays free for health checks and uploads.
+    long is harmless: requests arriving meanwhile would wait for the next batch anyway. A model whose
+    pass takes longer stays in the thread (the first lone pass always runs there, to be timed), so the
+    loop stays free for health checks and uploads; a photo far larger than the last blocks the loop
+    once, for its own pass, and sends the next lone pass back to the thread.
     """
 
     def __init__(self, inline_max_s: float = 0.005) -> None:
