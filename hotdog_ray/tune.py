@@ -375,7 +375,7 @@ def _sweep_run_id(cfg: Config, name: str) -> str | None:
 def trials_table(cfg: Config, results: Any, sweep_run_id: str) -> list[dict[str, Any]]:
     """One row per planned trial, best first: its values, epochs, best val_loss and what became of it."""
     children = _trial_runs(cfg, sweep_run_id)
-    rows = [_trial_row(result, children, index) for index, result in enumerate(results)]
+    rows = [_trial_row(result, children, index, max_epochs(cfg)) for index, result in enumerate(results)]
     rows.sort(key=lambda r: r["best_val_loss"])
     return rows
 
@@ -419,13 +419,15 @@ def _is_number(value: Any) -> bool:
     return value is not None and value == value  # NaN is the only value unequal to itself
 
 
-def _trial_row(result: Any, children: dict[str, Any], index: int) -> dict[str, Any]:
+def _trial_row(result: Any, children: dict[str, Any], index: int, planned: int) -> dict[str, Any]:
     trial_id = (result.metrics or {}).get("trial_id") or f"unreported-{index}"
     points = epoch_points(result.metrics_dataframe)
     child = children.get(trial_id)
     if result.error is not None:
         status = "error"
-    elif child is not None and child.info.status == "FINISHED":
+    elif (child is not None and child.info.status == "FINISHED") or len(points) >= planned:
+        # A trial that reported every planned epoch finished, even if ASHA's stop at its last rung
+        # ended it before it closed its MLflow run.
         status = "finished"
     else:
         status = "stopped"
