@@ -99,45 +99,6 @@ class Progress:
             log.info("%s", line)
 
 
-@contextlib.contextmanager
-def progress_counter(total: int, interval_s: float, what: str) -> Iterator[Any]:
-    """A counter actor that workers report finished files to (``counter.add.remote(n)``), and a
-    thread in the driver that logs progress from it every ``interval_s``; for Ray Data jobs whose
-    driver only waits (a ``write_parquet``), with the progress bars off as they are in job logs."""
-    import ray
-
-    @ray.remote
-    class Counter:
-        def __init__(self) -> None:
-            self.n = 0
-
-        def add(self, n: int) -> None:
-            self.n += n
-
-        def done(self) -> int:
-            return self.n
-
-    counter = Counter.options(**on_this_node()).remote()
-    progress = Progress(total, interval_s, what)
-    stop = threading.Event()
-
-    def report() -> None:
-        while not stop.wait(min(interval_s, 1.0)):
-            try:
-                progress.update(ray.get(counter.done.remote(), timeout=10))
-            except Exception:  # noqa: BLE001 - progress must never fail the job
-                log.debug("progress counter unavailable", exc_info=True)
-
-    thread = threading.Thread(target=report, name="progress", daemon=True)
-    thread.start()
-    try:
-        yield counter
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        ray.kill(counter)
-
-
 def on_this_node() -> dict[str, Any]:
     """Actor options that keep a job's helper actor (a counter, a log) on the driver's node: it
     lives and dies with the driver, and a worker node going away does not take it along."""

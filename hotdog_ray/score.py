@@ -23,7 +23,7 @@ import numpy as np
 from hotdog_ray import storage
 from hotdog_ray.config import Config
 from hotdog_ray.errors import ScoreError
-from hotdog_ray.runtime import progress_counter
+from hotdog_ray.runtime import Progress
 
 if TYPE_CHECKING:
     import ray.data
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "_summary.json"  # leading underscore: Parquet readers skip it
 DECODE_CPUS = 0.5  # each fused read-and-decode task
-WRITE_CPUS = 0.25  # each Parquet write task
+ROW_GROUP_ROWS = 65_536  # rows the driver gathers before writing a Parquet row group
+ROWS_PER_FILE = 1_048_576  # rows in each Parquet file of a run
 REPLACED = ".replaced"  # suffix, in staging, of a published partition being swapped out
 
 
@@ -123,7 +124,6 @@ class Scorer:
         device: str,
         runtime: str,
         threads: int,
-        progress: Any = None,
     ) -> None:
         if device == "cpu" and runtime == "onnxruntime" and onnx is not None:
             from hotdog_ray.onnxrt import onnx_session, run_onnx
@@ -141,14 +141,12 @@ class Scorer:
             self.forward = Predictor(bundle, device=device, runtime=runtime, threads=threads).predict_arrays
         self.classes = list(meta["classes"])
         self.model_name, self.model_version = model  # as the driver's predictor names them
-        self.run_id, self.progress = run_id, progress
+        self.run_id = run_id
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
 
         classes = self.classes
-        if self.progress is not None:
-            self.progress.add.remote(len(batch["error"]))  # fire and forget: a count, not a result
         errors = [str(e) if e else None for e in batch["error"]]
         ok = np.asarray([e is None for e in errors], bool)
         n, k = len(ok), len(classes)
@@ -277,12 +275,8 @@ def score(
     # Fails here, before any work, if the model is missing (or lacks the ONNX graph asked for).
     predictor = Predictor.from_config(cfg, key, device="cpu", threads=1)
     if job.paths:
-        with progress_counter(len(job.paths), cfg.monitor.progress_interval_s, "scored") as counter:
-            # Writes take a quarter CPU: at 1 CPU they could not start beside the model actors and
-            # the decoding tasks, so every block waited in the object store until the model was done.
-            scoring_dataset(cfg, job, predictor, actors, counter).write_parquet(
-                job.staging.path, filesystem=job.out.fs, ray_remote_args={"num_cpus": WRITE_CPUS}
-            )
+        progress = Progress(len(job.paths), cfg.monitor.progress_interval_s, "scored")
+        write_rows(scoring_dataset(cfg, job, predictor, actors), job, progress)
     summary = _summary(job, predictor, time.perf_counter() - t0)
     summary.actors = actors
 
@@ -360,11 +354,9 @@ def _export_metrics(summary: ScoreSummary) -> None:
         series["hotdog_score_last_success_timestamp_seconds"].set(time.time())
 
 
-def scoring_dataset(
-    cfg: Config, job: ScorePlan, predictor: Any, actors: int, progress: Any = None
-) -> "ray.data.Dataset":
+def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any, actors: int) -> "ray.data.Dataset":
     """Read, decode and score ``job.paths`` with ``actors`` model actors: one output row per input
-    file; each scored batch is reported to the ``progress`` counter actor, if any."""
+    file, as Arrow blocks."""
     import ray.data
 
     from hotdog_ray.data import read_bytes_dataset
@@ -400,7 +392,6 @@ def scoring_dataset(
                 # On the CPU, what the driver's predictor chose; a GPU actor chooses for itself.
                 "runtime": predictor.runtime if device == "cpu" else cfg.predict.runtime,
                 "threads": cpu_threads(cfg.score.cpus_per_actor),
-                "progress": progress,
             },
             compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=cfg.score.batch_size,
@@ -413,6 +404,52 @@ def scoring_dataset(
     # job was markedly slower on photos (bench/RESULTS.md). Memory stays bounded by backpressure.
     ds.context.op_resource_reservation_enabled = False
     return ds
+
+
+def write_rows(ds: "ray.data.Dataset", job: ScorePlan, progress: Progress) -> int:
+    """Write the scored rows into the run's staging folder from the driver, as they arrive; returns
+    the row count and logs progress as it goes.
+
+    A row is a path and a few numbers, so one writer keeps up with any number of model actors.
+    Ray Data's write tasks cost more than the writing: each started a worker process, and an idle
+    one was stopped and another started for the next block (bench/RESULTS.md). Files are named
+    after the run, so that an object store's publish (copy, then delete) never overwrites a file
+    of the run it replaces.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, folder = job.out.fs, job.staging.path
+    fs.create_dir(folder)
+    writer, files, in_file, rows, pending = None, 0, 0, 0, []
+
+    def flush() -> None:
+        nonlocal writer, files, in_file
+        group = pa.concat_tables(pending)
+        pending.clear()
+        if writer is None or in_file >= ROWS_PER_FILE:
+            if writer is not None:
+                writer.close()
+            writer = pq.ParquetWriter(
+                f"{folder}/{job.run_id}_{files:06d}.parquet", group.schema, filesystem=fs
+            )
+            files, in_file = files + 1, 0
+        writer.write_table(group)
+        in_file += group.num_rows
+
+    try:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            pending.append(block)
+            rows += block.num_rows
+            progress.update(rows)
+            if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+                flush()
+        if pending:
+            flush()
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
 
 
 def _summary(job: ScorePlan, predictor: Any, seconds: float) -> ScoreSummary:
