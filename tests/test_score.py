@@ -87,6 +87,41 @@ def test_a_run_killed_while_publishing_locally_loses_nothing(tmp_path):
     assert not restore_interrupted_publish(out, day)  # nothing left to restore
 
 
+def test_the_driver_writes_every_scored_block_into_files_named_after_the_run(tmp_path, monkeypatch):
+    """Blocks are gathered into row groups and rolled into a new file at the size limit; every row
+    lands once, in order, and the progress line counts them as they arrive."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hotdog_ray import score as scoring
+    from hotdog_ray import storage
+    from hotdog_ray.runtime import Progress
+
+    monkeypatch.setattr(scoring, "ROW_GROUP_ROWS", 10)
+    monkeypatch.setattr(scoring, "ROWS_PER_FILE", 25)
+    blocks = [pa.table({"path": [f"f{i}-{j}" for j in range(7)]}) for i in range(9)]  # 63 rows
+
+    class Blocks:
+        def iter_batches(self, **kwargs):
+            assert kwargs == {"batch_size": None, "batch_format": "pyarrow"}
+            return iter(blocks)
+
+    job = scoring.ScorePlan(
+        dt.date(2026, 11, 23), "in", None, [], storage.resolve(str(tmp_path / "out")), "2026-11-23-abc"
+    )
+    progress = Progress(63, 0.0, "scored")
+    assert scoring.write_rows(Blocks(), job, progress) == 63
+
+    files = sorted(Path(job.staging.path).iterdir())
+    assert [f.name for f in files] == [f"2026-11-23-abc_{i:06d}.parquet" for i in range(3)]
+    rows = [pq.read_table(f).num_rows for f in files]
+    assert rows == [28, 28, 7]  # 14-row groups (two blocks reach 10), a new file once 25 are in one
+    assert pa.concat_tables(pq.read_table(f) for f in files)["path"].to_pylist() == [
+        p for b in blocks for p in b["path"].to_pylist()
+    ]
+    assert progress.lines[-1].startswith("scored 63 of 63 files")
+
+
 def test_a_run_killed_while_publishing_to_s3_loses_nothing(s3):
     """S3 has no rename: new files go in before the old ones go, so a crash never leaves rows missing."""
     import pyarrow.fs as pafs
