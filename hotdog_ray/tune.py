@@ -374,26 +374,34 @@ def _sweep_run_id(cfg: Config, name: str) -> str | None:
 
 def trials_table(cfg: Config, results: Any, sweep_run_id: str) -> list[dict[str, Any]]:
     """One row per planned trial, best first: its values, epochs, best val_loss and what became of it."""
-    children = _trial_runs(cfg, sweep_run_id)
+    children = _trial_runs(cfg, sweep_run_id, max_epochs(cfg))
     rows = [_trial_row(result, children, index, max_epochs(cfg)) for index, result in enumerate(results)]
     rows.sort(key=lambda r: r["best_val_loss"])
     return rows
 
 
-def _trial_runs(cfg: Config, sweep_run_id: str) -> dict[str, Any]:
+def _trial_runs(cfg: Config, sweep_run_id: str, planned: int) -> dict[str, Any]:
     """Each trial's MLflow run (a finished one wins over an interrupted attempt).
 
     A trial that ASHA stopped was killed mid-run and an interrupted attempt never ended its run:
-    both are closed here as KILLED.
+    both are closed here as KILLED, unless the run logged every ``planned`` epoch (ASHA's stop at
+    the last rung can end a trial before it closes its run): that one is FINISHED.
     """
+    from mlflow.tracking import MlflowClient
+
     from hotdog_ray import tracking
 
     children: dict[str, Any] = {}
     for child in tracking.child_runs(cfg.tracking, sweep_run_id):
         if child.info.status == "RUNNING":
-            handle = tracking.Run(tracking.tracking_uri(cfg.tracking), child.info.run_id)
-            handle.set_tags({"stopped": "asha or interrupted"})
-            handle.end("KILLED")
+            uri = tracking.tracking_uri(cfg.tracking)
+            steps = {m.step for m in MlflowClient(uri).get_metric_history(child.info.run_id, METRIC)}
+            handle = tracking.Run(uri, child.info.run_id)
+            if len(steps) >= planned:
+                handle.end("FINISHED")
+            else:
+                handle.set_tags({"stopped": "asha or interrupted"})
+                handle.end("KILLED")
         trial = child.data.tags.get(TRIAL_TAG)
         if trial and (trial not in children or child.info.status == "FINISHED"):
             children[trial] = child
