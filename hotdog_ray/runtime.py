@@ -100,7 +100,7 @@ class Progress:
 
 
 def on_this_node() -> dict[str, Any]:
-    """Actor options that keep a job's helper actor (a counter, a log) on the driver's node: it
+    """Actor options that keep a job's helper actor (the skip log) on the driver's node: it
     lives and dies with the driver, and a worker node going away does not take it along."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

@@ -413,20 +413,21 @@ def write_rows(ds: "ray.data.Dataset", job: ScorePlan, progress: Progress) -> in
     A row is a path and a few numbers, so one writer keeps up with any number of model actors.
     Ray Data's write tasks cost more than the writing: in a 10,000-photo run on 2 CPUs they ran in
     13 worker processes started one after another, and starting workers took over a quarter of the
-    run's CPU (bench/RESULTS.md). Files are named after the run, so that an object store's publish (copy,
-    then delete) never overwrites a file of the run it replaces.
+    run's CPU (bench/RESULTS.md). Files are named after the run, so that an object store's publish
+    (copy, then delete) never overwrites a file of the run it replaces.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, folder = job.out.fs, job.staging.path
     fs.create_dir(folder)
-    writer, files, in_file, rows, pending = None, 0, 0, 0, []
+    writer, files, in_file, rows, pending, pending_rows = None, 0, 0, 0, [], 0
 
     def flush() -> None:
-        nonlocal writer, files, in_file
+        nonlocal writer, files, in_file, pending_rows
         group = pa.concat_tables(pending)
         pending.clear()
+        pending_rows = 0
         if writer is None or in_file >= ROWS_PER_FILE:
             if writer is not None:
                 writer.close()
@@ -441,8 +442,9 @@ def write_rows(ds: "ray.data.Dataset", job: ScorePlan, progress: Progress) -> in
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             pending.append(block)
             rows += block.num_rows
+            pending_rows += block.num_rows
             progress.update(rows)
-            if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+            if pending_rows >= ROW_GROUP_ROWS:
                 flush()
         if pending:
             flush()

@@ -374,8 +374,9 @@ def _sweep_run_id(cfg: Config, name: str) -> str | None:
 
 def trials_table(cfg: Config, results: Any, sweep_run_id: str) -> list[dict[str, Any]]:
     """One row per planned trial, best first: its values, epochs, best val_loss and what became of it."""
-    children = _trial_runs(cfg, sweep_run_id, max_epochs(cfg))
-    rows = [_trial_row(result, children, index, max_epochs(cfg)) for index, result in enumerate(results)]
+    planned = max_epochs(cfg)
+    children = _trial_runs(cfg, sweep_run_id, planned)
+    rows = [_trial_row(result, children, index, planned) for index, result in enumerate(results)]
     rows.sort(key=lambda r: r["best_val_loss"])
     return rows
 
@@ -391,10 +392,10 @@ def _trial_runs(cfg: Config, sweep_run_id: str, planned: int) -> dict[str, Any]:
 
     from hotdog_ray import tracking
 
+    uri = tracking.tracking_uri(cfg.tracking)
     children: dict[str, Any] = {}
     for child in tracking.child_runs(cfg.tracking, sweep_run_id):
         if child.info.status == "RUNNING":
-            uri = tracking.tracking_uri(cfg.tracking)
             steps = {m.step for m in MlflowClient(uri).get_metric_history(child.info.run_id, METRIC)}
             handle = tracking.Run(uri, child.info.run_id)
             if len(steps) >= planned:
