@@ -60,6 +60,25 @@ class AugmentSettings(_Section):
         )
 
 
+class CacheSettings(_Section):
+    """The decoded-image cache that training, validation and evaluation read (``hotdog cache``)."""
+
+    root: str | None = Field(
+        None, description="folder of the caches: local path or s3:// URI (None: <train.storage_path>/cache)"
+    )
+    device_share: float = Field(
+        0.5, ge=0, le=0.95, description="a GPU worker holds its shard in GPU memory up to this share of it"
+    )
+    host_share: float = Field(
+        0.25,
+        ge=0,
+        le=0.95,
+        description="else in host memory up to this share of the node's RAM; a larger shard streams "
+        "from the cache files every epoch",
+    )
+    shard_images: int = Field(2048, ge=1, le=1_000_000, description="images per cache file")
+
+
 class DataSettings(_Section):
     """Where the images are and how they become tensors."""
 
@@ -79,6 +98,7 @@ class DataSettings(_Section):
     max_image_pixels: int = Field(
         MAX_PIXELS, ge=1, description="larger images are rejected as decompression bombs"
     )
+    cache: CacheSettings = Field(default_factory=CacheSettings)
 
     @model_validator(mode="after")
     def _one_subset(self) -> "DataSettings":

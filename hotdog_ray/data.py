@@ -48,6 +48,8 @@ class DatasetLayout:
     root: storage.Location
     classes: list[str]
     files: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    # (size, mtime in ns) of every listed file: what tells a decoded cache of them from a stale one.
+    stats: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def splits(self) -> list[str]:
@@ -106,7 +108,9 @@ def discover(
         files: list[tuple[str, int]] = []
         for name in classes:
             if name in class_dirs[split]:
-                files.extend((p, index[name]) for p in storage.list_files(loc.join(split, name)))
+                for path, size, mtime in storage.list_file_stats(loc.join(split, name)):
+                    files.append((path, index[name]))
+                    layout.stats[path] = (size, mtime)
         if not files:
             raise DataError(f"dataset {loc.uri}: split {split!r} has no files")
         labels = {label for _, label in files}
@@ -137,7 +141,7 @@ def decode_batch(
     max_pixels: int,
     transform: Callable | None = None,
     seed: int | None = None,
-    epoch: int | None = None,
+    epoch: int = 0,
     on_skip: Callable[[list[tuple[str, str]]], None] | None = None,
     keep_paths: bool = False,
 ) -> dict[str, np.ndarray]:
@@ -147,8 +151,7 @@ def decode_batch(
     with the reason; the caller drops them with an Arrow filter, which keeps the column types
     even when a whole block was bad. Paths are strings and cannot go into torch batches, so
     they are kept only on request. With ``seed``, each image's augmentation is drawn from
-    (seed, epoch, path); ``epoch`` defaults to Ray Data's count of this dataset's executions,
-    which is the epoch when Train iterates a shard once per epoch.
+    (seed, epoch, path).
     """
     n = len(batch["path"])
     images = np.zeros((n, size, size, 3), np.uint8)
@@ -170,24 +173,12 @@ def decode_batch(
     if transform is not None and ok.any():
         seeds = None
         if seed is not None:
-            epoch = _execution_index() if epoch is None else epoch
             seeds = [augmentation_seed(seed, epoch, str(p)) for p, good in zip(batch["path"], ok) if good]
         images[ok] = augment_batch(images[ok], transform, seeds)
     out = {"image": images, "label": labels, "ok": ok}
     if keep_paths:
         out["path"] = np.asarray([str(p) for p in batch["path"]], dtype=object)
     return out
-
-
-def _execution_index() -> int:
-    """How many times this dataset has been executed before (0 outside a Ray Data task).
-
-    Ray Data keeps this counter on the dataset's context and uses it itself to reseed
-    ``RandomSeedConfig(reseed_after_execution=True)`` every epoch; there is no public getter.
-    """
-    from ray.data import DataContext
-
-    return int(getattr(DataContext.get_current(), "_execution_idx", 0))
 
 
 def probe_batch(batch: dict[str, np.ndarray], *, root_path: str, max_pixels: int) -> dict[str, np.ndarray]:
@@ -311,10 +302,9 @@ class _Reporter:
 
 
 class ImagePipeline:
-    """Streaming Ray Data datasets for the splits of one :class:`DatasetLayout`.
-
-    ``dataset("train")`` is augmented when the config asks for it; validation and test never are.
-    """
+    """Streaming Ray Data datasets for the splits of one :class:`DatasetLayout`: what the decoded
+    cache is built from (:mod:`hotdog_ray.cache`), and the per-image CPU path that
+    ``bench/feed.py`` measures training's feed against."""
 
     def __init__(self, cfg: "DataSettings", layout: DatasetLayout) -> None:
         self.cfg = cfg
@@ -335,24 +325,24 @@ class ImagePipeline:
         self,
         split: str,
         *,
-        augment: bool | None = None,
+        augment: bool = False,
         keep_paths: bool = False,
         shuffle_seed: int | None = None,
+        epoch: int = 0,
     ) -> "ray.data.Dataset":
         """The split as a lazy Ray dataset of ``{"image": uint8 HWC, "label"[, "path"]}`` rows.
 
         With ``shuffle_seed`` the files are shuffled before they are cut into read tasks, and the
         order of those tasks changes every epoch: files are listed class by class, and a model fed
         one class at a time collapses to predicting the current one. The seed also fixes every
-        augmentation draw, so with ``preserve_order`` each epoch's rows are reproducible.
+        augmentation draw (with ``epoch``), so with ``preserve_order`` each epoch's rows are
+        reproducible. ``augment`` applies the config's augmentation per image on the CPU (train only).
         """
         from ray.data import RandomSeedConfig
         from ray.data.expressions import col
 
         if split not in self.layout.files:
             raise DataError(f"dataset {self.layout.root.uri}: no {split!r} split")
-        if augment is None:
-            augment = split == "train"
         transform = build_augmentation(self.cfg.augment) if augment and split == "train" else None
         paths = [p for p, _ in self.layout.files[split]]
         if shuffle_seed is not None:
@@ -371,6 +361,7 @@ class ImagePipeline:
                 "max_pixels": self.cfg.max_image_pixels,
                 "transform": transform,
                 "seed": shuffle_seed,
+                "epoch": epoch,
                 "on_skip": _Reporter(self._skip_log),
                 "keep_paths": keep_paths,
             },

@@ -105,7 +105,11 @@ def to_model_input(images: torch.Tensor, rescale: str) -> torch.Tensor:
     The permute is a view, so a batch moved to the GPU as uint8 (4x less traffic than
     float) comes out in channels-last memory order without a copy.
     """
-    x = images.permute(0, 3, 1, 2).float()
+    return rescale_(images.permute(0, 3, 1, 2).float(), rescale)
+
+
+def rescale_(x: torch.Tensor, rescale: str) -> torch.Tensor:
+    """Float pixels 0..255 to the configured range, in place."""
     if rescale == "unit":
         return x.mul_(1.0 / 255.0)
     if rescale == "symmetric":

@@ -176,9 +176,15 @@ def _explain(loc: Location, exc: OSError, kind: str) -> str:
 
 def list_files(loc: Location) -> list[str]:
     """All files below ``loc`` (recursive), sorted, skipping hidden files such as ``.DS_Store``."""
+    return [path for path, _, _ in list_file_stats(loc)]
+
+
+def list_file_stats(loc: Location) -> list[tuple[str, int, int]]:
+    """(path, size in bytes, modification time in ns) of every file below ``loc``, sorted by path,
+    hidden files skipped; from the listing itself, with no request per file."""
     infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
     return sorted(
-        i.path
+        (i.path, int(i.size or 0), int(i.mtime_ns or 0))
         for i in infos
         if i.type == pafs.FileType.File and not posixpath.basename(i.path).startswith(".")
     )

@@ -1,8 +1,10 @@
 """Data-parallel training with Ray Train V2: the main job.
 
-The driver checks the data, opens the MLflow run and starts a ``TorchTrainer``; each worker
-trains on its shard of the streaming training split, validates on its shard of the validation
-split, and the sums are all-reduced so every reported metric is the whole split's. Rank 0
+The driver checks the data, decodes each split once into the decoded-image cache (or finds it
+there), opens the MLflow run and starts a ``TorchTrainer``; each worker holds its shard of the
+cached training split (:mod:`hotdog_ray.feed`), augments each batch on its device, validates on its
+shard of the cached validation split, and the sums are all-reduced so every reported metric is the
+whole split's. Epochs start no Ray Data execution. Rank 0
 checkpoints the full state every epoch, so a restarted worker group (``max_failures``) or a rerun
 of the same run name continues where it stopped without repeating an epoch.
 
@@ -23,7 +25,7 @@ import math
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
@@ -32,11 +34,13 @@ import torch
 from torch import nn
 
 from hotdog_ray import storage
+from hotdog_ray.cache import CachedSplit
 from hotdog_ray.config import Config, TrainSettings, flatten, from_dict
 from hotdog_ray.errors import TrainingError
+from hotdog_ray.feed import SplitFeed
 
 if TYPE_CHECKING:
-    from hotdog_ray.data import DatasetLayout, ImagePipeline
+    from hotdog_ray.data import DatasetLayout
     from hotdog_ray.tracking import Run
 
 log = logging.getLogger(__name__)
@@ -154,14 +158,13 @@ def _reduce(values: list[float], device) -> list[float]:
 
 
 class Session(Protocol):
-    """What the loop needs from where it runs: rank, device, data, checkpoints and reports."""
+    """What the loop needs from where it runs: rank, device, checkpoints and reports."""
 
     rank: int
     world: int
     device: torch.device
 
     def checkpoint_state(self) -> dict[str, Any] | None: ...
-    def shard(self, name: str) -> Any: ...
     def prepare(self, model: nn.Module) -> nn.Module: ...
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None: ...
 
@@ -205,29 +208,27 @@ class Loop:
         if self.rank == 0:
             log.info("resuming from epoch %d", self.start_epoch)
 
-    def _batches(self, shard: Any, world: int, shuffle_seed: int | None = None):
-        from hotdog_ray.data import iter_torch_batches
-
-        size = per_worker_batch(self.cfg.train.batch_size, world)
-        return iter_torch_batches(
-            shard,
-            batch_size=size,
+    def _batches(self, feed: SplitFeed, world: int, epoch: int = 0, train: bool = False):
+        return feed.batches(
+            per_worker_batch(self.cfg.train.batch_size, world),
             rescale=self.cfg.data.rescale,
-            device=self.device,
-            local_shuffle_buffer_size=4 * size if shuffle_seed is not None else None,
-            local_shuffle_seed=shuffle_seed,
+            epoch=epoch,
+            # Order and augmentation draws from (seed, epoch, rank): reproducible on any device.
+            seed=self.cfg.train.seed if train else None,
+            augmentation=self.cfg.data.augment if train else None,
+            channels_last=self.channels_last,
+            dtype=torch.bfloat16 if self.amp else torch.float32,
         )
 
-    def train_epoch(self, shard: Any, epoch: int, world: int) -> list[float]:
+    def train_epoch(self, feed: SplitFeed, epoch: int, world: int) -> list[float]:
         """One pass over this worker's training shard: [loss sum, correct, count, seconds]."""
         t0 = time.perf_counter()
-        seed = self.cfg.train.seed + epoch + 1000 * self.rank
-        sums = self._pass(self._batches(shard, world, shuffle_seed=seed), epoch, train=True)
+        sums = self._pass(self._batches(feed, world, epoch, train=True), epoch, train=True)
         return [*sums, time.perf_counter() - t0]
 
-    def validate(self, shard: Any, world: int) -> list[float]:
+    def validate(self, feed: SplitFeed, world: int) -> list[float]:
         """One pass over this worker's validation shard: [loss sum, correct, count]."""
-        return self._pass(self._batches(shard, world), epoch=-1, train=False)
+        return self._pass(self._batches(feed, world), epoch=-1, train=False)
 
     def _pass(self, batches, epoch: int, train: bool) -> list[float]:
         from hotdog_ray.models import loss_fn
@@ -237,8 +238,6 @@ class Loop:
         correct = torch.zeros((), dtype=torch.int64, device=self.device)  # summed on device: no sync per step
         with torch.set_grad_enabled(train):
             for step, (x, y) in enumerate(batches):
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     logits = self.model(x)
                 loss = loss_fn(logits.float(), y)
@@ -334,12 +333,22 @@ def build_network(cfg: Config, classes: list[str], *, pretrained: bool = True) -
     )
 
 
-def fit_loop(cfg: Config, classes: list[str], session: Session) -> None:
+def fit_loop(cfg: Config, classes: list[str], session: Session, caches: dict[str, CachedSplit]) -> None:
     """The training loop: resume, then per epoch train, validate, early-stop and checkpoint."""
     loop = Loop(cfg, classes, session.device, session.rank)
     loop.resume(session.checkpoint_state())
     loop.model = session.prepare(loop.model)
-    train_shard, val_shard = session.shard("train"), session.shard("validation")
+    train_shard, val_shard = (
+        SplitFeed(
+            caches[name],
+            rank=session.rank,
+            world=session.world,
+            device=session.device,
+            settings=cfg.data.cache,
+            seed=cfg.train.seed if name == "train" else None,
+        )
+        for name in ("train", "validation")
+    )
 
     for epoch in range(loop.start_epoch, cfg.train.epochs):
         try:
@@ -417,9 +426,6 @@ class TrainSession:
         checkpoint = ray.train.get_checkpoint()
         return load_checkpoint_state(checkpoint) if checkpoint else None
 
-    def shard(self, name: str) -> Any:
-        return ray.train.get_dataset_shard(name)
-
     def prepare(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
 
@@ -437,14 +443,11 @@ class InProcessSession:
     """The loop in this very process on one device: no worker group to start. Epochs go straight
     to the MLflow run; subclasses say where checkpoints live."""
 
-    def __init__(self, cfg: Config, datasets: dict[str, Any], run: "Run") -> None:
+    def __init__(self, cfg: Config, run: "Run") -> None:
         self.rank, self.world = 0, 1
         self.device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
-        self.datasets, self.run = datasets, run
+        self.run = run
         self.state: dict[str, Any] | None = None  # the last checkpointed state
-
-    def shard(self, name: str) -> Any:
-        return self.datasets[name]
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
@@ -519,8 +522,8 @@ class DriverSession(InProcessSession):
     """``train.num_workers=0``: the loop in the driver, checkpoints under ``<storage_path>/<run name>/``
     (Train V2's own local mode keeps none), so a rerun of the name resumes as with workers."""
 
-    def __init__(self, cfg: Config, datasets: dict[str, Any], run: "Run", folder: "storage.Location") -> None:
-        super().__init__(cfg, datasets, run)
+    def __init__(self, cfg: Config, run: "Run", folder: "storage.Location") -> None:
+        super().__init__(cfg, run)
         self.folder, self.keep = folder, cfg.train.num_to_keep
         self.name = folder.path.rstrip("/").rsplit("/", 1)[-1]
         self.latest: storage.Location | None = None  # the newest checkpoint folder
@@ -548,7 +551,8 @@ class DriverSession(InProcessSession):
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
     _quiet_train_reports()
-    fit_loop(from_dict(loop_config["config"]), loop_config["classes"], TrainSession())
+    caches = {name: CachedSplit(**c) for name, c in loop_config["caches"].items()}
+    fit_loop(from_dict(loop_config["config"]), loop_config["classes"], TrainSession(), caches)
 
 
 class EpochLogger(ray.train.UserCallback):
@@ -610,14 +614,15 @@ def run_training(
     """
     from hotdog_ray import registry, tracking
     from hotdog_ray.bundle import model_meta
-    from hotdog_ray.data import ImagePipeline, discover
+    from hotdog_ray.data import discover
     from hotdog_ray.runtime import init_ray
 
-    layout = discover(cfg.data, required=("train", "validation", *(("test",) if evaluate_test else ())))
+    splits = ("train", "validation", *(("test",) if evaluate_test else ()))
+    layout = discover(cfg.data, required=splits)
     init_ray()  # after the data checks: a bad path fails before Ray starts
     if cfg.train.max_workers > 0 and not (trial and trial.in_process):
         check_cluster(cfg)
-    pipeline = ImagePipeline(cfg.data, layout)
+    caches, built = cache_splits(cfg, layout, splits)
     run_name = (
         run_name
         or cfg.train.run_name
@@ -634,12 +639,20 @@ def run_training(
         run.log_params(flatten(cfg))
         run.log_dict({"classes": layout.classes}, "classes.json")
         run.log_dict(cfg.model_dump(mode="json"), "config.yaml")
-        state, checkpoint_path = fit(cfg, pipeline, layout.classes, run, run_name, trial, callbacks or [])
+        # What this run decoded: nothing when every split was already cached.
+        run.log_metrics(
+            {"decoded_images": sum(caches[s].count + len(caches[s].skipped) for s in built)}
+            | {"data_executions": len(built)}
+        )
+        run.log_dict({s: c.uri for s, c in caches.items()}, "data_caches.json")
+        state, checkpoint_path = fit(cfg, caches, layout.classes, run, run_name, trial, callbacks or [])
         model = final_model(cfg, layout.classes, state)
-        skipped = pipeline.skipped()
+        skipped = {path: reason for c in caches.values() for path, reason in c.skipped.items()}
         _log_history(run, state, skipped)
-        test_metrics = _evaluate_test(run, model, pipeline, cfg) if evaluate_test else None
-        _log_reference_profile(run, model, pipeline, cfg)
+        test_metrics = (
+            _evaluate_test(run, model, caches["test"], cfg, layout.classes) if evaluate_test else None
+        )
+        _log_reference_profile(run, model, caches["validation"], cfg, layout.classes)
         run.log_model(model, model_meta(cfg, layout.classes))
         version = registry.register(cfg.tracking, run.id) if register else None
     return TrainOutcome(
@@ -653,6 +666,34 @@ def run_training(
         checkpoint_path,
         skipped,
     )
+
+
+def cache_splits(
+    cfg: Config, layout: "DatasetLayout", splits: tuple[str, ...]
+) -> tuple[dict[str, CachedSplit], list[str]]:
+    """Each split's decoded cache, built where missing (one Ray Data execution per split); and the
+    splits built now. Unreadable files are logged with the count their cache recorded."""
+    from hotdog_ray import cache
+    from hotdog_ray.data import ImagePipeline
+
+    root = cache.cache_root(cfg)
+    pipelines: list[ImagePipeline] = []  # made once, and only when a split must be decoded
+
+    def pipeline() -> ImagePipeline:
+        pipelines[:] = pipelines or [ImagePipeline(cfg.data, layout)]
+        return pipelines[0]
+
+    caches: dict[str, CachedSplit] = {}
+    built: list[str] = []
+    for split in splits:
+        found, fresh = cache.ensure(layout, split, cfg.data, root, pipeline)
+        built += [split] if fresh else []
+        caches[split] = found
+        if found.skipped:
+            log.warning(
+                "%s: %d unreadable file(s) skipped (listed in the cache manifest)", split, len(found.skipped)
+            )
+    return caches, built
 
 
 def check_cluster(cfg: Config, driver_cpus: float = 0.0) -> None:
@@ -696,7 +737,7 @@ def _run_tags(cfg: Config, layout: "DatasetLayout", trial: SweepTrial | None) ->
 
 def fit(
     cfg: Config,
-    pipeline: "ImagePipeline",
+    caches: dict[str, CachedSplit],
     classes: list[str],
     run: "Run",
     run_name: str,
@@ -709,32 +750,22 @@ def fit(
     if trial is not None and trial.in_process:
         from ray import tune
 
-        session = TrialSession(cfg, _in_process_datasets(cfg, pipeline), run)
-        fit_loop(cfg, classes, session)
+        session = TrialSession(cfg, run)
+        fit_loop(cfg, classes, session, caches)
         state, path = session.state, tune.get_context().get_trial_dir()
     elif cfg.train.max_workers == 0:
         folder = storage.resolve(cfg.train.storage_path).join(run_name)
-        session = DriverSession(cfg, _in_process_datasets(cfg, pipeline), run, folder)
-        fit_loop(cfg, classes, session)
+        session = DriverSession(cfg, run, folder)
+        fit_loop(cfg, classes, session, caches)
         state, path = session.state, (session.latest or folder).uri
     else:
-        state, path = _fit_ray_train(cfg, pipeline, classes, run, run_name, callbacks)
+        state, path = _fit_ray_train(cfg, caches, classes, run, run_name, callbacks)
     diverged = run.tag(DIVERGED_TAG)
     if diverged:
         raise TrainingError(diverged)
     if state is None:
         raise TrainingError(f"training run {run_name} reported no epoch")
     return state, path
-
-
-def _in_process_datasets(cfg: Config, pipeline: "ImagePipeline") -> dict[str, Any]:
-    datasets = {
-        "train": pipeline.dataset("train", shuffle_seed=cfg.train.seed),
-        "validation": pipeline.dataset("validation"),
-    }
-    for ds in datasets.values():
-        ds.context.execution_options.preserve_order = True  # as ordered_ingest() does for Train
-    return datasets
 
 
 def scaling_config(cfg: TrainSettings) -> "ray.train.ScalingConfig":
@@ -756,22 +787,13 @@ def worker_resources(cfg: "TrainSettings") -> dict[str, float]:
     return {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
 
 
-def ordered_ingest() -> "ray.train.DataConfig":
-    """Train's default ingest options, but rows reach the workers in a fixed order.
-
-    Block order and augmentation are seeded (see ``ImagePipeline.dataset``); keeping the order
-    of tasks' outputs makes a seeded CPU run reproducible. The cost is small: read tasks are
-    few and large, so one slow task rarely holds the others back.
-    """
-    from ray.data import DataContext
-
-    options = copy.deepcopy(DataContext.get_current().execution_options)
-    options.preserve_order = True
-    return ray.train.DataConfig(execution_options=options)
-
-
 def _fit_ray_train(
-    cfg: Config, pipeline: "ImagePipeline", classes: list[str], run: "Run", run_name: str, callbacks: list
+    cfg: Config,
+    caches: dict[str, CachedSplit],
+    classes: list[str],
+    run: "Run",
+    run_name: str,
+    callbacks: list,
 ) -> tuple[dict[str, Any], str]:
     """Data-parallel fit on a Ray Train worker group; the last checkpoint's state and its path."""
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -780,14 +802,14 @@ def _fit_ray_train(
     checkpoints = storage.resolve(cfg.train.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "classes": classes},
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "classes": classes,
+            # Workers read their shards straight from the cache: no Ray Data execution per epoch.
+            "caches": {name: asdict(caches[name]) for name in ("train", "validation")},
+        },
         scaling_config=scaling_config(cfg.train),
         torch_config=TorchConfig(backend=cfg.train.dist_backend),
-        datasets={
-            "train": pipeline.dataset("train", shuffle_seed=cfg.train.seed),
-            "validation": pipeline.dataset("validation"),
-        },
-        dataset_config=ordered_ingest(),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=checkpoints.path,
@@ -839,11 +861,19 @@ def _log_history(run: "Run", state: dict[str, Any], skipped: dict[str, str]) -> 
     run.log_figure(plot_curves(state["history"]), "curves.png")
 
 
-def _evaluate_test(run: "Run", model: nn.Module, pipeline: "ImagePipeline", cfg: Config) -> dict[str, Any]:
+def _cached_batches(split: CachedSplit, cfg: Config) -> Any:
+    """The whole cached split in order, unaugmented, on the CPU."""
+    feed = SplitFeed(split, rank=0, world=1, device=torch.device("cpu"), settings=cfg.data.cache)
+    return feed.batches(256, rescale=cfg.data.rescale)
+
+
+def _evaluate_test(
+    run: "Run", model: nn.Module, test: CachedSplit, cfg: Config, classes: list[str]
+) -> dict[str, Any]:
     from hotdog_ray import evaluate
 
-    classes = pipeline.layout.classes
-    metrics = evaluate.evaluate_dataset(model, pipeline.dataset("test"), classes, cfg.data.rescale)
+    y, p = evaluate.predict_batches(model, _cached_batches(test, cfg))
+    metrics = evaluate.compute_metrics(y, p.argmax(axis=1), classes)
     run.log_metrics(
         {f"test_{k}": metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "majority_baseline")}
     )
@@ -853,13 +883,13 @@ def _evaluate_test(run: "Run", model: nn.Module, pipeline: "ImagePipeline", cfg:
     return metrics
 
 
-def _log_reference_profile(run: "Run", model: nn.Module, pipeline: "ImagePipeline", cfg: Config) -> None:
+def _log_reference_profile(
+    run: "Run", model: nn.Module, validation: CachedSplit, cfg: Config, classes: list[str]
+) -> None:
     """What the model's answers look like on the validation split: the reference that drift checks
     compare a day's traffic with (:mod:`hotdog_ray.drift`)."""
     from hotdog_ray import drift, evaluate
-    from hotdog_ray.data import iter_torch_batches
 
-    batches = iter_torch_batches(pipeline.dataset("validation"), batch_size=256, rescale=cfg.data.rescale)
-    _, probs = evaluate.predict_batches(model, batches)
-    reference = drift.profile_from_probabilities(probs, pipeline.layout.classes, cfg.monitor.low_confidence)
+    _, probs = evaluate.predict_batches(model, _cached_batches(validation, cfg))
+    reference = drift.profile_from_probabilities(probs, classes, cfg.monitor.low_confidence)
     run.log_dict(drift.to_json(reference), drift.REFERENCE_ARTIFACT)

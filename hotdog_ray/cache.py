@@ -1,0 +1,264 @@
+"""Decoded-image cache: each split decoded and resized once, kept as uint8 shards.
+
+The first run over a split decodes it with the pipeline's own code (:mod:`hotdog_ray.data`, no
+augmentation) in one Ray Data execution and writes ``<root>/<key>/<build>-NNNNN.npy`` (N x S x S x 3
+uint8) with a Parquet index of paths and labels beside each. ``manifest.json`` is written last: a
+cache without one is unfinished and never read, so a cache appears whole or not at all. The key
+hashes the listed files (path, size, modification time, label), the image size, the pixel guard, the
+class list and :data:`FORMAT_VERSION`: a changed file or class list makes a new cache, never a stale
+one. Unreadable files are counted when the cache is built and carried in its manifest, so every run
+that uses it reports them. Every later run, every trial of a sweep and every rank read the same files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hotdog_ray import storage
+from hotdog_ray.errors import DataError
+
+if TYPE_CHECKING:
+    from hotdog_ray.config import Config, DataSettings
+    from hotdog_ray.data import DatasetLayout, ImagePipeline
+
+log = logging.getLogger(__name__)
+
+# Bump when the decoded pixels of the same file would change (resize filter, colour handling...).
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def cache_root(cfg: "Config") -> storage.Location:
+    """Where this config's caches live: ``data.cache.root``, else ``<train.storage_path>/cache``."""
+    if cfg.data.cache.root:
+        return storage.resolve(cfg.data.cache.root)
+    return storage.resolve(cfg.train.storage_path).join("cache")
+
+
+def cache_key(
+    entries: list[tuple[str, int, int, int]], *, image_size: int, max_pixels: int, classes: list[str]
+) -> str:
+    """The key of a split's cache (pure): entries are (path, size, mtime in ns, label)."""
+    h = hashlib.blake2b(digest_size=16)
+    head = {"version": FORMAT_VERSION, "size": image_size, "max_pixels": max_pixels, "classes": classes}
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for path, size, mtime, label in sorted(entries):
+        h.update(f"\n{path}\t{size}\t{mtime}\t{label}".encode())
+    return h.hexdigest()
+
+
+def split_key(layout: "DatasetLayout", split: str, cfg: "DataSettings") -> str:
+    """The cache key of ``split`` of a discovered dataset under ``cfg``."""
+    entries = [(p, *layout.stats.get(p, (0, 0)), label) for p, label in layout.files[split]]
+    return cache_key(
+        entries, image_size=cfg.image_size, max_pixels=cfg.max_image_pixels, classes=layout.classes
+    )
+
+
+@dataclass(frozen=True)
+class CachedSplit:
+    """A finished cache: its folder's URI and its manifest (plain data: it travels to Train workers)."""
+
+    uri: str
+    manifest: dict[str, Any]
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Files that could not be decoded when the cache was built, with the reason."""
+        return dict(self.manifest["skipped"])
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return list(self.manifest["shards"])
+
+    def location(self) -> storage.Location:
+        return storage.resolve(self.uri)
+
+    def read_images(self, shard: dict[str, Any]) -> np.ndarray:
+        """One shard's images: memory-mapped where the cache is on a local disk, else read whole."""
+        loc = self.location().join(shard["images"])
+        if loc.is_local:
+            return np.load(loc.path, mmap_mode="r")
+        return np.load(io.BytesIO(storage.read_bytes(loc.fs, loc.path)))
+
+    def read_index(self, shard: dict[str, Any]) -> pa.Table:
+        """One shard's ``path`` and ``label`` columns, in the order of its images."""
+        loc = self.location().join(shard["index"])
+        return pq.read_table(pa.BufferReader(storage.read_bytes(loc.fs, loc.path)))
+
+    def labels(self) -> np.ndarray:
+        """Every image's label, in cache order."""
+        parts = [self.read_index(s).column("label").to_numpy() for s in self.shards]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def find(root: storage.Location, key: str) -> CachedSplit | None:
+    """The finished cache of ``key`` under ``root``, or None."""
+    folder = root.join(key)
+    try:
+        data = storage.read_bytes(folder.fs, folder.join(MANIFEST).path)
+    except (FileNotFoundError, OSError):
+        return None
+    return CachedSplit(folder.uri, json.loads(data))
+
+
+def ensure(
+    layout: "DatasetLayout",
+    split: str,
+    cfg: "DataSettings",
+    root: storage.Location,
+    pipeline: Callable[[], "ImagePipeline"],
+) -> tuple[CachedSplit, bool]:
+    """The cache of ``split``, built first with ``pipeline()`` if there is none; and whether it was
+    built now."""
+    key = split_key(layout, split, cfg)
+    found = find(root, key)
+    if found is not None:
+        log.info(
+            "%s: %d decoded images from cache %s (%d unreadable files skipped when it was built)",
+            split,
+            found.count,
+            found.uri,
+            len(found.skipped),
+        )
+        return found, False
+    return build(pipeline(), split, root, key), True
+
+
+def build(pipeline: "ImagePipeline", split: str, root: storage.Location, key: str) -> CachedSplit:
+    """Decode ``split`` once (one Ray Data execution) into the cache folder of ``key``."""
+    from hotdog_ray.runtime import Progress
+
+    cfg = pipeline.cfg
+    folder = root.join(key)
+    build_id = uuid.uuid4().hex[:8]
+    total = len(pipeline.layout.files[split])
+    log.info("%s: decoding %d files once into cache %s", split, total, folder.uri)
+    ds = pipeline.dataset(split, augment=False, keep_paths=True)
+    ds.context.execution_options.preserve_order = True  # the same files give the same cache
+    progress = Progress(total, 30.0, f"{split} cached")
+    shards: list[dict[str, Any]] = []
+    count = nbytes = 0
+    t0 = time.monotonic()
+    for batch in ds.iter_batches(batch_size=cfg.cache.shard_images, batch_format="numpy"):
+        name = f"{build_id}-{len(shards):05d}"
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(batch["image"]), allow_pickle=False)
+        storage.write_bytes(folder.fs, folder.join(f"{name}.npy").path, buf.getvalue())
+        index = pa.table(
+            {"path": pa.array(batch["path"].tolist(), pa.string()), "label": pa.array(batch["label"])}
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(index, sink)
+        storage.write_bytes(folder.fs, folder.join(f"{name}.parquet").path, sink.getvalue().to_pybytes())
+        rows = len(batch["label"])
+        shards.append({"images": f"{name}.npy", "index": f"{name}.parquet", "rows": rows})
+        count += rows
+        nbytes += batch["image"].nbytes
+        progress.update(count)
+    in_split = {p for p, _ in pipeline.layout.files[split]}
+    skipped = {p: r for p, r in pipeline.skipped().items() if p in in_split}
+    if count + len(skipped) != total:
+        raise DataError(f"{split}: cache build saw {count} images and {len(skipped)} unreadable of {total}")
+    manifest = {
+        "version": FORMAT_VERSION,
+        "key": key,
+        "split": split,
+        "dataset": pipeline.layout.root.uri,
+        "classes": pipeline.layout.classes,
+        "image_size": cfg.image_size,
+        "count": count,
+        "bytes": nbytes,
+        "shards": shards,
+        "skipped": skipped,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    winner = find(root, key)  # a sweep's trials or two jobs may build the same cache at once
+    if winner is not None:
+        for shard in shards:
+            for name in (shard["images"], shard["index"]):
+                folder.fs.delete_file(folder.join(name).path)
+        return winner
+    _write_last(folder, json.dumps(manifest, indent=1).encode())
+    log.info(
+        "%s: cached %d images (%.1f MB) in %.1f s; %d unreadable files skipped",
+        split,
+        count,
+        nbytes / 1e6,
+        time.monotonic() - t0,
+        len(skipped),
+    )
+    return CachedSplit(folder.uri, manifest)
+
+
+def _write_last(folder: storage.Location, data: bytes) -> None:
+    """Write the manifest so that it appears whole: a rename on a local disk, one PUT on S3."""
+    target = folder.join(MANIFEST).path
+    if folder.is_local:
+        tmp = f"{target}.{uuid.uuid4().hex[:8]}.tmp"
+        storage.write_bytes(folder.fs, tmp, data)
+        folder.fs.move(tmp, target)
+    else:
+        storage.write_bytes(folder.fs, target, data)
+
+
+def list_caches(root: storage.Location) -> list[dict[str, Any]]:
+    """Every cache under ``root``: key, split, dataset, images, unreadable files, bytes on storage and
+    whether it is finished (a cache without a manifest is a build that stopped or is still running)."""
+    out = []
+    for key in storage.list_dirs(root):
+        folder = root.join(key)
+        size = sum(s for _, s, _ in storage.list_file_stats(folder))
+        found = find(root, key)
+        m = found.manifest if found else {}
+        out.append(
+            {
+                "key": key,
+                "split": m.get("split", "?"),
+                "dataset": m.get("dataset", "?"),
+                "image_size": m.get("image_size"),
+                "images": m.get("count", 0),
+                "unreadable": len(m.get("skipped", {})),
+                "bytes": size,
+                "created": m.get("created", ""),
+                "finished": found is not None,
+                "uri": folder.uri,
+            }
+        )
+    return out
+
+
+def remove(root: storage.Location, key: str) -> int:
+    """Delete the cache ``key`` (a unique prefix will do); returns the bytes freed."""
+    keys = [k for k in storage.list_dirs(root) if k.startswith(key)]
+    if len(keys) != 1:
+        raise DataError(
+            f"cache {key!r}: {'no' if not keys else 'several'} caches under {root.uri} match"
+            + (f" ({', '.join(keys)})" if keys else "")
+        )
+    folder = root.join(keys[0])
+    size = sum(s for _, s, _ in storage.list_file_stats(folder))
+    folder.fs.delete_dir(folder.path)
+    log.info("removed cache %s (%.1f MB)", posixpath.basename(folder.path), size / 1e6)
+    return size
