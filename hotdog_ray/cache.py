@@ -70,10 +70,15 @@ def split_key(layout: "DatasetLayout", split: str, cfg: "DataSettings") -> str:
 
 @dataclass(frozen=True)
 class CachedSplit:
-    """A finished cache: its folder's URI and its manifest (plain data: it travels to Train workers)."""
+    """A finished cache: its folder and its manifest. It travels to Train workers whole, filesystem
+    included, so that they reach an S3-compatible store configured only in the driver's environment."""
 
-    uri: str
+    folder: storage.Location
     manifest: dict[str, Any]
+
+    @property
+    def uri(self) -> str:
+        return self.folder.uri
 
     @property
     def count(self) -> int:
@@ -92,19 +97,16 @@ class CachedSplit:
     def shards(self) -> list[dict[str, Any]]:
         return list(self.manifest["shards"])
 
-    def location(self) -> storage.Location:
-        return storage.resolve(self.uri)
-
     def read_images(self, shard: dict[str, Any]) -> np.ndarray:
         """One shard's images: memory-mapped where the cache is on a local disk, else read whole."""
-        loc = self.location().join(shard["images"])
+        loc = self.folder.join(shard["images"])
         if loc.is_local:
             return np.load(loc.path, mmap_mode="r")
         return np.load(io.BytesIO(storage.read_bytes(loc.fs, loc.path)))
 
     def read_index(self, shard: dict[str, Any]) -> pa.Table:
         """One shard's ``path`` and ``label`` columns, in the order of its images."""
-        loc = self.location().join(shard["index"])
+        loc = self.folder.join(shard["index"])
         return pq.read_table(pa.BufferReader(storage.read_bytes(loc.fs, loc.path)))
 
     def labels(self) -> np.ndarray:
@@ -120,7 +122,7 @@ def find(root: storage.Location, key: str) -> CachedSplit | None:
         data = storage.read_bytes(folder.fs, folder.join(MANIFEST).path)
     except (FileNotFoundError, OSError):
         return None
-    return CachedSplit(folder.uri, json.loads(data))
+    return CachedSplit(folder, json.loads(data))
 
 
 def ensure(
@@ -209,7 +211,7 @@ def build(pipeline: "ImagePipeline", split: str, root: storage.Location, key: st
         time.monotonic() - t0,
         len(skipped),
     )
-    return CachedSplit(folder.uri, manifest)
+    return CachedSplit(folder, manifest)
 
 
 def _write_last(folder: storage.Location, data: bytes) -> None:

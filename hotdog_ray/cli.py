@@ -130,6 +130,34 @@ def format_inspect(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from hotdog_ray import cache
+
+    root = cache.cache_root(config_from_args(args))
+    if args.action == "rm":
+        if not args.keys:
+            raise HotdogError("hotdog cache rm: name the cache(s) to remove (hotdog cache ls lists them)")
+        freed = sum(cache.remove(root, key) for key in args.keys)
+        print(f"removed {len(args.keys)} cache(s), {freed / 1e6:.1f} MB")
+        return 0
+    rows = cache.list_caches(root)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"decoded-image caches in {root.uri}: {len(rows)}")
+    if rows:
+        print(
+            f"{'key':<34}{'split':<12}{'size':>6}{'images':>9}{'unreadable':>12}{'MB':>10}  created / dataset"
+        )
+    for r in rows:
+        state = r["created"] if r["finished"] else "unfinished (no manifest)"
+        print(
+            f"{r['key']:<34}{r['split']:<12}{r['image_size'] or '-':>6}{r['images']:>9}{r['unreadable']:>12}"
+            f"{r['bytes'] / 1e6:>10.1f}  {state}  {r['dataset']}"
+        )
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hotdog_ray.evaluate import format_report
     from hotdog_ray.registry import tracking_uri
@@ -438,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-name", help="rerunning a name resumes it from its latest checkpoint")
     p.add_argument("--no-register", action="store_true", help="do not register the model version")
+
+    p = command("cache", cmd_cache, "list (ls) or remove (rm) decoded-image caches, with their size", True)
+    p.add_argument("action", choices=["ls", "rm"])
+    p.add_argument("keys", nargs="*", help="rm: the caches' keys (a unique prefix will do)")
+    p.add_argument("--json", action="store_true", help="ls: machine-readable output")
 
     p = command("models", cmd_models, "list the model zoo with parameter counts at the recipes' sizes")
     p.add_argument("--json", action="store_true")

@@ -25,7 +25,7 @@ import math
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
@@ -551,8 +551,7 @@ class DriverSession(InProcessSession):
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
     _quiet_train_reports()
-    caches = {name: CachedSplit(**c) for name, c in loop_config["caches"].items()}
-    fit_loop(from_dict(loop_config["config"]), loop_config["classes"], TrainSession(), caches)
+    fit_loop(from_dict(loop_config["config"]), loop_config["classes"], TrainSession(), loop_config["caches"])
 
 
 class EpochLogger(ray.train.UserCallback):
@@ -806,7 +805,7 @@ def _fit_ray_train(
             "config": cfg.model_dump(mode="json"),
             "classes": classes,
             # Workers read their shards straight from the cache: no Ray Data execution per epoch.
-            "caches": {name: asdict(caches[name]) for name in ("train", "validation")},
+            "caches": {name: caches[name] for name in ("train", "validation")},
         },
         scaling_config=scaling_config(cfg.train),
         torch_config=TorchConfig(backend=cfg.train.dist_backend),
