@@ -452,3 +452,62 @@ def test_a_driver_joining_a_cluster_shows_each_worker_line_once(joining_env, tmp
     for i in range(2):
         assert text.count(f"printed-by-worker-{i}") == 1, text[-3000:]
         assert text.count(f"logged-by-worker-{i}") == 1, text[-3000:]
+
+
+def _count_ray_data_executions(monkeypatch) -> list[str]:
+    """Every Ray Data execution this process starts (the loop runs in the driver with num_workers=0)."""
+    import ray.data
+
+    started: list[str] = []
+    for name in ("iter_batches", "iter_torch_batches", "streaming_split", "materialize"):
+        original = getattr(ray.data.Dataset, name)
+
+        def counted(self, *a, _original=original, _name=name, **kw):
+            started.append(_name)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(ray.data.Dataset, name, counted)
+    return started
+
+
+def test_epochs_decode_nothing_and_a_second_fit_decodes_nothing_at_all(
+    ray_session, image_tree, tmp_path, monkeypatch
+):
+    started = _count_ray_data_executions(monkeypatch)
+    cfg = tiny_config(tmp_path, str(image_tree.root), "train.num_workers=0", "train.epochs=3")
+    first = run_training(cfg, register=False)
+    assert len(first.history) == 3
+    assert len(started) == 3  # train, validation and test: one execution each for a 3-epoch fit
+    files = sum(
+        p.is_file() for s in ("train", "validation", "test") for p in (image_tree.root / s).rglob("[!.]*")
+    )
+    metrics = client(cfg.tracking).get_run(first.run_id).data.metrics
+    assert metrics["decoded_images"] == files and metrics["data_executions"] == 3
+    assert len(first.skipped) == len(image_tree.bad)  # counted when the cache was built
+
+    started.clear()
+    second = run_training(cfg, register=False)
+    assert started == []  # every split came from the cache
+    metrics = client(cfg.tracking).get_run(second.run_id).data.metrics
+    assert metrics["decoded_images"] == 0 and metrics["data_executions"] == 0
+    assert second.skipped == first.skipped  # and its bad files are still reported
+    assert second.test_metrics["num_images"] == image_tree.good_count("test")
+
+
+def test_a_split_over_the_memory_share_streams_from_the_cache_and_still_trains(
+    ray_session, image_tree, tmp_path, caplog
+):
+    cfg = tiny_config(
+        tmp_path,
+        str(image_tree.root),
+        "train.num_workers=0",
+        "train.epochs=4",
+        "data.cache.host_share=0",
+        "data.cache.shard_images=4",
+    )
+    with caplog.at_level("INFO", logger="hotdog_ray.feed"):
+        out = run_training(cfg, register=False)
+    assert "images of train held in the cache files" in caplog.text
+    assert out.history[-1]["loss"] < out.history[0]["loss"]
+    # Each class has its own gray level: a model that learnt anything beats chance (1/3) clearly.
+    assert out.test_metrics["accuracy"] > 0.6
