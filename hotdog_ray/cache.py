@@ -161,24 +161,12 @@ def build(pipeline: "ImagePipeline", split: str, root: storage.Location, key: st
     ds.context.execution_options.preserve_order = True  # the same files give the same cache
     progress = Progress(total, 30.0, f"{split} cached")
     shards: list[dict[str, Any]] = []
-    count = nbytes = 0
     t0 = time.monotonic()
     for batch in ds.iter_batches(batch_size=cfg.cache.shard_images, batch_format="numpy"):
-        name = f"{build_id}-{len(shards):05d}"
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(batch["image"]), allow_pickle=False)
-        storage.write_bytes(folder.fs, folder.join(f"{name}.npy").path, buf.getvalue())
-        index = pa.table(
-            {"path": pa.array(batch["path"].tolist(), pa.string()), "label": pa.array(batch["label"])}
-        )
-        sink = pa.BufferOutputStream()
-        pq.write_table(index, sink)
-        storage.write_bytes(folder.fs, folder.join(f"{name}.parquet").path, sink.getvalue().to_pybytes())
-        rows = len(batch["label"])
-        shards.append({"images": f"{name}.npy", "index": f"{name}.parquet", "rows": rows})
-        count += rows
-        nbytes += batch["image"].nbytes
-        progress.update(count)
+        shards.append(write_shard(folder, f"{build_id}-{len(shards):05d}", batch))
+        progress.update(sum(s["rows"] for s in shards))
+    count = sum(s["rows"] for s in shards)
+    nbytes = count * cfg.image_size * cfg.image_size * 3
     in_split = {p for p, _ in pipeline.layout.files[split]}
     skipped = {p: r for p, r in pipeline.skipped().items() if p in in_split}
     if count + len(skipped) != total:
@@ -211,6 +199,58 @@ def build(pipeline: "ImagePipeline", split: str, root: storage.Location, key: st
         time.monotonic() - t0,
         len(skipped),
     )
+    return CachedSplit(folder, manifest)
+
+
+def write_shard(folder: storage.Location, name: str, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Write one shard (``image``, ``label`` and ``path`` columns) as ``name``.npy and ``name``.parquet."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(batch["image"], dtype=np.uint8), allow_pickle=False)
+    storage.write_bytes(folder.fs, folder.join(f"{name}.npy").path, buf.getvalue())
+    index = pa.table(
+        {"path": pa.array([str(p) for p in batch["path"]], pa.string()), "label": pa.array(batch["label"])}
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(index, sink)
+    storage.write_bytes(folder.fs, folder.join(f"{name}.parquet").path, sink.getvalue().to_pybytes())
+    return {"images": f"{name}.npy", "index": f"{name}.parquet", "rows": len(batch["label"])}
+
+
+def from_arrays(
+    folder: storage.Location,
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    shard_images: int = 2048,
+) -> CachedSplit:
+    """A cache of images already decoded (N x S x S x 3 uint8), for benchmarks and tools that make
+    their own pixels; paths are ``array:<row>``."""
+    shards = [
+        write_shard(
+            folder,
+            f"arrays-{i // shard_images:05d}",
+            {
+                "image": images[i : i + shard_images],
+                "label": np.asarray(labels[i : i + shard_images], np.int64),
+                "path": [f"array:{j}" for j in range(i, min(i + shard_images, len(images)))],
+            },
+        )
+        for i in range(0, len(images), shard_images)
+    ]
+    manifest = {
+        "version": FORMAT_VERSION,
+        "key": posixpath.basename(folder.path),
+        "split": "arrays",
+        "dataset": "arrays",
+        "classes": list(classes),
+        "image_size": int(images.shape[1]),
+        "count": len(images),
+        "bytes": int(images.nbytes),
+        "shards": shards,
+        "skipped": {},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_last(folder, json.dumps(manifest, indent=1).encode())
     return CachedSplit(folder, manifest)
 
 

@@ -481,6 +481,17 @@ class ScoreSettings(_Section):
         "CPU count)",
     )
     gpus_per_actor: float = Field(0.0, ge=0)
+    decode: Literal["auto", "tasks", "actors"] = Field(
+        "auto",
+        description="where photos are decoded: tasks: CPU tasks hand arrays to the model actors; actors: "
+        "each model actor decodes its own batches on its device (JPEGs through nvJPEG on a GPU, other "
+        "formats and failures on the CPU); auto: actors when they have a GPU, else tasks",
+    )
+
+    @property
+    def decode_on_actors(self) -> bool:
+        """Whether the model actors decode their batches themselves (``decode``, with auto decided)."""
+        return self.decode == "actors" or (self.decode == "auto" and self.gpus_per_actor > 0)
 
 
 class RolloutSettings(_Section):

@@ -229,10 +229,17 @@ class Predictor:
 
             return run_onnx(self.session, images)
         # np.require copies only what PIL left read-only (torch wants writable memory)
-        x = to_model_input(
-            torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device),
-            self.bundle.meta["rescale"],
-        )
+        return self.predict_tensor(torch.from_numpy(np.require(images, requirements=["C", "W"])))
+
+    @torch.inference_mode()
+    def predict_tensor(self, images: torch.Tensor) -> np.ndarray:
+        """Class probabilities (N, C) for a uint8 NHWC tensor, wherever it is (one decoded on the
+        device stays there)."""
+        if self.runtime == ONNXRUNTIME:
+            from hotdog_ray.onnxrt import run_onnx
+
+            return run_onnx(self.session, images.cpu().numpy())
+        x = to_model_input(images.to(self.device), self.bundle.meta["rescale"])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.model(x)
         return probabilities(logits).cpu().numpy()

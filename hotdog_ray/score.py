@@ -124,8 +124,11 @@ class Scorer:
         device: str,
         runtime: str,
         threads: int,
+        decode: dict[str, int] | None = None,
     ) -> None:
-        if device == "cpu" and runtime == "onnxruntime" and onnx is not None:
+        # decode: size, max_pixels and min_side when this actor decodes its batches on its device.
+        self.decode, self.device = decode, device
+        if device == "cpu" and runtime == "onnxruntime" and onnx is not None and decode is None:
             from hotdog_ray.onnxrt import onnx_session, run_onnx
 
             self.forward = functools.partial(run_onnx, onnx_session(onnx, threads=threads))
@@ -136,9 +139,11 @@ class Scorer:
             from hotdog_ray.predict import Predictor
 
             # A copy: arrays from the object store are read-only, tensors want writable memory.
-            model = build_from_meta(meta, {k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-            bundle = ModelBundle(model, meta, onnx)
-            self.forward = Predictor(bundle, device=device, runtime=runtime, threads=threads).predict_arrays
+            network = build_from_meta(meta, {k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+            bundle = ModelBundle(network, meta, onnx)
+            predictor = Predictor(bundle, device=device, runtime=runtime, threads=threads)
+            self.forward = predictor.predict_arrays
+            self.forward_tensor = predictor.predict_tensor
         self.classes = list(meta["classes"])
         self.model_name, self.model_version = model  # as the driver's predictor names them
         self.run_id = run_id
@@ -147,11 +152,26 @@ class Scorer:
         import pyarrow as pa
 
         classes = self.classes
+        if self.decode is not None:
+            import torch
+
+            from hotdog_ray.device_decode import decode_batch
+
+            images, reasons = decode_batch(
+                list(batch["bytes"]),
+                self.decode["size"],
+                torch.device(self.device),
+                max_pixels=self.decode["max_pixels"],
+                min_side=self.decode["min_side"],
+            )
+            batch = {"path": batch["path"], "error": np.asarray(reasons, dtype=object)}
         errors = [str(e) if e else None for e in batch["error"]]
         ok = np.asarray([e is None for e in errors], bool)
         n, k = len(ok), len(classes)
         probs = np.zeros((n, k), np.float32)
-        if ok.any():
+        if ok.any() and self.decode is not None:
+            probs[ok] = self.forward_tensor(images[torch.from_numpy(ok).to(images.device)])
+        elif ok.any():
             probs[ok] = self.forward(batch["image"][ok])
         best = probs.argmax(axis=1)
         failed = ~ok
@@ -363,41 +383,38 @@ def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any, actors: int) ->
     from hotdog_ray.predict import cpu_threads
 
     device = "cuda" if cfg.score.gpus_per_actor else "cpu"
+    guards = {
+        "size": predictor.image_size,
+        "max_pixels": cfg.data.max_image_pixels,
+        "min_side": cfg.serve.min_image_side,
+    }
     # Reading and decoding share their resources so that Ray Data fuses them into one task (bytes
     # never cross the object store), and that half a CPU each leaves room beside the model actors.
     # CPU actors of the same half CPU (the default) take both in too: each actor then reads, decodes
     # and scores its own blocks, and every core stays busy to the end of the run (with decoding in
     # separate tasks, it finished first and left the model actor alone on one core; bench/RESULTS.md).
-    ds = (
-        read_bytes_dataset(job.paths, job.fs, cfg.data.files_per_task, num_cpus=DECODE_CPUS)
-        .map_batches(
-            decode_for_scoring,
-            fn_kwargs={
-                "size": predictor.image_size,
-                "max_pixels": cfg.data.max_image_pixels,
-                "min_side": cfg.serve.min_image_side,
-            },
-            batch_size=None,
-            num_cpus=DECODE_CPUS,
-        )
-        .map_batches(
-            Scorer,
-            fn_constructor_kwargs={
-                "meta": predictor.bundle.meta,
-                "weights": weights_of(predictor.model),
-                "onnx": predictor.bundle.onnx,
-                "model": (predictor.info["name"], predictor.info["version"]),
-                "run_id": job.run_id,
-                "device": device,
-                # On the CPU, what the driver's predictor chose; a GPU actor chooses for itself.
-                "runtime": predictor.runtime if device == "cpu" else cfg.predict.runtime,
-                "threads": cpu_threads(cfg.score.cpus_per_actor),
-            },
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            batch_size=cfg.score.batch_size,
-            num_cpus=cfg.score.cpus_per_actor,
-            num_gpus=cfg.score.gpus_per_actor or None,
-        )
+    # Actors that decode on their device (score.decode) get the bytes instead.
+    ds = read_bytes_dataset(job.paths, job.fs, cfg.data.files_per_task, num_cpus=DECODE_CPUS)
+    if not cfg.score.decode_on_actors:
+        ds = ds.map_batches(decode_for_scoring, fn_kwargs=guards, batch_size=None, num_cpus=DECODE_CPUS)
+    ds = ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs={
+            "meta": predictor.bundle.meta,
+            "weights": weights_of(predictor.model),
+            "onnx": predictor.bundle.onnx,
+            "model": (predictor.info["name"], predictor.info["version"]),
+            "run_id": job.run_id,
+            "device": device,
+            # On the CPU, what the driver's predictor chose; a GPU actor chooses for itself.
+            "runtime": predictor.runtime if device == "cpu" else cfg.predict.runtime,
+            "threads": cpu_threads(cfg.score.cpus_per_actor),
+            "decode": guards if cfg.score.decode_on_actors else None,
+        },
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=cfg.score.batch_size,
+        num_cpus=cfg.score.cpus_per_actor,
+        num_gpus=cfg.score.gpus_per_actor or None,
     )
     # Ray Data's per-operator reservations hold back CPUs for the model actors that they do not
     # use while decoding is the bottleneck: on 2 CPUs decoding ran one task at a time, and the

@@ -75,11 +75,11 @@ def test_only_train_is_augmented(ray_session, image_tree):
     )
     pipeline = ImagePipeline.from_config(cfg)
     val_a, _ = collect(pipeline, "validation", "unit")
-    val_b, _ = collect(pipeline, "validation", "unit")
+    val_b, _ = collect(pipeline, "validation", "unit", augment=True)
     assert torch.equal(val_a, val_b)  # never augmented: identical every pass
 
-    plain, _ = collect(pipeline, "train", "unit", augment=False)
-    augmented, _ = collect(pipeline, "train", "unit")
+    plain, _ = collect(pipeline, "train", "unit")
+    augmented, _ = collect(pipeline, "train", "unit", augment=True)
     assert plain.shape == augmented.shape
     # brightness 0.2..0.5 darkens every image a lot
     assert float(augmented.mean()) < 0.6 * float(plain.mean())

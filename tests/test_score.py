@@ -410,3 +410,108 @@ def test_unset_num_actors_runs_as_many_actors_as_fit_beside_decoding_at_most_one
     assert auto_actors([{"CPU": 8.0, "GPU": 4.0}], {"CPU": 0.5, "GPU": 0.5}) == 8
     assert auto_actors([{"CPU": 4.0}], gpu) == 1  # no GPU node yet: one actor, as the autoscaler is asked
     assert auto_actors([], half) == 1
+
+
+PALETTE = ((200, 60, 50), (60, 170, 60), (50, 80, 200), (210, 190, 60), (150, 60, 170), (90, 90, 90))
+
+
+def photo(rng, side: tuple[int, int], orientation: int = 1, cls: int | None = None) -> bytes:
+    """A photo-like JPEG: a gradient over a base colour (``PALETTE[cls]``, else random), a blob and
+    texture; EXIF orientation if not 1."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    w, h = side
+    yy, xx = np.mgrid[0:h, 0:w]
+    colour = rng.uniform(0, 255, 3) if cls is None else np.asarray(PALETTE[cls]) + rng.normal(0, 12, 3)
+    base = colour + xx[..., None] * rng.uniform(-1, 1, 3) * 60 / w
+    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    blob = 120 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (0.05 * w * h))[..., None]
+    img = np.clip(base + blob * rng.uniform(-1, 1, 3) + rng.normal(0, 10, (h, w, 3)), 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(img.astype(np.uint8)).save(buf, "JPEG", quality=88, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_device_decoding_turns_photos_upright_as_the_cpu_path_does(orientation):
+    import numpy as np
+    import torch
+
+    from hotdog_ray.device_decode import decode_batch
+    from hotdog_ray.images import decode_image
+
+    data = photo(np.random.default_rng(orientation), (48, 32), orientation)
+    (on_device,), errors = decode_batch([data], 24, torch.device("cpu"), max_pixels=10**7, min_side=8)
+    assert errors == [""]
+    cpu = decode_image(data, 24).astype(float)
+    assert np.abs(on_device.numpy().astype(float) - cpu).mean() < 4  # same picture, same way up
+    wrong = [np.abs(np.rot90(cpu, k).astype(float) - cpu).mean() for k in (1, 2)]
+    assert min(wrong) > 10  # and the picture is not symmetric enough for a wrong turn to pass
+
+
+def test_device_and_cpu_decoding_agree_on_top1_for_a_photo_set():
+    """The device path (its code, the device set to the CPU) against the CPU path, through a small
+    CNN trained on the CPU path's pixels (a random network's near-ties would measure nothing)."""
+    import numpy as np
+    import torch
+
+    from hotdog_ray.device_decode import decode_batch
+    from hotdog_ray.images import decode_image, to_model_input
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, len(PALETTE), 600)
+    photos = [
+        photo(rng, (int(rng.integers(40, 400)), int(rng.integers(40, 400))), int(rng.integers(1, 9)), c)
+        for c in labels
+    ]
+    size, y = 32, torch.from_numpy(labels)
+    cpu = torch.from_numpy(np.stack([decode_image(p, size) for p in photos]))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(128, len(PALETTE)),
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    x_train = to_model_input(cpu[:200], "unit")
+    for _ in range(150):  # trained on the first 200 photos' CPU pixels; checked on the other 400
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x_train), y[:200]).backward()
+        opt.step()
+    device, errors = decode_batch(photos[200:], size, torch.device("cpu"), max_pixels=10**7, min_side=8)
+    assert errors == [""] * 400
+    with torch.no_grad():
+        top_cpu, top_device = (net(to_model_input(x, "unit")).argmax(1) for x in (cpu[200:], device))
+    assert float((top_cpu == y[200:]).float().mean()) > 0.8  # a model that tells the photos apart
+    agreement = float((top_cpu == top_device).float().mean())
+    assert agreement >= 0.995, agreement
+
+
+def test_actors_that_decode_on_their_device_answer_every_file_with_the_same_reasons(
+    ray_session, scoring, tmp_path
+):
+    cfg, predictor = scoring
+    files = write_inputs(tmp_path / "in")
+    on_actors = cfg.model_copy(update={"score": cfg.score.model_copy(update={"decode": "actors"})})
+    assert on_actors.score.decode_on_actors and not cfg.score.decode_on_actors  # auto on the CPU: tasks
+    runs = {}
+    for name, c in (("tasks", cfg), ("actors", on_actors)):
+        summary = score(c, input=str(tmp_path / "in"), output=str(tmp_path / name), date="2026-11-23")
+        assert (summary.files, summary.failed) == (len(files), len(BAD))
+        table = read_partition(str(tmp_path / name / "date=2026-11-23"))
+        runs[name] = {
+            p: (label, error)
+            for p, label, error in zip(*(table[k].to_pylist() for k in ("path", "label", "error")))
+        }
+    assert runs["actors"].keys() == runs["tasks"].keys()
+    for path, (label, error) in runs["tasks"].items():
+        assert runs["actors"][path][1] == error  # a bad file's reason, word for word
+    agree = sum(runs["actors"][p][0] == label for p, (label, _) in runs["tasks"].items())
+    assert agree >= len(files) - 1  # tiny odd-mode images: the resize filters may differ on one
