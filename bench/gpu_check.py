@@ -1,6 +1,11 @@
 """The GPU path, checked and measured in one run.
 
 Steps, each timed, each a pass or a fail (a failed step does not stop the others):
+  * steady: ``snacks_cnn`` at 224 px, bf16 and channels-last, the catdog preset's augmentation, on
+    at least 10,000 photos for 5 epochs: for epochs 2 and later, train images/s against a compute-only
+    loop on the same device (synthetic uint8 batches already there, the same augmentation, precision,
+    memory format and batch), the GPU's busy share during those epochs, and the gap between epochs
+    (report, checkpoint and the wait for the next epoch's first batch);
   * train: ``first_cnn`` at 120 px and ``snacks_cnn`` at 224 px on generated photos, fp32 against bf16
     autocast + channels-last (``train.mixed_precision``, ``train.channels_last``): images/s both ways,
     the loss falling, a checkpoint written, and the run resumed from it for one more epoch;
@@ -10,8 +15,9 @@ Steps, each timed, each a pass or a fail (a failed step does not stop the others
   * sweep: a 3-trial Tune sweep with a third of a GPU per trial;
   * serve: the model on a GPU Serve replica and on a CPU one (off a GPU: the CPU one), each loaded by ``bench/loadgen.py`` at
     concurrency 1 and 32 (requests/s, p50, p99);
-  * score: generated photos scored by a GPU actor (``hotdog_ray.score``) against the one-process loop
-    on the same GPU;
+  * score: generated photos scored by a GPU actor that decodes them on its GPU (``hotdog_ray.score``,
+    ``score.decode=auto``) against a one-process loop that decodes on the same GPU, and one that
+    decodes on the CPU;
   * onnx: every model exported and checked; PyTorch (bf16 autocast on the GPU) against ONNX Runtime
     on the device (its CUDA provider when bench/gpu_wheels.sh ran with ORT_GPU=1), batch 1 and 16,
     and which runtime predict.runtime=auto picks.
@@ -68,6 +74,9 @@ class Sizes:
     score_photos: int
     score_side: int
     timing_s: float  # least time spent timing each runtime in the onnx step
+    steady: tuple[str, int] = ("snacks_cnn", 224)  # the steady step's model and image size
+    steady_per_class: int = 5000  # training photos per class of the steady step
+    steady_epochs: int = 5
 
 
 FULL = Sizes(
@@ -80,7 +89,7 @@ FULL = Sizes(
     train_workers=1,
     sweep_trials=3,
     requests=(300, 2000),
-    score_photos=3000,
+    score_photos=30000,
     score_side=384,
     timing_s=1.0,
 )
@@ -97,6 +106,9 @@ SMOKE = Sizes(
     score_photos=40,
     score_side=48,
     timing_s=0.05,
+    steady=("first_cnn", 16),
+    steady_per_class=24,
+    steady_epochs=3,
 )
 
 
@@ -150,11 +162,11 @@ def photo(cls: int, side: int, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def write_photos(root: Path, sizes: Sizes) -> None:
+def write_photos(root: Path, sizes: Sizes, train_per_class: int | None = None) -> None:
     """``root/{train,validation,test}/<class>/*.jpg``, seeded."""
     rng = np.random.default_rng(0)
     per_split = {
-        "train": sizes.train_per_class,
+        "train": train_per_class or sizes.train_per_class,
         "validation": sizes.val_per_class,
         "test": sizes.val_per_class,
     }
@@ -174,6 +186,7 @@ class GpuSampler:
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, float]] = []
+        self.times: list[float] = []  # when each sample arrived (time.time())
         self._proc: subprocess.Popen | None = None
         self._thread: threading.Thread | None = None
 
@@ -202,6 +215,12 @@ class GpuSampler:
             except ValueError:
                 continue
             self.samples.append((util, mem))
+            self.times.append(time.time())
+
+    def busy_between(self, start: float, end: float) -> float | None:
+        """Mean utilisation (%) of the samples taken between ``start`` and ``end`` (time.time())."""
+        inside = [u for (u, _), t in zip(self.samples, self.times) if start <= t <= end]
+        return round(statistics.fmean(inside), 1) if inside else None
 
     def __exit__(self, *exc) -> None:
         if self._proc is not None:
@@ -234,6 +253,103 @@ def _steady_images_per_s(history: list[dict[str, float]]) -> float:
     """Median images/s of the epochs after the first (the first pays for start-up and warm-up)."""
     rates = [h["images_per_s"] for h in history[1:]] or [history[0]["images_per_s"]]
     return round(statistics.median(rates), 1)
+
+
+def step_steady(ctx: Context) -> dict[str, Any]:
+    """Training at its steady state against a compute-only loop on the same device."""
+    from hotdog_ray.config import load_config
+    from hotdog_ray.train import run_training
+
+    model, size = ctx.sizes.steady
+    write_photos(ctx.work / "steady", ctx.sizes, ctx.sizes.steady_per_class)
+    augment = load_config(str(HERE.parent / "configs" / "catdog.yaml")).data.augment
+    cfg = ctx.config(
+        f"data.root={ctx.work / 'steady'}",
+        f"model.name={model}",
+        f"data.image_size={size}",
+        f"train.epochs={ctx.sizes.steady_epochs}",
+        "train.mixed_precision=true",
+        "train.channels_last=true",
+        *(f"data.augment.{k}={json.dumps(v)}" for k, v in augment.model_dump(exclude_defaults=True).items()),
+    )
+    with GpuSampler() as sampler:
+        out = run_training(cfg, run_name="steady", register=False, evaluate_test=False)
+    steady = out.history[1:]
+    start = steady[0]["epoch_started_at"]
+    end = steady[-1]["epoch_started_at"] + steady[-1]["train_s"] + steady[-1]["validate_s"]
+    train_rate = statistics.median(h["images_per_s"] for h in steady)
+    steps = -(-2 * ctx.sizes.steady_per_class // cfg.train.batch_size)  # as many as an epoch
+    compute = compute_only_rate(cfg, len(CLASSES), ctx.device, steps=steps)
+    result = {
+        "model": model,
+        "image_size": size,
+        "train_images": 2 * ctx.sizes.steady_per_class,
+        "epochs": len(out.history),
+        "train_images_per_s": round(train_rate, 1),
+        "compute_only_images_per_s": round(compute, 1),
+        "ratio": round(train_rate / compute, 3),
+        "gpu_busy_pct": sampler.busy_between(start, end),
+        "gap_s": [round(h["gap_s"], 4) for h in steady],
+        "validate_s": [round(h["validate_s"], 3) for h in steady],
+        "epoch_images_per_s": [round(h["images_per_s"], 1) for h in out.history],
+        "loss": [round(h["loss"], 4) for h in out.history],
+    }
+    result["aims"] = {
+        "ratio>=0.8": result["ratio"] >= 0.8,
+        "gpu_busy>=80%": (result["gpu_busy_pct"] or 0) >= 80,
+        "gap<=50ms": max(result["gap_s"]) <= 0.05,
+    }
+    result["ok"] = out.history[-1]["loss"] < out.history[0]["loss"]
+    return result
+
+
+def compute_only_rate(cfg, classes: int, device: str, steps: int) -> float:
+    """images/s of the training step alone: synthetic uint8 batches already on ``device``, augmented,
+    rescaled and cast as our feed does, through the same model, optimizer and loss check."""
+    import torch
+
+    from hotdog_ray.feed import to_model_input
+    from hotdog_ray.models import loss_fn
+    from hotdog_ray.train import build_network, build_optimizer
+
+    dev = torch.device(device)
+    gpu = dev.type == "cuda"
+    net = build_network(cfg, [f"c{i}" for i in range(classes)], pretrained=False).to(dev)
+    net = net.to(memory_format=torch.channels_last) if gpu else net
+    opt = build_optimizer(net.parameters(), cfg.train)
+    size, batch = cfg.data.image_size, cfg.train.batch_size
+    pool = torch.randint(0, 256, (8 * batch, size, size, 3), dtype=torch.uint8, device=dev)
+    labels = torch.randint(0, classes, (8 * batch,), device=dev)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        idx = torch.randint(0, len(pool), (batch,), generator=gen).to(dev)
+        x = to_model_input(
+            pool[idx],
+            cfg.data.rescale,
+            augmentation=cfg.data.augment,
+            generator=gen,
+            channels_last=gpu,
+            dtype=torch.bfloat16 if gpu else torch.float32,
+        )
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=gpu):
+            logits = net(x)
+        loss = loss_fn(logits.float(), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()  # our loop reads the loss every step (divergence check)
+
+    for _ in range(10):  # warm-up: kernels, cuDNN autotuning, the allocator
+        step()
+    if gpu:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if gpu:
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t0)
 
 
 def step_train(ctx: Context) -> dict[str, Any]:
@@ -416,15 +532,34 @@ def step_score(ctx: Context) -> dict[str, Any]:
     )
     ours = len(files) / (time.perf_counter() - t0)
     predictor = Predictor.from_config(cfg, model_uri, device=ctx.device, runtime="torch")
+    device_loop = device_decode_loop(files, predictor, cfg.score.batch_size)
     loop = bench_score.baseline(files, predictor, cfg.score.batch_size)
     return {
         "ok": summary.files == len(files) and summary.failed == 0,
         "photos": len(files),
         "side": ctx.sizes.score_side,
+        "decode_on_actors": cfg.score.decode_on_actors,
         "ours_images_per_s": round(ours, 1),
+        "device_decode_loop_images_per_s": round(device_loop, 1),
         "loop_images_per_s": round(loop, 1),
-        "ratio": round(ours / loop, 3),
+        "ratio": round(ours / device_loop, 3),
+        "ratio_to_cpu_decode_loop": round(ours / loop, 3),
     }
+
+
+def device_decode_loop(files: list[Path], predictor, batch_size: int) -> float:
+    """images/s of one process that reads each batch's bytes, decodes them on the predictor's device
+    and scores them there."""
+    from hotdog_ray.device_decode import decode_batch
+
+    t0 = time.perf_counter()
+    for i in range(0, len(files), batch_size):
+        datas = [f.read_bytes() for f in files[i : i + batch_size]]
+        images, _ = decode_batch(
+            datas, predictor.image_size, predictor.device, max_pixels=predictor.max_pixels, min_side=8
+        )
+        predictor.predict_tensor(images)
+    return len(files) / (time.perf_counter() - t0)
 
 
 def step_onnx(ctx: Context) -> dict[str, Any]:
@@ -481,6 +616,7 @@ def step_onnx(ctx: Context) -> dict[str, Any]:
 
 
 STEPS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "steady": step_steady,
     "train": step_train,
     "two_workers": step_two_workers,
     "sweep": step_sweep,
@@ -545,6 +681,12 @@ def _figures(name: str, r: dict[str, Any]) -> str:
         speedup = f"; bf16/fp32 {r['bf16_over_fp32']}" if r["bf16_over_fp32"] else ""
         resumed = f"resumed to epoch {r['resumed_epochs'][-1]}" if r["resumed_epochs"] else "NOT resumed"
         return f"{rates}{speedup}; {resumed}{util}"
+    if name == "steady":
+        return (
+            f"{r['model']} {r['image_size']} px, {r['train_images']} photos: epochs 2+ {r['train_images_per_s']:g} "
+            f"vs compute-only {r['compute_only_images_per_s']:g} images/s (x{r['ratio']}), GPU busy "
+            f"{r['gpu_busy_pct']}%, gaps {max(r['gap_s']) * 1000:.0f} ms at most; aims {r['aims']}"
+        )
     if name == "two_workers":
         return f"backend {r['backend']}, {r['images_per_s']:g} images/s"
     if name == "sweep":
@@ -558,7 +700,11 @@ def _figures(name: str, r: dict[str, Any]) -> str:
         ratio = f"; GPU/CPU at c32 x{r['gpu_over_cpu_rps_c32']}" if "gpu_over_cpu_rps_c32" in r else ""
         return "; ".join(rows) + ratio + f"; Serve/uvicorn at c32 x{r['serve_over_uvicorn_rps_c32']}"
     if name == "score":
-        return f"{r['ours_images_per_s']:g} vs loop {r['loop_images_per_s']:g} images/s (x{r['ratio']})"
+        return (
+            f"{r['photos']} photos: {r['ours_images_per_s']:g} vs device-decode loop "
+            f"{r['device_decode_loop_images_per_s']:g} images/s (x{r['ratio']}); CPU-decode loop "
+            f"{r['loop_images_per_s']:g} (x{r['ratio_to_cpu_decode_loop']})"
+        )
     if name == "onnx":
         where = "/".join(p.removesuffix("ExecutionProvider") for p in r["session_providers"])
         rows = ", ".join(

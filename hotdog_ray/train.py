@@ -189,6 +189,7 @@ class Loop:
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.stopper = EarlyStopping(cfg.train.early_stopping_patience)
         self.history: list[dict[str, Any]] = []
+        self.first_batch_s = 0.0  # the last pass's wait for its first batch
         self.best_state: dict[str, torch.Tensor] | None = None
         self.start_epoch = 0
 
@@ -236,8 +237,11 @@ class Loop:
         self.model.train(train)
         loss_sum = count = 0.0
         correct = torch.zeros((), dtype=torch.int64, device=self.device)  # summed on device: no sync per step
+        started = time.perf_counter()
         with torch.set_grad_enabled(train):
             for step, (x, y) in enumerate(batches):
+                if step == 0:
+                    self.first_batch_s = time.perf_counter() - started
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     logits = self.model(x)
                 loss = loss_fn(logits.float(), y)
@@ -350,7 +354,9 @@ def fit_loop(cfg: Config, classes: list[str], session: Session, caches: dict[str
         for name in ("train", "validation")
     )
 
+    between = 0.0  # the previous epoch's report and checkpoint
     for epoch in range(loop.start_epoch, cfg.train.epochs):
+        started_at = time.time()
         try:
             trained = loop.train_epoch(train_shard, epoch, session.world)
         except TrainingError as err:
@@ -358,11 +364,24 @@ def fit_loop(cfg: Config, classes: list[str], session: Session, caches: dict[str
             # from the last checkpoint, diverging again. val_loss rides along for Tune's schedulers.
             session.report({"epoch": epoch, "diverged": str(err), "val_loss": math.inf})
             return
+        wait = loop.first_batch_s
+        t0 = time.perf_counter()
         validated = loop.validate(val_shard, session.world)
+        validate_s = time.perf_counter() - t0
         metrics = loop.end_epoch(epoch, trained, validated, session.world)
+        # Where an epoch's time goes besides training steps (this rank's): validation, and the gap
+        # between one epoch's last step and the next one's first (report, checkpoint, first batch).
+        metrics |= {
+            "train_s": trained[3],
+            "validate_s": validate_s,
+            "gap_s": between + wait,
+            "epoch_started_at": started_at,
+        }
+        t0 = time.perf_counter()
         if session.rank == 0:
             _export_epoch(getattr(session, "name", None) or "local", metrics)
         session.report(metrics, loop.checkpoint(epoch) if session.rank == 0 else None)
+        between = time.perf_counter() - t0
         if metrics["stopped_early"]:
             return
 

@@ -25,8 +25,13 @@ def test_gpu_check_smoke_runs_every_step_and_reports_it(tmp_path, joining_env):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["train", "two_workers", "sweep", "serve", "score", "onnx"]
+    assert list(steps) == ["steady", "train", "two_workers", "sweep", "serve", "score", "onnx"]
     assert all(s["ok"] for s in steps.values()), steps
+
+    steady = steps["steady"]  # the GPU figures' code path, on the CPU
+    assert steady["epochs"] == 3 and len(steady["gap_s"]) == 2 and steady["gpu_busy_pct"] is None
+    assert steady["train_images_per_s"] > 0 and steady["compute_only_images_per_s"] > 0
+    assert set(steady["aims"]) == {"ratio>=0.8", "gpu_busy>=80%", "gap<=50ms"}
 
     train = steps["train"]
     assert {(r["model"], r["precision"]) for r in train["runs"]} == {
@@ -43,6 +48,7 @@ def test_gpu_check_smoke_runs_every_step_and_reports_it(tmp_path, joining_env):
         assert serve[row]["c32"]["errors"] == 0 and serve[row]["c32"]["rps"] > 0
     assert serve["serve_over_uvicorn_rps_c32"] > 0
     assert steps["score"]["photos"] == 40 and steps["score"]["ours_images_per_s"] > 0
+    assert steps["score"]["device_decode_loop_images_per_s"] > 0
     onnx = steps["onnx"]
     assert [(r["batch"], r["auto_picks"]) for r in onnx["runs"]] == [(1, "onnxruntime"), (16, "onnxruntime")]
     assert all(r["max_abs_diff"] <= 1e-4 and r["torch_ms"] > 0 for r in onnx["runs"])
