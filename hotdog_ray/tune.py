@@ -219,6 +219,10 @@ def run_sweep(
     where = storage.resolve(cfg.train.storage_path)
     init_ray()
     _check_cluster(cfg)
+    # Every trial reads the same decoded cache: built here once, not by trials racing to build it.
+    from hotdog_ray.train import cache_splits
+
+    cache_splits(_trial_base(cfg), layout, ("train", "validation"))
     concurrency = _concurrency(cfg)
     search = searcher(cfg, cfg.train.seed if cfg.tune.seed is None else cfg.tune.seed, concurrency)
 
@@ -265,7 +269,14 @@ def _trial_base(cfg: Config) -> Config:
 
     return cfg.model_copy(
         update={
-            "data": cfg.data.model_copy(update={"root": storage.pinned(cfg.data.root)}),
+            "data": cfg.data.model_copy(
+                update={
+                    "root": storage.pinned(cfg.data.root),
+                    "cache": cfg.data.cache.model_copy(
+                        update={"root": cfg.data.cache.root and storage.pinned(cfg.data.cache.root)}
+                    ),
+                }
+            ),
             "train": cfg.train.model_copy(
                 update={"epochs": max_epochs(cfg), "storage_path": storage.pinned(cfg.train.storage_path)}
             ),

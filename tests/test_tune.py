@@ -220,6 +220,8 @@ def test_sweep_stops_poor_trials_and_nests_every_trial_in_mlflow(good_sweep):
             t["params"]["train.learning_rate"]
         )
         assert len(mlflow.get_metric_history(child.info.run_id, "val_loss")) == t["epochs"]
+        # the sweep's driver decoded the data once: every trial read the same cache
+        assert child.data.metrics["decoded_images"] == 0 and child.data.metrics["data_executions"] == 0
     lines = format_trials(out.trials).splitlines()
     assert len(lines) == 1 + len(out.trials) and lines[1].startswith(out.best["trial_id"])
 
