@@ -1,10 +1,12 @@
 """Image-folder datasets on Ray Data: ``<root>/{train,validation,test}/<class>/*``.
 
-The layout is listed once on the driver (paths only, never pixels), checked up front and
-frozen into a :class:`DatasetLayout` whose sorted class list every later stage reuses.
-Pixels stream through Ray Data: each task reads its share of the files as bytes (``read_images``
-fails the whole dataset on one bad file), decoded in ``map_batches`` where unreadable files are
-skipped, logged and counted by a small actor, and handed to training as torch batches.
+The layout is listed once on the driver (paths, sizes and modification times, never pixels),
+checked up front and frozen into a :class:`DatasetLayout` whose sorted class list every later stage
+reuses. Pixels stream through Ray Data: each task reads its share of the files as bytes
+(``read_images`` fails the whole dataset on one bad file), decoded in ``map_batches`` where
+unreadable files are skipped, logged and counted by a small actor. Training reads these pixels
+once, into the decoded-image cache (:mod:`hotdog_ray.cache`); ``hotdog inspect``, ``hotdog
+evaluate`` and the benchmarks stream them.
 """
 
 from __future__ import annotations

@@ -730,11 +730,15 @@ def check_cluster(cfg: Config, driver_cpus: float = 0.0) -> None:
 
 
 def check_shared_checkpoints(cfg: Config) -> None:
-    """Refuse a local ``train.storage_path`` on several nodes unless ``train.shared_storage``."""
+    """Refuse a local ``train.storage_path`` (checkpoints) or ``data.cache.root`` (the decoded cache
+    that every worker reads) on several nodes unless ``train.shared_storage``."""
     from hotdog_ray.runtime import check_shared_store
 
     check_shared_store(
         cfg.train.storage_path, "train.storage_path", cfg.train.shared_storage, "train.shared_storage"
+    )
+    check_shared_store(
+        cfg.data.cache.root, "data.cache.root", cfg.train.shared_storage, "train.shared_storage"
     )
 
 
