@@ -11,6 +11,7 @@ import torch
 
 if TYPE_CHECKING:
     from hotdog_ray.bundle import ModelBundle
+    from hotdog_ray.cache import CachedSplit
     from hotdog_ray.config import Config
     from hotdog_ray.predict import Predictor
 
@@ -87,28 +88,21 @@ def predict_batches(
     return np.concatenate(ys), np.concatenate(ps)
 
 
-def evaluate_dataset(
-    model: torch.nn.Module, dataset: Any, classes: list[str], rescale: str, batch_size: int = 256
-) -> dict[str, Any]:
-    """Metrics of ``model`` over a (streaming) Ray dataset of the pipeline's rows."""
-    from hotdog_ray.data import iter_torch_batches
-
-    y, p = predict_batches(model, iter_torch_batches(dataset, batch_size=batch_size, rescale=rescale))
-    return compute_metrics(y, p.argmax(axis=1), classes)
-
-
-def predict_dataset(
-    predictor: "Predictor", dataset: Any, batch_size: int = 256
+def predict_cached(
+    predictor: "Predictor", split: "CachedSplit", batch_size: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, class probabilities) over a Ray dataset of the pipeline's uint8 rows, on the
+    """(labels, class probabilities) over a decoded cache (:mod:`hotdog_ray.cache`), on the
     predictor's runtime (what serving and scoring run)."""
     ys, ps = [], []
-    for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        ps.append(predictor.predict_arrays(batch["image"]))
-        ys.append(batch["label"])
+    for shard in split.shards:
+        images = split.read_images(shard)
+        ys.append(split.read_index(shard).column("label").to_numpy())
+        ps += [
+            predictor.predict_arrays(images[i : i + batch_size]) for i in range(0, len(images), batch_size)
+        ]
     if not ys:
         return np.zeros(0, np.int64), np.zeros((0, len(predictor.classes)), np.float32)
-    return np.concatenate(ys), np.concatenate(ps)
+    return np.concatenate(ys).astype(np.int64), np.concatenate(ps)
 
 
 def evaluate_model(
@@ -118,8 +112,11 @@ def evaluate_model(
     ``predict.runtime``.
 
     Images are read at the model's own input size and rescale and labelled with its own class
-    list, so models trained at different sizes are compared on the same files.
+    list, so models trained at different sizes are compared on the same files. They come from the
+    decoded-image cache, built first if there is none (the one training made, when size and classes
+    match): comparing a champion with a candidate decodes the split once at most.
     """
+    from hotdog_ray import cache
     from hotdog_ray.data import ImagePipeline, discover
     from hotdog_ray.predict import Predictor
     from hotdog_ray.runtime import init_ray
@@ -136,7 +133,10 @@ def evaluate_model(
     layout = discover(data_cfg, required=(split,))
     init_ray()
     predictor = Predictor(bundle, runtime=cfg.predict.runtime)
-    y, p = predict_dataset(predictor, ImagePipeline(data_cfg, layout).dataset(split))
+    cached, _ = cache.ensure(
+        layout, split, data_cfg, cache.cache_root(cfg), lambda: ImagePipeline(data_cfg, layout)
+    )
+    y, p = predict_cached(predictor, cached)
     return compute_metrics(y, p.argmax(axis=1), bundle.classes)
 
 

@@ -258,7 +258,7 @@ def test_killed_sweep_resumes_and_accounts_for_every_trial(image_tree, tmp_path,
         tmp_path,
         str(image_tree.root),
         "train.epochs=1",
-        "tune.num_samples=2",
+        "tune.num_samples=3",
         "tune.asha=false",
         "tune.sampler=optuna",
         "tune.startup_trials=1",
@@ -271,7 +271,11 @@ def test_killed_sweep_resumes_and_accounts_for_every_trial(image_tree, tmp_path,
         *set_args(overrides),
         "--no-promote",
     ]
-    env = joining_env  # the session's Ray ends the killed driver's trials itself
+    # The session's Ray ends the killed driver's trials itself. Tune saves the sweep's state every
+    # 10 s by default: a trial that finished after the last save is unknown to the resumed sweep,
+    # which would run a new one in its place. Trials on the cache take seconds, so save every second
+    # and kill a little later than that.
+    env = {**joining_env, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(
         args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -281,6 +285,7 @@ def test_killed_sweep_resumes_and_accounts_for_every_trial(image_tree, tmp_path,
     try:
         while time.monotonic() < deadline and first.poll() is None:
             if _finished_trials(cfg) >= 1:
+                time.sleep(2.5)
                 break
             time.sleep(0.5)
         assert first.poll() is None, "the sweep ended before it could be interrupted"
@@ -304,8 +309,8 @@ def test_killed_sweep_resumes_and_accounts_for_every_trial(image_tree, tmp_path,
     assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"  # the same run, reopened and finished
     children = child_runs(cfg.tracking, sweeps[0].info.run_id)
     finished = {r.data.tags["trial_id"] for r in children if r.info.status == "FINISHED"}
-    assert len(finished) == 2  # every planned trial finished once
-    assert sweeps[0].data.metrics["trials_finished"] == 2
+    assert len(finished) == 3  # every planned trial finished once
+    assert sweeps[0].data.metrics["trials_finished"] == 3
 
 
 def _finished_trials(cfg) -> int:
