@@ -737,6 +737,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--models", nargs="+", metavar="NAME", help="only these of the check's models (a short rerun)"
     )
+    ap.add_argument(
+        "--steady",
+        nargs=4,
+        metavar=("MODEL", "SIZE", "PER_CLASS", "EPOCHS"),
+        help="the steady step's model, image size, photos per class and epochs (a CPU proxy at a size "
+        "a CPU finishes)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "out" / "gpu_check"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -757,6 +764,11 @@ def main(argv: list[str] | None = None) -> int:
     set_serve_env(ServeSettings(), drain_s=1)  # read by the processes Ray starts
     init_ray()
     sizes = SMOKE if args.smoke else FULL
+    if args.steady:
+        model, size, per_class, epochs = args.steady
+        sizes = replace(
+            sizes, steady=(model, int(size)), steady_per_class=int(per_class), steady_epochs=int(epochs)
+        )
     if args.models:
         sizes = replace(sizes, models=tuple(m for m in sizes.models if m[0] in args.models))
         if not sizes.models:
