@@ -279,7 +279,10 @@ def step_steady(ctx: Context) -> dict[str, Any]:
     end = steady[-1]["epoch_started_at"] + steady[-1]["train_s"] + steady[-1]["validate_s"]
     train_rate = statistics.median(h["images_per_s"] for h in steady)
     steps = -(-2 * ctx.sizes.steady_per_class // cfg.train.batch_size)  # as many as an epoch
-    compute = compute_only_rate(cfg, len(CLASSES), ctx.device, steps=steps)
+    # On the CPU a Train worker runs as many torch threads as it reserves CPUs (Ray sets
+    # OMP_NUM_THREADS): the loop it is compared with gets the same.
+    threads = max(1, int(cfg.train.cpus_per_worker)) if cfg.train.num_workers else None
+    compute = compute_only_rate(cfg, len(CLASSES), ctx.device, steps=steps, threads=threads)
     result = {
         "model": model,
         "image_size": size,
@@ -303,7 +306,7 @@ def step_steady(ctx: Context) -> dict[str, Any]:
     return result
 
 
-def compute_only_rate(cfg, classes: int, device: str, steps: int) -> float:
+def compute_only_rate(cfg, classes: int, device: str, steps: int, threads: int | None = None) -> float:
     """images/s of the training step alone: synthetic uint8 batches already on ``device``, augmented,
     rescaled and cast as our feed does, through the same model, optimizer and loss check."""
     import torch
@@ -340,16 +343,22 @@ def compute_only_rate(cfg, classes: int, device: str, steps: int) -> float:
         opt.step()
         loss.item()  # our loop reads the loss every step (divergence check)
 
-    for _ in range(10):  # warm-up: kernels, cuDNN autotuning, the allocator
-        step()
-    if gpu:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if gpu:
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t0)
+    saved = torch.get_num_threads()
+    if threads and not gpu:
+        torch.set_num_threads(threads)
+    try:
+        for _ in range(10):  # warm-up: kernels, cuDNN autotuning, the allocator
+            step()
+        if gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if gpu:
+            torch.cuda.synchronize()
+        return steps * batch / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def step_train(ctx: Context) -> dict[str, Any]:
