@@ -15,6 +15,8 @@ dashboard and the alert rules in
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -64,12 +66,80 @@ def reason_of(status: int) -> str:
     return REASONS.get(status, "server_error" if status >= 500 else "client_error")
 
 
+class GaugeKeeper:
+    """Records the last value of every gauge this process set again on a timer, so that Ray keeps
+    exporting it for as long as the process lives.
+
+    Why: Ray 2.60's metrics agent drops a gauge observation that was not refreshed within two
+    report intervals (``OpenTelemetryMetricRecorder._gauge_metric_ttl_s`` in
+    ``ray/_private/telemetry/open_telemetry_metric_recorder.py``: 2 x ``metrics_report_interval_ms``,
+    20 s by default), and a worker exports a gauge only in an interval in which it was set. A gauge
+    set once (the loaded model's ``hotdog_model_info``) vanished from the node's endpoint about
+    16 s later while its replica went on serving, and the no-model alert fired on a healthy service.
+    """
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._values: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[Any, float, dict | None]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def keep(self, gauge: Any, value: float, tags: dict[str, str] | None) -> None:
+        """Remember ``gauge``'s value for ``tags`` (its last one wins) and start the timer once."""
+        key = (id(gauge), tuple(sorted((tags or {}).items())))
+        with self._lock:
+            self._values[key] = (gauge, value, tags)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="hotdog-gauges", daemon=True)
+                self._thread.start()
+
+    def refresh(self) -> None:
+        """Record every kept value once more."""
+        with self._lock:
+            values = list(self._values.values())
+        for gauge, value, tags in values:
+            try:
+                gauge.set(value, tags=tags)
+            except Exception as exc:  # noqa: BLE001 - one bad series must not stop the others
+                log.debug("gauge refresh failed: %s", exc)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.period_s)
+            self.refresh()
+
+
+class KeptGauge:
+    """A Ray gauge whose values :class:`GaugeKeeper` records again until the process ends."""
+
+    def __init__(self, gauge: Any, keeper: GaugeKeeper) -> None:
+        self._gauge, self._keeper = gauge, keeper
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._gauge.set(value, tags=tags)
+        self._keeper.keep(self._gauge, value, tags)
+
+
+_KEEPER: list[GaugeKeeper] = []  # one per process, made by the first gauge
+
+
+# Half of Ray's default metrics report interval (10 s): every report carries a fresh point.
+GAUGE_REFRESH_S = 5.0
+
+
+def gauge_keeper() -> GaugeKeeper:
+    """This process's keeper."""
+    if not _KEEPER:
+        _KEEPER.append(GaugeKeeper(GAUGE_REFRESH_S))
+    return _KEEPER[0]
+
+
 def _make(name: str, module: Any) -> Any:
     kind, labels, help_text = SERIES[name]
     if kind == "counter":
         return module.Counter(name, description=help_text, tag_keys=labels)
     if kind == "gauge":
-        return module.Gauge(name, description=help_text, tag_keys=labels)
+        return KeptGauge(module.Gauge(name, description=help_text, tag_keys=labels), gauge_keeper())
     bounds = BATCH_SIZES if name == "hotdog_batch_size" else LATENCY_S
     return module.Histogram(name, description=help_text, boundaries=bounds, tag_keys=labels)
 
