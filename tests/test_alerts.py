@@ -16,13 +16,19 @@ HERE = Path(__file__).parent
 MANIFEST = HERE.parent / "k8s" / "monitoring.yaml"
 
 
-def promtool() -> str:
-    path = shutil.which("promtool")
+def installed(program: str) -> str:
+    """The path of Debian's ``prometheus`` package's ``program``: required where CI says so
+    (HOTDOG_REQUIRE_PROMETHEUS), else a skip that says why."""
+    path = shutil.which(program)
     if path is None:
         if os.environ.get("HOTDOG_REQUIRE_PROMETHEUS"):
-            pytest.fail("HOTDOG_REQUIRE_PROMETHEUS is set but promtool is not installed")
-        pytest.skip("no promtool on this machine (apt-get install prometheus; CI does)")
+            pytest.fail(f"HOTDOG_REQUIRE_PROMETHEUS is set but {program} is not installed")
+        pytest.skip(f"no {program} on this machine (apt-get install prometheus; CI does)")
     return path
+
+
+def promtool() -> str:
+    return installed("promtool")
 
 
 def rule_groups() -> dict:
@@ -57,12 +63,7 @@ def test_every_rule_fires_when_it_should_and_not_before(tmp_path):
 
 
 def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        if os.environ.get("HOTDOG_REQUIRE_PROMETHEUS"):
-            pytest.fail("HOTDOG_REQUIRE_PROMETHEUS is set but prometheus is not installed")
-        pytest.skip("no prometheus on this machine (apt-get install prometheus; CI does)")
-    return path
+    return installed("prometheus")
 
 
 class LivePrometheus:
@@ -70,8 +71,6 @@ class LivePrometheus:
     Serve application (other tests' job gauges in this Ray session are dropped at scrape)."""
 
     def __init__(self, folder: Path, target: str, application: str) -> None:
-        import signal  # noqa: F401 - used in stop()
-
         from tests.helpers import free_port
 
         self.port = free_port()
