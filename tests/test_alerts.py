@@ -4,6 +4,7 @@ Debian's ``prometheus`` package, which CI installs; elsewhere the tests skip, sa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -138,11 +139,31 @@ class LivePrometheus:
         self.log.close()
 
 
-def test_a_healthy_service_raises_no_alert_and_faults_raise_theirs(ray_session, tmp_path):
-    """A live service scraped every second for over a minute past its model load: no alert pending
-    or firing, the loaded-model gauge still there; then refused images at a high rate make the
-    refusal alert pending. Beside it, a deployment whose registry has no model: the no-model alert
-    is pending there (each application seen by its own Prometheus)."""
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel, PromQL) of every query of the Grafana dashboard, its variables filled in as Grafana
+    would for "All" clusters over the last minutes."""
+    dashboard = json.loads((HERE.parent / "k8s" / "grafana-dashboard.json").read_text())
+    fill = {"$cluster": ".*", "$__rate_interval": "1m", "$__range": "10m"}
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for var, value in fill.items():
+                expr = expr.replace(var, value)
+            assert "$" not in expr, f"panel {panel['title']!r}: a variable the test does not fill: {expr}"
+            out.append((panel["title"], expr))
+    return out
+
+
+def test_a_healthy_service_raises_no_alert_faults_raise_theirs_and_every_panel_has_data(
+    ray_session, image_tree, tmp_path
+):
+    """A live service (prediction log, shadow rollout, hot reload on) scraped every second for over a
+    minute past its model load: no alert pending or firing, the loaded-model gauge still there. Then
+    a training run and a scoring run (with its drift check) in this process, refused images at a
+    high rate (the refusal alert pending, not the error rate), and every dashboard query has data.
+    Beside it, a deployment whose registry has no model: the no-model alert is pending there. Each
+    Prometheus sees its own applications (other tests' job gauges in this Ray are dropped)."""
     import threading
     import time
 
@@ -151,24 +172,36 @@ def test_a_healthy_service_raises_no_alert_and_faults_raise_theirs(ray_session, 
     import requests
     from ray import serve
 
+    from hotdog_ray.config import load_config
     from hotdog_ray.registry import set_alias
+    from hotdog_ray.score import score
     from hotdog_ray.serve import deployment
-    from tests.helpers import free_port, png, register_model, tiny_model, tiny_model_config
+    from hotdog_ray.train import run_training
+    from tests.helpers import free_port, mlflow_store, png, register_model, tiny_model, tiny_model_config
     from tests.imagegen import CLASSES
 
     prometheus_binary()
-    settings = ("serve.reload_interval_s=0", "serve.cpus_per_replica=0.25")
-    cfg = tiny_model_config(tmp_path / "store", *settings)
-    _, version = register_model(cfg, tiny_model(CLASSES), CLASSES, name="alerting")
-    set_alias(cfg.tracking, version)
+    settings = ("serve.cpus_per_replica=0.25", "serve.reload_interval_s=0")
+    cfg = tiny_model_config(
+        tmp_path / "store",
+        "serve.cpus_per_replica=0.25",
+        "serve.reload_interval_s=2",
+        "serve.rollout=shadow",
+        f"serve.prediction_log={tmp_path / 'predictions'}",
+        "serve.log_flush_interval_s=0.5",
+    )
+    models = [register_model(cfg, tiny_model(CLASSES, seed=i), CLASSES, name="alerting")[1] for i in range(3)]
+    set_alias(cfg.tracking, models[0])
+    set_alias(cfg.tracking, models[1], alias=cfg.tracking.challenger_alias)
     empty = tiny_model_config(tmp_path / "empty", *settings)  # a registry with no model in it
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     target = f"127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}"
-    (tmp_path / "healthy").mkdir()
-    (tmp_path / "no-model").mkdir()
+    for name in ("healthy", "no-model", "dashboard"):
+        (tmp_path / name).mkdir()
     prom = LivePrometheus(tmp_path / "healthy", target, "alerting")
     prom_empty = LivePrometheus(tmp_path / "no-model", target, "no-model")
+    prom_all = LivePrometheus(tmp_path / "dashboard", target, ".*")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     stop = threading.Event()
     images = [png(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)) for i in range(8)]
@@ -188,8 +221,8 @@ def test_a_healthy_service_raises_no_alert_and_faults_raise_theirs(ray_session, 
 
     sender = threading.Thread(target=traffic, daemon=True)
     try:
-        prom.wait_ready()
-        prom_empty.wait_ready()
+        for p in (prom, prom_empty, prom_all):
+            p.wait_ready()
         serve.run(deployment(cfg).bind(cfg.model_dump(mode="json")), name="alerting", route_prefix="/")
         serve.run(
             deployment(empty).bind(empty.model_dump(mode="json")), name="no-model", route_prefix="/no-model"
@@ -203,8 +236,12 @@ def test_a_healthy_service_raises_no_alert_and_faults_raise_theirs(ray_session, 
             time.sleep(1)
         time.sleep(3)  # a few rule evaluations on the new data
         seen: dict[str, str] = {}
+        moved = False
         while time.monotonic() - loaded_at < 65:  # past the 20 s after which Ray drops stale gauges
             seen |= prom.alerts()
+            if not moved and time.monotonic() - loaded_at > 25:
+                set_alias(cfg.tracking, models[2])  # a new champion: the replica reloads in place
+                moved = True
             time.sleep(2)
         assert seen == {}, seen  # healthy: nothing pending, nothing firing
         assert prom.value('sum(ray_hotdog_model_info{role="champion"})') == 1.0
@@ -212,15 +249,48 @@ def test_a_healthy_service_raises_no_alert_and_faults_raise_theirs(ray_session, 
         # No model: its own alert, and its 503s count as failed requests (both pending, then paging).
         assert prom_empty.alerts() == {"HotdogNoModelLoaded": "pending", "HotdogHighErrorRate": "pending"}
 
+        # The jobs the dashboard shows, in this process: a training run, then a nightly scoring
+        # run of its model, whose drift check compares the night with the model's reference.
+        jobs = load_config(
+            None,
+            [
+                f"data.root={image_tree.root}",
+                "data.image_size=16",
+                "model.name=first_cnn",
+                "model.filters=4",
+                "train.num_workers=0",
+                "train.epochs=2",
+                "train.batch_size=8",
+                f"train.storage_path={tmp_path / 'runs'}",
+                f"tracking.uri={mlflow_store(tmp_path / 'jobs')}",
+            ],
+        )
+        trained = run_training(jobs, run_name="dashboard", evaluate_test=False)
+        score(
+            jobs,
+            input=str(image_tree.root / "test"),
+            output=str(tmp_path / "scores"),
+            date="2026-12-06",
+            model=f"models:/{jobs.tracking.registered_model}/{trained.model_version}",
+        )
+
         body["good"] = False  # a client that sends what is not an image, 20 times a second
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and prom.alerts().get("HotdogHighRefusalRate") != "pending":
             time.sleep(2)
         assert prom.alerts() == {"HotdogHighRefusalRate": "pending"}  # refused, not failed
+
+        queries = dashboard_queries()
+        missing = queries
+        deadline = time.monotonic() + 60  # the jobs' last values reach the endpoint within a report
+        while missing and time.monotonic() < deadline:
+            missing = [(panel, q) for panel, q in queries if prom_all.value(q) is None]
+            time.sleep(2)
+        assert missing == [], missing  # every panel has data when its feature runs
     finally:
         stop.set()
         for app in ("alerting", "no-model"):
             serve.delete(app)
         serve.shutdown()
-        prom.stop()
-        prom_empty.stop()
+        for p in (prom, prom_empty, prom_all):
+            p.stop()
