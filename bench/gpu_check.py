@@ -559,12 +559,12 @@ def step_score(ctx: Context) -> dict[str, Any]:
 def device_decode_loop(files: list[Path], predictor, batch_size: int) -> float:
     """images/s of one process that reads each batch's bytes, decodes them on the predictor's device
     and scores them there."""
-    from hotdog_ray.device_decode import decode_batch
+    from hotdog_ray.device_decode import decode_on_device
 
     t0 = time.perf_counter()
     for i in range(0, len(files), batch_size):
         datas = [f.read_bytes() for f in files[i : i + batch_size]]
-        images, _ = decode_batch(
+        images, _ = decode_on_device(
             datas, predictor.image_size, predictor.device, max_pixels=predictor.max_pixels, min_side=8
         )
         predictor.predict_tensor(images)

@@ -13,6 +13,7 @@ that uses it reports them. Every later run, every trial of a sweep and every ran
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import io
 import json
@@ -28,11 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hotdog_ray import storage
+from hotdog_ray.data import DatasetLayout, ImagePipeline
 from hotdog_ray.errors import DataError
 
 if TYPE_CHECKING:
     from hotdog_ray.config import Config, DataSettings
-    from hotdog_ray.data import DatasetLayout, ImagePipeline
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,28 @@ def ensure(
         )
         return found, False
     return build(pipeline(), split, root, key), True
+
+
+def ensure_splits(
+    cfg: "Config", layout: DatasetLayout, splits: tuple[str, ...]
+) -> tuple[dict[str, CachedSplit], list[str]]:
+    """Each split's cache under :func:`cache_root`, built where missing (one Ray Data execution per
+    split, all from one pipeline made only if needed); and the splits built now. Unreadable files are
+    logged with the count their cache recorded."""
+    root = cache_root(cfg)
+    pipeline = functools.cache(lambda: ImagePipeline(cfg.data, layout))
+    caches: dict[str, CachedSplit] = {}
+    built: list[str] = []
+    for split in splits:
+        caches[split], fresh = ensure(layout, split, cfg.data, root, pipeline)
+        built += [split] if fresh else []
+        if caches[split].skipped:
+            log.warning(
+                "%s: %d unreadable file(s) skipped (listed in the cache manifest)",
+                split,
+                len(caches[split].skipped),
+            )
+    return caches, built
 
 
 def build(pipeline: "ImagePipeline", split: str, root: storage.Location, key: str) -> CachedSplit:
@@ -289,6 +312,22 @@ def list_caches(root: storage.Location) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def format_caches(rows: list[dict[str, Any]], where: str) -> str:
+    """``hotdog cache ls``'s table of :func:`list_caches` rows (pure)."""
+    lines = [f"decoded-image caches in {where}: {len(rows)}"]
+    if rows:
+        lines.append(
+            f"{'key':<34}{'split':<12}{'size':>6}{'images':>9}{'unreadable':>12}{'MB':>10}  created / dataset"
+        )
+    for r in rows:
+        state = r["created"] if r["finished"] else "unfinished (no manifest)"
+        lines.append(
+            f"{r['key']:<34}{r['split']:<12}{r['image_size'] or '-':>6}{r['images']:>9}{r['unreadable']:>12}"
+            f"{r['bytes'] / 1e6:>10.1f}  {state}  {r['dataset']}"
+        )
+    return "\n".join(lines)
 
 
 def remove(root: storage.Location, key: str) -> int:

@@ -141,20 +141,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"removed {len(args.keys)} cache(s), {freed / 1e6:.1f} MB")
         return 0
     rows = cache.list_caches(root)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"decoded-image caches in {root.uri}: {len(rows)}")
-    if rows:
-        print(
-            f"{'key':<34}{'split':<12}{'size':>6}{'images':>9}{'unreadable':>12}{'MB':>10}  created / dataset"
-        )
-    for r in rows:
-        state = r["created"] if r["finished"] else "unfinished (no manifest)"
-        print(
-            f"{r['key']:<34}{r['split']:<12}{r['image_size'] or '-':>6}{r['images']:>9}{r['unreadable']:>12}"
-            f"{r['bytes'] / 1e6:>10.1f}  {state}  {r['dataset']}"
-        )
+    print(json.dumps(rows, indent=2) if args.json else cache.format_caches(rows, root.uri))
     return 0
 
 

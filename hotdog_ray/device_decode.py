@@ -83,7 +83,7 @@ def _jpeg_header(data: bytes, max_pixels: int, min_side: int) -> int | None:
         return None
 
 
-def decode_batch(
+def decode_on_device(
     datas: Sequence[bytes],
     size: int,
     device: torch.device,

@@ -87,6 +87,15 @@ def to_model_input(
     return x.to(dtype) if dtype != torch.float32 else x
 
 
+def in_order(
+    split: CachedSplit, settings: "CacheSettings", rescale: str, batch_size: int = 256
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The whole cached split in its own order, unaugmented, on the CPU (evaluation, the drift
+    profile)."""
+    feed = SplitFeed(split, rank=0, world=1, device=torch.device("cpu"), settings=settings)
+    return feed.batches(batch_size, rescale=rescale)
+
+
 class SplitFeed:
     """One worker's shard of a cached split and the batches of each epoch."""
 

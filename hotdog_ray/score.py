@@ -23,6 +23,13 @@ import numpy as np
 from hotdog_ray import storage
 from hotdog_ray.config import Config
 from hotdog_ray.errors import ScoreError
+from hotdog_ray.publish import (
+    clean_stale_staging,
+    count_rows,
+    partition_name,
+    publish,
+    restore_interrupted_publish,
+)
 from hotdog_ray.runtime import Progress
 
 if TYPE_CHECKING:
@@ -34,7 +41,6 @@ SUMMARY_FILE = "_summary.json"  # leading underscore: Parquet readers skip it
 DECODE_CPUS = 0.5  # each fused read-and-decode task
 ROW_GROUP_ROWS = 65_536  # rows the driver gathers before writing a Parquet row group
 ROWS_PER_FILE = 1_048_576  # rows in each Parquet file of a run
-REPLACED = ".replaced"  # suffix, in staging, of a published partition being swapped out
 
 
 def run_date(value: str | dt.date | None) -> dt.date:
@@ -57,10 +63,6 @@ def run_date(value: str | dt.date | None) -> dt.date:
 def expand(template: str, date: dt.date) -> str:
     """``{date}`` in a path becomes the run date (``s3://b/incoming/{date}/``)."""
     return template.replace("{date}", date.isoformat())
-
-
-def partition_name(date: dt.date) -> str:
-    return f"date={date.isoformat()}"
 
 
 @dataclass
@@ -155,9 +157,9 @@ class Scorer:
         if self.decode is not None:
             import torch
 
-            from hotdog_ray.device_decode import decode_batch
+            from hotdog_ray.device_decode import decode_on_device
 
-            images, reasons = decode_batch(
+            images, reasons = decode_on_device(
                 list(batch["bytes"]),
                 self.decode["size"],
                 torch.device(self.device),
@@ -318,7 +320,7 @@ def score(
             job.out.fs, f"{job.staging.path}/{SUMMARY_FILE}", json.dumps(asdict(summary), indent=2).encode()
         )
         publish(job.out.fs, job.staging.path, job.final.path)
-        _clean_stale_staging(job.out, job.day)
+        clean_stale_staging(job.out, job.day)
         mlflow_run.log_metrics(
             {
                 "files": summary.files,
@@ -473,7 +475,7 @@ def write_rows(ds: "ray.data.Dataset", job: ScorePlan, progress: Progress) -> in
 
 def _summary(job: ScorePlan, predictor: Any, seconds: float) -> ScoreSummary:
     """The run's counts; raises :class:`ScoreError` (nothing published) unless every file has a row."""
-    rows, failed = _count(job.out.fs, job.staging.path)
+    rows, failed = count_rows(job.out.fs, job.staging.path)
     if rows != len(job.paths):
         raise ScoreError(
             f"wrote {rows} rows for {len(job.paths)} files; nothing published (staging: {job.staging.uri})"
@@ -527,86 +529,3 @@ def check_cluster(cfg: Config, output: str) -> int:
     )
     check_shared_store(output, "score.output", cfg.score.shared_output, "score.shared_output")
     return count
-
-
-def _clean_stale_staging(out, day: dt.date) -> None:
-    """Remove what killed runs of this date left in staging (their data was never published)."""
-    import pyarrow.fs as pafs
-
-    root = out.join("_staging")
-    for name in storage.list_dirs(root):
-        if name.startswith(partition_name(day) + "-"):
-            log.info("removing %s/%s, left by an interrupted run", root.uri, name)
-            out.fs.delete_dir(root.join(name).path)
-    if not storage.list_dirs(root) and out.fs.get_file_info(root.path).type == pafs.FileType.Directory:
-        out.fs.delete_dir(root.path)
-
-
-def _count(fs, path: str) -> tuple[int, int]:
-    """(rows, rows with an error) of the Parquet under ``path`` (0, 0 when nothing was written)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
-
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return 0, 0
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["error"])
-    return table.num_rows, table.num_rows - int(pc.sum(pc.is_null(table["error"])).as_py() or 0)
-
-
-def publish(fs, staging: str, final: str) -> None:
-    """Replace ``final`` by ``staging`` so that a crash at any point loses no published row.
-
-    Local filesystems: two renames (the old partition aside into staging, the new one in), then the
-    old copy is deleted; a run killed between the renames leaves the old copy, which the next run
-    puts back before it starts (``restore_interrupted_publish``). Object stores have no rename: the
-    staged files are copied in first (Ray Data names each run's files apart), then the earlier run's
-    files are deleted, so a crash in between leaves both runs' rows (told apart by ``run_id``) until
-    the next run of the date replaces them, rather than a partition with rows missing.
-    """
-    import pyarrow.fs as pafs
-
-    exists = fs.get_file_info(final).type != pafs.FileType.NotFound
-    if isinstance(fs, pafs.LocalFileSystem):
-        aside = staging + REPLACED
-        if exists:
-            fs.move(final, aside)
-        fs.move(staging, final)
-        if exists:
-            fs.delete_dir(aside)
-        return
-    before = (
-        {
-            i.path
-            for i in fs.get_file_info(pafs.FileSelector(final, recursive=True))
-            if i.type == pafs.FileType.File
-        }
-        if exists
-        else set()
-    )
-    pafs.copy_files(staging, final, source_filesystem=fs, destination_filesystem=fs)
-    staged = {
-        i.path.replace(staging, final, 1)
-        for i in fs.get_file_info(pafs.FileSelector(staging, recursive=True))
-        if i.type == pafs.FileType.File
-    }
-    for path in sorted(before - staged):
-        fs.delete_file(path)
-    fs.delete_dir(staging)
-
-
-def restore_interrupted_publish(out, day: dt.date) -> bool:
-    """Put back a partition that a run killed mid-publish left aside in staging (local filesystems)."""
-    import pyarrow.fs as pafs
-
-    final, root = out.join(partition_name(day)), out.join("_staging")
-    if out.fs.get_file_info(final.path).type != pafs.FileType.NotFound:
-        return False
-    aside = [
-        n for n in storage.list_dirs(root) if n.startswith(partition_name(day) + "-") and n.endswith(REPLACED)
-    ]
-    if not aside:
-        return False
-    log.warning("restoring %s, left aside by a run killed while publishing", final.uri)
-    out.fs.move(root.join(aside[0]).path, final.path)
-    return True

@@ -4,49 +4,49 @@ The driver checks the data, decodes each split once into the decoded-image cache
 there), opens the MLflow run and starts a ``TorchTrainer``; each worker holds its shard of the
 cached training split (:mod:`hotdog_ray.feed`), augments each batch on its device, validates on its
 shard of the cached validation split, and the sums are all-reduced so every reported metric is the
-whole split's. Epochs start no Ray Data execution. Rank 0
-checkpoints the full state every epoch, so a restarted worker group (``max_failures``) or a rerun
-of the same run name continues where it stopped without repeating an epoch.
+whole split's. Epochs start no Ray Data execution. Rank 0 checkpoints the full state every epoch,
+so a restarted worker group (``max_failures``) or a rerun of the same run name continues where it
+stopped without repeating an epoch.
 
-The loop (:func:`fit_loop`) talks to its host through a small session object: Ray Train's
-(:class:`TrainSession`), the driver's own with ``train.num_workers=0`` (:class:`DriverSession`),
-or, for a Tune trial that trains in its own process, Tune's (:class:`TrialSession`), so sweeps
-reuse this very code. Ray is imported at module level: this module runs in Ray workers, and the
-CLI imports it only for ``hotdog train``.
+The loop (:func:`fit_loop`) talks to its host through a small session object
+(:mod:`hotdog_ray.sessions`: Ray Train's, the driver's own with ``train.num_workers=0``, or a Tune
+trial's), so sweeps reuse this very code. Ray is imported at module level: this module runs in Ray
+workers, and the CLI imports it only for ``hotdog train``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import logging
 import math
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any
 
 import ray.train
 import torch
 from torch import nn
 
-from hotdog_ray import storage
+from hotdog_ray import cache, storage
 from hotdog_ray.cache import CachedSplit
 from hotdog_ray.config import Config, TrainSettings, flatten, from_dict
 from hotdog_ray.errors import TrainingError
-from hotdog_ray.feed import SplitFeed
+from hotdog_ray.feed import SplitFeed, in_order
+from hotdog_ray.sessions import (
+    DriverSession,
+    Session,
+    TrainSession,
+    TrialSession,
+    load_checkpoint_state,
+    quiet_train_reports,
+)
 
 if TYPE_CHECKING:
     from hotdog_ray.data import DatasetLayout
     from hotdog_ray.tracking import Run
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "state.pt"
-
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
@@ -155,18 +155,6 @@ def _reduce(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-class Session(Protocol):
-    """What the loop needs from where it runs: rank, device, checkpoints and reports."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    def checkpoint_state(self) -> dict[str, Any] | None: ...
-    def prepare(self, model: nn.Module) -> nn.Module: ...
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None: ...
 
 
 class Loop:
@@ -401,175 +389,9 @@ def _export_epoch(run: str, metrics: dict[str, Any]) -> None:
             gauges[name].set(float(value), tags={"run": run})
 
 
-# ---------------------------------------------------------------------------------------------
-# Where the loop runs
-
-
-def _quiet_train_reports() -> None:
-    """Ray Train logs two long lines per report and checkpoint; our one line per epoch is the progress."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:  # Train V2 names this logger by file path, outside "ray.train"
-        from ray.train.v2._internal.execution import context
-
-        logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # pragma: no cover - other Ray versions
-        pass
-
-
-def load_checkpoint_state(checkpoint: "ray.train.Checkpoint") -> dict[str, Any]:
-    """The state a Ray Train or Tune checkpoint (local or on object storage) holds."""
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-
-
-@contextlib.contextmanager
-def _checkpoint_of(state: dict[str, Any], checkpoint_class: type) -> Iterator[Any]:
-    """A checkpoint folder holding ``state``, for the block (Train and Tune copy it before ``report`` returns)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(state, Path(tmp) / STATE_FILE)
-        yield checkpoint_class.from_directory(tmp)
-
-
-class TrainSession:
-    """A Ray Train worker: rank, device, shards, checkpoints and reports come from Train."""
-
-    def __init__(self) -> None:
-        import ray.train.torch
-
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.name = ctx.get_experiment_name()  # the run's name: a bounded label for its metrics
-
-    def checkpoint_state(self) -> dict[str, Any] | None:
-        checkpoint = ray.train.get_checkpoint()
-        return load_checkpoint_state(checkpoint) if checkpoint else None
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model)
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-        if state is None:
-            ray.train.report(metrics)
-        else:
-            with _checkpoint_of(state, ray.train.Checkpoint) as checkpoint:
-                ray.train.report(metrics, checkpoint=checkpoint)
-
-
-class InProcessSession:
-    """The loop in this very process on one device: no worker group to start. Epochs go straight
-    to the MLflow run; subclasses say where checkpoints live."""
-
-    def __init__(self, cfg: Config, run: "Run") -> None:
-        self.rank, self.world = 0, 1
-        self.device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
-        self.run = run
-        self.state: dict[str, Any] | None = None  # the last checkpointed state
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return model.to(self.device)
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-        self.run.log_epoch(metrics)
-        if state is not None:
-            self.state = state
-        self._save(metrics, state)
-
-    def _save(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        raise NotImplementedError
-
-
-class TrialSession(InProcessSession):
-    """A Tune trial's process: epochs also go to Tune (for ASHA), checkpoints are Tune's, so a trial
-    restarted by a resumed sweep, or after its node was lost, continues from its last epoch."""
-
-    def checkpoint_state(self) -> dict[str, Any] | None:
-        from ray import tune
-
-        for checkpoint in [*_trial_checkpoints(), tune.get_checkpoint()]:
-            if checkpoint is None:
-                continue
-            try:
-                self.state = load_checkpoint_state(checkpoint)
-                return self.state
-            except Exception as exc:  # noqa: BLE001 - cut short by the loss of its node: an older one
-                log.warning("checkpoint %s cannot be read (%s): trying an older one", checkpoint.path, exc)
-        self.state = None
-        return None
-
-    def _save(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        from ray import tune
-
-        if state is None:
-            tune.report(metrics)
-        else:
-            with _checkpoint_of(state, tune.Checkpoint) as checkpoint:
-                tune.report(metrics, checkpoint=checkpoint)
-
-
-CHECKPOINT_PREFIX = "checkpoint_"
-
-
-def _trial_checkpoints() -> list["ray.tune.Checkpoint"]:
-    """This trial's checkpoints in its own storage folder, newest first.
-
-    Tune restarts a trial from the last checkpoint its driver recorded; one written just before the
-    trial's node went away may never have been recorded, and the restarted trial would train (and
-    log to MLflow) that epoch again. Empty where the folder cannot be listed.
-    """
-    from ray import tune
-    from ray.train._internal.session import get_storage  # Tune's (developer) API for the trial folder
-
-    try:
-        where = get_storage()
-        folder = storage.Location(where.storage_filesystem, where.trial_fs_path, where.trial_fs_path)
-        names = checkpoint_names(folder)
-    except Exception as exc:  # noqa: BLE001 - then only the checkpoint Tune recorded is used
-        log.debug("trial folder not listed: %s", exc)
-        return []
-    return [tune.Checkpoint(folder.join(name).path, filesystem=folder.fs) for name in reversed(names)]
-
-
-def checkpoint_names(folder: "storage.Location") -> list[str]:
-    """The ``checkpoint_*`` folders in ``folder`` (Tune's, Train's and our driver loop's), oldest first."""
-    return [n for n in storage.list_dirs(folder) if n.startswith(CHECKPOINT_PREFIX)]
-
-
-class DriverSession(InProcessSession):
-    """``train.num_workers=0``: the loop in the driver, checkpoints under ``<storage_path>/<run name>/``
-    (Train V2's own local mode keeps none), so a rerun of the name resumes as with workers."""
-
-    def __init__(self, cfg: Config, run: "Run", folder: "storage.Location") -> None:
-        super().__init__(cfg, run)
-        self.folder, self.keep = folder, cfg.train.num_to_keep
-        self.name = folder.path.rstrip("/").rsplit("/", 1)[-1]
-        self.latest: storage.Location | None = None  # the newest checkpoint folder
-
-    def checkpoint_state(self) -> dict[str, Any] | None:
-        names = checkpoint_names(self.folder)
-        if not names:
-            return None
-        self.latest = self.folder.join(names[-1])
-        data = storage.read_bytes(self.folder.fs, self.latest.join(STATE_FILE).path)
-        self.state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        return self.state
-
-    def _save(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        if state is None:
-            return
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        self.latest = self.folder.join(f"{CHECKPOINT_PREFIX}{state['epoch']:06d}")
-        storage.write_bytes(self.folder.fs, self.latest.join(STATE_FILE).path, buf.getvalue())
-        for old in checkpoint_names(self.folder)[: -self.keep]:
-            self.folder.fs.delete_dir(self.folder.join(old).path)
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
-    _quiet_train_reports()
+    quiet_train_reports()
     fit_loop(from_dict(loop_config["config"]), loop_config["classes"], TrainSession(), loop_config["caches"])
 
 
@@ -640,7 +462,7 @@ def run_training(
     init_ray()  # after the data checks: a bad path fails before Ray starts
     if cfg.train.max_workers > 0 and not (trial and trial.in_process):
         check_cluster(cfg)
-    caches, built = cache_splits(cfg, layout, splits)
+    caches, built = cache.ensure_splits(cfg, layout, splits)
     run_name = (
         run_name
         or cfg.train.run_name
@@ -684,34 +506,6 @@ def run_training(
         checkpoint_path,
         skipped,
     )
-
-
-def cache_splits(
-    cfg: Config, layout: "DatasetLayout", splits: tuple[str, ...]
-) -> tuple[dict[str, CachedSplit], list[str]]:
-    """Each split's decoded cache, built where missing (one Ray Data execution per split); and the
-    splits built now. Unreadable files are logged with the count their cache recorded."""
-    from hotdog_ray import cache
-    from hotdog_ray.data import ImagePipeline
-
-    root = cache.cache_root(cfg)
-    pipelines: list[ImagePipeline] = []  # made once, and only when a split must be decoded
-
-    def pipeline() -> ImagePipeline:
-        pipelines[:] = pipelines or [ImagePipeline(cfg.data, layout)]
-        return pipelines[0]
-
-    caches: dict[str, CachedSplit] = {}
-    built: list[str] = []
-    for split in splits:
-        found, fresh = cache.ensure(layout, split, cfg.data, root, pipeline)
-        built += [split] if fresh else []
-        caches[split] = found
-        if found.skipped:
-            log.warning(
-                "%s: %d unreadable file(s) skipped (listed in the cache manifest)", split, len(found.skipped)
-            )
-    return caches, built
 
 
 def check_cluster(cfg: Config, driver_cpus: float = 0.0) -> None:
@@ -883,18 +677,12 @@ def _log_history(run: "Run", state: dict[str, Any], skipped: dict[str, str]) -> 
     run.log_figure(plot_curves(state["history"]), "curves.png")
 
 
-def _cached_batches(split: CachedSplit, cfg: Config) -> Any:
-    """The whole cached split in order, unaugmented, on the CPU."""
-    feed = SplitFeed(split, rank=0, world=1, device=torch.device("cpu"), settings=cfg.data.cache)
-    return feed.batches(256, rescale=cfg.data.rescale)
-
-
 def _evaluate_test(
     run: "Run", model: nn.Module, test: CachedSplit, cfg: Config, classes: list[str]
 ) -> dict[str, Any]:
     from hotdog_ray import evaluate
 
-    y, p = evaluate.predict_batches(model, _cached_batches(test, cfg))
+    y, p = evaluate.predict_batches(model, in_order(test, cfg.data.cache, cfg.data.rescale))
     metrics = evaluate.compute_metrics(y, p.argmax(axis=1), classes)
     run.log_metrics(
         {f"test_{k}": metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "majority_baseline")}
@@ -912,6 +700,6 @@ def _log_reference_profile(
     compare a day's traffic with (:mod:`hotdog_ray.drift`)."""
     from hotdog_ray import drift, evaluate
 
-    _, probs = evaluate.predict_batches(model, _cached_batches(validation, cfg))
+    _, probs = evaluate.predict_batches(model, in_order(validation, cfg.data.cache, cfg.data.rescale))
     reference = drift.profile_from_probabilities(probs, classes, cfg.monitor.low_confidence)
     run.log_dict(drift.to_json(reference), drift.REFERENCE_ARTIFACT)

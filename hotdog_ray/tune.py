@@ -220,9 +220,9 @@ def run_sweep(
     init_ray()
     _check_cluster(cfg)
     # Every trial reads the same decoded cache: built here once, not by trials racing to build it.
-    from hotdog_ray.train import cache_splits
+    from hotdog_ray.cache import ensure_splits
 
-    cache_splits(_trial_base(cfg), layout, ("train", "validation"))
+    ensure_splits(_trial_base(cfg), layout, ("train", "validation"))
     concurrency = _concurrency(cfg)
     search = searcher(cfg, cfg.train.seed if cfg.tune.seed is None else cfg.tune.seed, concurrency)
 

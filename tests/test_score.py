@@ -60,7 +60,7 @@ def test_a_run_killed_while_publishing_locally_loses_nothing(tmp_path):
     import pyarrow.fs as pafs
 
     from hotdog_ray import storage
-    from hotdog_ray.score import publish, restore_interrupted_publish
+    from hotdog_ray.publish import publish, restore_interrupted_publish
 
     class DiesOnSecondMove(pafs.LocalFileSystem):
         moves = 0
@@ -127,7 +127,7 @@ def test_a_run_killed_while_publishing_to_s3_loses_nothing(s3):
     import pyarrow.fs as pafs
 
     from hotdog_ray import storage
-    from hotdog_ray.score import publish
+    from hotdog_ray.publish import publish
 
     class DiesOnDelete(pafs.S3FileSystem):
         def delete_file(self, path):
@@ -442,11 +442,11 @@ def test_device_decoding_turns_photos_upright_as_the_cpu_path_does(orientation):
     import numpy as np
     import torch
 
-    from hotdog_ray.device_decode import decode_batch
+    from hotdog_ray.device_decode import decode_on_device
     from hotdog_ray.images import decode_image
 
     data = photo(np.random.default_rng(orientation), (48, 32), orientation)
-    (on_device,), errors = decode_batch([data], 24, torch.device("cpu"), max_pixels=10**7, min_side=8)
+    (on_device,), errors = decode_on_device([data], 24, torch.device("cpu"), max_pixels=10**7, min_side=8)
     assert errors == [""]
     cpu = decode_image(data, 24).astype(float)
     assert np.abs(on_device.numpy().astype(float) - cpu).mean() < 4  # same picture, same way up
@@ -460,7 +460,7 @@ def test_device_and_cpu_decoding_agree_on_top1_for_a_photo_set():
     import numpy as np
     import torch
 
-    from hotdog_ray.device_decode import decode_batch
+    from hotdog_ray.device_decode import decode_on_device
     from hotdog_ray.images import decode_image, to_model_input
 
     rng = np.random.default_rng(0)
@@ -485,7 +485,7 @@ def test_device_and_cpu_decoding_agree_on_top1_for_a_photo_set():
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(x_train), y[:200]).backward()
         opt.step()
-    device, errors = decode_batch(photos[200:], size, torch.device("cpu"), max_pixels=10**7, min_side=8)
+    device, errors = decode_on_device(photos[200:], size, torch.device("cpu"), max_pixels=10**7, min_side=8)
     assert errors == [""] * 400
     with torch.no_grad():
         top_cpu, top_device = (net(to_model_input(x, "unit")).argmax(1) for x in (cpu[200:], device))

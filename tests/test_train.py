@@ -333,33 +333,33 @@ def test_a_restarted_trial_takes_the_newest_readable_checkpoint_of_its_folder(tm
     from types import SimpleNamespace
 
     import pyarrow.fs as pafs
-    import ray.train._internal.session as train_session
+    import ray.sessions._internal.session as train_session
     from ray import tune
 
-    from hotdog_ray import train
+    from hotdog_ray import sessions
 
     for epoch in (0, 1):
         (tmp_path / f"checkpoint_00000{epoch}").mkdir()
-        torch.save({"epoch": epoch}, tmp_path / f"checkpoint_00000{epoch}" / train.STATE_FILE)
+        torch.save({"epoch": epoch}, tmp_path / f"checkpoint_00000{epoch}" / sessions.STATE_FILE)
     (tmp_path / "checkpoint_000002").mkdir()
-    (tmp_path / "checkpoint_000002" / train.STATE_FILE).write_bytes(b"cut short")
+    (tmp_path / "checkpoint_000002" / sessions.STATE_FILE).write_bytes(b"cut short")
     (tmp_path / "params.json").write_text("{}")  # the trial folder's other files are not checkpoints
     where = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), trial_fs_path=str(tmp_path))
     monkeypatch.setattr(train_session, "get_storage", lambda: where)
     monkeypatch.setattr(tune, "get_checkpoint", lambda: None)  # what Tune recorded: nothing
 
-    assert [Path(c.path).name for c in train._trial_checkpoints()] == [
+    assert [Path(c.path).name for c in sessions._trial_checkpoints()] == [
         "checkpoint_000002",
         "checkpoint_000001",
         "checkpoint_000000",
     ]
-    session = train.TrialSession.__new__(train.TrialSession)
+    session = sessions.TrialSession.__new__(sessions.TrialSession)
     assert session.checkpoint_state() == {"epoch": 1}
 
     monkeypatch.setattr(
         train_session, "get_storage", lambda: (_ for _ in ()).throw(RuntimeError("no session"))
     )
-    assert train._trial_checkpoints() == [] and session.checkpoint_state() is None
+    assert sessions._trial_checkpoints() == [] and session.checkpoint_state() is None
 
 
 def test_a_resumed_optimizer_keeps_its_state_on_the_models_device():

@@ -1,0 +1,104 @@
+"""Publishing a scoring run's partition so that no published row is ever lost.
+
+A run writes into ``<output>/_staging/date=YYYY-MM-DD-<run>/``; only a complete run replaces the
+published ``date=YYYY-MM-DD`` partition, by renames on a local disk and copy-then-delete on object
+stores, and what a killed run left behind is restored or cleaned by the next run of the date.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from hotdog_ray import storage
+
+log = logging.getLogger(__name__)
+
+REPLACED = ".replaced"  # suffix, in staging, of a published partition being swapped out
+
+
+def partition_name(date: dt.date) -> str:
+    return f"date={date.isoformat()}"
+
+
+def clean_stale_staging(out, day: dt.date) -> None:
+    """Remove what killed runs of this date left in staging (their data was never published)."""
+    import pyarrow.fs as pafs
+
+    root = out.join("_staging")
+    for name in storage.list_dirs(root):
+        if name.startswith(partition_name(day) + "-"):
+            log.info("removing %s/%s, left by an interrupted run", root.uri, name)
+            out.fs.delete_dir(root.join(name).path)
+    if not storage.list_dirs(root) and out.fs.get_file_info(root.path).type == pafs.FileType.Directory:
+        out.fs.delete_dir(root.path)
+
+
+def count_rows(fs, path: str) -> tuple[int, int]:
+    """(rows, rows with an error) of the Parquet under ``path`` (0, 0 when nothing was written)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return 0, 0
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["error"])
+    return table.num_rows, table.num_rows - int(pc.sum(pc.is_null(table["error"])).as_py() or 0)
+
+
+def publish(fs, staging: str, final: str) -> None:
+    """Replace ``final`` by ``staging`` so that a crash at any point loses no published row.
+
+    Local filesystems: two renames (the old partition aside into staging, the new one in), then the
+    old copy is deleted; a run killed between the renames leaves the old copy, which the next run
+    puts back before it starts (``restore_interrupted_publish``). Object stores have no rename: the
+    staged files are copied in first (Ray Data names each run's files apart), then the earlier run's
+    files are deleted, so a crash in between leaves both runs' rows (told apart by ``run_id``) until
+    the next run of the date replaces them, rather than a partition with rows missing.
+    """
+    import pyarrow.fs as pafs
+
+    exists = fs.get_file_info(final).type != pafs.FileType.NotFound
+    if isinstance(fs, pafs.LocalFileSystem):
+        aside = staging + REPLACED
+        if exists:
+            fs.move(final, aside)
+        fs.move(staging, final)
+        if exists:
+            fs.delete_dir(aside)
+        return
+    before = (
+        {
+            i.path
+            for i in fs.get_file_info(pafs.FileSelector(final, recursive=True))
+            if i.type == pafs.FileType.File
+        }
+        if exists
+        else set()
+    )
+    pafs.copy_files(staging, final, source_filesystem=fs, destination_filesystem=fs)
+    staged = {
+        i.path.replace(staging, final, 1)
+        for i in fs.get_file_info(pafs.FileSelector(staging, recursive=True))
+        if i.type == pafs.FileType.File
+    }
+    for path in sorted(before - staged):
+        fs.delete_file(path)
+    fs.delete_dir(staging)
+
+
+def restore_interrupted_publish(out, day: dt.date) -> bool:
+    """Put back a partition that a run killed mid-publish left aside in staging (local filesystems)."""
+    import pyarrow.fs as pafs
+
+    final, root = out.join(partition_name(day)), out.join("_staging")
+    if out.fs.get_file_info(final.path).type != pafs.FileType.NotFound:
+        return False
+    aside = [
+        n for n in storage.list_dirs(root) if n.startswith(partition_name(day) + "-") and n.endswith(REPLACED)
+    ]
+    if not aside:
+        return False
+    log.warning("restoring %s, left aside by a run killed while publishing", final.uri)
+    out.fs.move(root.join(aside[0]).path, final.path)
+    return True
