@@ -333,7 +333,7 @@ def test_a_restarted_trial_takes_the_newest_readable_checkpoint_of_its_folder(tm
     from types import SimpleNamespace
 
     import pyarrow.fs as pafs
-    import ray.sessions._internal.session as train_session
+    import ray.train._internal.session as train_session
     from ray import tune
 
     from hotdog_ray import sessions
