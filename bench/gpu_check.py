@@ -479,7 +479,7 @@ def step_serve(ctx: Context) -> dict[str, Any]:
     import serve as bench_serve  # bench/serve.py: its load generator runs and its port picker
     from ray import serve
 
-    from hotdog_ray.serve import deployment, wait_ready
+    from hotdog_ray.server.launch import deployment, wait_ready
 
     cfg = ctx.config("serve.reload_interval_s=0", "serve.access_log=false", "serve.cpus_per_replica=1")
     model_uri = _register(cfg)
@@ -768,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hotdog_ray.config import ServeSettings
     from hotdog_ray.runtime import init_ray
-    from hotdog_ray.serve import set_serve_env
+    from hotdog_ray.server.launch import set_serve_env
 
     set_serve_env(ServeSettings(), drain_s=1)  # read by the processes Ray starts
     init_ray()

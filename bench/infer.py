@@ -24,8 +24,9 @@ import torch
 
 from hotdog_ray.bundle import ModelBundle
 from hotdog_ray.export import InferenceGraph, check_batch, export_onnx
-from hotdog_ray.models import ZOO, build_model
+from hotdog_ray.models import build_model
 from hotdog_ray.predict import Predictor
+from hotdog_ray.zoo import ZOO
 
 # The recipes' input sizes (configs/*.yaml); resnet18 has no recipe and takes ImageNet's 224.
 RECIPE_SIZE = {

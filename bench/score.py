@@ -121,7 +121,7 @@ def main() -> None:
 
     import torch
 
-    from hotdog_ray import registry, tracking
+    from hotdog_ray import model_store, registry, tracking
     from hotdog_ray.bundle import model_meta
     from hotdog_ray.config import load_config
     from hotdog_ray.models import build_model
@@ -136,8 +136,8 @@ def main() -> None:
         classes = ["hotdog", "not_hotdog"]
         model = build_model(cfg.model.name, 2, cfg.data.image_size, filters=cfg.model.filters).eval()
         with tracking.run(cfg.tracking, name="bench-score") as run:
-            run.log_model(model, model_meta(cfg, classes))
-        registry.set_alias(cfg.tracking, registry.register(cfg.tracking, run.id))
+            model_store.log_model(run, model, model_meta(cfg, classes))
+        registry.set_alias(cfg.tracking, model_store.register(cfg.tracking, run.id))
         init_ray()
         for n in args.sizes:
             folder = Path(tmp) / f"in-{n}"

@@ -1,7 +1,7 @@
 """Online serving throughput and latency: our Ray Serve app against one plain uvicorn process.
 
 In one run, on loopback, with the same model and the same FastAPI handlers (``create_api``):
-  * ours: ``hotdog_ray.serve`` on Ray Serve, with dynamic batching, and again without it
+  * ours: ``hotdog_ray.server`` on Ray Serve, with dynamic batching, and again without it
     (``serve.max_batch_size=1``): HTTP enters through HAProxy (``serve.haproxy``, or Serve's Python
     proxy with ``--ingress proxy``), one replica per core by default (``--replicas``);
   * baseline: what a user would write otherwise, one ``uvicorn`` process running the handlers with
@@ -87,7 +87,7 @@ def register_model(cfg, seed: int = 0) -> str:
     """The preset's architecture with fresh weights, registered: speed does not depend on the weights."""
     import torch
 
-    from hotdog_ray import registry, tracking
+    from hotdog_ray import model_store, tracking
     from hotdog_ray.bundle import model_meta
     from hotdog_ray.models import build_model
 
@@ -101,13 +101,13 @@ def register_model(cfg, seed: int = 0) -> str:
         dropout=cfg.model.dropout,
     ).eval()
     with tracking.run(cfg.tracking, name="bench-serve") as run:
-        run.log_model(model, model_meta(cfg, classes))
-    return registry.register(cfg.tracking, run.id)
+        model_store.log_model(run, model, model_meta(cfg, classes))
+    return model_store.register(cfg.tracking, run.id)
 
 
 def run_baseline(args, db: str, model_uri: str, runtime: str) -> dict:
     """bench/serve_baseline.py in one uvicorn process on ``runtime``, loaded at concurrency 1 and 32."""
-    from hotdog_ray.serve import wait_ready
+    from hotdog_ray.server.launch import wait_ready
 
     port = free_port()
     overrides = [
@@ -166,7 +166,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from hotdog_ray.config import load_config
-    from hotdog_ray.serve import wait_ready
+    from hotdog_ray.server.launch import wait_ready
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,7 +198,7 @@ def main() -> None:
         import ray
         from ray import serve
 
-        from hotdog_ray.serve import deployment, set_serve_env
+        from hotdog_ray.server.launch import deployment, set_serve_env
 
         # The bench deletes its app between runs: no need to drain for long.
         set_serve_env(cfg.serve, drain_s=1)

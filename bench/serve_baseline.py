@@ -12,10 +12,12 @@ import os
 
 def app():
     from hotdog_ray.config import load_config
-    from hotdog_ray.serve import ModelService, create_api, direct_infer
+    from hotdog_ray.server.app import create_api, direct_infer
+    from hotdog_ray.server.context import ServerContext
+    from hotdog_ray.server.service import ModelService
 
     overrides = [s for s in os.environ.get("HOTDOG_BENCH_SET", "").splitlines() if s]
     cfg = load_config(os.environ.get("HOTDOG_BENCH_CONFIG") or None, overrides)
     service = ModelService(cfg, os.environ["HOTDOG_BENCH_MODEL"])
     service.refresh()
-    return create_api(service, cfg.serve, direct_infer)
+    return create_api(ServerContext.create(service, cfg.serve, cfg.data.max_image_pixels, direct_infer))

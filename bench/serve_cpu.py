@@ -64,7 +64,7 @@ def measure(cfg, env: dict[str, str], requests: int) -> dict:
     import ray
     from ray import serve
 
-    from hotdog_ray.serve import (
+    from hotdog_ray.server.launch import (
         HAPROXY_METRICS_ENV,
         HAPROXY_THREADS_ENV,
         deployment,

@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hotdog_ray import zoo
+from hotdog_ray.models import build_model
+
 if TYPE_CHECKING:
     from hotdog_ray.config import Config
 
 log = logging.getLogger(__name__)
 
-MODEL_DIR = "model"  # the bundle's folder among a run's artifacts
 WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "model.json"
 ONNX_FILE = "model.onnx"
@@ -63,11 +65,9 @@ def model_meta(cfg: "Config", classes: list[str]) -> dict[str, Any]:
 
 def build_from_meta(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The network a spec describes, with ``state`` loaded, in eval mode."""
-    from hotdog_ray.models import TRANSFER, build_model
-
     head_units = meta.get("head_units")
     filters = meta.get("filters")
-    if meta["name"] in TRANSFER and head_units is None:
+    if meta["name"] in zoo.TRANSFER and head_units is None:
         # Bundles written before model.head_units existed kept the transfer head's width in "filters".
         head_units, filters = filters, None
     model = build_model(
@@ -77,7 +77,7 @@ def build_from_meta(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> tor
         filters=filters,
         head_units=head_units,
         dropout=meta.get("dropout"),
-        conv_dropout=None if meta["name"] in TRANSFER else meta.get("conv_dropout"),
+        conv_dropout=None if meta["name"] in zoo.TRANSFER else meta.get("conv_dropout"),
     )
     model.load_state_dict(state)
     return model.eval()

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from hotdog_ray import storage
 from hotdog_ray.data import DatasetLayout, ImagePipeline
 from hotdog_ray.errors import DataError
+from hotdog_ray.process import Progress
 
 if TYPE_CHECKING:
     from hotdog_ray.config import Config, DataSettings
@@ -173,7 +174,6 @@ def ensure_splits(
 
 def build(pipeline: "ImagePipeline", split: str, root: storage.Location, key: str) -> CachedSplit:
     """Decode ``split`` once (one Ray Data execution) into the cache folder of ``key``."""
-    from hotdog_ray.runtime import Progress
 
     cfg = pipeline.cfg
     folder = root.join(key)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hotdog_ray import zoo
 from hotdog_ray.errors import ConfigError
 from hotdog_ray.images import MAX_PIXELS
 
@@ -140,27 +141,15 @@ class ModelSettings(_Section):
 
     @model_validator(mode="after")
     def _known(self) -> "ModelSettings":
-        from hotdog_ray.models import TRANSFER, ZOO  # the zoo is the one list of names
-
-        if self.name not in ZOO:
-            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(ZOO)}")
-        transfer = self.name in TRANSFER
-        if transfer and self.filters is not None:
-            raise ValueError(
-                f"{self.name} keeps its backbone's filters; set model.head_units for its head's width"
-            )
-        if transfer and self.conv_dropout is not None:
-            raise ValueError(f"{self.name} has no convolution blocks of its own; use model.dropout")
-        if not transfer and self.head_units is not None:
-            raise ValueError(f"{self.name} is a recipe CNN; set its width with model.filters")
+        zoo.check_settings(
+            self.name, filters=self.filters, head_units=self.head_units, conv_dropout=self.conv_dropout
+        )
         return self
 
     @property
     def width_key(self) -> str:
         """The config key of this model's searchable width (``filters`` or ``head_units``)."""
-        from hotdog_ray.models import TRANSFER
-
-        return "head_units" if self.name in TRANSFER else "filters"
+        return zoo.entry(self.name).width_key
 
 
 class TrainSettings(_Section):
@@ -511,6 +500,9 @@ class RolloutSettings(_Section):
         le=1,
         description="hotdog promote --force: least share of shadow answers equal to the champion's",
     )
+
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # a file beside the working directory
 
 
 class TrackingSettings(_Section):

@@ -15,22 +15,29 @@ import logging
 import math
 import posixpath
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray
+import ray.data
+from ray.data import RandomSeedConfig
+from ray.data.expressions import col
 
 from hotdog_ray import storage
 from hotdog_ray.errors import DataError
 from hotdog_ray.images import (
-    ImageError,
     augment_batch,
     augmentation_seed,
     build_augmentation,
-    decode_image,
-    open_image,
+    decode_rows,
     to_model_input,
 )
+from hotdog_ray.process import Progress
+from hotdog_ray.runtime import on_this_node
 
 if TYPE_CHECKING:
     import ray.data
@@ -155,18 +162,10 @@ def decode_batch(
     they are kept only on request. With ``seed``, each image's augmentation is drawn from
     (seed, epoch, path).
     """
-    n = len(batch["path"])
-    images = np.zeros((n, size, size, 3), np.uint8)
-    ok = np.zeros(n, bool)
-    labels = np.empty(n, np.int64)
-    skipped = []
-    for i, (data, path) in enumerate(zip(batch["bytes"], batch["path"])):
-        labels[i] = label_of(path, class_index)
-        try:
-            images[i] = decode_image(data, size, max_pixels=max_pixels)
-            ok[i] = True
-        except ImageError as exc:
-            skipped.append((str(path), str(exc)))
+    decoded = decode_rows(batch["bytes"], size=size, max_pixels=max_pixels)
+    images, ok = decoded.images, decoded.ok
+    labels = np.asarray([label_of(p, class_index) for p in batch["path"]], np.int64)
+    skipped = [(str(p), e) for p, e in zip(batch["path"], decoded.errors) if e]
     if skipped:
         for path, reason in skipped:
             log.warning("skipping %s: %s", path, reason)
@@ -185,22 +184,16 @@ def decode_batch(
 
 def probe_batch(batch: dict[str, np.ndarray], *, root_path: str, max_pixels: int) -> dict[str, np.ndarray]:
     """For ``hotdog inspect``: split, class, size and error of each file (pixels fully decoded)."""
-    out: dict[str, list] = {"split": [], "label": [], "width": [], "height": [], "error": [], "path": []}
-    for data, path in zip(batch["bytes"], batch["path"]):
-        rel = posixpath.relpath(str(path), root_path).split("/")
-        width = height = -1
-        error = ""
-        try:
-            img = open_image(data, max_pixels=max_pixels)
-            width, height = img.size
-        except ImageError as exc:
-            error = str(exc)
-        out["split"].append(rel[0])
-        out["label"].append(rel[1] if len(rel) > 2 else "")
-        out["width"].append(width)
-        out["height"].append(height)
-        out["error"].append(error)
-        out["path"].append(str(path))
+    decoded = decode_rows(batch["bytes"], size=None, max_pixels=max_pixels)
+    parts = [posixpath.relpath(str(path), root_path).split("/") for path in batch["path"]]
+    out = {
+        "split": [rel[0] for rel in parts],
+        "label": [rel[1] if len(rel) > 2 else "" for rel in parts],
+        "width": decoded.sizes[:, 0],
+        "height": decoded.sizes[:, 1],
+        "error": decoded.errors,
+        "path": [str(path) for path in batch["path"]],
+    }
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -246,8 +239,6 @@ def read_files(batch: dict[str, np.ndarray], *, fs: Any, threads: int = 1) -> di
     """
     paths = [str(p) for p in batch["path"]]
     if threads > 1 and len(paths) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(min(threads, len(paths))) as pool:
             data = list(pool.map(lambda p: storage.read_bytes(fs, p), paths))
     else:
@@ -268,10 +259,6 @@ def read_bytes_dataset(
     filesystem (``storage.s3_filesystem``); a file that stays unreadable fails the dataset rather
     than being dropped.
     """
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-    import ray
-    import ray.data
 
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     n = plan_read_tasks(len(paths), cpus, files_per_task)
@@ -294,7 +281,6 @@ class _Reporter:
         self.actor = actor
 
     def __call__(self, items: list[tuple[str, str]]) -> None:
-        import ray
 
         # Waiting makes the count exact when the epoch ends; skips are rare, so this is cheap.
         try:
@@ -311,9 +297,6 @@ class ImagePipeline:
     def __init__(self, cfg: "DataSettings", layout: DatasetLayout) -> None:
         self.cfg = cfg
         self.layout = layout
-        import ray
-
-        from hotdog_ray.runtime import on_this_node
 
         self._skip_log = ray.remote(SkipLog).options(**on_this_node()).remote()
 
@@ -340,8 +323,6 @@ class ImagePipeline:
         augmentation draw (with ``epoch``), so with ``preserve_order`` each epoch's rows are
         reproducible. ``augment`` applies the config's augmentation per image on the CPU (train only).
         """
-        from ray.data import RandomSeedConfig
-        from ray.data.expressions import col
 
         if split not in self.layout.files:
             raise DataError(f"dataset {self.layout.root.uri}: no {split!r} split")
@@ -372,7 +353,6 @@ class ImagePipeline:
 
     def skipped(self) -> dict[str, str]:
         """Every unreadable file met so far, with the reason."""
-        import ray
 
         return ray.get(self._skip_log.get.remote())
 
@@ -410,7 +390,6 @@ def inspect(
 ) -> dict[str, Any]:
     """Per split: class counts, majority-class share, unreadable files and image size range; a
     progress line every ``progress_interval_s``."""
-    from hotdog_ray.runtime import Progress
 
     layout = discover(cfg, required=(), root=root)
     paths = [p for s in layout.splits for p, _ in layout.files[s]]

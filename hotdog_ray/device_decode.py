@@ -15,13 +15,12 @@ import io
 import logging
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from hotdog_ray.images import ImageError, open_for_model, resize
+from hotdog_ray.images import decode_rows
 
 log = logging.getLogger(__name__)
 
@@ -101,25 +100,30 @@ def decode_on_device(
     errors = [""] * n
     jpegs: list[int] = []
     orientations: list[int] = []
+    on_cpu: list[int] = []
     for i, data in enumerate(datas):
         orientation = _jpeg_header(data, max_pixels, min_side)
         if orientation is None:
-            _on_cpu(datas, i, size, out, errors, max_pixels=max_pixels, min_side=min_side)
+            on_cpu.append(i)
         else:
             jpegs.append(i)
             orientations.append(orientation)
-    if not jpegs:
-        return out, errors
-    raw = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpegs]
-    try:
-        decoded: list[torch.Tensor | None] = list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
-        decoded = [_one(r, device) for r in raw]
-    for i, chw, orientation in zip(jpegs, decoded, orientations):
-        if chw is None:
-            _on_cpu(datas, i, size, out, errors, max_pixels=max_pixels, min_side=min_side)
-        else:
-            out[i] = resize_on_device(orient(chw, orientation), size)
+    if jpegs:
+        raw = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpegs]
+        try:
+            decoded: list[torch.Tensor | None] = list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            decoded = [_one(r, device) for r in raw]
+        for i, chw, orientation in zip(jpegs, decoded, orientations):
+            if chw is None:
+                on_cpu.append(i)
+            else:
+                out[i] = resize_on_device(orient(chw, orientation), size)
+    if on_cpu:  # the CPU's decode loop, so a bad file's reason reads as everywhere else
+        rows = decode_rows([datas[i] for i in on_cpu], size=size, max_pixels=max_pixels, min_side=min_side)
+        out[on_cpu] = torch.from_numpy(rows.images).to(device)
+        for i, error in zip(on_cpu, rows.errors):
+            errors[i] = error
     return out, errors
 
 
@@ -128,21 +132,3 @@ def _one(raw: torch.Tensor, device: torch.device) -> torch.Tensor | None:
         return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         return None
-
-
-def _on_cpu(
-    datas: Sequence[bytes],
-    i: int,
-    size: int,
-    out: torch.Tensor,
-    errors: list[str],
-    *,
-    max_pixels: int,
-    min_side: int,
-) -> None:
-    """Decode image ``i`` as the CPU path does, into ``out`` or, failing, its reason into ``errors``."""
-    try:
-        pixels = resize(open_for_model(bytes(datas[i]), size, max_pixels=max_pixels, min_side=min_side), size)
-        out[i] = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).to(out.device)
-    except ImageError as exc:
-        errors[i] = str(exc)

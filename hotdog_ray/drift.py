@@ -20,6 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from matplotlib.figure import Figure
+
+from hotdog_ray import metrics, predlog, registry, storage, tracking
+from hotdog_ray.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -159,12 +165,8 @@ def compare(
 
 def plot(report: DriftReport, reference: Profile, today: Profile):
     """Class shares and confidence histograms, reference against the day (a matplotlib figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
     x = np.arange(len(reference.classes))
     left.bar(x - 0.2, [reference.class_share[c] for c in reference.classes], 0.4, label="reference")
     left.bar(x + 0.2, [today.class_share.get(c, 0.0) for c in reference.classes], 0.4, label=report.date)
@@ -205,8 +207,6 @@ def to_json(p: Profile) -> dict[str, Any]:
 
 def reference_for(cfg: "Config", version: str) -> Profile:
     """The reference profile logged with the run of registered ``version``."""
-    from hotdog_ray import registry
-    from hotdog_ray.errors import ModelError
 
     run_id = registry.version_run_id(cfg.tracking, version)
     try:
@@ -224,7 +224,6 @@ def reference_for(cfg: "Config", version: str) -> Profile:
 def answers_of(table: "pa.Table", version_column: str) -> tuple[list[str], list[float], str | None]:
     """(labels, confidences, the most frequent model version) of a table of answers; rows with an
     error (a file scoring could not read) are left out."""
-    import pyarrow.compute as pc
 
     if "error" in table.column_names:
         table = table.filter(pc.is_null(table["error"]))
@@ -239,8 +238,6 @@ def answers_of(table: "pa.Table", version_column: str) -> tuple[list[str], list[
 def day_table(cfg: "Config", date: str, source: str) -> tuple["pa.Table", str]:
     """``date``'s answers from the prediction log (``predictions``) or the nightly scores
     (``scores``), and the name of their model-version column."""
-    from hotdog_ray import predlog, storage
-    from hotdog_ray.errors import ConfigError
 
     if source == "predictions":
         if not cfg.serve.prediction_log:
@@ -253,9 +250,6 @@ def day_table(cfg: "Config", date: str, source: str) -> tuple["pa.Table", str]:
 
 def read_parquet_folder(loc: "storage.Location") -> "pa.Table":
     """Every Parquet file below ``loc`` as one table (empty when there is none)."""
-    import pyarrow as pa
-
-    from hotdog_ray import storage
 
     tables = storage.read_parquet_tables(loc)
     return (
@@ -277,8 +271,6 @@ def assess(
 ) -> DriftReport:
     """The day's :class:`DriftReport` against its model's reference, logged to ``run`` (figures,
     report and plot) and to the ``hotdog_drift_*`` gauges."""
-    from hotdog_ray import metrics, registry
-    from hotdog_ray.errors import ConfigError
 
     version = version or registry.alias_version(cfg.tracking)
     if version is None:
@@ -308,7 +300,6 @@ def assess(
 def check(cfg: "Config", date: str, source: str = "predictions") -> DriftReport:
     """``hotdog drift``: compare ``date``'s answers with their model's reference, in an MLflow run
     of its own."""
-    from hotdog_ray import tracking
 
     table, version_column = day_table(cfg, date, source)
     labels, conf, version = answers_of(table, version_column)

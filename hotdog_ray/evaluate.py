@@ -8,6 +8,21 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+
+from hotdog_ray import cache
+from hotdog_ray.data import ImagePipeline, discover
+from hotdog_ray.models import probabilities
+from hotdog_ray.predict import Predictor
+from hotdog_ray.runtime import init_ray
 
 if TYPE_CHECKING:
     from hotdog_ray.bundle import ModelBundle
@@ -20,13 +35,6 @@ log = logging.getLogger(__name__)
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Test-split metrics; ``majority_baseline`` is what always answering the commonest class scores."""
-    from sklearn.metrics import (
-        accuracy_score,
-        balanced_accuracy_score,
-        confusion_matrix,
-        f1_score,
-        precision_recall_fscore_support,
-    )
 
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
@@ -76,7 +84,6 @@ def predict_batches(
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(labels, class probabilities) over (images, labels) batches."""
-    from hotdog_ray.models import probabilities
 
     model = model.to(device).eval()
     ys, ps = [], []
@@ -116,10 +123,6 @@ def evaluate_model(
     decoded-image cache, built first if there is none (the one training made, when size and classes
     match): comparing a champion with a candidate decodes the split once at most.
     """
-    from hotdog_ray import cache
-    from hotdog_ray.data import ImagePipeline, discover
-    from hotdog_ray.predict import Predictor
-    from hotdog_ray.runtime import init_ray
 
     data_cfg = cfg.data.model_copy(
         update={
@@ -142,13 +145,9 @@ def evaluate_model(
 
 def plot_curves(history: list[dict[str, float]]):
     """Training vs validation loss and accuracy per epoch (the recipes' two plots, side by side)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for ax, key, title in (
         (axes[0], "loss", "Training loss vs. validation loss"),
         (axes[1], "accuracy", "Training accuracy vs. validation accuracy"),
@@ -164,12 +163,8 @@ def plot_curves(history: list[dict[str, float]]):
 
 def plot_sweep(trials: list[dict[str, Any]]):
     """Validation loss per trial over epochs; trials ASHA stopped are dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for t in trials:
         if not t["curve"]:
             continue
@@ -192,14 +187,9 @@ def plot_sweep(trials: list[dict[str, Any]]):
 
 def plot_confusion(m: dict[str, Any]):
     """The confusion matrix with counts in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
     n = len(m["classes"])
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * n + 2), max(4, 0.6 * n + 2)))
+    fig = Figure(figsize=(max(4, 0.6 * n + 2), max(4, 0.6 * n + 2)))
+    ax = fig.subplots()
     ConfusionMatrixDisplay(np.asarray(m["confusion_matrix"]), display_labels=m["classes"]).plot(
         ax=ax, colorbar=False, xticks_rotation=45 if n > 4 else 0
     )

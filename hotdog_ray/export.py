@@ -16,15 +16,24 @@ import logging
 import tempfile
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+import mlflow
 import numpy as np
+import onnx
+import pandas as pd
 import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from PIL import Image
 
+from hotdog_ray.bundle import save_bundle
 from hotdog_ray.images import to_model_input
 from hotdog_ray.models import probabilities
 from hotdog_ray.onnxrt import INPUT_NAME, OUTPUT_NAME, onnx_session, run_onnx
+from hotdog_ray.registry import ONNX_TAG
 
 if TYPE_CHECKING:
     import mlflow
@@ -35,7 +44,6 @@ log = logging.getLogger(__name__)
 OPSET = 18
 TOLERANCE = 1e-4  # max abs difference of a probability, ONNX Runtime against PyTorch
 CHECK_BATCH = 4
-ONNX_TAG = "onnx"  # on the run and the version: "exported" or "failed: <reason>"
 
 
 class InferenceGraph(torch.nn.Module):
@@ -118,7 +126,6 @@ def _export(graph: torch.nn.Module, images: np.ndarray) -> bytes:
 
 
 def _check_graph(data: bytes) -> None:
-    import onnx
 
     onnx.checker.check_model(onnx.load_from_string(data))
 
@@ -138,9 +145,6 @@ def save_mlflow_model(directory: str | Path, model: torch.nn.Module, meta: dict[
     with a signature (image bytes in; label, probability and one column per class out) and an
     input example, so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` take it as it is.
     """
-    import mlflow
-
-    from hotdog_ray.bundle import save_bundle
 
     exported = export_onnx(model, meta)
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,8 +166,6 @@ def save_mlflow_model(directory: str | Path, model: torch.nn.Module, meta: dict[
 
 def pyfunc_signature(classes: Sequence[str]) -> "mlflow.models.ModelSignature":
     """Image file bytes in; label, its probability and each class's probability out."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
 
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
@@ -180,8 +182,6 @@ def probability_column(label: str) -> str:
 
 def pd_input_example(image_size: int) -> "pandas.DataFrame":
     """One grey PNG of the model's input size, as the pyfunc takes it."""
-    import pandas as pd
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (image_size, image_size), (128, 128, 128)).save(buf, format="PNG")
@@ -189,7 +189,6 @@ def pd_input_example(image_size: int) -> "pandas.DataFrame":
 
 
 def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
 
     out = []
     for name in ("mlflow", "torch", "torchvision", "onnxruntime", "pillow", "numpy", "pandas"):

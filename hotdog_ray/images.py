@@ -1,15 +1,16 @@
 """Pure image functions: decode, convert to RGB, resize, rescale, augment.
 
-Training, serving and batch scoring all go through :func:`decode_image` and
-:func:`to_model_input`, so a served prediction sees exactly the pixels training saw.
-Decoding needs no torch: it is imported where tensors are made, so that decoding tasks in
-Ray workers do not pay its import (two CPU-seconds a process).
+Training, probing, serving and batch scoring all decode through :func:`decode_rows` and feed
+models through :func:`to_model_input`, so a served prediction sees exactly the pixels training
+saw. Decoding needs no torch, so that decoding tasks in Ray workers do not pay its import (two
+CPU-seconds a process); only the CPU augmentation imports it, when it runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -99,6 +100,42 @@ def decode_image(data: bytes, size: int, *, max_pixels: int = MAX_PIXELS) -> np.
     return resize(open_image(data, max_pixels=max_pixels, draft_size=size), size)
 
 
+@dataclass(frozen=True, kw_only=True)
+class DecodedRows:
+    """A batch of files through :func:`decode_rows`: one row per file, in order."""
+
+    images: np.ndarray | None  # N x size x size x 3 uint8 (zeros where a file failed); None when probing
+    sizes: np.ndarray  # N x 2 (width, height) as decoded, -1 where a file failed
+    errors: list[str]  # the reason a file failed, "" where it decoded
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.asarray([not e for e in self.errors], bool)
+
+
+def decode_rows(
+    datas: Sequence[bytes], *, size: int | None, max_pixels: int = MAX_PIXELS, min_side: int = 1
+) -> DecodedRows:
+    """The one decode loop of training, probing, scoring and serving: each file to a ``size`` x
+    ``size`` model input (JPEGs drafted at reduced size), or, with ``size`` None, only fully decoded
+    and measured (``hotdog inspect``). A file that fails keeps its row, with the reason."""
+    n = len(datas)
+    images = np.zeros((n, size, size, 3), np.uint8) if size else None
+    sizes = np.full((n, 2), -1, np.int64)
+    errors = [""] * n  # "" rather than None: an all-None column would change type between stages
+    for i, data in enumerate(datas):
+        try:
+            img = open_for_model(
+                bytes(data), size or 0, max_pixels=max_pixels, min_side=min_side, draft=bool(size)
+            )
+            sizes[i] = img.size
+            if images is not None:
+                images[i] = resize(img, size)
+        except ImageError as exc:
+            errors[i] = str(exc)
+    return DecodedRows(images=images, sizes=sizes, errors=errors)
+
+
 def to_model_input(images: torch.Tensor, rescale: str) -> torch.Tensor:
     """uint8 NHWC batch to float32 NCHW in the configured range.
 
@@ -121,7 +158,7 @@ def build_augmentation(cfg: "AugmentSettings") -> Callable[[torch.Tensor], torch
     """torchvision v2 transforms matching the recipes' ImageDataGenerator settings, or None."""
     if not cfg.enabled:
         return None
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # noqa: PLC0415 - decoding tasks import this module without torch
 
     steps: list = []
     if cfg.horizontal_flip:
@@ -154,7 +191,7 @@ def augment_batch(
     With ``seeds`` (one per image) each draw is seeded, so an image's augmentation does not
     depend on which task or in which order it was processed; the caller's RNG is left as it was.
     """
-    import torch
+    import torch  # noqa: PLC0415 - decoding tasks import this module without torch
 
     chw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     if seeds is None:
@@ -166,7 +203,7 @@ def augment_batch(
 
 
 def _seeded(transform: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor, seed: int) -> torch.Tensor:
-    import torch
+    import torch  # noqa: PLC0415 - decoding tasks import this module without torch
 
     # The CPU generator alone: torch.manual_seed also seeds every accelerator backend, 100x slower.
     torch.default_generator.manual_seed(seed)

@@ -19,6 +19,11 @@ import threading
 import time
 from typing import Any
 
+import ray
+from ray import serve
+from ray.serve import metrics as serve_series
+from ray.util import metrics as ray_metrics
+
 log = logging.getLogger(__name__)
 
 LATENCY_S = [0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -168,10 +173,9 @@ class ServeMetrics(NoMetrics):
     """The serving series (``ray.serve.metrics``, which adds the deployment and replica labels)."""
 
     def __init__(self) -> None:
-        from ray.serve import metrics as serve_metrics
 
         names = [n for n in SERIES if not n.startswith(("hotdog_score", "hotdog_train", "hotdog_drift"))]
-        self._m = {n: _make(n, serve_metrics) for n in names}
+        self._m = {n: _make(n, serve_series) for n in names}
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         self._m["hotdog_requests"].inc(1, tags={"endpoint": endpoint, "status": str(status)})
@@ -204,8 +208,6 @@ class ServeMetrics(NoMetrics):
 def serve_metrics() -> NoMetrics:
     """:class:`ServeMetrics` inside a Serve replica, else :class:`NoMetrics`."""
     try:
-        from ray import serve
-
         serve.get_replica_context()
     except Exception:  # noqa: BLE001 - not in a replica (RayServeException), or Ray absent
         return NoMetrics()
@@ -217,11 +219,9 @@ _JOB_SERIES: dict[str, Any] = {}  # one object per name and process: Ray registe
 
 def job_gauges(*names: str) -> dict[str, Any]:
     """``ray.util.metrics`` series for a job (scoring, training, drift); empty outside Ray."""
-    import ray
 
     if not ray.is_initialized():
         return {}
-    from ray.util import metrics as ray_metrics
 
     for n in names:
         if n not in _JOB_SERIES:

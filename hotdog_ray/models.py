@@ -12,27 +12,21 @@ Binary models whose recipe ends in a single sigmoid unit output one logit; :func
 
 from __future__ import annotations
 
+import io
 import logging
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torchvision import models as tvm
+from torchvision.models import resnet18 as tv_resnet18
+from torchvision.models import vgg16 as tv_vgg16
 
+from hotdog_ray import storage, zoo
 from hotdog_ray.errors import ModelError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A zoo entry: its builder and the recipe's defaults."""
-
-    build: Callable[..., nn.Module]
-    image_size: int
-    num_classes: int
-    source: str
 
 
 def _conv(cin: int, cout: int, k: int, same: bool) -> list[nn.Module]:
@@ -207,8 +201,6 @@ def _load_backbone_weights(module: nn.Module, weights: str | None, name: str) ->
         log.warning("%s backbone has random weights (model.pretrained_weights not set)", name)
         return
     if weights == "torchvision":
-        from torchvision import models as tvm
-
         enum = {"vgg16": tvm.VGG16_Weights.IMAGENET1K_V1, "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1}[
             name
         ]
@@ -220,10 +212,6 @@ def _load_backbone_weights(module: nn.Module, weights: str | None, name: str) ->
                 "or S3 storage and set model.pretrained_weights to its path"
             ) from exc
     else:
-        import io
-
-        from hotdog_ray import storage
-
         loc = storage.resolve(weights)
         # weights_only: a weights file from elsewhere must never run code when loaded.
         state = torch.load(
@@ -246,7 +234,6 @@ def vgg16(
 
     ``dropout`` replaces the first dropout; the second stays the recipe's 0.2.
     """
-    from torchvision.models import vgg16 as tv_vgg16
 
     base = tv_vgg16(weights=None)
     _load_backbone_weights(base, pretrained_weights, "vgg16")
@@ -273,7 +260,6 @@ def resnet18(
     unfreeze_top: bool = False,
 ) -> nn.Module:
     """ResNet-18 (frozen) without its classifier + a head: dense ``head_units``, dropout, dense classes."""
-    from torchvision.models import resnet18 as tv_resnet18
 
     base = tv_resnet18(weights=None)
     _load_backbone_weights(base, pretrained_weights, "resnet18")
@@ -287,15 +273,15 @@ def resnet18(
     return Transfer(base, head, base.layer4, unfreeze_top)
 
 
-ZOO: dict[str, ModelSpec] = {
-    "first_cnn": ModelSpec(FirstCNN, 120, 2, "My First Hotdog Detector"),
-    "catdog_cnn": ModelSpec(CatDogCNN, 150, 2, "cats vs dogs (KDnuggets)"),
-    "food_cnn": ModelSpec(FoodCNN, 128, 10, "Food-101 (Keras tutorial)"),
-    "snacks_cnn": ModelSpec(SnacksCNN, 224, 20, "snacks (ML by Tutorials ch. 7)"),
-    "vgg16": ModelSpec(vgg16, 150, 2, "VGG16 transfer learning (cats vs dogs, part 2)"),
-    "resnet18": ModelSpec(resnet18, 224, 2, "ResNet-18 transfer learning"),
+# The zoo's networks; its facts (families, recipe sizes, sources) are hotdog_ray.zoo's.
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "first_cnn": FirstCNN,
+    "catdog_cnn": CatDogCNN,
+    "food_cnn": FoodCNN,
+    "snacks_cnn": SnacksCNN,
+    "vgg16": vgg16,
+    "resnet18": resnet18,
 }
-TRANSFER = {"vgg16", "resnet18"}
 
 
 def build_model(
@@ -311,10 +297,8 @@ def build_model(
     unfreeze_top: bool = False,
 ) -> nn.Module:
     """Build a zoo model by name; a width or dropout left None keeps the recipe's."""
-    if name not in ZOO:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ZOO)}")
     kwargs: dict = {"num_classes": num_classes, "image_size": image_size, "dropout": dropout}
-    if name in TRANSFER:
+    if zoo.entry(name).family == "transfer":
         kwargs.update(pretrained_weights=pretrained_weights, unfreeze_top=unfreeze_top)
         if head_units is not None:
             kwargs["head_units"] = head_units
@@ -322,7 +306,7 @@ def build_model(
         kwargs["conv_dropout"] = conv_dropout
         if filters is not None:
             kwargs["filters"] = filters
-    return ZOO[name].build(**kwargs)
+    return BUILDERS[name](**kwargs)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -332,7 +316,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 def zoo_table() -> list[dict]:
     """Each zoo model at its recipe's size and class count, with parameter counts and its width key."""
     rows = []
-    for name, spec in ZOO.items():
+    for name, spec in zoo.ZOO.items():
         model = build_model(name, spec.num_classes, spec.image_size)
         rows.append(
             {
@@ -342,7 +326,7 @@ def zoo_table() -> list[dict]:
                 "num_classes": spec.num_classes,
                 "parameters": count_parameters(model),
                 "trainable": count_parameters(model, trainable_only=True),
-                "width_key": "model.head_units" if name in TRANSFER else "model.filters",
+                "width_key": f"model.{spec.width_key}",
             }
         )
     return rows

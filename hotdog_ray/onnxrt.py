@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -21,7 +22,6 @@ def onnx_session(
     data: bytes, *, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)
 ) -> "onnxruntime.InferenceSession":
     """An ONNX Runtime session over ``data``; ``threads`` caps its intra-op threads (None: one per core)."""
-    import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:

@@ -18,12 +18,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+import onnxruntime as ort
 import torch
+from matplotlib import colormaps
 from PIL import Image
 
+from hotdog_ray import model_store, registry
 from hotdog_ray.errors import ModelError
-from hotdog_ray.images import MAX_PIXELS, ImageError, open_for_model, resize, to_model_input
+from hotdog_ray.export import check_batch
+from hotdog_ray.images import MAX_PIXELS, ImageError, decode_rows, open_for_model, resize, to_model_input
 from hotdog_ray.models import last_conv_layer, probabilities
+from hotdog_ray.onnxrt import onnx_session, run_onnx
 
 if TYPE_CHECKING:
     from hotdog_ray.bundle import ModelBundle
@@ -141,16 +146,12 @@ class Predictor:
         log.info("%s runs on %s (%s)", bundle.meta["name"], self.runtime, self.device)
 
     def _session(self, threads: int | None = None):
-        from hotdog_ray.onnxrt import onnx_session
 
         providers = GPU_PROVIDERS if self.device.type == "cuda" else ("CPUExecutionProvider",)
         return onnx_session(self.bundle.onnx, threads=threads, providers=providers)
 
     def _faster_on_gpu(self) -> str:
         """ONNX Runtime's CUDA provider or PyTorch in bf16, whichever runs a full batch faster here."""
-        import onnxruntime as ort
-
-        from hotdog_ray.export import check_batch
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             log.info("ONNX Runtime has no CUDA provider here; using PyTorch on the GPU")
@@ -175,12 +176,11 @@ class Predictor:
     def from_config(cls, cfg: "Config", ref: str | None = None, **kwargs: Any) -> "Predictor":
         """Load ``ref`` (default ``serve.model_uri``, else the registry's alias or newest version)
         to run on ``predict.runtime``."""
-        from hotdog_ray import registry
 
         ref = ref or cfg.serve.model_uri or registry.default_model_ref(cfg.tracking)
         log.info("loading model %s", ref)
         kwargs.setdefault("runtime", cfg.predict.runtime)
-        predictor = cls(registry.load_model(cfg.tracking, ref), **kwargs)
+        predictor = cls(model_store.load_model(cfg.tracking, ref), **kwargs)
         predictor.bundle.meta.setdefault("ref", ref)
         return predictor
 
@@ -225,8 +225,6 @@ class Predictor:
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
         if self.runtime == ONNXRUNTIME:
-            from hotdog_ray.onnxrt import run_onnx
-
             return run_onnx(self.session, images)
         # np.require copies only what PIL left read-only (torch wants writable memory)
         return self.predict_tensor(torch.from_numpy(np.require(images, requirements=["C", "W"])))
@@ -236,8 +234,6 @@ class Predictor:
         """Class probabilities (N, C) for a uint8 NHWC tensor, wherever it is (one decoded on the
         device stays there)."""
         if self.runtime == ONNXRUNTIME:
-            from hotdog_ray.onnxrt import run_onnx
-
             return run_onnx(self.session, images.cpu().numpy())
         x = to_model_input(images.to(self.device), self.bundle.meta["rescale"])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -258,18 +254,11 @@ class Predictor:
     ) -> tuple[list[np.ndarray | ImageError], list[np.ndarray | None]]:
         """:meth:`predict_many`, and the model inputs it decoded (None where decoding failed), which
         another model of the same input size can take as they are (a shadow rollout)."""
-        inputs: list[np.ndarray | None] = []
-        errors: list[ImageError | None] = []
-        for data in images:
-            try:
-                inputs.append(self.preprocess(data))
-                errors.append(None)
-            except ImageError as err:
-                inputs.append(None)
-                errors.append(err)
-        decoded = [x for x in inputs if x is not None]
-        rows = iter(self.predict_arrays(np.stack(decoded)) if decoded else [])
-        return [next(rows) if e is None else e for e in errors], inputs
+        rows = decode_rows(images, size=self.image_size, max_pixels=self.max_pixels, min_side=self.min_side)
+        ok = rows.ok
+        probs = iter(self.predict_arrays(rows.images[ok]) if ok.any() else [])
+        results = [next(probs) if good else ImageError(e) for good, e in zip(ok, rows.errors)]
+        return results, [x if good else None for x, good in zip(rows.images, ok)]
 
     def predictions(self, probs: np.ndarray) -> list[Prediction]:
         return [prediction_from(row, self.classes, self.top_k) for row in probs]
@@ -329,7 +318,6 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: int) -> np.ndarray
 
 def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> bytes:
     """The heatmap in the 'jet' colours over an HWC uint8 image (any size), as PNG bytes."""
-    from matplotlib import colormaps
 
     h, w = image.shape[:2]
     cam = (

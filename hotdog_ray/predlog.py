@@ -62,7 +62,7 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Entry:
     """One answered image, as the request path hands it over (cheap to build: no I/O, no hashing
     of large data beyond the image's SHA-256)."""
@@ -79,7 +79,7 @@ class Entry:
     time: float = 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Feedback:
     """The true label of an answered request (``POST /feedback``)."""
 

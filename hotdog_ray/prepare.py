@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 import numpy as np
+from PIL import Image
 
 from hotdog_ray import storage
 from hotdog_ray.errors import PrepareError
@@ -91,9 +92,11 @@ def _check_dest_empty(dest: storage.Location) -> None:
 
 def sample_plan(seed: int = 0, ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> Plan:
     """The digits as 8x8 grayscale PNGs, stratified into train/validation/test."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+
+    # scikit-learn only for the sample: the CLI's parser reads this module's LAYOUTS, and --help
+    # must not wait a second and a half for it.
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - see above
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415 - see above
 
     digits = load_digits()
     # Scans hold 0..16; stretch to the full 8-bit range so the PNGs look like what they are.

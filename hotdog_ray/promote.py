@@ -11,6 +11,9 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from hotdog_ray import model_store, registry, rollout
+from hotdog_ray.evaluate import evaluate_model
+
 if TYPE_CHECKING:
     from hotdog_ray.config import Config
     from hotdog_ray.tracking import Run
@@ -52,11 +55,9 @@ def promote(
 
     The comparison is recorded on ``record`` (a sweep's run) when given.
     """
-    from hotdog_ray import registry
-    from hotdog_ray.evaluate import evaluate_model
 
     tracking, metric = cfg.tracking, cfg.tune.promote_metric
-    candidate = registry.load_model(tracking, f"runs:/{run_id}")
+    candidate = model_store.load_model(tracking, f"runs:/{run_id}")
     cand_score = float(evaluate_model(cfg, candidate, root=data_root)[metric])
     champ_version = registry.alias_version(tracking)
     if champ_version is None:
@@ -76,7 +77,7 @@ def promote(
             ),
         )
     else:
-        champion = registry.load_model(tracking, f"models:/{tracking.registered_model}/{champ_version}")
+        champion = model_store.load_model(tracking, f"models:/{tracking.registered_model}/{champ_version}")
         if champion.classes != candidate.classes:
             return _record(
                 record,
@@ -96,7 +97,7 @@ def promote(
     promoted, reason = decide(metric, cand_score, champ_score)
     version = champ_version
     if promoted:
-        version = registry.register(tracking, run_id)
+        version = model_store.register(tracking, run_id)
         registry.set_alias(tracking, version)
     log.info("promotion: %s (%s)", "promoted" if promoted else "kept the champion", reason)
     return _record(
@@ -109,13 +110,10 @@ def force(cfg: "Config", version: str) -> Decision:
     ``rollout.min_requests`` or ``rollout.min_agreement`` set, only once the version's shadow figures
     against the current champion meet them. A version registered before ONNX export existed is
     exported first (its ``onnx`` tag says how it went)."""
-    from hotdog_ray import registry
 
     before = registry.alias_version(cfg.tracking)
     r = cfg.rollout
     if before is not None and before != version and (r.min_requests or r.min_agreement):
-        from hotdog_ray import rollout
-
         allowed, why = rollout.gate(cfg, rollout.report(cfg, before, version))
         if not allowed:
             log.warning("promotion of version %s refused: %s", version, why)
@@ -127,7 +125,7 @@ def force(cfg: "Config", version: str) -> Decision:
                 champion_version=before,
                 version=before,
             )
-    registry.ensure_version_exported(cfg.tracking, version)
+    model_store.ensure_version_exported(cfg.tracking, version)
     registry.set_alias(cfg.tracking, version)
     return Decision(
         True,
@@ -142,13 +140,12 @@ def force(cfg: "Config", version: str) -> Decision:
 def set_challenger(cfg: "Config", version: str | None) -> str | None:
     """Point ``tracking.challenger_alias`` at ``version`` (exported first, as for the champion), or
     remove it with None; replicas with ``serve.rollout`` pick it up at their next reload poll."""
-    from hotdog_ray import registry
 
     alias = cfg.tracking.challenger_alias
     if version is None:
         registry.delete_alias(cfg.tracking, alias)
         return None
-    registry.ensure_version_exported(cfg.tracking, version)
+    model_store.ensure_version_exported(cfg.tracking, version)
     registry.set_alias(cfg.tracking, version, alias)
     return version
 

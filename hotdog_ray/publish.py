@@ -10,6 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
 from hotdog_ray import storage
 
 log = logging.getLogger(__name__)
@@ -23,7 +27,6 @@ def partition_name(date: dt.date) -> str:
 
 def clean_stale_staging(out, day: dt.date) -> None:
     """Remove what killed runs of this date left in staging (their data was never published)."""
-    import pyarrow.fs as pafs
 
     root = out.join("_staging")
     for name in storage.list_dirs(root):
@@ -36,9 +39,6 @@ def clean_stale_staging(out, day: dt.date) -> None:
 
 def count_rows(fs, path: str) -> tuple[int, int]:
     """(rows, rows with an error) of the Parquet under ``path`` (0, 0 when nothing was written)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
 
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return 0, 0
@@ -56,7 +56,6 @@ def publish(fs, staging: str, final: str) -> None:
     files are deleted, so a crash in between leaves both runs' rows (told apart by ``run_id``) until
     the next run of the date replaces them, rather than a partition with rows missing.
     """
-    import pyarrow.fs as pafs
 
     exists = fs.get_file_info(final).type != pafs.FileType.NotFound
     if isinstance(fs, pafs.LocalFileSystem):
@@ -89,7 +88,6 @@ def publish(fs, staging: str, final: str) -> None:
 
 def restore_interrupted_publish(out, day: dt.date) -> bool:
     """Put back a partition that a run killed mid-publish left aside in staging (local filesystems)."""
-    import pyarrow.fs as pafs
 
     final, root = out.join(partition_name(day)), out.join("_staging")
     if out.fs.get_file_info(final.path).type != pafs.FileType.NotFound:

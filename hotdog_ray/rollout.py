@@ -1,7 +1,7 @@
 """Rollouts: what a challenger did on live traffic beside the champion, and the gate before it takes over.
 
-Each Serve replica keeps :class:`RolloutStats` for its champion-challenger pair (``serve.rollout``)
-and writes them every ``rollout.flush_interval_s`` to ``rollout.store`` (a local folder or
+Each Serve replica's :class:`LiveRollout` picks who answers a request and keeps
+:class:`RolloutStats` for its champion-challenger pair (``serve.rollout``); the replica writes them every ``rollout.flush_interval_s`` to ``rollout.store`` (a local folder or
 ``s3://``), one JSON file per replica under ``<model>/<champion>-vs-<challenger>/``.
 :func:`report` adds up every replica's file (``hotdog rollout report``), and :func:`gate` is what
 ``hotdog promote --force`` checks against ``rollout.min_requests`` and ``rollout.min_agreement``.
@@ -15,11 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+
+from hotdog_ray import predlog, storage
+from hotdog_ray.errors import ConfigError
 
 if TYPE_CHECKING:
     from hotdog_ray.config import Config
@@ -89,6 +93,47 @@ class RolloutStats:
         )
 
 
+class LiveRollout:
+    """A replica's rollout (``serve.rollout``): who answers each request, and the figures of the
+    champion-challenger pair it serves, started afresh whenever either model changes."""
+
+    def __init__(self, mode: str, canary_fraction: float, draw: Callable[[], float] = random.random) -> None:
+        self.mode, self.canary_fraction, self._draw = mode, canary_fraction, draw
+        self.stats = RolloutStats()
+
+    def restart(self) -> None:
+        """A new champion or challenger: a new pair to compare."""
+        self.stats = RolloutStats()
+
+    def choose(self, has_challenger: bool) -> str | None:
+        """The role that answers the next request; None when no rollout runs (off, or no challenger)."""
+        if self.mode == "off" or not has_challenger:
+            return None
+        if self.mode == "canary" and self._draw() < self.canary_fraction:
+            return "challenger"
+        return "champion"
+
+    def shadows(self, role: str) -> bool:
+        """Whether the challenger also scores what ``role`` answered."""
+        return self.mode == "shadow" and role == "champion"
+
+    def answered(self, role: str, latency_ms: float, confidence: float) -> None:
+        self.stats.sample(role, latency_ms, confidence)
+        if role == "challenger":
+            self.stats.canary += 1
+        else:
+            self.stats.served += 1
+
+    def shadowed(self, agreed: bool, latency_ms: float, confidence: float) -> None:
+        """The challenger's answer to a request the champion answered."""
+        self.stats.sample("challenger", latency_ms, confidence)
+        self.stats.shadowed += 1
+        self.stats.agreed += agreed
+
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.mode, **self.stats.summary()}
+
+
 def pair_name(champion: str, challenger: str) -> str:
     """The folder of one champion-challenger pair, from their ``models:/<name>/<version>`` keys."""
     return f"{champion.rsplit('/', 1)[-1]}-vs-{challenger.rsplit('/', 1)[-1]}"
@@ -96,7 +141,6 @@ def pair_name(champion: str, challenger: str) -> str:
 
 def write(cfg: "Config", champion: str, challenger: str, figures: bytes) -> None:
     """This replica's figures (:meth:`RolloutStats.to_json`) for the pair, replacing what it wrote before."""
-    from hotdog_ray import storage
 
     where = storage.resolve(cfg.rollout.store).join(
         cfg.tracking.registered_model, pair_name(champion, challenger)
@@ -106,7 +150,6 @@ def write(cfg: "Config", champion: str, challenger: str, figures: bytes) -> None
 
 def report(cfg: "Config", champion_version: str, challenger_version: str) -> RolloutStats:
     """Every replica's figures for champion and challenger versions, added up."""
-    from hotdog_ray import storage
 
     where = storage.resolve(cfg.rollout.store).join(
         cfg.tracking.registered_model, f"{champion_version}-vs-{challenger_version}"
@@ -186,8 +229,6 @@ def from_prediction_log(
 ) -> tuple[RolloutStats, dict[str, dict[str, Any]]]:
     """The pair's figures and accuracies from ``serve.prediction_log`` and its feedback (the days
     from ``since``, YYYY-MM-DD, or all)."""
-    from hotdog_ray import predlog, storage
-    from hotdog_ray.errors import ConfigError
 
     if not cfg.serve.prediction_log:
         raise ConfigError(

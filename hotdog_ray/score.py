@@ -10,7 +10,6 @@ published partition as it was.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import json
 import logging
 import time
@@ -19,10 +18,17 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray.data
 
-from hotdog_ray import storage
+from hotdog_ray import drift, metrics, registry, storage, tracking
 from hotdog_ray.config import Config
-from hotdog_ray.errors import ScoreError
+from hotdog_ray.data import read_bytes_dataset
+from hotdog_ray.errors import HotdogError, ScoreError
+from hotdog_ray.predict import Predictor, cpu_threads
+from hotdog_ray.process import Progress
 from hotdog_ray.publish import (
     clean_stale_staging,
     count_rows,
@@ -30,7 +36,8 @@ from hotdog_ray.publish import (
     publish,
     restore_interrupted_publish,
 )
-from hotdog_ray.runtime import Progress
+from hotdog_ray.runtime import alive_nodes, check_capacity, check_shared_store, init_ray, placement_problem
+from hotdog_ray.scorer import Scorer, decode_for_scoring
 
 if TYPE_CHECKING:
     import ray.data
@@ -83,126 +90,6 @@ class ScoreSummary:
     drift: dict[str, Any] | None = None  # the day against the model's reference (hotdog_ray.drift)
 
 
-def decode_for_scoring(
-    batch: dict[str, np.ndarray], *, size: int, max_pixels: int, min_side: int
-) -> dict[str, np.ndarray]:
-    """``{"bytes", "path"}`` rows to model input; an undecodable file keeps its row with the reason."""
-    from hotdog_ray.images import ImageError, open_for_model, resize
-
-    n = len(batch["path"])
-    images = np.zeros((n, size, size, 3), np.uint8)
-    errors = [""] * n  # "" rather than None: an all-None column would change type between stages
-    for i, data in enumerate(batch["bytes"]):
-        try:
-            images[i] = resize(
-                open_for_model(bytes(data), size, max_pixels=max_pixels, min_side=min_side), size
-            )
-        except ImageError as exc:
-            errors[i] = str(exc)
-    return {
-        "path": np.asarray([str(p) for p in batch["path"]], dtype=object),
-        "image": images,
-        "error": np.asarray(errors, dtype=object),
-    }
-
-
-class Scorer:
-    """Actor for ``map_batches``: builds the model once, scores the decodable rows of each batch.
-
-    The driver loads the model from the registry once and hands every actor its weights as
-    arrays through the object store, so actors neither import MLflow nor download the model. On
-    the CPU with ONNX Runtime (``runtime`` as the driver resolved it) the actor runs the ONNX
-    graph alone and imports no PyTorch: that import was half of its start-up (2.5 of 4.3
-    CPU-seconds), while the job's first decoded images waited for it.
-    """
-
-    def __init__(
-        self,
-        meta: dict[str, Any],
-        weights: dict[str, np.ndarray],
-        onnx: bytes | None,
-        model: tuple[str, str | None],
-        run_id: str,
-        device: str,
-        runtime: str,
-        threads: int,
-        decode: dict[str, int] | None = None,
-    ) -> None:
-        # decode: size, max_pixels and min_side when this actor decodes its batches on its device.
-        self.decode, self.device = decode, device
-        if device == "cpu" and runtime == "onnxruntime" and onnx is not None and decode is None:
-            from hotdog_ray.onnxrt import onnx_session, run_onnx
-
-            self.forward = functools.partial(run_onnx, onnx_session(onnx, threads=threads))
-        else:
-            import torch
-
-            from hotdog_ray.bundle import ModelBundle, build_from_meta
-            from hotdog_ray.predict import Predictor
-
-            # A copy: arrays from the object store are read-only, tensors want writable memory.
-            network = build_from_meta(meta, {k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-            bundle = ModelBundle(network, meta, onnx)
-            predictor = Predictor(bundle, device=device, runtime=runtime, threads=threads)
-            self.forward = predictor.predict_arrays
-            self.forward_tensor = predictor.predict_tensor
-        self.classes = list(meta["classes"])
-        self.model_name, self.model_version = model  # as the driver's predictor names them
-        self.run_id = run_id
-
-    def __call__(self, batch: dict[str, np.ndarray]):
-        import pyarrow as pa
-
-        classes = self.classes
-        if self.decode is not None:
-            import torch
-
-            from hotdog_ray.device_decode import decode_on_device
-
-            images, reasons = decode_on_device(
-                list(batch["bytes"]),
-                self.decode["size"],
-                torch.device(self.device),
-                max_pixels=self.decode["max_pixels"],
-                min_side=self.decode["min_side"],
-            )
-            batch = {"path": batch["path"], "error": np.asarray(reasons, dtype=object)}
-        errors = [str(e) if e else None for e in batch["error"]]
-        ok = np.asarray([e is None for e in errors], bool)
-        n, k = len(ok), len(classes)
-        probs = np.zeros((n, k), np.float32)
-        if ok.any() and self.decode is not None:
-            probs[ok] = self.forward_tensor(images[torch.from_numpy(ok).to(images.device)])
-        elif ok.any():
-            probs[ok] = self.forward(batch["image"][ok])
-        best = probs.argmax(axis=1)
-        failed = ~ok
-        # Column-wise: building per-row dicts for the map column cost an eighth of the forward pass.
-        probabilities = pa.MapArray.from_arrays(
-            np.arange(0, n * k + 1, k, dtype=np.int32),
-            pa.array(np.tile(np.asarray(classes, object), n), pa.string()),
-            pa.array(probs.ravel(), pa.float32()),
-            mask=pa.array(failed),
-        )
-
-        def same(value: Any, type_: pa.DataType) -> pa.Array:
-            return pa.repeat(pa.scalar(value, type_), n)
-
-        return pa.table(
-            {
-                "path": pa.array(batch["path"], pa.string()),
-                "label": pa.array(np.asarray(classes, object)[best], pa.string(), mask=failed),
-                "probability": pa.array(probs[np.arange(n), best], pa.float32(), mask=failed),
-                "probabilities": probabilities,
-                "model_name": same(self.model_name, pa.string()),
-                "model_version": same(self.model_version, pa.string()),
-                "run_id": same(self.run_id, pa.string()),
-                "scored_at": same(dt.datetime.now(dt.timezone.utc), pa.timestamp("us", tz="UTC")),
-                "error": pa.array(errors, pa.string()),
-            }
-        )
-
-
 def weights_of(model: Any) -> dict[str, np.ndarray]:
     """A model's state as plain arrays (shared through Ray's object store without pickling tensors)."""
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
@@ -210,7 +97,6 @@ def weights_of(model: Any) -> dict[str, np.ndarray]:
 
 def list_inputs(uri: str) -> tuple[Any, list[str]]:
     """(filesystem, paths) of every file under a prefix, or of every line of a list file."""
-    import pyarrow.fs as pafs
 
     loc = storage.resolve(uri)
     info = loc.fs.get_file_info(loc.path)
@@ -273,9 +159,6 @@ def score(
         date: ``YYYY-MM-DD``, ``today`` (default) or ``yesterday``, in UTC.
         model: the model reference (default ``serve.model_uri``, else the registry's alias or newest version).
     """
-    from hotdog_ray import registry, tracking
-    from hotdog_ray.predict import Predictor
-    from hotdog_ray.runtime import init_ray
 
     job = plan(cfg, input, output, date)
     ref = model or cfg.serve.model_uri or registry.default_model_ref(cfg.tracking)
@@ -345,8 +228,6 @@ def score(
 def _drift(cfg: Config, job: ScorePlan, summary: ScoreSummary, run: Any) -> dict[str, Any]:
     """The night's answers against the model's reference profile; a model without one (trained
     before drift checks) is said in the summary, and the scores are published all the same."""
-    from hotdog_ray import drift
-    from hotdog_ray.errors import HotdogError
 
     table = drift.read_parquet_folder(job.staging)
     labels, conf, version = drift.answers_of(table, "model_version")
@@ -363,7 +244,6 @@ def _drift(cfg: Config, job: ScorePlan, summary: ScoreSummary, run: Any) -> dict
 def _export_metrics(summary: ScoreSummary) -> None:
     """The run's figures as hotdog_score_* series (scraped while the job's Ray runs; the alert on a
     missing nightly run reads the last success time)."""
-    from hotdog_ray import metrics
 
     series = metrics.job_gauges(
         "hotdog_score_images", "hotdog_score_images_per_second", "hotdog_score_last_success_timestamp_seconds"
@@ -379,10 +259,6 @@ def _export_metrics(summary: ScoreSummary) -> None:
 def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any, actors: int) -> "ray.data.Dataset":
     """Read, decode and score ``job.paths`` with ``actors`` model actors: one output row per input
     file, as Arrow blocks."""
-    import ray.data
-
-    from hotdog_ray.data import read_bytes_dataset
-    from hotdog_ray.predict import cpu_threads
 
     device = "cuda" if cfg.score.gpus_per_actor else "cpu"
     guards = {
@@ -435,8 +311,6 @@ def write_rows(ds: "ray.data.Dataset", job: ScorePlan, progress: Progress) -> in
     run's CPU (bench/RESULTS.md). Files are named after the run, so that an object store's publish
     (copy, then delete) never overwrites a file of the run it replaces.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     fs, folder = job.out.fs, job.staging.path
     fs.create_dir(folder)
@@ -499,7 +373,6 @@ def auto_actors(nodes: list[dict[str, float]], actor: dict[str, float]) -> int:
     """How many model actors of ``actor`` to run on ``nodes`` when ``score.num_actors`` is unset
     (pure): as many as fit beside a decoding task, at most one per CPU (one per GPU share for GPU
     actors), and at least one (an autoscaling cluster may have no worker node yet)."""
-    from hotdog_ray.runtime import placement_problem
 
     if actor.get("GPU"):
         count = sum(int(n.get("GPU", 0.0) / actor["GPU"] + 1e-9) for n in nodes)
@@ -514,7 +387,6 @@ def check_cluster(cfg: Config, output: str) -> int:
     """The number of model actors to run (``score.num_actors``, else :func:`auto_actors`); fails in
     seconds when they would leave no CPU for the decoding tasks (the job would stall for good), or
     when actors on several nodes would write the output to local disks."""
-    from hotdog_ray.runtime import alive_nodes, check_capacity, check_shared_store
 
     actor = {
         "CPU": cfg.score.cpus_per_actor,

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import ray.train
+import ray.train.torch
 import torch
+from ray import tune
 from torch import nn
 
-from hotdog_ray import storage
+from hotdog_ray import compat, storage
 from hotdog_ray.config import Config
 
 if TYPE_CHECKING:
@@ -45,12 +47,7 @@ class Session(Protocol):
 def quiet_train_reports() -> None:
     """Ray Train logs two long lines per report and checkpoint; our one line per epoch is the progress."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:  # Train V2 names this logger by file path, outside "ray.train"
-        from ray.train.v2._internal.execution import context
-
-        logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # pragma: no cover - other Ray versions
-        pass
+    logging.getLogger(compat.train_v2_report_logger()).setLevel(logging.WARNING)
 
 
 def load_checkpoint_state(checkpoint: "ray.train.Checkpoint") -> dict[str, Any]:
@@ -71,7 +68,6 @@ class TrainSession:
     """A Ray Train worker: rank, device, shards, checkpoints and reports come from Train."""
 
     def __init__(self) -> None:
-        import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -83,7 +79,6 @@ class TrainSession:
         return load_checkpoint_state(checkpoint) if checkpoint else None
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        import ray.train.torch
 
         return ray.train.torch.prepare_model(model)
 
@@ -123,7 +118,6 @@ class TrialSession(InProcessSession):
     restarted by a resumed sweep, or after its node was lost, continues from its last epoch."""
 
     def checkpoint_state(self) -> dict[str, Any] | None:
-        from ray import tune
 
         for checkpoint in [*_trial_checkpoints(), tune.get_checkpoint()]:
             if checkpoint is None:
@@ -137,7 +131,6 @@ class TrialSession(InProcessSession):
         return None
 
     def _save(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        from ray import tune
 
         if state is None:
             tune.report(metrics)
@@ -156,12 +149,9 @@ def _trial_checkpoints() -> list["ray.tune.Checkpoint"]:
     trial's node went away may never have been recorded, and the restarted trial would train (and
     log to MLflow) that epoch again. Empty where the folder cannot be listed.
     """
-    from ray import tune
-    from ray.train._internal.session import get_storage  # Tune's (developer) API for the trial folder
-
     try:
-        where = get_storage()
-        folder = storage.Location(where.storage_filesystem, where.trial_fs_path, where.trial_fs_path)
+        fs, path = compat.trial_storage()
+        folder = storage.Location(fs, path, path)
         names = checkpoint_names(folder)
     except Exception as exc:  # noqa: BLE001 - then only the checkpoint Tune recorded is used
         log.debug("trial folder not listed: %s", exc)

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from hotdog_ray.errors import StorageError
 
@@ -215,8 +217,6 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
 def read_parquet_tables(loc: Location, schema=None) -> list:
     """Every Parquet file below ``loc`` as pyarrow tables (read whole, through our filesystem)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     files = [p for p in list_files(loc) if p.endswith(".parquet")]
     return [pq.read_table(pa.BufferReader(read_bytes(loc.fs, p)), schema=schema) for p in files]

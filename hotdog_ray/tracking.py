@@ -5,7 +5,7 @@ arguments in the wrong order and never touches MLflow's process-wide state. The 
 decides how the run ends: FINISHED when it is left normally, FAILED (with the reason in the
 ``failure_reason`` tag) when an exception leaves it, KILLED on Ctrl-C or SIGTERM. The handle
 pickles to its store and id, so Ray Train callbacks and Tune trials log to the same run.
-Registry and model-bundle code live in :mod:`hotdog_ray.registry` and :mod:`hotdog_ray.bundle`.
+The registry lives in :mod:`hotdog_ray.registry`, models in MLflow in :mod:`hotdog_ray.model_store`.
 """
 
 from __future__ import annotations
@@ -14,20 +14,16 @@ import contextlib
 import logging
 import math
 import subprocess
-import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
-from hotdog_ray.bundle import MODEL_DIR
-from hotdog_ray.registry import tracking_uri
-from hotdog_ray.runtime import sigterm_interrupts
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
 
-if TYPE_CHECKING:
-    import torch
-    from mlflow.tracking import MlflowClient
-
-    from hotdog_ray.config import TrackingSettings
+from hotdog_ray.config import TrackingSettings
+from hotdog_ray.process import sigterm_interrupts
+from hotdog_ray.registry import client, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +65,19 @@ class Run:
         self.__init__(state["uri"], state["id"])
 
     @property
-    def client(self) -> "MlflowClient":
+    def client(self) -> MlflowClient:
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
             self._client = MlflowClient(self.uri)
         return self._client
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Params in one request; MLflow caps a value at 500 characters."""
-        from mlflow.entities import Param
-
         self.client.log_batch(
             self.id, params=[Param(k, "" if v is None else str(v)[:500]) for k, v in params.items()]
         )
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """Finite metrics in one request (a remote server costs a round trip per call)."""
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.id,
@@ -114,25 +104,11 @@ class Run:
         self.client.log_figure(self.id, figure, name)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
         self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def tag(self, key: str) -> str | None:
         """A tag of this run, or None."""
         return self.client.get_run(self.id).data.tags.get(key)
-
-    def log_model(self, model: "torch.nn.Module", meta: dict[str, Any]) -> bool:
-        """The model as an MLflow model (bundle, ONNX graph, pyfunc) under the run's ``model/``
-        artifacts (register it with ``registry.register``); True when the ONNX export matched.
-        The outcome is the run's ``onnx`` tag."""
-        from hotdog_ray.export import ONNX_TAG, save_mlflow_model
-
-        with tempfile.TemporaryDirectory() as tmp:
-            exported = save_mlflow_model(Path(tmp) / MODEL_DIR, model, meta)
-            self.client.log_artifacts(self.id, str(Path(tmp) / MODEL_DIR), MODEL_DIR)
-        self.set_tags({ONNX_TAG: exported.tag})
-        return exported.ok
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.id, status=status)
@@ -140,7 +116,7 @@ class Run:
 
 @contextlib.contextmanager
 def run(
-    tracking: "TrackingSettings",
+    tracking: TrackingSettings,
     *,
     name: str | None = None,
     tags: dict[str, str] | None = None,
@@ -176,13 +152,11 @@ def run(
 
 
 def _create(uri: str, experiment: str, name: str | None, parent: str | None) -> Run:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    store = MlflowClient(uri)
+    found = store.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else store.create_experiment(experiment)
     tags = {PARENT_TAG: parent} if parent else None
-    return Run(uri, client.create_run(experiment_id, run_name=name, tags=tags).info.run_id)
+    return Run(uri, store.create_run(experiment_id, run_name=name, tags=tags).info.run_id)
 
 
 def _reopen(uri: str, run_id: str) -> Run:
@@ -191,10 +165,8 @@ def _reopen(uri: str, run_id: str) -> Run:
     return handle
 
 
-def find_runs(tracking: "TrackingSettings", tags: dict[str, str]) -> list:
+def find_runs(tracking: TrackingSettings, tags: dict[str, str]) -> list:
     """Runs of ``tracking.experiment`` carrying all of ``tags``, newest first."""
-    from hotdog_ray.registry import client
-
     mlflow = client(tracking)
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is None:
@@ -203,10 +175,8 @@ def find_runs(tracking: "TrackingSettings", tags: dict[str, str]) -> list:
     return mlflow.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"])
 
 
-def child_runs(tracking: "TrackingSettings", parent_run_id: str) -> list:
+def child_runs(tracking: TrackingSettings, parent_run_id: str) -> list:
     """The runs nested under ``parent_run_id`` (a sweep's trials), oldest first."""
-    from hotdog_ray.registry import client
-
     mlflow = client(tracking)
     parent = mlflow.get_run(parent_run_id)
     return mlflow.search_runs(
@@ -217,10 +187,8 @@ def child_runs(tracking: "TrackingSettings", parent_run_id: str) -> list:
     )
 
 
-def recent_runs(tracking: "TrackingSettings", limit: int = 20) -> list[dict[str, Any]]:
+def recent_runs(tracking: TrackingSettings, limit: int = 20) -> list[dict[str, Any]]:
     """The newest runs of ``tracking.experiment`` with their key metrics (for ``hotdog runs``)."""
-    from hotdog_ray.registry import client
-
     mlflow = client(tracking)
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is None:

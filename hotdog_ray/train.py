@@ -26,13 +26,22 @@ from typing import TYPE_CHECKING, Any
 
 import ray.train
 import torch
+import torch.distributed as dist
+from ray import tune
+from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 
-from hotdog_ray import cache, storage
+from hotdog_ray import cache, drift, evaluate, model_store, storage, tracking
+from hotdog_ray.bundle import model_meta
 from hotdog_ray.cache import CachedSplit
 from hotdog_ray.config import Config, TrainSettings, flatten, from_dict
+from hotdog_ray.data import discover
 from hotdog_ray.errors import TrainingError
+from hotdog_ray.evaluate import plot_curves
 from hotdog_ray.feed import SplitFeed, in_order
+from hotdog_ray.metrics import job_gauges
+from hotdog_ray.models import build_model, loss_fn
+from hotdog_ray.runtime import check_capacity, check_shared_store, init_ray
 from hotdog_ray.sessions import (
     DriverSession,
     Session,
@@ -41,6 +50,7 @@ from hotdog_ray.sessions import (
     load_checkpoint_state,
     quiet_train_reports,
 )
+from hotdog_ray.tracking import DIVERGED_TAG
 
 if TYPE_CHECKING:
     from hotdog_ray.data import DatasetLayout
@@ -148,7 +158,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _reduce(values: list[float], device) -> list[float]:
     """Sum across workers (no-op with one)."""
-    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return list(values)
@@ -220,7 +229,6 @@ class Loop:
         return self._pass(self._batches(feed, world), epoch=-1, train=False)
 
     def _pass(self, batches, epoch: int, train: bool) -> list[float]:
-        from hotdog_ray.models import loss_fn
 
         self.model.train(train)
         loss_sum = count = 0.0
@@ -309,7 +317,6 @@ class Loop:
 
 def build_network(cfg: Config, classes: list[str], *, pretrained: bool = True) -> nn.Module:
     """The configured zoo model for ``classes``; ``pretrained`` loads a transfer backbone's weights."""
-    from hotdog_ray.models import build_model
 
     m = cfg.model
     return build_model(
@@ -376,7 +383,6 @@ def fit_loop(cfg: Config, classes: list[str], session: Session, caches: dict[str
 
 def _export_epoch(run: str, metrics: dict[str, Any]) -> None:
     """The epoch's figures as hotdog_train_* gauges on this node's Prometheus endpoint."""
-    from hotdog_ray.metrics import job_gauges
 
     gauges = job_gauges("hotdog_train_epoch", "hotdog_train_loss", "hotdog_train_images_per_second")
     values = {
@@ -452,10 +458,6 @@ def run_training(
         trial: set by a Tune trial: its sweep's run and tags, and whether the loop runs in-process.
         callbacks: extra Ray Train callbacks (Tune's report callback in ``train``-mode trials).
     """
-    from hotdog_ray import registry, tracking
-    from hotdog_ray.bundle import model_meta
-    from hotdog_ray.data import discover
-    from hotdog_ray.runtime import init_ray
 
     splits = ("train", "validation", *(("test",) if evaluate_test else ()))
     layout = discover(cfg.data, required=splits)
@@ -493,8 +495,8 @@ def run_training(
             _evaluate_test(run, model, caches["test"], cfg, layout.classes) if evaluate_test else None
         )
         _log_reference_profile(run, model, caches["validation"], cfg, layout.classes)
-        run.log_model(model, model_meta(cfg, layout.classes))
-        version = registry.register(cfg.tracking, run.id) if register else None
+        model_store.log_model(run, model, model_meta(cfg, layout.classes))
+        version = model_store.register(cfg.tracking, run.id) if register else None
     return TrainOutcome(
         run.id,
         run_name,
@@ -512,7 +514,6 @@ def check_cluster(cfg: Config, driver_cpus: float = 0.0) -> None:
     """Fail in seconds when the cluster cannot hold the run's (least) workers beside the read and
     decode tasks, which take a whole CPU each (data.py), and a driver of ``driver_cpus``; or when
     workers on several nodes would write checkpoints to a local path."""
-    from hotdog_ray.runtime import check_capacity
 
     check_capacity(
         cfg.train.min_workers,
@@ -526,7 +527,6 @@ def check_cluster(cfg: Config, driver_cpus: float = 0.0) -> None:
 def check_shared_checkpoints(cfg: Config) -> None:
     """Refuse a local ``train.storage_path`` (checkpoints) or ``data.cache.root`` (the decoded cache
     that every worker reads) on several nodes unless ``train.shared_storage``."""
-    from hotdog_ray.runtime import check_shared_store
 
     check_shared_store(
         cfg.train.storage_path, "train.storage_path", cfg.train.shared_storage, "train.shared_storage"
@@ -561,11 +561,8 @@ def fit(
     callbacks: list,
 ) -> tuple[dict[str, Any], str]:
     """Run the loop where the config says; the last checkpoint's state and where it lies."""
-    from hotdog_ray.tracking import DIVERGED_TAG
 
     if trial is not None and trial.in_process:
-        from ray import tune
-
         session = TrialSession(cfg, run)
         fit_loop(cfg, classes, session, caches)
         state, path = session.state, tune.get_context().get_trial_dir()
@@ -612,7 +609,6 @@ def _fit_ray_train(
     callbacks: list,
 ) -> tuple[dict[str, Any], str]:
     """Data-parallel fit on a Ray Train worker group; the last checkpoint's state and its path."""
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     # Our filesystem, not a bare URI: pyarrow alone ignores AWS_ENDPOINT_URL (apache/arrow#49643).
     checkpoints = storage.resolve(cfg.train.storage_path)
@@ -663,7 +659,6 @@ def final_model(cfg: Config, classes: list[str], state: dict[str, Any]) -> nn.Mo
 
 
 def _log_history(run: "Run", state: dict[str, Any], skipped: dict[str, str]) -> None:
-    from hotdog_ray.evaluate import plot_curves
 
     run.log_metrics(
         {
@@ -680,7 +675,6 @@ def _log_history(run: "Run", state: dict[str, Any], skipped: dict[str, str]) -> 
 def _evaluate_test(
     run: "Run", model: nn.Module, test: CachedSplit, cfg: Config, classes: list[str]
 ) -> dict[str, Any]:
-    from hotdog_ray import evaluate
 
     y, p = evaluate.predict_batches(model, in_order(test, cfg.data.cache, cfg.data.rescale))
     metrics = evaluate.compute_metrics(y, p.argmax(axis=1), classes)
@@ -698,7 +692,6 @@ def _log_reference_profile(
 ) -> None:
     """What the model's answers look like on the validation split: the reference that drift checks
     compare a day's traffic with (:mod:`hotdog_ray.drift`)."""
-    from hotdog_ray import drift, evaluate
 
     _, probs = evaluate.predict_batches(model, in_order(validation, cfg.data.cache, cfg.data.rescale))
     reference = drift.profile_from_probabilities(probs, classes, cfg.monitor.low_confidence)

@@ -18,8 +18,24 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from hotdog_ray import storage, tracking
+from hotdog_ray.cache import ensure_splits
 from hotdog_ray.config import Config, flatten, from_dict
+from hotdog_ray.data import discover
 from hotdog_ray.errors import ConfigError, SweepError
+from hotdog_ray.evaluate import plot_sweep
+from hotdog_ray.promote import promote as promote_run
+from hotdog_ray.registry import tracking_uri
+from hotdog_ray.runtime import check_capacity, init_ray
+from hotdog_ray.train import SweepTrial, check_cluster, check_shared_checkpoints, run_training
 
 if TYPE_CHECKING:
     from hotdog_ray import storage
@@ -38,7 +54,6 @@ METRIC, MODE = "val_loss", "min"
 
 def search_space(cfg: Config) -> dict[str, Any]:
     """Tune's ``param_space``: config paths (as in ``--set``) to Tune domains."""
-    from ray import tune
 
     t = cfg.tune
     space: dict[str, Any] = {
@@ -115,10 +130,6 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
     from its own last checkpoint (Tune's, or the Train run named after the trial), and one that
     had already finished only reports its result again.
     """
-    from ray import tune
-
-    from hotdog_ray import tracking
-    from hotdog_ray.train import SweepTrial, run_training
 
     cfg = trial_config(base, params)
     trial_id = tune.get_context().get_trial_id()
@@ -155,7 +166,6 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
 
 
 def _tune_report_callback():
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     return TuneReportCallback()
 
@@ -166,15 +176,12 @@ def searcher(cfg: Config, seed: int, concurrency: int):
     Tune ignores ``max_concurrent_trials`` beside a search algorithm instance: the limit goes here.
     """
     if cfg.tune.sampler == "random":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
         return BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
     try:
-        import optuna
+        import optuna  # noqa: PLC0415 - an optional extra (hotdog-ray[optuna]), only for this sampler
+        from ray.tune.search.optuna import OptunaSearch  # noqa: PLC0415 - imports optuna
     except ImportError as exc:
         raise SweepError("tune.sampler=optuna needs Optuna: pip install 'hotdog-ray[optuna]'") from exc
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune.startup_trials)
@@ -208,11 +215,6 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run (or with ``resume``, continue) a sweep; promote its best trial unless told not to.
     ``callbacks``: Ray Tune callbacks for the sweep's driver (a new sweep; a resumed one keeps its own)."""
-    from ray import tune
-
-    from hotdog_ray import storage, tracking
-    from hotdog_ray.data import discover
-    from hotdog_ray.runtime import init_ray
 
     layout = discover(cfg.data, required=("train", "validation", "test"))  # fails before Ray starts
     name = name or cfg.tune.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -220,7 +222,6 @@ def run_sweep(
     init_ray()
     _check_cluster(cfg)
     # Every trial reads the same decoded cache: built here once, not by trials racing to build it.
-    from hotdog_ray.cache import ensure_splits
 
     ensure_splits(_trial_base(cfg), layout, ("train", "validation"))
     concurrency = _concurrency(cfg)
@@ -255,8 +256,6 @@ def run_sweep(
         if outcome.best is None:
             raise SweepError(f"sweep {name}: no trial finished (see the trials table in run {sweep_run.id})")
         if cfg.tune.promote if promote is None else promote:
-            from hotdog_ray.promote import promote as promote_run
-
             outcome.decision = promote_run(cfg, outcome.best["run_id"], record=sweep_run)
     return outcome
 
@@ -264,8 +263,6 @@ def run_sweep(
 def _trial_base(cfg: Config) -> Config:
     """The config trials start from: trials run in their own folders, so every relative location is
     pinned to this working directory, and ``train.epochs`` is the sweep's."""
-    from hotdog_ray import storage
-    from hotdog_ray.registry import tracking_uri
 
     return cfg.model_copy(
         update={
@@ -288,8 +285,6 @@ def _trial_base(cfg: Config) -> Config:
 def _check_cluster(cfg: Config) -> None:
     """Fail in seconds when not even one trial fits beside Ray Data's tasks, or when trials on
     several nodes would write checkpoints to a local path (each node's own disk)."""
-    from hotdog_ray.runtime import check_capacity
-    from hotdog_ray.train import check_cluster, check_shared_checkpoints
 
     if cfg.tune.trial_mode == "train":  # the trial's Train run, and the trial itself as its driver
         check_cluster(cfg, driver_cpus=cfg.tune.cpus_per_trial)
@@ -302,7 +297,6 @@ def _check_cluster(cfg: Config) -> None:
 
 def _concurrency(cfg: Config) -> int:
     """Trials at a time: as asked, unless that would leave Ray Data no whole CPU (then fewer, said once)."""
-    import ray
 
     cluster = ray.cluster_resources().get("CPU", 0)
     cpus = trial_cpus(cfg)
@@ -322,8 +316,6 @@ def _concurrency(cfg: Config) -> int:
 def _new_tuner(
     cfg: Config, name: str, where: "storage.Location", trainable: Any, search: Any, callbacks: list
 ):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     # max_t one past the last epoch: at max_t ASHA stops a trial itself, which would kill a
     # finished trial while it logs its model. Rungs stay below the last epoch unless it is one.
@@ -363,7 +355,6 @@ def _new_tuner(
 
 def _restored_tuner(name: str, path: "storage.Location", trainable: Any):
     """The Tuner of an interrupted sweep at ``path``, or None (with a warning) when there is none."""
-    from ray import tune
 
     fs = None if path.is_local else path.fs
     if not tune.Tuner.can_restore(path.path, storage_filesystem=fs):
@@ -377,7 +368,6 @@ def _restored_tuner(name: str, path: "storage.Location", trainable: Any):
 
 def _sweep_run_id(cfg: Config, name: str) -> str | None:
     """The MLflow run of an earlier attempt of sweep ``name`` (for resume)."""
-    from hotdog_ray import tracking
 
     runs = tracking.find_runs(cfg.tracking, {SWEEP_TAG: name, "kind": "sweep"})
     return runs[0].info.run_id if runs else None
@@ -399,9 +389,6 @@ def _trial_runs(cfg: Config, sweep_run_id: str, planned: int) -> dict[str, Any]:
     both are closed here as KILLED, unless the run logged every ``planned`` epoch (ASHA's stop at
     the last rung can end a trial before it closes its run): that one is FINISHED.
     """
-    from mlflow.tracking import MlflowClient
-
-    from hotdog_ray import tracking
 
     uri = tracking.tracking_uri(cfg.tracking)
     children: dict[str, Any] = {}
@@ -466,7 +453,6 @@ def _trial_row(result: Any, children: dict[str, Any], index: int, planned: int) 
 
 
 def _log_sweep(run: "Run", outcome: SweepOutcome) -> None:
-    from hotdog_ray.evaluate import plot_sweep
 
     trials, best = outcome.trials, outcome.best
     run.log_dict([{k: v for k, v in t.items() if k != "curve"} for t in trials], "trials.json")

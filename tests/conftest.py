@@ -28,7 +28,7 @@ def ray_session():
 
     from hotdog_ray.config import ServeSettings
     from hotdog_ray.runtime import init_ray
-    from hotdog_ray.serve import set_serve_env
+    from hotdog_ray.server.launch import set_serve_env
 
     # Serve's tests run as `hotdog serve` does by default (HAProxy, throughput mode), with a short
     # drain (the env reaches the `hotdog serve` subprocess too).

@@ -133,12 +133,12 @@ def tiny_model(classes: Sequence[str], seed: int = 0):
 
 def register_model(cfg, model, classes: Sequence[str], name: str = "test-model") -> tuple[str, str]:
     """Log ``model`` in a new run of ``cfg``'s store and register it: (run id, version)."""
-    from hotdog_ray import registry, tracking
+    from hotdog_ray import model_store, tracking
     from hotdog_ray.bundle import model_meta
 
     with tracking.run(cfg.tracking, name=name) as run:
-        run.log_model(model, model_meta(cfg, list(classes)))
-    return run.id, registry.register(cfg.tracking, run.id)
+        model_store.log_model(run, model, model_meta(cfg, list(classes)))
+    return run.id, model_store.register(cfg.tracking, run.id)
 
 
 class KillAWorkerAfterEpoch(ray.train.UserCallback):

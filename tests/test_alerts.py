@@ -175,7 +175,7 @@ def test_a_healthy_service_raises_no_alert_faults_raise_theirs_and_every_panel_h
     from hotdog_ray.config import load_config
     from hotdog_ray.registry import set_alias
     from hotdog_ray.score import score
-    from hotdog_ray.serve import deployment
+    from hotdog_ray.server.launch import deployment
     from hotdog_ray.train import run_training
     from tests.helpers import free_port, mlflow_store, png, register_model, tiny_model, tiny_model_config
     from tests.imagegen import CLASSES

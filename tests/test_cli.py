@@ -76,7 +76,7 @@ def test_every_user_error_is_a_hotdog_error_and_exits_2(capsys):
 
 def test_only_jobs_run_from_rays_working_dir_copy_check_their_stores(tmp_path, monkeypatch):
     from hotdog_ray.config import load_config
-    from hotdog_ray.runtime import lost_results
+    from hotdog_ray.process import lost_results
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     copy = "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_abc"

@@ -435,7 +435,8 @@ def _entrypoints() -> list[tuple[str, str]]:
 @pytest.mark.parametrize("item", _entrypoints(), ids=lambda i: i[0])
 def test_job_entrypoints_parse_and_load_a_valid_config(item, monkeypatch):
     """What a RayJob runs in the image's app folder is a script of jobs/ with options our CLI accepts."""
-    from hotdog_ray.cli import build_parser, config_from_args
+    from hotdog_ray.cli import build_parser
+    from hotdog_ray.cli.common import config_from_args
 
     name, entrypoint = item
     argv = shlex.split(entrypoint)
@@ -469,7 +470,7 @@ def test_serve_configs_are_valid_for_serve_deploy_and_build_the_app(name, monkey
     raw = _serve_configs()[name]
     schema = ServeDeploySchema.model_validate(raw)
     (application,) = schema.applications
-    assert application.import_path == "hotdog_ray.serve:build_app"
+    assert application.import_path == "hotdog_ray.server.launch:build_app"
     monkeypatch.chdir(REPO)
     cfg = load_config(application.args["config"], application.args.get("set") or [])
     if name == "k8s/rayservice.yaml":  # closed on a cluster: the keys come from the Secret's variable

@@ -13,7 +13,7 @@ import pytest
 from hotdog_ray import drift
 from hotdog_ray.cli import main
 from hotdog_ray.config import MonitorSettings, load_config
-from hotdog_ray.runtime import Progress, progress_line
+from hotdog_ray.process import Progress, progress_line
 from tests.helpers import mlflow_store
 from tests.imagegen import CLASSES, write_image_tree
 

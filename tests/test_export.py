@@ -19,7 +19,7 @@ import pytest
 import requests
 import torch
 
-from hotdog_ray import registry, tracking
+from hotdog_ray import model_store, registry, tracking
 from hotdog_ray.bundle import ModelBundle, model_meta, save_bundle
 from hotdog_ray.errors import ModelError
 from hotdog_ray.export import TOLERANCE, check_batch, export_onnx, probability_column
@@ -84,7 +84,7 @@ def test_a_model_that_cannot_match_is_registered_without_onnx_and_tagged(tmp_pat
     tag = client.get_model_version(cfg.tracking.registered_model, version).tags["onnx"]
     assert tag.startswith("failed: ONNX Runtime differs from PyTorch")
     assert client.get_run(run_id).data.tags["onnx"] == tag
-    bundle = registry.load_model(cfg.tracking, f"models:/{cfg.tracking.registered_model}/{version}")
+    bundle = model_store.load_model(cfg.tracking, f"models:/{cfg.tracking.registered_model}/{version}")
     assert bundle.onnx is None
     assert Predictor(bundle, device="cpu").runtime == "torch"  # auto falls back
     with pytest.raises(ModelError, match="no ONNX graph"):
@@ -114,16 +114,16 @@ def test_a_version_registered_before_export_loads_and_gets_onnx_when_promoted(tm
     source = f"{client.get_run(run.id).info.artifact_uri}/model"
     old = client.create_model_version(cfg.tracking.registered_model, source, run_id=run.id).version
     name = cfg.tracking.registered_model
-    bundle = registry.load_model(cfg.tracking, f"models:/{name}/{old}")
+    bundle = model_store.load_model(cfg.tracking, f"models:/{name}/{old}")
     assert bundle.onnx is None and bundle.meta["image_size"] == 16
 
     data = encode(LEVELS["cat"], "RGB", "JPEG", (24, 20))
     expected = Predictor(ModelBundle(model, meta), device="cpu", runtime="torch").predict(data).probabilities
     force(cfg, old)
     assert client.get_model_version(name, old).tags["onnx"] == "exported"
-    upgraded = registry.load_model(cfg.tracking, f"models:/{name}@{cfg.tracking.alias}")
+    upgraded = model_store.load_model(cfg.tracking, f"models:/{name}@{cfg.tracking.alias}")
     assert upgraded.onnx is not None
-    new = registry.register(cfg.tracking, run.id)  # already exported: the tag carries over
+    new = model_store.register(cfg.tracking, run.id)  # already exported: the tag carries over
     assert client.get_model_version(name, new).tags["onnx"] == "exported"
     served = Predictor(upgraded, device="cpu")
     assert served.runtime == "onnxruntime"

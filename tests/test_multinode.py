@@ -262,7 +262,7 @@ def test_serve_replicas_on_two_nodes_keep_answering_when_one_node_goes(cluster, 
     from ray import serve
 
     from hotdog_ray.registry import set_alias
-    from hotdog_ray.serve import deployment, wait_ready
+    from hotdog_ray.server.launch import deployment, wait_ready
     from tests.helpers import free_port, register_model, tiny_model, tiny_model_config
     from tests.imagegen import CLASSES
 

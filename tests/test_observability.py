@@ -18,7 +18,7 @@ import requests
 from hotdog_ray import predlog
 from hotdog_ray.predlog import Entry, PredictionLog
 from hotdog_ray.registry import set_alias
-from hotdog_ray.serve import wait_ready
+from hotdog_ray.server.launch import wait_ready
 from tests.helpers import free_port, png, register_model, tiny_model, tiny_model_config
 from tests.imagegen import CLASSES
 
@@ -132,7 +132,7 @@ def test_known_requests_show_in_metrics_and_the_log(where, ray_session, tmp_path
     from ray import serve
 
     from hotdog_ray.predict import Predictor
-    from hotdog_ray.serve import deployment
+    from hotdog_ray.server.launch import deployment
 
     port = free_port()
     app_name = f"monitored-{where}"
@@ -255,7 +255,7 @@ def test_shadow_answers_and_feedback_give_each_version_its_accuracy(ray_session,
     from hotdog_ray.cli import main
     from hotdog_ray.predict import Predictor
     from hotdog_ray.promote import set_challenger
-    from hotdog_ray.serve import deployment
+    from hotdog_ray.server.launch import deployment
 
     port = free_port()
     cfg = tiny_model_config(

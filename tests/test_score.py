@@ -95,7 +95,7 @@ def test_the_driver_writes_every_scored_block_into_files_named_after_the_run(tmp
 
     from hotdog_ray import score as scoring
     from hotdog_ray import storage
-    from hotdog_ray.runtime import Progress
+    from hotdog_ray.process import Progress
 
     monkeypatch.setattr(scoring, "ROW_GROUP_ROWS", 10)
     monkeypatch.setattr(scoring, "ROWS_PER_FILE", 25)
@@ -206,7 +206,7 @@ ACTOR = """
 import json, sys
 from pathlib import Path
 import numpy as np
-from hotdog_ray.score import Scorer
+from hotdog_ray.scorer import Scorer
 
 folder = Path(sys.argv[1])
 meta = json.loads((folder / "meta.json").read_text())

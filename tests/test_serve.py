@@ -4,6 +4,7 @@ load without a failed request, a load test from a second process, and the page i
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -25,7 +26,8 @@ from hotdog_ray.config import load_config
 from hotdog_ray.models import build_model
 from hotdog_ray.predict import Predictor
 from hotdog_ray.registry import set_alias
-from hotdog_ray.serve import HAPROXY_ENV, haproxy_threads, wait_ready
+from hotdog_ray.server.launch import HAPROXY_ENV, haproxy_threads, wait_ready
+from hotdog_ray.server.shadow import ShadowQueue
 from tests.helpers import (
     free_port,
     png,
@@ -67,7 +69,7 @@ class App:
 def app(ray_session, tmp_path_factory):
     from ray import serve
 
-    from hotdog_ray.serve import deployment
+    from hotdog_ray.server.launch import deployment
 
     tmp = tmp_path_factory.mktemp("serve")
     port = free_port()
@@ -343,7 +345,7 @@ def test_a_user_config_change_reloads_in_place(app, tmp_path):
                         {
                             "name": "ondemand",
                             "route_prefix": "/ondemand",
-                            "import_path": "hotdog_ray.serve:build_app",
+                            "import_path": "hotdog_ray.server.launch:build_app",
                             # The second runtime: these answers must equal the offline predictor too.
                             "args": {
                                 "config": str(settings),
@@ -417,7 +419,7 @@ def test_api_keys_close_the_prediction_endpoints_and_leave_the_probes_open(app):
     with each configured key; the probes stay open."""
     from ray import serve
 
-    from hotdog_ray.serve import deployment
+    from hotdog_ray.server.launch import deployment
 
     keys = ["k-first-0123456789", "k-second-9876543210"]
     cfg = app.cfg.model_copy(
@@ -471,7 +473,7 @@ def test_shadow_and_canary_rollouts_and_the_promotion_gate(app, tmp_path, capsys
     from hotdog_ray.cli import main
     from hotdog_ray.config import apply_overrides, from_dict
     from hotdog_ray.promote import force, set_challenger
-    from hotdog_ray.serve import deployment
+    from hotdog_ray.server.launch import deployment
 
     cfg = from_dict(
         apply_overrides(
@@ -551,7 +553,7 @@ def test_batcher_takes_what_queued_while_a_batch_ran_one_batch_at_a_time():
     a failed batch's error reaches each of its callers, and a caller that left is not run."""
     import asyncio
 
-    from hotdog_ray.serve import MicroBatcher
+    from hotdog_ray.server.batching import MicroBatcher
 
     batches, running = [], []
 
@@ -587,7 +589,7 @@ def test_batcher_waits_to_fill_a_batch_only_when_told():
     """With wait_s, a batch that is not full waits for more (and a full one does not)."""
     import asyncio
 
-    from hotdog_ray.serve import MicroBatcher
+    from hotdog_ray.server.batching import MicroBatcher
 
     batches = []
 
@@ -616,7 +618,7 @@ def test_a_cheap_lone_pass_runs_on_the_event_loop_and_anything_else_in_a_thread(
     import threading
     import time
 
-    from hotdog_ray.serve import PassRunner
+    from hotdog_ray.server.batching import PassRunner
 
     def where(seconds):
         time.sleep(seconds)
@@ -636,47 +638,53 @@ def test_a_cheap_lone_pass_runs_on_the_event_loop_and_anything_else_in_a_thread(
     assert asyncio.run(main()) == [False, True, False, True, False, True]
 
 
+class RecordingShadowQueue(ShadowQueue):
+    """Shadow batching with no Serve and no model: each challenger pass recorded, not run."""
+
+    def __init__(self, max_size: int) -> None:
+        super().__init__(ctx=None, max_size=max_size)
+        self.calls, self.running = [], 0
+
+    async def score(self, jobs):
+        self.running += 1
+        assert self.running == 1, "two challenger batches ran at once"
+        await asyncio.sleep(0.01)
+        images = [int(j.image[0]) for j in jobs]
+        self.calls.append((jobs[0].champion, [j.shadow.challenger for j in jobs], images))
+        self.running -= 1
+
+
 def test_shadow_work_runs_one_challenger_batch_at_a_time_per_replica():
     """Queued shadow work drains in batches of at most serve.max_batch_size, one at a time, each
     batch one champion-challenger pair; every queued image is scored once."""
     import asyncio
     from types import SimpleNamespace
 
-    from hotdog_ray.serve import HotdogReplica, MicroBatcher, Shadow
+    from hotdog_ray.server.context import Shadow
+    from hotdog_ray.server.shadow import ShadowJob
 
-    # No Serve and no model: the replica's shadow batches, with the challenger pass recorded.
-    replica = SimpleNamespace()
-    calls, running = [], []
-
-    async def shadow(champion, jobs):
-        running.append(1)
-        assert len(running) == 1, "two challenger batches ran at once"
-        await asyncio.sleep(0.01)
-        calls.append((champion, [job[0].challenger for job in jobs], [int(job[1][0]) for job in jobs]))
-        running.pop()
-
-    replica._shadow = shadow
     champions = ["champion-1", "champion-2"]
     challengers = [SimpleNamespace(name="a"), SimpleNamespace(name="b")]
-    shadows = [Shadow(challengers[0], None), Shadow(challengers[1], None)]
+    shadows = [Shadow(challenger=c, request_id="r", image=b"") for c in challengers]
+
+    def job(champion, shadow, i):
+        return ShadowJob(champion=champion, shadow=shadow, image=np.array([i]), answer=np.zeros(2))
 
     async def main():
-        queue = MicroBatcher(lambda jobs: HotdogReplica._shadow_batch(replica, jobs), max_size=4)
+        queue = RecordingShadowQueue(max_size=4)
         # Three batches' worth arrives while the first challenger batch runs; a reload swaps the
         # challenger (b) and then the champion (champion-2) along the way.
-        jobs = [(champions[0], shadows[0], np.array([i]), None) for i in range(6)]
-        jobs += [
-            (champions[0], shadows[1], np.array([6]), None),
-            (champions[1], shadows[1], np.array([7]), None),
-        ]
-        for job in jobs[:2]:
-            queue.offer(job)
+        jobs = [job(champions[0], shadows[0], i) for i in range(6)]
+        jobs += [job(champions[0], shadows[1], 6), job(champions[1], shadows[1], 7)]
+        for j in jobs[:2]:
+            queue.offer(j)
         await asyncio.sleep(0)
-        for job in jobs[2:]:
-            queue.offer(job)
+        for j in jobs[2:]:
+            queue.offer(j)
         await queue.drained()
+        return queue.calls
 
-    asyncio.run(main())
+    calls = asyncio.run(main())
     assert sorted(i for _, _, images in calls for i in images) == list(range(8))
     assert all(len({id(c) for c in chall}) == 1 for _, chall, _ in calls)  # one challenger a batch
     assert calls[0][2] == [0, 1]  # the first batch did not wait for more

@@ -18,7 +18,8 @@ from hotdog_ray import tracking
 from hotdog_ray.config import load_config
 from hotdog_ray.errors import ConfigError, TrainingError
 from hotdog_ray.evaluate import predict_batches
-from hotdog_ray.registry import client, load_model
+from hotdog_ray.model_store import load_model
+from hotdog_ray.registry import client
 from hotdog_ray.train import EarlyStopping, Loop, check_loss, per_worker_batch, run_training
 from tests.helpers import KillAWorkerAfterEpoch, mlflow_store, set_args, stop_command
 
@@ -330,13 +331,10 @@ def test_fixed_seed_reproduces_an_augmented_cpu_run(ray_session, image_tree, tmp
 def test_a_restarted_trial_takes_the_newest_readable_checkpoint_of_its_folder(tmp_path, monkeypatch):
     """Tune may not have recorded a trial's last checkpoint (its node went before the driver asked):
     the trial reads its own folder, newest first, and skips one cut short."""
-    from types import SimpleNamespace
-
     import pyarrow.fs as pafs
-    import ray.train._internal.session as train_session
     from ray import tune
 
-    from hotdog_ray import sessions
+    from hotdog_ray import compat, sessions
 
     for epoch in (0, 1):
         (tmp_path / f"checkpoint_00000{epoch}").mkdir()
@@ -344,8 +342,7 @@ def test_a_restarted_trial_takes_the_newest_readable_checkpoint_of_its_folder(tm
     (tmp_path / "checkpoint_000002").mkdir()
     (tmp_path / "checkpoint_000002" / sessions.STATE_FILE).write_bytes(b"cut short")
     (tmp_path / "params.json").write_text("{}")  # the trial folder's other files are not checkpoints
-    where = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), trial_fs_path=str(tmp_path))
-    monkeypatch.setattr(train_session, "get_storage", lambda: where)
+    monkeypatch.setattr(compat, "trial_storage", lambda: (pafs.LocalFileSystem(), str(tmp_path)))
     monkeypatch.setattr(tune, "get_checkpoint", lambda: None)  # what Tune recorded: nothing
 
     assert [Path(c.path).name for c in sessions._trial_checkpoints()] == [
@@ -356,9 +353,7 @@ def test_a_restarted_trial_takes_the_newest_readable_checkpoint_of_its_folder(tm
     session = sessions.TrialSession.__new__(sessions.TrialSession)
     assert session.checkpoint_state() == {"epoch": 1}
 
-    monkeypatch.setattr(
-        train_session, "get_storage", lambda: (_ for _ in ()).throw(RuntimeError("no session"))
-    )
+    monkeypatch.setattr(compat, "trial_storage", lambda: (_ for _ in ()).throw(RuntimeError("no session")))
     assert sessions._trial_checkpoints() == [] and session.checkpoint_state() is None
 
 

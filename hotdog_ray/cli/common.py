@@ -1,0 +1,30 @@
+"""What every command shares: the config from ``--config``/``--set``, and the working-directory check."""
+
+from __future__ import annotations
+
+import argparse
+
+from hotdog_ray.config import Config, dump_config, load_config
+from hotdog_ray.errors import ConfigError
+from hotdog_ray.process import lost_results
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def refuse_lost_results(cfg: Config, command: str) -> None:
+    """Under ``ray job submit --working-dir``, stop before any work if the job's results would be
+    written into Ray's temporary copy of the working directory (or its data was never uploaded)."""
+    problems = lost_results(cfg, command)
+    if problems:
+        raise ConfigError(
+            "this job runs from Ray's copy of its working directory (ray job submit --working-dir) "
+            "and would lose its results or miss its data:\n  - " + "\n  - ".join(problems)
+        )
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """``hotdog config``: the resolved config as YAML."""
+    print(dump_config(config_from_args(args)), end="")
+    return 0

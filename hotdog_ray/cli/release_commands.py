@@ -1,0 +1,85 @@
+"""``hotdog promote`` and ``rollout``: which model serves, and a challenger's figures beside it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from hotdog_ray import promote, registry, rollout
+from hotdog_ray.cli.common import config_from_args
+from hotdog_ray.errors import ModelError
+from hotdog_ray.score import run_date
+
+log = logging.getLogger("hotdog_ray")
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+
+    cfg = config_from_args(args)
+    if args.challenger or args.clear_challenger:
+        version = promote.set_challenger(cfg, None if args.clear_challenger else args.challenger)
+        name, alias = cfg.tracking.registered_model, cfg.tracking.challenger_alias
+        print(f"{name}@{alias} is version {version}" if version else f"{name}@{alias} removed")
+        return 0
+    if args.force:
+        decision = promote.force(cfg, args.force)
+    else:
+        decision = promote.promote(cfg, args.run, data_root=args.data)
+    print(
+        json.dumps(decision.as_dict(), indent=2)
+        if args.json
+        else f"{'promoted' if decision.promoted else 'kept the champion'}: {decision.reason}; "
+        f"{cfg.tracking.registered_model}@{cfg.tracking.alias} is version {decision.version}"
+    )
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+
+    cfg = config_from_args(args)
+    t = cfg.tracking
+    champion, challenger = registry.alias_version(t), registry.alias_version(t, t.challenger_alias)
+    if champion is None or challenger is None:
+        raise ModelError(
+            f"{t.registered_model} needs both aliases {t.alias!r} and {t.challenger_alias!r} for a rollout "
+            f"(champion: {champion}, challenger: {challenger}); see hotdog promote --challenger"
+        )
+    # The replicas' own running figures, unless a period is asked for: that comes from the
+    # prediction log, which also gives each version's accuracy where feedback came in.
+    accuracy = None
+    if args.since or cfg.serve.prediction_log:
+        since = run_date(args.since).isoformat() if args.since else None
+        from_log, accuracy = rollout.from_prediction_log(cfg, champion, challenger, since)
+    stats = from_log if args.since else rollout.report(cfg, champion, challenger)
+    allowed, why = rollout.gate(cfg, stats)
+    out = {
+        "champion": champion,
+        "challenger": challenger,
+        "since": args.since,
+        **stats.summary(),
+        "accuracy": accuracy,
+        "promotable": allowed,
+        "why": why,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    print(f"{t.registered_model}: champion version {champion}, challenger version {challenger}")
+    print(
+        f"  requests {out['requests']} (champion {out['served_by_champion']}, challenger "
+        f"{out['served_by_challenger']}), shadowed {out['shadowed']}, agreement {fmt(out['agreement'], '.3f')}"
+    )
+    for role in rollout.ROLES:
+        labelled = (
+            f", accuracy {fmt(accuracy[role]['accuracy'], '.3f')} on {accuracy[role]['labelled']} labelled"
+            if accuracy
+            else ""
+        )
+        print(
+            f"  {role:<11} p50 latency {fmt(out['p50_latency_ms'][role], '.2f')} ms, "
+            f"median confidence {fmt(out['median_confidence'][role], '.3f')}{labelled}"
+        )
+    print(f"  {'promotable' if allowed else 'not promotable'}: {why}")
+    return 0
