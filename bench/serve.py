@@ -155,7 +155,7 @@ def main() -> None:
         "--replicas",
         type=int,
         default=os.cpu_count(),
-        help="Serve replicas (serve.min/max_replicas); the baseline is always one process",
+        help="Serve replicas (serve.autoscaling.min/max_replicas); the baseline is always one process",
     )
     ap.add_argument(
         "--repeats", type=int, default=1, help="rounds of the Serve rows; ratios are the rounds' median"
@@ -179,8 +179,8 @@ def main() -> None:
                 "serve.reload_interval_s=0",
                 f"rollout.store={tmp}/rollout",
                 "serve.access_log=false",
-                f"serve.min_replicas={args.replicas}",
-                f"serve.max_replicas={args.replicas}",
+                f"serve.autoscaling.min_replicas={args.replicas}",
+                f"serve.autoscaling.max_replicas={args.replicas}",
                 f"serve.haproxy={str(args.ingress == 'haproxy').lower()}",
                 *args.overrides,
             ],
@@ -214,26 +214,28 @@ def main() -> None:
         set_challenger(cfg, register_model(cfg, seed=1))
         log_root = f"{tmp}/prediction-log"
         runs = (
-            ("Ray Serve, batching", cfg.serve.max_batch_size, "off", {}),
-            ("Ray Serve, no batching", 1, "off", {}),
-            ("Ray Serve, shadow", cfg.serve.max_batch_size, "shadow", {}),
+            ("Ray Serve, batching", cfg.serve.max_batch_size, "off", None),
+            ("Ray Serve, no batching", 1, "off", None),
+            ("Ray Serve, shadow", cfg.serve.max_batch_size, "shadow", None),
             # Every answer logged (rate 1.0): what the prediction log costs a replica.
-            ("Ray Serve, prediction log", cfg.serve.max_batch_size, "off", {"prediction_log": log_root}),
+            ("Ray Serve, prediction log", cfg.serve.max_batch_size, "off", log_root),
         )
         rounds: list[dict[str, dict]] = []
         for i in range(args.repeats):
             rounds.append({})
             # Each round starts one row later: no row is always measured first (after Ray's start,
             # or right after the previous app was deleted).
-            for name, batch, mode, extra in runs[i % len(runs) :] + runs[: i % len(runs)]:
-                update = {
-                    "model_uri": None if mode != "off" else model_uri,
-                    "max_batch_size": batch,
-                    "rollout": mode,
-                    "log_sample_rate": 1.0,
-                    **extra,
-                }
-                c = cfg.model_copy(update={"serve": cfg.serve.model_copy(update=update)})
+            for name, batch, mode, location in runs[i % len(runs) :] + runs[: i % len(runs)]:
+                update = {"model_uri": None if mode != "off" else model_uri, "max_batch_size": batch}
+                c = cfg.model_copy(
+                    update={
+                        "serve": cfg.serve.model_copy(update=update),
+                        "rollout": cfg.rollout.model_copy(update={"mode": mode}),
+                        "prediction_log": cfg.prediction_log.model_copy(
+                            update={"location": location, "sample_rate": 1.0}
+                        ),
+                    }
+                )
                 serve.run(deployment(c).bind(c.model_dump(mode="json")), name="bench", route_prefix="/")
                 if not wait_ready(url):
                     raise RuntimeError(f"{name} did not become ready")
@@ -281,7 +283,7 @@ def main() -> None:
         "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
         "ingress": args.ingress,
         "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
-        "replicas": cfg.serve.max_replicas,
+        "replicas": cfg.serve.autoscaling.max_replicas,
         "cpus_per_replica": cfg.serve.cpus_per_replica,
         "repeats": args.repeats,
         "results": {k: {str(c): v for c, v in r.items()} for k, r in results.items()},
@@ -300,7 +302,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(summary, indent=2))
     print(f"{cfg.model.name} at {cfg.data.image_size} px, 64x48 JPEG posts, loopback ({summary['machine']})")
     print(
-        f"  Serve: {args.ingress} ingress, {cfg.serve.max_replicas} replica(s) x {cfg.serve.cpus_per_replica} CPU, "
+        f"  Serve: {args.ingress} ingress, {cfg.serve.autoscaling.max_replicas} replica(s) x {cfg.serve.cpus_per_replica} CPU, "
         f"batches of up to {cfg.serve.max_batch_size}, wait {cfg.serve.batch_wait_timeout_s * 1000:g} ms"
     )
     print(f"  {'server':<30}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")

@@ -121,7 +121,11 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", "serve.reload_interval_s=0"]
-        overrides += ["serve.access_log=false", "serve.min_replicas=2", "serve.max_replicas=2"]
+        overrides += [
+            "serve.access_log=false",
+            "serve.autoscaling.min_replicas=2",
+            "serve.autoscaling.max_replicas=2",
+        ]
         cfg = load_config(args.config, overrides)
         set_alias(cfg.tracking, bench_serve.register_model(cfg))
         for pair in range(args.pairs):

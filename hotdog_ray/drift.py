@@ -240,9 +240,9 @@ def day_table(cfg: "Config", date: str, source: str) -> tuple["pa.Table", str]:
     (``scores``), and the name of their model-version column."""
 
     if source == "predictions":
-        if not cfg.serve.prediction_log:
-            raise ConfigError("serve.prediction_log is not set: there is no prediction log to read")
-        return predlog.read(cfg.serve.prediction_log, date), "version"
+        if not cfg.prediction_log.location:
+            raise ConfigError("prediction_log.location is not set: there is no prediction log to read")
+        return predlog.read(cfg.prediction_log.location, date), "version"
     if not cfg.score.output:
         raise ConfigError("score.output is not set: there are no nightly scores to read")
     return read_parquet_folder(storage.resolve(cfg.score.output).join(f"date={date}")), "model_version"

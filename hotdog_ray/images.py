@@ -16,15 +16,13 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from hotdog_ray.config.data import MAX_PIXELS
 from hotdog_ray.errors import ImageError
 
 if TYPE_CHECKING:
     import torch
 
-    from hotdog_ray.config import AugmentSettings
-
-# Images with more pixels are refused as decompression bombs (data.max_image_pixels' default).
-MAX_PIXELS = 50_000_000
+    from hotdog_ray.config.data import AugmentSettings
 
 # Modes PIL decodes 16- or 32-bit single-channel data into (16-bit PNG, TIFF).
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}

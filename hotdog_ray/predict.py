@@ -174,10 +174,9 @@ class Predictor:
 
     @classmethod
     def from_config(cls, cfg: "Config", ref: str | None = None, **kwargs: Any) -> "Predictor":
-        """Load ``ref`` (default ``serve.model_uri``, else the registry's alias or newest version)
-        to run on ``predict.runtime``."""
-
-        ref = ref or cfg.serve.model_uri or registry.default_model_ref(cfg.tracking)
+        """Load ``ref`` (default: the registry's alias, else its newest version) to run on
+        ``predict.runtime``."""
+        ref = ref or registry.default_model_ref(cfg.tracking)
         log.info("loading model %s", ref)
         kwargs.setdefault("runtime", cfg.predict.runtime)
         predictor = cls(model_store.load_model(cfg.tracking, ref), **kwargs)

@@ -2,11 +2,11 @@
 
 A Serve replica (or the plain uvicorn app) hands each answered image to :class:`PredictionLog`,
 which only appends a row to a bounded in-memory queue: the request never waits on storage. A
-background thread writes the queue every ``serve.log_flush_interval_s`` to
-``<serve.prediction_log>/date=YYYY-MM-DD/<host>-<pid>-<n>.parquet`` (a folder or ``s3://``), and
+background thread writes the queue every ``prediction_log.flush_interval_s`` to
+``<prediction_log.location>/date=YYYY-MM-DD/<host>-<pid>-<n>.parquet`` (a folder or ``s3://``), and
 once more when the app stops. When the queue is full (storage slower than traffic) new rows are
-dropped and counted, so memory stays bounded. With ``serve.log_images`` the image itself goes to
-``<prediction_log>/images/<sha256>`` beside its row.
+dropped and counted, so memory stays bounded. With ``prediction_log.images`` the image itself goes to
+``<location>/images/<sha256>`` beside its row.
 
 :func:`read` loads the rows of one day (``hotdog drift``, ``hotdog rollout report``, tests).
 """

@@ -139,7 +139,7 @@ def force(cfg: "Config", version: str) -> Decision:
 
 def set_challenger(cfg: "Config", version: str | None) -> str | None:
     """Point ``tracking.challenger_alias`` at ``version`` (exported first, as for the champion), or
-    remove it with None; replicas with ``serve.rollout`` pick it up at their next reload poll."""
+    remove it with None; replicas with ``rollout.mode`` set pick it up at their next reload poll."""
 
     alias = cfg.tracking.challenger_alias
     if version is None:

@@ -1,7 +1,7 @@
 """Rollouts: what a challenger did on live traffic beside the champion, and the gate before it takes over.
 
 Each Serve replica's :class:`LiveRollout` picks who answers a request and keeps
-:class:`RolloutStats` for its champion-challenger pair (``serve.rollout``); the replica writes them every ``rollout.flush_interval_s`` to ``rollout.store`` (a local folder or
+:class:`RolloutStats` for its champion-challenger pair (``rollout.mode``); the replica writes them every ``rollout.flush_interval_s`` to ``rollout.store`` (a local folder or
 ``s3://``), one JSON file per replica under ``<model>/<champion>-vs-<challenger>/``.
 :func:`report` adds up every replica's file (``hotdog rollout report``), and :func:`gate` is what
 ``hotdog promote --force`` checks against ``rollout.min_requests`` and ``rollout.min_agreement``.
@@ -94,7 +94,7 @@ class RolloutStats:
 
 
 class LiveRollout:
-    """A replica's rollout (``serve.rollout``): who answers each request, and the figures of the
+    """A replica's rollout (``rollout.mode``): who answers each request, and the figures of the
     champion-challenger pair it serves, started afresh whenever either model changes."""
 
     def __init__(self, mode: str, canary_fraction: float, draw: Callable[[], float] = random.random) -> None:
@@ -227,15 +227,15 @@ def accuracy(
 def from_prediction_log(
     cfg: "Config", champion: str, challenger: str, since: str | None = None
 ) -> tuple[RolloutStats, dict[str, dict[str, Any]]]:
-    """The pair's figures and accuracies from ``serve.prediction_log`` and its feedback (the days
+    """The pair's figures and accuracies from the prediction log (``prediction_log.location``) and its feedback (the days
     from ``since``, YYYY-MM-DD, or all)."""
 
-    if not cfg.serve.prediction_log:
+    if not cfg.prediction_log.location:
         raise ConfigError(
-            "serve.prediction_log is not set: figures by date and accuracy need the prediction log"
+            "prediction_log.location is not set: figures by date and accuracy need the prediction log"
         )
-    rows = predlog.read(cfg.serve.prediction_log, since=since).to_pylist()
-    feedback_at = storage.resolve(cfg.serve.prediction_log).join(predlog.FEEDBACK).uri
+    rows = predlog.read(cfg.prediction_log.location, since=since).to_pylist()
+    feedback_at = storage.resolve(cfg.prediction_log.location).join(predlog.FEEDBACK).uri
     feedback = predlog.read(feedback_at, since=since, schema=predlog.FEEDBACK_SCHEMA).to_pylist()
     labels = {f["request_id"]: f["label"] for f in sorted(feedback, key=lambda f: f["time"])}  # latest wins
     return stats_from_log(rows, champion, challenger), accuracy(rows, labels, champion, challenger)

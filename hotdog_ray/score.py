@@ -157,11 +157,11 @@ def score(
         input: a prefix or list file of images; ``{date}`` becomes the run date (default ``score.input``).
         output: the Parquet root (default ``score.output``).
         date: ``YYYY-MM-DD``, ``today`` (default) or ``yesterday``, in UTC.
-        model: the model reference (default ``serve.model_uri``, else the registry's alias or newest version).
+        model: the model reference (default ``score.model_uri``, else the registry's alias or newest version).
     """
 
     job = plan(cfg, input, output, date)
-    ref = model or cfg.serve.model_uri or registry.default_model_ref(cfg.tracking)
+    ref = model or cfg.score.model_uri or registry.default_model_ref(cfg.tracking)
     key = registry.resolve_model_ref(
         cfg.tracking, ref
     )  # every actor scores the same version, even if the alias moves
@@ -264,7 +264,7 @@ def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any, actors: int) ->
     guards = {
         "size": predictor.image_size,
         "max_pixels": cfg.data.max_image_pixels,
-        "min_side": cfg.serve.min_image_side,
+        "min_side": cfg.serve.limits.min_image_side,
     }
     # Reading and decoding share their resources so that Ray Data fuses them into one task (bytes
     # never cross the object store), and that half a CPU each leaves room beside the model actors.

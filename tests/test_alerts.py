@@ -186,9 +186,9 @@ def test_a_healthy_service_raises_no_alert_faults_raise_theirs_and_every_panel_h
         tmp_path / "store",
         "serve.cpus_per_replica=0.25",
         "serve.reload_interval_s=2",
-        "serve.rollout=shadow",
-        f"serve.prediction_log={tmp_path / 'predictions'}",
-        "serve.log_flush_interval_s=0.5",
+        "rollout.mode=shadow",
+        f"prediction_log.location={tmp_path / 'predictions'}",
+        "prediction_log.flush_interval_s=0.5",
     )
     models = [register_model(cfg, tiny_model(CLASSES, seed=i), CLASSES, name="alerting")[1] for i in range(3)]
     set_alias(cfg.tracking, models[0])

@@ -135,3 +135,24 @@ def test_distributed_backend_is_nccl_only_where_every_worker_has_a_whole_gpu(ove
 def test_nccl_without_gpus_is_refused_by_key():
     with pytest.raises(ConfigError, match="train.backend=nccl needs train.use_gpu"):
         load_config(None, ["train.backend=nccl"])
+
+
+def test_moved_keys_are_read_at_their_new_place_with_a_warning(tmp_path, caplog):
+    """A preset or --set key that moved to its concern's section still works, and the log names the
+    new key; setting both the old and the new key is an error that names both."""
+    preset = tmp_path / "old.yaml"
+    preset.write_text("serve:\n  rollout: shadow\n  max_upload_bytes: 1234\n  log_sample_rate: 0.5\n")
+    cfg = load_config(preset, ["serve.prediction_log=s3://b/log", "serve.max_replicas=3"])
+    assert cfg.rollout.mode == "shadow" and cfg.serve.limits.max_upload_bytes == 1234
+    assert cfg.prediction_log.location == "s3://b/log" and cfg.prediction_log.sample_rate == 0.5
+    assert cfg.serve.autoscaling.max_replicas == 3
+    assert "serve.rollout moved to rollout.mode" in caplog.text
+    assert "serve.max_replicas moved to serve.autoscaling.max_replicas" in caplog.text
+    with pytest.raises(ConfigError, match="serve.rollout and rollout.mode are both set"):
+        load_config(None, ["serve.rollout=canary", "rollout.mode=shadow"])
+    assert "rollout" not in load_config().serve.model_dump()  # one home for each key
+
+
+def test_each_stage_has_its_own_model_reference():
+    cfg = load_config(None, ["serve.model_uri=models:/a/1", "score.model_uri=models:/a/2"])
+    assert (cfg.serve.model_uri, cfg.score.model_uri) == ("models:/a/1", "models:/a/2")

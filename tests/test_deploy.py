@@ -480,7 +480,7 @@ def test_serve_configs_are_valid_for_serve_deploy_and_build_the_app(name, monkey
     (deployment,) = application.deployments
     assert deployment.name == "hotdog"
     assert set(deployment.user_config) == {"reload_token", "model_uri"}
-    assert cfg.serve.max_ongoing_requests >= cfg.serve.max_batch_size
+    assert cfg.serve.autoscaling.max_ongoing_requests >= cfg.serve.max_batch_size
 
 
 def test_rayservice_serves_the_serving_config_with_only_the_cluster_differences():

@@ -270,8 +270,8 @@ def test_serve_replicas_on_two_nodes_keep_answering_when_one_node_goes(cluster, 
     cfg = tiny_model_config(
         tmp_path,
         f"serve.port={port}",
-        "serve.min_replicas=2",
-        "serve.max_replicas=2",
+        "serve.autoscaling.min_replicas=2",
+        "serve.autoscaling.max_replicas=2",
         "serve.cpus_per_replica=2",
         f"tracking.uri={mlflow_server}",
     )

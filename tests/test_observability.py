@@ -152,8 +152,8 @@ def test_known_requests_show_in_metrics_and_the_log(where, ray_session, tmp_path
         tmp_path,
         "serve.reload_interval_s=0",
         "serve.cpus_per_replica=0.25",
-        f"serve.prediction_log={log_root}",
-        "serve.log_flush_interval_s=0.5",
+        f"prediction_log.location={log_root}",
+        "prediction_log.flush_interval_s=0.5",
     )
     model = tiny_model(CLASSES, seed=3)
     _, version = register_model(cfg, model, CLASSES, name="monitored")
@@ -262,9 +262,9 @@ def test_shadow_answers_and_feedback_give_each_version_its_accuracy(ray_session,
         tmp_path,
         "serve.reload_interval_s=0",
         "serve.cpus_per_replica=0.25",
-        "serve.rollout=shadow",
-        f"serve.prediction_log={tmp_path / 'log'}",
-        "serve.log_flush_interval_s=0.3",
+        "rollout.mode=shadow",
+        f"prediction_log.location={tmp_path / 'log'}",
+        "prediction_log.flush_interval_s=0.3",
         f"rollout.store={tmp_path / 'rollout'}",
     )
     _, champion = register_model(cfg, tiny_model(CLASSES, seed=11), CLASSES, name="champion")
@@ -314,7 +314,12 @@ def test_shadow_answers_and_feedback_give_each_version_its_accuracy(ray_session,
         serve.shutdown()
 
     capsys.readouterr()
-    args = ["--set", f"tracking.uri={cfg.tracking.uri}", "--set", f"serve.prediction_log={tmp_path / 'log'}"]
+    args = [
+        "--set",
+        f"tracking.uri={cfg.tracking.uri}",
+        "--set",
+        f"prediction_log.location={tmp_path / 'log'}",
+    ]
     assert main(["rollout", "report", "--since", "today", "--json", *args]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["shadowed"] == len(images) and report["served_by_champion"] == len(images)

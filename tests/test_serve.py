@@ -58,7 +58,7 @@ class App:
         return Predictor(
             ModelBundle(self.models[version], model_meta(self.cfg, list(CLASSES))),
             device="cpu",
-            min_side=self.cfg.serve.min_image_side,
+            min_side=self.cfg.serve.limits.min_image_side,
         )
 
     def post(self, path: str, **kwargs) -> requests.Response:
@@ -78,8 +78,8 @@ def app(ray_session, tmp_path_factory):
         f"serve.port={port}",
         "serve.reload_interval_s=0.5",
         "serve.cpus_per_replica=0.25",
-        "serve.max_upload_bytes=300000",
-        "serve.max_images_per_request=4",
+        "serve.limits.max_upload_bytes=300000",
+        "serve.limits.max_images_per_request=4",
     )
     version, model = register(cfg, seed=1)
     set_alias(cfg.tracking, version)
@@ -491,7 +491,7 @@ def test_shadow_and_canary_rollouts_and_the_promotion_gate(app, tmp_path, capsys
     set_challenger(cfg, challenger)
     for mode in ("shadow", "canary"):
         c = cfg.model_copy(
-            update={"serve": cfg.serve.model_copy(update={"rollout": mode, "canary_fraction": 0.2})}
+            update={"rollout": cfg.rollout.model_copy(update={"mode": mode, "canary_fraction": 0.2})}
         )
         serve.run(deployment(c).bind(c.model_dump(mode="json")), name=mode, route_prefix=f"/{mode}")
     try:
@@ -733,7 +733,7 @@ def test_the_api_matches_its_openapi_schema(app):
     from schemathesis.specs.openapi.media_types import unregister_all
     from schemathesis.transport.serialization import Binary
 
-    images = images_as_documented(app.cfg.serve.min_image_side)
+    images = images_as_documented(app.cfg.serve.limits.min_image_side)
     schemathesis.openapi.format("binary", images.map(Binary))
     schemathesis.openapi.media_type("image/*", images, aliases=["application/octet-stream"])
     try:
@@ -850,9 +850,9 @@ def test_hotdog_serve_command_serves_a_bundle_and_drains_on_sigterm(tmp_path):
         "--set",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "--set",
-        f"serve.prediction_log={tmp_path / 'answers'}",
+        f"prediction_log.location={tmp_path / 'answers'}",
         "--set",
-        "serve.log_flush_interval_s=600",  # nothing written before the stop: the stop must write it all
+        "prediction_log.flush_interval_s=600",  # nothing written before the stop: the stop must write it all
     ]
     log = open(tmp_path / "serve.log", "w")
     env = {k: v for k, v in os.environ.items() if k != HAPROXY_ENV}  # the config decides, not the suite's env

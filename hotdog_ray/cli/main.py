@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--challenger",
         metavar="VERSION",
-        help="point tracking.challenger_alias at this version: serve.rollout tries it on live traffic",
+        help="point tracking.challenger_alias at this version: rollout.mode tries it on live traffic",
     )
     which.add_argument("--clear-challenger", action="store_true", help="remove the challenger alias")
     p.add_argument("--data", help="dataset root for the comparison (default: data.root)")
@@ -152,13 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "rollout",
         "release_commands:cmd_rollout",
-        "the challenger against the champion on live traffic (serve.rollout)",
+        "the challenger against the champion on live traffic (rollout.mode)",
         True,
     )
     p.add_argument("action", choices=["report"], help="report: every replica's figures, added up")
     p.add_argument(
         "--since",
-        help="YYYY-MM-DD, today or yesterday (UTC): figures of those days only, from serve.prediction_log",
+        help="YYYY-MM-DD, today or yesterday (UTC): figures of those days only, from the prediction log (prediction_log.location)",
     )
     p.add_argument("--json", action="store_true")
     p = command(
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", help="Parquet root, gets date=YYYY-MM-DD/ (default: score.output)")
     p.add_argument("--date", help="run date: YYYY-MM-DD to backfill, today (default) or yesterday; UTC")
-    p.add_argument("--model", help="model to score with (default: serve.model_uri, else the registry alias)")
+    p.add_argument("--model", help="model to score with (default: score.model_uri, else the registry alias)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--progress", action="store_true", help="Ray Data's progress bars, for a terminal")
 
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         choices=["predictions", "scores"],
         default="predictions",
-        help="the prediction log (serve.prediction_log) or the nightly scores (score.output)",
+        help="the prediction log (prediction_log.location) or the nightly scores (score.output)",
     )
     p.add_argument("--json", action="store_true")
 

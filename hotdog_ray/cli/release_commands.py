@@ -48,7 +48,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     # The replicas' own running figures, unless a period is asked for: that comes from the
     # prediction log, which also gives each version's accuracy where feedback came in.
     accuracy = None
-    if args.since or cfg.serve.prediction_log:
+    if args.since or cfg.prediction_log.location:
         since = run_date(args.since).isoformat() if args.since else None
         from_log, accuracy = rollout.from_prediction_log(cfg, champion, challenger, since)
     stats = from_log if args.since else rollout.report(cfg, champion, challenger)

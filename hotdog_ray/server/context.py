@@ -11,7 +11,7 @@ from typing import Awaitable, Callable
 import numpy as np
 from starlette.requests import Request
 
-from hotdog_ray.config import ServeSettings
+from hotdog_ray.config import PredictionLogSettings, ServeSettings
 from hotdog_ray.metrics import NoMetrics
 from hotdog_ray.predict import Predictor
 from hotdog_ray.predlog import FEEDBACK, Entry, FeedbackLog, PredictionLog
@@ -56,18 +56,23 @@ class ServerContext:
 
     @classmethod
     def create(
-        cls, service: ModelService, settings: ServeSettings, max_pixels: int, infer: Infer
+        cls,
+        service: ModelService,
+        settings: ServeSettings,
+        answers: PredictionLogSettings,
+        max_pixels: int,
+        infer: Infer,
     ) -> "ServerContext":
         """The context of a server process: its prediction and feedback logs when
-        ``serve.prediction_log`` is set, and the API keys ``serve.api_keys_env`` names."""
+        ``prediction_log.location`` is set, and the API keys ``serve.api_keys_env`` names."""
         metrics = service.telemetry
-        plog = prediction_log(settings, metrics)
+        plog = prediction_log(answers, metrics)
         feedback = None
         if plog is not None:
             feedback = FeedbackLog(
                 plog.location.join(FEEDBACK).uri,
-                flush_interval_s=settings.log_flush_interval_s,
-                max_rows=settings.log_queue_rows,
+                flush_interval_s=answers.flush_interval_s,
+                max_rows=answers.queue_rows,
             )
         keys = api_keys(settings.api_keys_env)
         if keys is None:
@@ -128,16 +133,16 @@ class ServerContext:
         return label, agreed
 
 
-def prediction_log(cfg: ServeSettings, metrics: NoMetrics) -> PredictionLog | None:
-    """The server process's prediction log (``serve.prediction_log``), or None when unset."""
-    if not cfg.prediction_log:
+def prediction_log(cfg: PredictionLogSettings, metrics: NoMetrics) -> PredictionLog | None:
+    """The server process's prediction log (``prediction_log.location``), or None when unset."""
+    if not cfg.location:
         return None
     return PredictionLog(
-        cfg.prediction_log,
-        sample_rate=cfg.log_sample_rate,
-        flush_interval_s=cfg.log_flush_interval_s,
-        max_rows=cfg.log_queue_rows,
-        log_images=cfg.log_images,
+        cfg.location,
+        sample_rate=cfg.sample_rate,
+        flush_interval_s=cfg.flush_interval_s,
+        max_rows=cfg.queue_rows,
+        log_images=cfg.images,
         on_drop=lambda n: metrics.log_rows("dropped", n),
         on_write=lambda n: metrics.log_rows("written", n),
     )

@@ -86,7 +86,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def images_of(request: Request, ctx: ServerContext, max_images: int) -> list[tuple[str, bytes]]:
     """(name, bytes) of every image in the request: multipart files, or the raw body."""
-    body = await read_body(request, ctx.settings.max_upload_bytes)
+    body = await read_body(request, ctx.settings.limits.max_upload_bytes)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         files = await multipart_files(request, body, max_images)

@@ -57,11 +57,11 @@ def deployment(cfg: Config) -> "serve.Deployment":
     return serve.deployment(
         HotdogReplica,
         name="hotdog",
-        max_ongoing_requests=s.max_ongoing_requests,
+        max_ongoing_requests=s.autoscaling.max_ongoing_requests,
         autoscaling_config={
-            "min_replicas": s.min_replicas,
-            "max_replicas": s.max_replicas,
-            "target_ongoing_requests": s.target_ongoing_requests,
+            "min_replicas": s.autoscaling.min_replicas,
+            "max_replicas": s.autoscaling.max_replicas,
+            "target_ongoing_requests": s.autoscaling.target_ongoing_requests,
         },
         ray_actor_options=actor,
         user_config={"reload_token": None, "model_uri": s.model_uri},

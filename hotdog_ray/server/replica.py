@@ -37,13 +37,15 @@ class HotdogReplica:
         self._batcher = MicroBatcher(self.infer_batch, s.max_batch_size, s.batch_wait_timeout_s)
         self._passes = PassRunner()
         self.service = ModelService(self.cfg)
-        self.context = ServerContext.create(self.service, s, self.cfg.data.max_image_pixels, self.infer)
+        self.context = ServerContext.create(
+            self.service, s, self.cfg.prediction_log, self.cfg.data.max_image_pixels, self.infer
+        )
         self._shadows = ShadowQueue(self.context, s.max_batch_size)
         await asyncio.to_thread(self.service.refresh)
         self._user_config: dict[str, Any] | None = None
         if s.reload_interval_s > 0:
             self._poller = asyncio.create_task(self._poll())
-        if s.rollout != "off":
+        if self.cfg.rollout.mode != "off":
             self._flusher = asyncio.create_task(self._flush_rollout())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -74,7 +76,7 @@ class HotdogReplica:
         """Serve calls this when the replica stops (after the app's lifespan): the shadow work still
         queued runs, and the rollout figures gathered since the last flush are written, not lost."""
         cfg = getattr(self, "cfg", None)  # None when __init__ failed before setting it
-        if cfg is not None and cfg.serve.rollout != "off":
+        if cfg is not None and cfg.rollout.mode != "off":
             await self._shadows.drained()
             await self._write_rollout()
 

@@ -135,7 +135,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"ready": True, "model": model_of(service.predictor)})
 
 
-@router.get("/rollout", summary="This replica's champion against the challenger (serve.rollout)")
+@router.get("/rollout", summary="This replica's champion against the challenger (rollout.mode)")
 async def rollout_figures(request: Request) -> dict[str, Any]:
     service = context_of(request).service
     return {
@@ -184,7 +184,7 @@ async def predict_batch(request: Request) -> JSONResponse:
     check_key(ctx, request)
     _, predictor = loaded(ctx)
     rid, headers = request_id_of(request)
-    files = await images_of(request, ctx, ctx.settings.max_images_per_request)
+    files = await images_of(request, ctx, ctx.settings.limits.max_images_per_request)
     model = model_of(predictor)
 
     async def one(i: int, name: str, data: bytes) -> dict[str, Any]:
@@ -235,7 +235,7 @@ class FeedbackIn(BaseModel):
         202: {"description": "stored (written with the next flush of the prediction log)"},
         401: ERRORS[401],
         404: {
-            "description": "feedback is off: serve.prediction_log is not set",
+            "description": "feedback is off: prediction_log.location is not set",
             "content": ERRORS[401]["content"],
         },
     },
@@ -243,7 +243,7 @@ class FeedbackIn(BaseModel):
 async def feedback(request: Request, body: FeedbackIn) -> JSONResponse:
     store = context_of(request).feedback_log
     if store is None:
-        raise HTTPError(404, "feedback is off on this server: serve.prediction_log is not set")
+        raise HTTPError(404, "feedback is off on this server: prediction_log.location is not set")
     if not store.offer(Feedback(request_id=body.request_id, label=body.label)):
         raise HTTPError(503, "feedback is not keeping up; try again later")
     return JSONResponse({"request_id": body.request_id, "label": body.label, "stored": True}, status_code=202)

@@ -77,7 +77,7 @@ ERRORS = {
     for code, text in (
         (400, "too many images, or no file"),
         (401, "no API key, or not a valid one (when serve.api_keys_env is set)"),
-        (413, "body over serve.max_upload_bytes"),
+        (413, "body over serve.limits.max_upload_bytes"),
         (415, "content type is not an image"),
         (422, "not a usable image (the reason says why)"),
         (503, "no model loaded yet"),
@@ -127,10 +127,10 @@ def install(app: FastAPI, ctx: ServerContext) -> None:
     set, and ``/feedback`` only when feedback is on."""
     build_schema = app.openapi
     limits = {
-        "min_side": ctx.settings.min_image_side,
+        "min_side": ctx.settings.limits.min_image_side,
         "max_pixels": ctx.max_pixels,
-        "max_bytes": ctx.settings.max_upload_bytes,
-        "max_images": ctx.settings.max_images_per_request,
+        "max_bytes": ctx.settings.limits.max_upload_bytes,
+        "max_images": ctx.settings.limits.max_images_per_request,
     }
 
     def openapi() -> dict[str, Any]:

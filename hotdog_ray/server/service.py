@@ -27,9 +27,9 @@ class ModelService:
         self.key: str | None = None  # the concrete model loaded (a version, a run, a folder)
         self.last_error: str | None = None
         self.metrics: dict[str, float] = {}
-        self.challenger: Predictor | None = None  # serve.rollout's model, when the alias is set
+        self.challenger: Predictor | None = None  # rollout.mode's model, when the alias is set
         self.challenger_key: str | None = None
-        self.rollout = LiveRollout(cfg.serve.rollout, cfg.serve.canary_fraction)
+        self.rollout = LiveRollout(cfg.rollout.mode, cfg.rollout.canary_fraction)
         self.telemetry: NoMetrics = serve_metrics()
         self._lock = threading.Lock()
 
@@ -46,7 +46,7 @@ class ModelService:
         was ever loaded).
         """
         with self._lock:  # one load at a time; requests keep using self.predictor meanwhile
-            if self.cfg.serve.rollout != "off":
+            if self.cfg.rollout.mode != "off":
                 self._refresh_challenger()
             try:
                 key = self._resolve()
@@ -82,7 +82,7 @@ class ModelService:
             self.cfg,
             key,
             max_pixels=self.cfg.data.max_image_pixels,
-            min_side=s.min_image_side,
+            min_side=s.limits.min_image_side,
             top_k=s.top_k,
             device="cuda" if s.gpus_per_replica > 0 else "cpu",
             threads=cpu_threads(s.cpus_per_replica),
@@ -103,7 +103,7 @@ class ModelService:
         old, self.challenger, self.challenger_key = self.challenger, challenger, key
         self._swapped("challenger", old, challenger)
         self.rollout.restart()  # figures are per champion-challenger pair
-        log.info("rollout %s: challenger %s", self.cfg.serve.rollout, key)
+        log.info("rollout %s: challenger %s", self.cfg.rollout.mode, key)
 
     def info(self) -> dict[str, Any]:
         p = self.predictor
