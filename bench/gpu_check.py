@@ -312,8 +312,8 @@ def compute_only_rate(cfg, classes: int, device: str, steps: int, threads: int |
     import torch
 
     from hotdog_ray.feed import to_model_input
+    from hotdog_ray.loop import build_network, build_optimizer
     from hotdog_ray.models import loss_fn
-    from hotdog_ray.train import build_network, build_optimizer
 
     dev = torch.device(device)
     gpu = dev.type == "cuda"

@@ -59,8 +59,8 @@ def bench_config(args: argparse.Namespace, storage: str):
 def run_baseline(cfg, x: np.ndarray, y: np.ndarray, classes: int, device: str) -> list[float]:
     """Images/s of each epoch of a plain loop over in-memory tensors."""
     from hotdog_ray.images import to_model_input
+    from hotdog_ray.loop import build_optimizer
     from hotdog_ray.models import build_model, loss_fn
-    from hotdog_ray.train import build_optimizer
 
     torch.manual_seed(cfg.train.seed)
     dev = torch.device(device)
@@ -103,7 +103,8 @@ def run_ours(cfg, x: np.ndarray, y: np.ndarray, classes: int) -> list[float]:
     from ray.train.torch import TorchTrainer
 
     from hotdog_ray import cache, storage
-    from hotdog_ray.train import scaling_config, train_loop_per_worker
+    from hotdog_ray.loop import train_loop_per_worker
+    from hotdog_ray.train import scaling_config
 
     names = [f"c{i}" for i in range(classes)]
     where = storage.resolve(cfg.train.storage_path).join(f"bench-cache-{time.time_ns()}")

@@ -174,7 +174,6 @@ def ensure_splits(
 
 def build(pipeline: "ImagePipeline", split: str, root: storage.Location, key: str) -> CachedSplit:
     """Decode ``split`` once (one Ray Data execution) into the cache folder of ``key``."""
-
     cfg = pipeline.cfg
     folder = root.join(key)
     build_id = uuid.uuid4().hex[:8]
@@ -189,24 +188,11 @@ def build(pipeline: "ImagePipeline", split: str, root: storage.Location, key: st
         shards.append(write_shard(folder, f"{build_id}-{len(shards):05d}", batch))
         progress.update(sum(s["rows"] for s in shards))
     count = sum(s["rows"] for s in shards)
-    nbytes = count * cfg.image_size * cfg.image_size * 3
     in_split = {p for p, _ in pipeline.layout.files[split]}
     skipped = {p: r for p, r in pipeline.skipped().items() if p in in_split}
     if count + len(skipped) != total:
         raise DataError(f"{split}: cache build saw {count} images and {len(skipped)} unreadable of {total}")
-    manifest = {
-        "version": FORMAT_VERSION,
-        "key": key,
-        "split": split,
-        "dataset": pipeline.layout.root.uri,
-        "classes": pipeline.layout.classes,
-        "image_size": cfg.image_size,
-        "count": count,
-        "bytes": nbytes,
-        "shards": shards,
-        "skipped": skipped,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    manifest = _manifest(pipeline, split, key, count, shards, skipped)
     winner = find(root, key)  # a sweep's trials or two jobs may build the same cache at once
     if winner is not None:
         for shard in shards:
@@ -214,15 +200,41 @@ def build(pipeline: "ImagePipeline", split: str, root: storage.Location, key: st
                 folder.fs.delete_file(folder.join(name).path)
         return winner
     _write_last(folder, json.dumps(manifest, indent=1).encode())
+    seconds = time.monotonic() - t0
     log.info(
-        "%s: cached %d images (%.1f MB) in %.1f s; %d unreadable files skipped",
+        "%s: cached %d images (%.1f MB) in %.1f s; %d skipped",
         split,
         count,
-        nbytes / 1e6,
-        time.monotonic() - t0,
+        manifest["bytes"] / 1e6,
+        seconds,
         len(skipped),
     )
     return CachedSplit(folder, manifest)
+
+
+def _manifest(
+    pipeline: "ImagePipeline",
+    split: str,
+    key: str,
+    count: int,
+    shards: list[dict[str, Any]],
+    skipped: dict[str, str],
+) -> dict[str, Any]:
+    """A finished cache's manifest (written last: a cache without one is incomplete)."""
+    size = pipeline.cfg.image_size
+    return {
+        "version": FORMAT_VERSION,
+        "key": key,
+        "split": split,
+        "dataset": pipeline.layout.root.uri,
+        "classes": pipeline.layout.classes,
+        "image_size": size,
+        "count": count,
+        "bytes": count * size * size * 3,
+        "shards": shards,
+        "skipped": skipped,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def write_shard(folder: storage.Location, name: str, batch: dict[str, np.ndarray]) -> dict[str, Any]:

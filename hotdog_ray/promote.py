@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Decision:
     """What promotion did and why; logged as ``promotion.json`` on the sweep's run."""
 
@@ -55,54 +55,33 @@ def promote(
 
     The comparison is recorded on ``record`` (a sweep's run) when given.
     """
-
     tracking, metric = cfg.tracking, cfg.tune.promote_metric
     candidate = model_store.load_model(tracking, f"runs:/{run_id}")
     cand_score = float(evaluate_model(cfg, candidate, root=data_root)[metric])
     champ_version = registry.alias_version(tracking)
-    if champ_version is None:
-        champ_score = None
-    elif registry.version_run_id(tracking, champ_version) == run_id:
-        return _record(
-            record,
-            Decision(
-                False,
-                "the candidate already is the champion",
-                metric,
-                run_id,
-                cand_score,
-                champ_version,
-                cand_score,
-                champ_version,
-            ),
-        )
-    else:
+    scores = {"metric": metric, "candidate": run_id, "candidate_score": cand_score}
+    scores |= {"champion_version": champ_version, "version": champ_version}
+    champ_score = None
+    if champ_version is not None:
+        if registry.version_run_id(tracking, champ_version) == run_id:
+            reason = "the candidate already is the champion"
+            return _record(
+                record, Decision(promoted=False, reason=reason, champion_score=cand_score, **scores)
+            )
         champion = model_store.load_model(tracking, f"models:/{tracking.registered_model}/{champ_version}")
         if champion.classes != candidate.classes:
-            return _record(
-                record,
-                Decision(
-                    False,
-                    f"champion version {champ_version} predicts other classes ({champion.classes}); "
-                    f"not comparable, use `hotdog promote --force VERSION`",
-                    metric,
-                    run_id,
-                    cand_score,
-                    champ_version,
-                    None,
-                    champ_version,
-                ),
+            reason = (
+                f"champion version {champ_version} predicts other classes ({champion.classes}); "
+                "not comparable, use `hotdog promote --force VERSION`"
             )
+            return _record(record, Decision(promoted=False, reason=reason, **scores))
         champ_score = float(evaluate_model(cfg, champion, root=data_root)[metric])
     promoted, reason = decide(metric, cand_score, champ_score)
-    version = champ_version
     if promoted:
-        version = model_store.register(tracking, run_id)
-        registry.set_alias(tracking, version)
+        scores["version"] = model_store.register(tracking, run_id)
+        registry.set_alias(tracking, scores["version"])
     log.info("promotion: %s (%s)", "promoted" if promoted else "kept the champion", reason)
-    return _record(
-        record, Decision(promoted, reason, metric, run_id, cand_score, champ_version, champ_score, version)
-    )
+    return _record(record, Decision(promoted=promoted, reason=reason, champion_score=champ_score, **scores))
 
 
 def force(cfg: "Config", version: str) -> Decision:
@@ -110,37 +89,25 @@ def force(cfg: "Config", version: str) -> Decision:
     ``rollout.min_requests`` or ``rollout.min_agreement`` set, only once the version's shadow figures
     against the current champion meet them. A version registered before ONNX export existed is
     exported first (its ``onnx`` tag says how it went)."""
-
     before = registry.alias_version(cfg.tracking)
+    which = {"metric": cfg.tune.promote_metric, "candidate": f"version {version}", "champion_version": before}
     r = cfg.rollout
     if before is not None and before != version and (r.min_requests or r.min_agreement):
         allowed, why = rollout.gate(cfg, rollout.report(cfg, before, version))
         if not allowed:
             log.warning("promotion of version %s refused: %s", version, why)
-            return Decision(
-                False,
-                f"refused: {why} (version {version} against champion {before}, rollout.store {r.store})",
-                cfg.tune.promote_metric,
-                f"version {version}",
-                champion_version=before,
-                version=before,
-            )
+            reason = f"refused: {why} (version {version} against champion {before}, rollout.store {r.store})"
+            return Decision(promoted=False, reason=reason, version=before, **which)
     model_store.ensure_version_exported(cfg.tracking, version)
     registry.set_alias(cfg.tracking, version)
     return Decision(
-        True,
-        f"forced by a human (was version {before})",
-        cfg.tune.promote_metric,
-        f"version {version}",
-        champion_version=before,
-        version=version,
+        promoted=True, reason=f"forced by a human (was version {before})", version=version, **which
     )
 
 
 def set_challenger(cfg: "Config", version: str | None) -> str | None:
     """Point ``tracking.challenger_alias`` at ``version`` (exported first, as for the champion), or
     remove it with None; replicas with ``rollout.mode`` set pick it up at their next reload poll."""
-
     alias = cfg.tracking.challenger_alias
     if version is None:
         registry.delete_alias(cfg.tracking, alias)

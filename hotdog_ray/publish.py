@@ -1,6 +1,6 @@
-"""Publishing a scoring run's partition so that no published row is ever lost.
+"""Writing and publishing a scoring run's partition so that no published row is ever lost.
 
-A run writes into ``<output>/_staging/date=YYYY-MM-DD-<run>/``; only a complete run replaces the
+A run writes (:class:`PartitionWriter`) into ``<output>/_staging/date=YYYY-MM-DD-<score_id>/``; only a complete run replaces the
 published ``date=YYYY-MM-DD`` partition, by renames on a local disk and copy-then-delete on object
 stores, and what a killed run left behind is restored or cleaned by the next run of the date.
 """
@@ -9,16 +9,77 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from hotdog_ray import storage
 
 log = logging.getLogger(__name__)
 
 REPLACED = ".replaced"  # suffix, in staging, of a published partition being swapped out
+
+
+class PartitionWriter:
+    """Arrow blocks, as they arrive, into Parquet files ``<prefix>_<n>.parquet`` in one folder: row
+    groups of at least ``group_rows`` rows (a small block waits for the next), and a new file once
+    one holds ``file_rows``. Files are named after the run, so that an object store's publish (copy,
+    then delete) never overwrites a file of the run it replaces."""
+
+    def __init__(
+        self, fs: pafs.FileSystem, folder: str, prefix: str, *, group_rows: int, file_rows: int
+    ) -> None:
+        self.fs, self.folder, self.prefix = fs, folder, prefix
+        self.group_rows, self.file_rows = group_rows, file_rows
+        self.rows = 0  # every row written so far, pending ones included
+        self.files = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._in_file = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        fs.create_dir(folder)
+
+    def write(self, block: pa.Table) -> None:
+        self._pending.append(block)
+        self.rows += block.num_rows
+        self._pending_rows += block.num_rows
+        if self._pending_rows >= self.group_rows:
+            self._flush()
+
+    def close(self) -> None:
+        """Writes what is pending and closes the last file."""
+        if self._pending:
+            self._flush()
+        self._close_file()
+
+    def __enter__(self) -> "PartitionWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # a failed run's rows are never published: only release the open file
+            self._close_file()
+
+    def _flush(self) -> None:
+        group = pa.concat_tables(self._pending)
+        self._pending, self._pending_rows = [], 0
+        if self._writer is None or self._in_file >= self.file_rows:
+            self._close_file()
+            path = f"{self.folder}/{self.prefix}_{self.files:06d}.parquet"
+            self._writer = pq.ParquetWriter(path, group.schema, filesystem=self.fs)
+            self.files, self._in_file = self.files + 1, 0
+        self._writer.write_table(group)
+        self._in_file += group.num_rows
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def partition_name(date: dt.date) -> str:
@@ -53,7 +114,7 @@ def publish(fs, staging: str, final: str) -> None:
     old copy is deleted; a run killed between the renames leaves the old copy, which the next run
     puts back before it starts (``restore_interrupted_publish``). Object stores have no rename: the
     staged files are copied in first (Ray Data names each run's files apart), then the earlier run's
-    files are deleted, so a crash in between leaves both runs' rows (told apart by ``run_id``) until
+    files are deleted, so a crash in between leaves both runs' rows (told apart by ``score_id``) until
     the next run of the date replaces them, rather than a partition with rows missing.
     """
 

@@ -18,9 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray.data
 
 from hotdog_ray import drift, metrics, registry, storage, tracking
@@ -30,6 +28,7 @@ from hotdog_ray.errors import HotdogError, ScoreError
 from hotdog_ray.predict import Predictor, cpu_threads
 from hotdog_ray.process import Progress
 from hotdog_ray.publish import (
+    PartitionWriter,
     clean_stale_staging,
     count_rows,
     partition_name,
@@ -72,7 +71,7 @@ def expand(template: str, date: dt.date) -> str:
     return template.replace("{date}", date.isoformat())
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScoreSummary:
     date: str
     input: str
@@ -84,8 +83,8 @@ class ScoreSummary:
     images_per_s: float
     model: str
     model_version: str | None
-    run_id: str
-    mlflow_run_id: str | None = None
+    score_id: str  # this scoring run's label: its rows' score_id and its files' prefix
+    run_id: str | None = None  # the MLflow run
     actors: int | None = None  # model actors the run used (score.num_actors, or as many as fitted)
     drift: dict[str, Any] | None = None  # the day against the model's reference (hotdog_ray.drift)
 
@@ -109,7 +108,7 @@ def list_inputs(uri: str) -> tuple[Any, list[str]]:
     return loc.fs, storage.list_files(loc)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScorePlan:
     """What one scoring run reads and where it writes, fixed before any work starts."""
 
@@ -118,11 +117,11 @@ class ScorePlan:
     fs: Any  # the input files' filesystem
     paths: list[str]
     out: Any  # storage.Location of the Parquet root
-    run_id: str
+    score_id: str
 
     @property
     def staging(self):
-        return self.out.join("_staging", f"{partition_name(self.day)}-{self.run_id}")
+        return self.out.join("_staging", f"{partition_name(self.day)}-{self.score_id}")
 
     @property
     def final(self):
@@ -139,7 +138,8 @@ def plan(cfg: Config, input: str | None, output: str | None, date: str | dt.date
     in_uri = expand(input, day)
     fs, paths = list_inputs(in_uri)
     out = storage.resolve(expand(output, day).rstrip("/"))
-    return ScorePlan(day, in_uri, fs, paths, out, f"{day.isoformat()}-{uuid.uuid4().hex[:8]}")
+    score_id = f"{day.isoformat()}-{uuid.uuid4().hex[:8]}"
+    return ScorePlan(day=day, input=in_uri, fs=fs, paths=paths, out=out, score_id=score_id)
 
 
 def score(
@@ -153,29 +153,20 @@ def score(
     """Score a night's images and publish ``<output>/date=YYYY-MM-DD/`` (replacing an earlier run's).
 
     Args:
-        cfg: the validated config (``score``, ``data``, ``serve`` and ``tracking`` sections).
+        cfg: the validated config (``score``, ``data``, ``predict`` and ``tracking`` sections).
         input: a prefix or list file of images; ``{date}`` becomes the run date (default ``score.input``).
         output: the Parquet root (default ``score.output``).
         date: ``YYYY-MM-DD``, ``today`` (default) or ``yesterday``, in UTC.
         model: the model reference (default ``score.model_uri``, else the registry's alias or newest version).
     """
-
     job = plan(cfg, input, output, date)
     ref = model or cfg.score.model_uri or registry.default_model_ref(cfg.tracking)
-    key = registry.resolve_model_ref(
-        cfg.tracking, ref
-    )  # every actor scores the same version, even if the alias moves
+    # Resolved once: every actor scores the same version, even if the alias moves meanwhile.
+    key = registry.resolve_model_ref(cfg.tracking, ref)
     restore_interrupted_publish(job.out, job.day)
     init_ray()
     actors = check_cluster(cfg, job.out.uri)
-    log.info(
-        "scoring %d files from %s with %s (%d model actors) into %s",
-        len(job.paths),
-        job.input,
-        key,
-        actors,
-        job.final.uri,
-    )
+    log.info("scoring %d files from %s with %s (%d actors)", len(job.paths), job.input, key, actors)
     t0 = time.perf_counter()
     # Fails here, before any work, if the model is missing (or lacks the ONNX graph asked for).
     predictor = Predictor.from_config(cfg, key, device="cpu", threads=1)
@@ -184,11 +175,18 @@ def score(
         write_rows(scoring_dataset(cfg, job, predictor, actors), job, progress)
     summary = _summary(job, predictor, time.perf_counter() - t0)
     summary.actors = actors
+    publish_recorded(cfg, job, summary)
+    log.info("published %s: %d scored, %d failed", job.final.uri, summary.scored, summary.failed)
+    _export_metrics(summary)
+    return summary
 
-    # The MLflow run first, so that the summary beside the Parquet names it.
+
+def publish_recorded(cfg: Config, job: ScorePlan, summary: ScoreSummary) -> None:
+    """Opens the run's MLflow record, checks drift, and publishes the staged partition with its
+    summary; the MLflow run comes first, so that the summary beside the Parquet names it."""
     with tracking.run(
         cfg.tracking,
-        name=f"score-{job.run_id}",
+        name=f"score-{job.score_id}",
         tags={
             "kind": "scoring",
             "date": summary.date,
@@ -197,7 +195,7 @@ def score(
             "model_version": summary.model_version or "",
         },
     ) as mlflow_run:
-        summary.mlflow_run_id = mlflow_run.id
+        summary.run_id = mlflow_run.id
         summary.drift = _drift(cfg, job, summary, mlflow_run)
         storage.write_bytes(
             job.out.fs, f"{job.staging.path}/{SUMMARY_FILE}", json.dumps(asdict(summary), indent=2).encode()
@@ -214,15 +212,6 @@ def score(
             }
         )
         mlflow_run.log_dict(asdict(summary), "summary.json")
-    log.info(
-        "published %s: %d scored, %d failed, %.1f images/s",
-        job.final.uri,
-        summary.scored,
-        summary.failed,
-        summary.images_per_s,
-    )
-    _export_metrics(summary)
-    return summary
 
 
 def _drift(cfg: Config, job: ScorePlan, summary: ScoreSummary, run: Any) -> dict[str, Any]:
@@ -282,7 +271,7 @@ def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any, actors: int) ->
             "weights": weights_of(predictor.model),
             "onnx": predictor.bundle.onnx,
             "model": (predictor.info["name"], predictor.info["version"]),
-            "run_id": job.run_id,
+            "score_id": job.score_id,
             "device": device,
             # On the CPU, what the driver's predictor chose; a GPU actor chooses for itself.
             "runtime": predictor.runtime if device == "cpu" else cfg.predict.runtime,
@@ -305,46 +294,18 @@ def write_rows(ds: "ray.data.Dataset", job: ScorePlan, progress: Progress) -> in
     """Write the scored rows into the run's staging folder from the driver, as they arrive; returns
     the row count and logs progress as it goes.
 
-    A row is a path and a few numbers, so one writer keeps up with any number of model actors.
-    Ray Data's write tasks cost more than the writing: in a 10,000-photo run on 2 CPUs they ran in
-    13 worker processes started one after another, and starting workers took over a quarter of the
-    run's CPU (bench/RESULTS.md). Files are named after the run, so that an object store's publish
-    (copy, then delete) never overwrites a file of the run it replaces.
+    A row is a path and a few numbers, so one writer keeps up with any number of model actors, where
+    Ray Data's write tasks cost more than the writing (they start worker processes; bench/RESULTS.md,
+    "Scoring: the driver writes the Parquet").
     """
-
-    fs, folder = job.out.fs, job.staging.path
-    fs.create_dir(folder)
-    writer, files, in_file, rows, pending, pending_rows = None, 0, 0, 0, [], 0
-
-    def flush() -> None:
-        nonlocal writer, files, in_file, pending_rows
-        group = pa.concat_tables(pending)
-        pending.clear()
-        pending_rows = 0
-        if writer is None or in_file >= ROWS_PER_FILE:
-            if writer is not None:
-                writer.close()
-            writer = pq.ParquetWriter(
-                f"{folder}/{job.run_id}_{files:06d}.parquet", group.schema, filesystem=fs
-            )
-            files, in_file = files + 1, 0
-        writer.write_table(group)
-        in_file += group.num_rows
-
-    try:
+    writer = PartitionWriter(
+        job.out.fs, job.staging.path, job.score_id, group_rows=ROW_GROUP_ROWS, file_rows=ROWS_PER_FILE
+    )
+    with writer:
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            pending.append(block)
-            rows += block.num_rows
-            pending_rows += block.num_rows
-            progress.update(rows)
-            if pending_rows >= ROW_GROUP_ROWS:
-                flush()
-        if pending:
-            flush()
-    finally:
-        if writer is not None:
-            writer.close()
-    return rows
+            writer.write(block)
+            progress.update(writer.rows)
+    return writer.rows
 
 
 def _summary(job: ScorePlan, predictor: Any, seconds: float) -> ScoreSummary:
@@ -365,7 +326,7 @@ def _summary(job: ScorePlan, predictor: Any, seconds: float) -> ScoreSummary:
         images_per_s=round(len(job.paths) / max(seconds, 1e-9), 1),
         model=predictor.info["name"],
         model_version=predictor.info["version"],
-        run_id=job.run_id,
+        score_id=job.score_id,
     )
 
 

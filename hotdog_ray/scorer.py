@@ -42,11 +42,12 @@ class Scorer:
 
     def __init__(
         self,
+        *,
         meta: dict[str, Any],
         weights: dict[str, np.ndarray],
         onnx: bytes | None,
         model: tuple[str, str | None],
-        run_id: str,
+        score_id: str,
         device: str,
         runtime: str,
         threads: int,
@@ -71,7 +72,7 @@ class Scorer:
             self.forward_tensor = predictor.predict_tensor
         self.classes = list(meta["classes"])
         self.model_name, self.model_version = model  # as the driver's predictor names them
-        self.run_id = run_id
+        self.score_id = score_id
 
     def __call__(self, batch: dict[str, np.ndarray]):
 
@@ -118,7 +119,7 @@ class Scorer:
                 "probabilities": probabilities,
                 "model_name": same(self.model_name, pa.string()),
                 "model_version": same(self.model_version, pa.string()),
-                "run_id": same(self.run_id, pa.string()),
+                "score_id": same(self.score_id, pa.string()),
                 "scored_at": same(dt.datetime.now(dt.timezone.utc), pa.timestamp("us", tz="UTC")),
                 "error": pa.array(errors, pa.string()),
             }

@@ -1,4 +1,4 @@
-"""Where the training loop runs: the session objects :func:`hotdog_ray.train.fit_loop` talks to.
+"""Where the training loop runs: the session objects :func:`hotdog_ray.loop.fit_loop` talks to.
 
 A Ray Train worker (:class:`TrainSession`), the driver itself with ``train.num_workers=0``
 (:class:`DriverSession`), or a Tune trial that trains in its own process (:class:`TrialSession`):

@@ -15,11 +15,9 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ray
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -31,22 +29,25 @@ from hotdog_ray.cache import ensure_splits
 from hotdog_ray.config import Config, flatten, from_dict
 from hotdog_ray.data import discover
 from hotdog_ray.errors import ConfigError, SweepError
-from hotdog_ray.evaluate import plot_sweep
 from hotdog_ray.promote import promote as promote_run
 from hotdog_ray.registry import tracking_uri
 from hotdog_ray.runtime import check_capacity, init_ray
 from hotdog_ray.train import SweepTrial, check_cluster, check_shared_checkpoints, run_training
+from hotdog_ray.tune_results import (
+    METRIC,
+    MODE,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    SweepOutcome,
+    log_sweep,
+    max_epochs,
+    trials_table,
+)
 
 if TYPE_CHECKING:
     from hotdog_ray import storage
-    from hotdog_ray.promote import Decision
-    from hotdog_ray.tracking import Run
 
 log = logging.getLogger(__name__)
-
-SWEEP_TAG = "sweep"
-TRIAL_TAG = "trial_id"
-METRIC, MODE = "val_loss", "min"
 
 
 # --- pure parts -------------------------------------------------------------------------------
@@ -80,10 +81,6 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
             raise ConfigError(f"search space key {key!r} is not section.key")
         raw[section][name] = value
     return from_dict(raw)
-
-
-def max_epochs(cfg: Config) -> int:
-    return cfg.tune.max_epochs or cfg.train.epochs
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
@@ -191,20 +188,6 @@ def searcher(cfg: Config, seed: int, concurrency: int):
 # --- the sweep --------------------------------------------------------------------------------
 
 
-@dataclass
-class SweepOutcome:
-    name: str
-    run_id: str
-    trials: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    decision: "Decision | None" = None
-    path: str = ""
-    stopped_early: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.stopped_early = sum(t["status"] == "stopped" for t in self.trials)
-
-
 def run_sweep(
     cfg: Config,
     *,
@@ -215,14 +198,12 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run (or with ``resume``, continue) a sweep; promote its best trial unless told not to.
     ``callbacks``: Ray Tune callbacks for the sweep's driver (a new sweep; a resumed one keeps its own)."""
-
     layout = discover(cfg.data, required=("train", "validation", "test"))  # fails before Ray starts
     name = name or cfg.tune.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     where = storage.resolve(cfg.train.storage_path)
     init_ray()
     _check_cluster(cfg)
     # Every trial reads the same decoded cache: built here once, not by trials racing to build it.
-
     ensure_splits(_trial_base(cfg), layout, ("train", "validation"))
     concurrency = _concurrency(cfg)
     search = searcher(cfg, cfg.train.seed if cfg.tune.seed is None else cfg.tune.seed, concurrency)
@@ -234,30 +215,30 @@ def run_sweep(
         tags={SWEEP_TAG: name, "kind": "sweep", "dataset": layout.root.uri},
         resume=previous,
     ) as sweep_run:
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                run_trial,
-                base=_trial_base(cfg).model_dump(mode="json"),
-                sweep=name,
-                parent_run_id=sweep_run.id,
-            ),
-            trial_resources(cfg),
-        )
+        trainable = _trainable(cfg, name, sweep_run.id)
         if previous is None:
             sweep_run.log_params(flatten(cfg))
         tuner = _restored_tuner(name, where.join(name), trainable) if resume else None
         if tuner is None:
             tuner = _new_tuner(cfg, name, where, trainable, search, callbacks or [])
         trials = trials_table(cfg, tuner.fit(), sweep_run.id)
+        best = summarize_trials(trials)
         outcome = SweepOutcome(
-            name, sweep_run.id, trials, summarize_trials(trials), path=where.join(name).uri
+            name=name, run_id=sweep_run.id, trials=trials, best=best, path=where.join(name).uri
         )
-        _log_sweep(sweep_run, outcome)
+        log_sweep(sweep_run, outcome)
         if outcome.best is None:
             raise SweepError(f"sweep {name}: no trial finished (see the trials table in run {sweep_run.id})")
         if cfg.tune.promote if promote is None else promote:
             outcome.decision = promote_run(cfg, outcome.best["run_id"], record=sweep_run)
     return outcome
+
+
+def _trainable(cfg: Config, sweep: str, parent_run_id: str) -> Any:
+    """:func:`run_trial` with the sweep's base config and run bound, and a trial's resources."""
+    base = _trial_base(cfg).model_dump(mode="json")
+    bound = tune.with_parameters(run_trial, base=base, sweep=sweep, parent_run_id=parent_run_id)
+    return tune.with_resources(bound, trial_resources(cfg))
 
 
 def _trial_base(cfg: Config) -> Config:
@@ -371,131 +352,3 @@ def _sweep_run_id(cfg: Config, name: str) -> str | None:
 
     runs = tracking.find_runs(cfg.tracking, {SWEEP_TAG: name, "kind": "sweep"})
     return runs[0].info.run_id if runs else None
-
-
-def trials_table(cfg: Config, results: Any, sweep_run_id: str) -> list[dict[str, Any]]:
-    """One row per planned trial, best first: its values, epochs, best val_loss and what became of it."""
-    planned = max_epochs(cfg)
-    children = _trial_runs(cfg, sweep_run_id, planned)
-    rows = [_trial_row(result, children, index, planned) for index, result in enumerate(results)]
-    rows.sort(key=lambda r: r["best_val_loss"])
-    return rows
-
-
-def _trial_runs(cfg: Config, sweep_run_id: str, planned: int) -> dict[str, Any]:
-    """Each trial's MLflow run (a finished one wins over an interrupted attempt).
-
-    A trial that ASHA stopped was killed mid-run and an interrupted attempt never ended its run:
-    both are closed here as KILLED, unless the run logged every ``planned`` epoch (ASHA's stop at
-    the last rung can end a trial before it closes its run): that one is FINISHED.
-    """
-
-    uri = tracking.tracking_uri(cfg.tracking)
-    children: dict[str, Any] = {}
-    for child in tracking.child_runs(cfg.tracking, sweep_run_id):
-        if child.info.status == "RUNNING":
-            steps = {m.step for m in MlflowClient(uri).get_metric_history(child.info.run_id, METRIC)}
-            handle = tracking.Run(uri, child.info.run_id)
-            if len(steps) >= planned:
-                handle.end("FINISHED")
-            else:
-                handle.set_tags({"stopped": "asha or interrupted"})
-                handle.end("KILLED")
-        trial = child.data.tags.get(TRIAL_TAG)
-        if trial and (trial not in children or child.info.status == "FINISHED"):
-            children[trial] = child
-    return children
-
-
-def epoch_points(df: Any) -> dict[int, tuple[float, float | None]]:
-    """Epoch -> (val_loss, val_accuracy) from a trial's metrics dataframe (pure).
-
-    One point per epoch: a finished trial reports its last epoch again when a resume restarts it.
-    """
-    if df is None or METRIC not in df:
-        return {}
-    accuracies = df["val_accuracy"] if "val_accuracy" in df else [None] * len(df)
-    points: dict[int, tuple[float, float | None]] = {}
-    for epoch, loss, acc in zip(df.get("epoch", range(len(df))), df[METRIC], accuracies):
-        if _is_number(loss) and _is_number(epoch):
-            points[int(epoch)] = (float(loss), float(acc) if _is_number(acc) else None)
-    return points
-
-
-def _is_number(value: Any) -> bool:
-    return value is not None and value == value  # NaN is the only value unequal to itself
-
-
-def _trial_row(result: Any, children: dict[str, Any], index: int, planned: int) -> dict[str, Any]:
-    trial_id = (result.metrics or {}).get("trial_id") or f"unreported-{index}"
-    points = epoch_points(result.metrics_dataframe)
-    child = children.get(trial_id)
-    if result.error is not None:
-        status = "error"
-    elif (child is not None and child.info.status == "FINISHED") or len(points) >= planned:
-        # A trial that reported every planned epoch finished, even if ASHA's stop at its last rung
-        # ended it before it closed its MLflow run.
-        status = "finished"
-    else:
-        status = "stopped"
-    best = min(points, key=lambda e: points[e][0]) if points else None
-    return {
-        "trial_id": trial_id,
-        "status": status,
-        "params": dict(result.config),
-        "epochs": len(points),
-        "best_val_loss": points[best][0] if best is not None else math.inf,
-        "best_val_accuracy": points[best][1] if best is not None else None,
-        "curve": [(e, v) for e, (v, _) in sorted(points.items())],
-        "run_id": child.info.run_id if child is not None else None,
-        "error": str(result.error)[:300] if result.error is not None else None,
-    }
-
-
-def _log_sweep(run: "Run", outcome: SweepOutcome) -> None:
-
-    trials, best = outcome.trials, outcome.best
-    run.log_dict([{k: v for k, v in t.items() if k != "curve"} for t in trials], "trials.json")
-    run.log_text(format_trials(trials), "trials.txt")
-    run.log_figure(plot_sweep(trials), "val_loss_per_trial.png")
-    run.log_metrics(
-        {
-            "trials": len(trials),
-            "trials_finished": sum(t["status"] == "finished" for t in trials),
-            "trials_stopped_early": outcome.stopped_early,
-            "trials_errored": sum(t["status"] == "error" for t in trials),
-        }
-    )
-    if best is not None:
-        run.log_metrics(
-            {"best_val_loss": best["best_val_loss"], "best_val_accuracy": best["best_val_accuracy"] or 0.0}
-        )
-        run.set_tags({"best_trial": best["trial_id"], "best_run_id": best["run_id"]})
-
-
-def epochs_saved(trials: list[dict[str, Any]], max_epochs: int) -> str:
-    """How many epochs the sweep trained against every trial run to the end, as one line (pure)."""
-    trained, full = sum(t["epochs"] for t in trials), len(trials) * max_epochs
-    saved = 1 - trained / full if full else 0.0
-    return (
-        f"{trained} epochs trained; every trial to the end would have been {full} "
-        f"({saved:.0%} saved by stopping trials early)"
-    )
-
-
-def format_trials(trials: list[dict[str, Any]]) -> str:
-    """The trials table as text, best first (pure)."""
-    keys = sorted({k for t in trials for k in t["params"]})
-    head = f"{'trial':<14}{'status':<10}{'epochs':>7}{'val_loss':>10}{'val_acc':>9}  " + "  ".join(keys)
-    lines = [head]
-    for t in trials:
-        acc = f"{t['best_val_accuracy']:.4f}" if t["best_val_accuracy"] is not None else "-"
-        values = "  ".join(_fmt(t["params"].get(k)) for k in keys)
-        lines.append(
-            f"{t['trial_id']:<14}{t['status']:<10}{t['epochs']:>7}{t['best_val_loss']:>10.4f}{acc:>9}  {values}"
-        )
-    return "\n".join(lines)
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)

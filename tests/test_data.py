@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from hotdog_ray.config import DataSettings
-from hotdog_ray.data import ImagePipeline, discover, inspect, iter_torch_batches
+from hotdog_ray.data import ImagePipeline, discover, iter_torch_batches
 from hotdog_ray.errors import DataError
+from hotdog_ray.inspection import inspect
 from tests.imagegen import CLASSES, class_of_level
 
 

@@ -41,18 +41,18 @@ class Killed(BaseException):
     """Stands for the process dying at that call (nothing after it runs)."""
 
 
-def _staged(fs, path: str, run_id: str, n: int) -> None:
+def _staged(fs, path: str, score_id: str, n: int) -> None:
     """A run's staged output: one Parquet file (named apart per run, as Ray Data names them)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs.create_dir(path)
-    with fs.open_output_stream(f"{path}/{run_id}_000000.parquet") as f:
-        pq.write_table(pa.table({"run_id": [run_id] * n}), f)
+    with fs.open_output_stream(f"{path}/{score_id}_000000.parquet") as f:
+        pq.write_table(pa.table({"score_id": [score_id] * n}), f)
 
 
 def _runs(fs, path: str) -> list[str]:
-    return sorted(read_partition(path, fs)["run_id"].to_pylist())
+    return sorted(read_partition(path, fs)["score_id"].to_pylist())
 
 
 def test_a_run_killed_while_publishing_locally_loses_nothing(tmp_path):
@@ -106,8 +106,9 @@ def test_the_driver_writes_every_scored_block_into_files_named_after_the_run(tmp
             assert kwargs == {"batch_size": None, "batch_format": "pyarrow"}
             return iter(blocks)
 
+    out = storage.resolve(str(tmp_path / "out"))
     job = scoring.ScorePlan(
-        dt.date(2026, 11, 23), "in", None, [], storage.resolve(str(tmp_path / "out")), "2026-11-23-abc"
+        day=dt.date(2026, 11, 23), input="in", fs=None, paths=[], out=out, score_id="2026-11-23-abc"
     )
     progress = Progress(63, 0.0, "scored")
     assert scoring.write_rows(Blocks(), job, progress) == 63
@@ -148,7 +149,7 @@ def test_a_run_killed_while_publishing_to_s3_loses_nothing(s3):
     )
     with pytest.raises(Killed):
         publish(dying, out.join("_staging", "date=2026-11-23-b").path, final)
-    assert _runs(out.fs, final) == ["a"] * 3 + ["b"] * 2  # both runs' rows, told apart by run_id; none lost
+    assert _runs(out.fs, final) == ["a"] * 3 + ["b"] * 2  # both runs' rows, told apart by score_id; none lost
     _staged(out.fs, out.join("_staging", "date=2026-11-23-c").path, "c", 4)
     publish(out.fs, out.join("_staging", "date=2026-11-23-c").path, final)  # the next run replaces both
     assert _runs(out.fs, final) == ["c"] * 4
@@ -210,8 +211,8 @@ from hotdog_ray.scorer import Scorer
 
 folder = Path(sys.argv[1])
 meta = json.loads((folder / "meta.json").read_text())
-actor = Scorer(meta, {}, (folder / "model.onnx").read_bytes(), ("hotdog-classifier", "1"), "run", "cpu",
-               "onnxruntime", 1)
+actor = Scorer(meta=meta, weights={}, onnx=(folder / "model.onnx").read_bytes(),
+               model=("hotdog-classifier", "1"), score_id="run", device="cpu", runtime="onnxruntime", threads=1)
 images = np.load(folder / "images.npy")
 n = len(images)  # the last one marked undecodable
 errors, paths = np.array([""] * (n - 1) + ["bad"], object), np.array([str(i) for i in range(n)], object)
@@ -266,17 +267,17 @@ def test_every_file_gets_one_row_and_a_rerun_replaces_the_partition(ray_session,
     table = read_partition(str(part))
     check(table, files, predictor)
     written = json.loads((part / "_summary.json").read_text())
-    assert written["files"] == len(files) and written["mlflow_run_id"] == first.mlflow_run_id
+    assert written["files"] == len(files) and written["run_id"] == first.run_id
     from mlflow.tracking import MlflowClient
 
-    run = MlflowClient(cfg.tracking.uri).get_run(first.mlflow_run_id)  # the summary names the scoring run
+    run = MlflowClient(cfg.tracking.uri).get_run(first.run_id)  # the summary names the scoring run
     assert run.info.status == "FINISHED" and run.data.tags["kind"] == "scoring"
     assert run.data.metrics["files"] == len(files) and run.data.tags["output"] == first.output
 
     second = score(cfg, **args)
     again = read_partition(str(part))
     check(again, files, predictor)
-    assert set(again["run_id"].to_pylist()) == {second.run_id} != {first.run_id}
+    assert set(again["score_id"].to_pylist()) == {second.score_id} != {first.score_id}
     assert not (tmp_path / "predictions" / "_staging").exists()  # nothing left behind
     import pandas as pd
 
@@ -367,7 +368,7 @@ def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(
     ]
     # Large batches where nothing is to be killed; small ones keep the victim writing for a while.
     fast = cfg.model_copy(update={"score": cfg.score.model_copy(update={"batch_size": 64})})
-    first_run = score(fast, input=str(incoming), output=str(out), date="2026-11-23").run_id
+    first_run = score(fast, input=str(incoming), output=str(out), date="2026-11-23").score_id
 
     victim = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=joining_env, start_new_session=True
@@ -388,11 +389,11 @@ def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
     kept = read_partition(str(part))
-    assert kept.num_rows == len(names) and set(kept["run_id"].to_pylist()) == {first_run}
+    assert kept.num_rows == len(names) and set(kept["score_id"].to_pylist()) == {first_run}
 
-    third_run = score(fast, input=str(incoming), output=str(out), date="2026-11-23").run_id
+    third_run = score(fast, input=str(incoming), output=str(out), date="2026-11-23").score_id
     table = read_partition(str(part))
-    assert table.num_rows == len(names) and set(table["run_id"].to_pylist()) == {third_run}
+    assert table.num_rows == len(names) and set(table["score_id"].to_pylist()) == {third_run}
     assert sorted(Path(p).name for p in table["path"].to_pylist()) == names
     assert not (out / "_staging").exists()
 

@@ -18,9 +18,10 @@ from hotdog_ray import tracking
 from hotdog_ray.config import load_config
 from hotdog_ray.errors import ConfigError, TrainingError
 from hotdog_ray.evaluate import predict_batches
+from hotdog_ray.loop import EarlyStopping, Loop, check_loss, per_worker_batch
 from hotdog_ray.model_store import load_model
 from hotdog_ray.registry import client
-from hotdog_ray.train import EarlyStopping, Loop, check_loss, per_worker_batch, run_training
+from hotdog_ray.train import run_training
 from tests.helpers import KillAWorkerAfterEpoch, mlflow_store, set_args, stop_command
 
 

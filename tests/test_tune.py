@@ -19,9 +19,7 @@ from hotdog_ray.promote import decide
 from hotdog_ray.registry import alias_version, client
 from hotdog_ray.tracking import child_runs
 from hotdog_ray.tune import (
-    epochs_saved,
     fit_concurrency,
-    format_trials,
     run_sweep,
     search_space,
     searcher,
@@ -30,6 +28,7 @@ from hotdog_ray.tune import (
     trial_cpus,
     trial_resources,
 )
+from hotdog_ray.tune_results import epochs_saved, format_trials
 from tests.helpers import mlflow_store, set_args
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,9 @@ from typing import Any
 
 from hotdog_ray import cache
 from hotdog_ray.cli.common import config_from_args
-from hotdog_ray.data import discover, inspect
+from hotdog_ray.data import discover
 from hotdog_ray.errors import HotdogError
+from hotdog_ray.inspection import inspect
 from hotdog_ray.prepare import prepare, write_sample
 from hotdog_ray.runtime import init_ray, show_progress_bars
 

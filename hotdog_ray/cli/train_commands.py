@@ -14,7 +14,8 @@ from hotdog_ray.models import zoo_table
 from hotdog_ray.registry import default_model_ref, tracking_uri
 from hotdog_ray.tracking import recent_runs
 from hotdog_ray.train import run_training
-from hotdog_ray.tune import epochs_saved, format_trials, max_epochs, run_sweep
+from hotdog_ray.tune import run_sweep
+from hotdog_ray.tune_results import epochs_saved, format_trials, max_epochs
 
 log = logging.getLogger("hotdog_ray")
 
