@@ -7,7 +7,7 @@ scores, give the same profile; :func:`compare` measures the population stability
 class shares and of the confidence histogram, and how much the share of low-confidence answers
 rose, and flags the day when either PSI passes ``monitor.psi_threshold`` or that share rose by more
 than ``monitor.max_low_confidence_increase``. Everything here is pure but :func:`reference_for`,
-:func:`day_answers` and :func:`check`.
+:func:`day_table`, :func:`read_parquet_folder`, :func:`assess` and :func:`check`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from matplotlib.figure import Figure
 
-from hotdog_ray import metrics, predlog, registry, storage, tracking
+from hotdog_ray import predlog, registry, storage, telemetry, tracking
 from hotdog_ray.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
@@ -288,7 +288,7 @@ def assess(
     )
     run.log_dict(report.to_dict(), "drift/report.json")
     run.log_figure(plot(report, reference, today), "drift/profile.png")
-    gauges = metrics.job_gauges("hotdog_drift_psi", "hotdog_drift_flagged")
+    gauges = telemetry.job_gauges("hotdog_drift_psi", "hotdog_drift_flagged")
     if gauges:
         gauges["hotdog_drift_psi"].set(report.psi_class, tags={"measure": "class"})
         gauges["hotdog_drift_psi"].set(report.psi_confidence, tags={"measure": "confidence"})

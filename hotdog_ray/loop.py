@@ -25,13 +25,13 @@ from hotdog_ray.cache import CachedSplit
 from hotdog_ray.config import Config, TrainSettings, from_dict
 from hotdog_ray.errors import TrainingError
 from hotdog_ray.feed import SplitFeed
-from hotdog_ray.metrics import job_gauges
 from hotdog_ray.models import build_model, loss_fn
 from hotdog_ray.sessions import (
     Session,
     TrainSession,
     quiet_train_reports,
 )
+from hotdog_ray.telemetry import job_gauges
 
 if TYPE_CHECKING:
     from hotdog_ray.tracking import Run

@@ -113,7 +113,7 @@ def publish(fs, staging: str, final: str) -> None:
     Local filesystems: two renames (the old partition aside into staging, the new one in), then the
     old copy is deleted; a run killed between the renames leaves the old copy, which the next run
     puts back before it starts (``restore_interrupted_publish``). Object stores have no rename: the
-    staged files are copied in first (Ray Data names each run's files apart), then the earlier run's
+    staged files are copied in first (each run names its files after its score_id), then the earlier run's
     files are deleted, so a crash in between leaves both runs' rows (told apart by ``score_id``) until
     the next run of the date replaces them, rather than a partition with rows missing.
     """

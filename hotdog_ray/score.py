@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import ray.data
 
-from hotdog_ray import drift, metrics, registry, storage, tracking
+from hotdog_ray import drift, registry, storage, telemetry, tracking
 from hotdog_ray.config import Config
 from hotdog_ray.data import read_bytes_dataset
 from hotdog_ray.errors import HotdogError, ScoreError
@@ -165,7 +165,8 @@ def score(
     key = registry.resolve_model_ref(cfg.tracking, ref)
     restore_interrupted_publish(job.out, job.day)
     init_ray()
-    actors = check_cluster(cfg, job.out.uri)
+    check_cluster(cfg, job.out.uri)
+    actors = actor_count(cfg)
     log.info("scoring %d files from %s with %s (%d actors)", len(job.paths), job.input, key, actors)
     t0 = time.perf_counter()
     # Fails here, before any work, if the model is missing (or lacks the ONNX graph asked for).
@@ -234,7 +235,7 @@ def _export_metrics(summary: ScoreSummary) -> None:
     """The run's figures as hotdog_score_* series (scraped while the job's Ray runs; the alert on a
     missing nightly run reads the last success time)."""
 
-    series = metrics.job_gauges(
+    series = telemetry.job_gauges(
         "hotdog_score_images", "hotdog_score_images_per_second", "hotdog_score_last_success_timestamp_seconds"
     )
     if series:
@@ -344,21 +345,23 @@ def auto_actors(nodes: list[dict[str, float]], actor: dict[str, float]) -> int:
     return max(count, 1)
 
 
-def check_cluster(cfg: Config, output: str) -> int:
-    """The number of model actors to run (``score.num_actors``, else :func:`auto_actors`); fails in
-    seconds when they would leave no CPU for the decoding tasks (the job would stall for good), or
-    when actors on several nodes would write the output to local disks."""
+def actor_count(cfg: Config) -> int:
+    """The number of model actors to run: ``score.num_actors``, else :func:`auto_actors`."""
+    return cfg.score.num_actors or auto_actors(alive_nodes(), _actor(cfg))
 
-    actor = {
-        "CPU": cfg.score.cpus_per_actor,
-        **({"GPU": cfg.score.gpus_per_actor} if cfg.score.gpus_per_actor else {}),
-    }
-    count = cfg.score.num_actors or auto_actors(alive_nodes(), actor)
+
+def check_cluster(cfg: Config, output: str) -> None:
+    """Fail in seconds when the actors would leave no CPU for the decoding tasks (the job would
+    stall for good), or when actors on several nodes would write the output to local disks."""
     check_capacity(
-        count,
-        actor,
+        actor_count(cfg),
+        _actor(cfg),
         data_cpus=DECODE_CPUS,
         keys="score.num_actors or score.cpus_per_actor (score.gpus_per_actor)",
     )
     check_shared_store(output, "score.output", cfg.score.shared_output, "score.shared_output")
-    return count
+
+
+def _actor(cfg: Config) -> dict[str, float]:
+    gpus = cfg.score.gpus_per_actor
+    return {"CPU": cfg.score.cpus_per_actor, **({"GPU": gpus} if gpus else {})}

@@ -32,7 +32,8 @@ from hotdog_ray.errors import ConfigError, SweepError
 from hotdog_ray.promote import promote as promote_run
 from hotdog_ray.registry import tracking_uri
 from hotdog_ray.runtime import check_capacity, init_ray
-from hotdog_ray.train import SweepTrial, check_cluster, check_shared_checkpoints, run_training
+from hotdog_ray.train import SweepTrial, check_shared_checkpoints, run_training
+from hotdog_ray.train import check_cluster as check_train_cluster
 from hotdog_ray.tune_results import (
     METRIC,
     MODE,
@@ -202,7 +203,7 @@ def run_sweep(
     name = name or cfg.tune.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     where = storage.resolve(cfg.train.storage_path)
     init_ray()
-    _check_cluster(cfg)
+    check_cluster(cfg)
     # Every trial reads the same decoded cache: built here once, not by trials racing to build it.
     ensure_splits(_trial_base(cfg), layout, ("train", "validation"))
     concurrency = _concurrency(cfg)
@@ -263,12 +264,12 @@ def _trial_base(cfg: Config) -> Config:
     )
 
 
-def _check_cluster(cfg: Config) -> None:
+def check_cluster(cfg: Config) -> None:
     """Fail in seconds when not even one trial fits beside Ray Data's tasks, or when trials on
     several nodes would write checkpoints to a local path (each node's own disk)."""
 
     if cfg.tune.trial_mode == "train":  # the trial's Train run, and the trial itself as its driver
-        check_cluster(cfg, driver_cpus=cfg.tune.cpus_per_trial)
+        check_train_cluster(cfg, driver_cpus=cfg.tune.cpus_per_trial)
         return
     check_capacity(
         1, trial_resources(cfg), data_cpus=1.0, keys="train.cpus_per_worker (train.gpus_per_worker)"

@@ -175,11 +175,11 @@ def _queries() -> list[tuple[str, str]]:
 
 
 def test_dashboard_and_alerts_query_only_series_we_export():
-    """Every ray_hotdog_* name in a panel or an alert is one of hotdog_ray.metrics.SERIES, with the
+    """Every ray_hotdog_* name in a panel or an alert is one of hotdog_ray.telemetry.SERIES, with the
     suffix Prometheus gives its kind (counters _total, histograms _bucket/_count/_sum)."""
     import re
 
-    from hotdog_ray.metrics import SERIES
+    from hotdog_ray.telemetry import SERIES
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
     queries = _queries()
@@ -192,7 +192,7 @@ def test_dashboard_and_alerts_query_only_series_we_export():
             base = next(
                 (b for b, (kind, _, _) in SERIES.items() for suf in suffixes[kind] if name == b + suf), None
             )
-            assert base, f"{where}: ray_{name} is not a series hotdog_ray.metrics exports"
+            assert base, f"{where}: ray_{name} is not a series hotdog_ray.telemetry exports"
             seen.add(base)
     # The issue's panels and alerts: requests, latency, batch sizes, class mix, errors, model version,
     # drift, nightly scoring.

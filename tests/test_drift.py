@@ -101,14 +101,14 @@ def test_nightly_scoring_flags_a_one_class_night_and_not_a_validation_night(trai
     ) == pytest.approx(1)
     assert max(reference.class_share.values()) < 0.5  # the model tells the classes apart
 
-    with caplog.at_level(logging.INFO, logger="hotdog_ray.runtime"):
+    with caplog.at_level(logging.INFO, logger="hotdog_ray.process"):
         night = score(cfg, input=str(tree.root / "validation"), date="2026-11-01")
     assert night.drift["flagged"] is False and night.drift["n"] == night.scored
     assert night.drift["psi_class"] < 0.05  # the same photos, through scoring instead of training
     assert any(
         "scored" in r.message and "files" in r.message
         for r in caplog.records
-        if r.name == "hotdog_ray.runtime"
+        if r.name == "hotdog_ray.process"
     )
 
     one_class = score(cfg, input=str(tree.root / "test" / "hotdog"), date="2026-11-02")

@@ -337,7 +337,7 @@ def test_every_gauge_set_once_is_still_exported_long_after_ray_drops_unrefreshed
 
     import ray
 
-    from hotdog_ray.metrics import SERIES
+    from hotdog_ray.telemetry import SERIES
 
     run = f"keeper-{uuid.uuid4().hex[:8]}"
     gauges = {n: labels for n, (kind, labels, _) in SERIES.items() if kind == "gauge"}
@@ -347,7 +347,7 @@ def test_every_gauge_set_once_is_still_exported_long_after_ray_drops_unrefreshed
         def set_once(self, run: str) -> None:
             from ray.util import metrics as ray_metrics
 
-            from hotdog_ray.metrics import _make
+            from hotdog_ray.telemetry import _make
 
             self.ours = {n: _make(n, ray_metrics) for n in gauges}
             for name, labels in gauges.items():

@@ -34,7 +34,7 @@ def create_api(ctx: ServerContext) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.context = ctx
-    app.add_middleware(RequestMetrics, metrics=ctx.metrics)
+    app.add_middleware(RequestMetrics, telemetry=ctx.telemetry)
     app.add_exception_handler(HTTPError, http_error)
     app.include_router(router)
     schema.install(app, ctx)

@@ -12,11 +12,11 @@ import numpy as np
 from starlette.requests import Request
 
 from hotdog_ray.config import PredictionLogSettings, ServeSettings
-from hotdog_ray.metrics import NoMetrics
 from hotdog_ray.predict import Predictor
 from hotdog_ray.predlog import FEEDBACK, Entry, FeedbackLog, PredictionLog
 from hotdog_ray.server.keys import api_keys
 from hotdog_ray.server.service import ModelService
+from hotdog_ray.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class ServerContext:
     settings: ServeSettings
     max_pixels: int
     infer: Infer
-    metrics: NoMetrics
+    telemetry: Telemetry
     prediction_log: PredictionLog | None = None
     feedback_log: FeedbackLog | None = None
     api_keys: list[bytes] | None = None
@@ -65,8 +65,8 @@ class ServerContext:
     ) -> "ServerContext":
         """The context of a server process: its prediction and feedback logs when
         ``prediction_log.location`` is set, and the API keys ``serve.api_keys_env`` names."""
-        metrics = service.telemetry
-        plog = prediction_log(answers, metrics)
+        telemetry = service.telemetry
+        plog = prediction_log(answers, telemetry)
         feedback = None
         if plog is not None:
             feedback = FeedbackLog(
@@ -84,7 +84,7 @@ class ServerContext:
             settings=settings,
             max_pixels=max_pixels,
             infer=infer,
-            metrics=metrics,
+            telemetry=telemetry,
             prediction_log=plog,
             feedback_log=feedback,
             api_keys=keys,
@@ -133,7 +133,7 @@ class ServerContext:
         return label, agreed
 
 
-def prediction_log(cfg: PredictionLogSettings, metrics: NoMetrics) -> PredictionLog | None:
+def prediction_log(cfg: PredictionLogSettings, telemetry: Telemetry) -> PredictionLog | None:
     """The server process's prediction log (``prediction_log.location``), or None when unset."""
     if not cfg.location:
         return None
@@ -143,8 +143,8 @@ def prediction_log(cfg: PredictionLogSettings, metrics: NoMetrics) -> Prediction
         flush_interval_s=cfg.flush_interval_s,
         max_rows=cfg.queue_rows,
         log_images=cfg.images,
-        on_drop=lambda n: metrics.log_rows("dropped", n),
-        on_write=lambda n: metrics.log_rows("written", n),
+        on_drop=lambda n: telemetry.log_rows("dropped", n),
+        on_write=lambda n: telemetry.log_rows("written", n),
     )
 
 

@@ -12,12 +12,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from hotdog_ray.metrics import NoMetrics, reason_of
 from hotdog_ray.predict import Predictor
 from hotdog_ray.predlog import new_request_id
 from hotdog_ray.server.context import ServerContext, context_of
 from hotdog_ray.server.keys import key_matches
 from hotdog_ray.server.service import ModelService
+from hotdog_ray.telemetry import Telemetry, reason_of
 
 # Content types a client may post an image as, besides multipart/form-data.
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -35,7 +35,7 @@ class HTTPError(Exception):
 
 
 async def http_error(request: Request, exc: HTTPError) -> JSONResponse:
-    context_of(request).metrics.error(reason_of(exc.status))
+    context_of(request).telemetry.error(reason_of(exc.status))
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=headers)
 
@@ -138,8 +138,8 @@ class RequestMetrics:
     and status, and their latency. Cheaper than Starlette's BaseHTTPMiddleware, which wraps every
     response in a stream."""
 
-    def __init__(self, app: Any, metrics: NoMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Any, telemetry: Telemetry) -> None:
+        self.app, self.telemetry = app, telemetry
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -157,4 +157,4 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.request(endpoint, status, time.perf_counter() - t0)
+            self.telemetry.request(endpoint, status, time.perf_counter() - t0)

@@ -51,7 +51,7 @@ class AnswerBook:
 
     def record(self, result: dict[str, Any], data: bytes) -> None:
         result["request_id"] = self.request_id
-        self.ctx.metrics.prediction(result["label"], self.served_by)
+        self.ctx.telemetry.prediction(result["label"], self.served_by)
         if self.ctx.prediction_log is None:
             return
         model = result["model"]
@@ -192,7 +192,7 @@ async def predict_batch(request: Request) -> JSONResponse:
         try:
             result = {"filename": name, **(await predict_one(ctx, predictor, data)), "model": model}
         except ImageError as err:
-            ctx.metrics.error("bad_image")
+            ctx.telemetry.error("bad_image")
             return {"filename": name, "error": str(err)}
         book.record(result, data)
         del result["model"]  # said once for the whole batch

@@ -10,9 +10,9 @@ from typing import Any
 
 from hotdog_ray import registry
 from hotdog_ray.config import Config
-from hotdog_ray.metrics import NoMetrics, serve_metrics
 from hotdog_ray.predict import Predictor, cpu_threads
 from hotdog_ray.rollout import LiveRollout
+from hotdog_ray.telemetry import Telemetry, serving_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +26,11 @@ class ModelService:
         self.predictor: Predictor | None = None
         self.key: str | None = None  # the concrete model loaded (a version, a run, a folder)
         self.last_error: str | None = None
-        self.metrics: dict[str, float] = {}
+        self.run_scores: dict[str, float] = {}  # the serving model's training and test scores
         self.challenger: Predictor | None = None  # rollout.mode's model, when the alias is set
         self.challenger_key: str | None = None
         self.rollout = LiveRollout(cfg.rollout.mode, cfg.rollout.canary_fraction)
-        self.telemetry: NoMetrics = serve_metrics()
+        self.telemetry: Telemetry = serving_telemetry()
         self._lock = threading.Lock()
 
     def _resolve(self) -> str:
@@ -54,13 +54,13 @@ class ModelService:
                     return False
                 predictor = self._load(key)
                 run_id = predictor.bundle.meta.get("run_id")
-                metrics = registry.run_metrics(self.cfg.tracking, run_id) if run_id else {}
+                scores = registry.run_metrics(self.cfg.tracking, run_id) if run_id else {}
             except Exception as exc:  # noqa: BLE001 - whatever fails (store, download, weights), the old model keeps serving
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("model reload failed, still serving %s: %s", self.key, self.last_error)
                 return False
             old, old_predictor = self.key, self.predictor
-            self.predictor, self.key, self.metrics, self.last_error = predictor, key, metrics, None
+            self.predictor, self.key, self.run_scores, self.last_error = predictor, key, scores, None
             self.rollout.restart()  # a new champion: a new pair to compare
         self._swapped("champion", old_predictor, predictor)
         log.info("now serving %s (was %s)", key, old)
@@ -110,7 +110,7 @@ class ModelService:
         if p is None:
             return {"loaded": False, "error": self.last_error}
         # pid: which server process answered (a reload keeps it; a restarted replica does not)
-        return {**p.info, "loaded": True, "key": self.key, "metrics": self.metrics, "pid": os.getpid()}
+        return {**p.info, "loaded": True, "key": self.key, "metrics": self.run_scores, "pid": os.getpid()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,9 +66,9 @@ class ShadowQueue:
         answers = [self.ctx.shadow_answered(j.shadow, row, j.answer, champion) for j, row in zip(jobs, rows)]
         # One metric update per distinct value and batch, not two per answer.
         for agreed, n in Counter(agreed for _, agreed in answers).items():
-            self.ctx.metrics.shadow(agreed, n)
+            self.ctx.telemetry.shadow(agreed, n)
         for label, n in Counter(label for label, _ in answers).items():
-            self.ctx.metrics.prediction(label, "shadow", n)
+            self.ctx.telemetry.prediction(label, "shadow", n)
 
 
 def challenger_pass(challenger: Predictor, champion: Predictor, images: list[np.ndarray]) -> np.ndarray:

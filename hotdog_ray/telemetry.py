@@ -1,10 +1,10 @@
-"""Prometheus metrics through Ray's metrics API: every node serves them beside Ray's own.
+"""Telemetry: Prometheus series through Ray's metrics API; every node serves them beside Ray's own.
 
 Ray exports what ``ray.util.metrics`` records at ``http://<node>:<MetricsExportPort>/metrics``
 (``ray.nodes()[i]["MetricsExportPort"]``), prefixed ``ray_``: ``hotdog_requests`` is scraped as
 ``ray_hotdog_requests_total``. Labels are bounded (endpoint, status, class, reason, model version,
 run name): never a request id or a file name. Outside Ray (the plain uvicorn baseline, unit tests)
-:func:`serve_metrics` returns :class:`NoMetrics`, which records nothing.
+:func:`serving_telemetry` returns :class:`Telemetry`, which records nothing.
 
 Ray exports a histogram's ``_sum`` from its bucket midpoints, so averages are approximate; the
 buckets and ``_count`` are exact. The names, with their labels, are in :data:`SERIES`; the Grafana
@@ -149,8 +149,9 @@ def _make(name: str, module: Any) -> Any:
     return module.Histogram(name, description=help_text, boundaries=bounds, tag_keys=labels)
 
 
-class NoMetrics:
-    """Records nothing: outside Ray, where no node would export it."""
+class Telemetry:
+    """What a server records about its work; this base records nothing (outside a Serve replica, no
+    node would export it), :class:`ReplicaTelemetry` records it as Prometheus series."""
 
     def request(self, endpoint: str, status: int, seconds: float) -> None: ...
 
@@ -169,11 +170,10 @@ class NoMetrics:
     def shadow(self, agreed: bool, n: int = 1) -> None: ...
 
 
-class ServeMetrics(NoMetrics):
+class ReplicaTelemetry(Telemetry):
     """The serving series (``ray.serve.metrics``, which adds the deployment and replica labels)."""
 
     def __init__(self) -> None:
-
         names = [n for n in SERIES if not n.startswith(("hotdog_score", "hotdog_train", "hotdog_drift"))]
         self._m = {n: _make(n, serve_series) for n in names}
 
@@ -205,13 +205,13 @@ class ServeMetrics(NoMetrics):
         self._m["hotdog_shadow_answers"].inc(n, tags={"agreed": str(agreed).lower()})
 
 
-def serve_metrics() -> NoMetrics:
-    """:class:`ServeMetrics` inside a Serve replica, else :class:`NoMetrics`."""
+def serving_telemetry() -> Telemetry:
+    """:class:`ReplicaTelemetry` inside a Serve replica, else :class:`Telemetry`."""
     try:
         serve.get_replica_context()
     except Exception:  # noqa: BLE001 - not in a replica (RayServeException), or Ray absent
-        return NoMetrics()
-    return ServeMetrics()
+        return Telemetry()
+    return ReplicaTelemetry()
 
 
 _JOB_SERIES: dict[str, Any] = {}  # one object per name and process: Ray registers each once
