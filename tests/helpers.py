@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -14,13 +15,34 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import ray.train
 import ray.tune
 import yaml
 from PIL import Image
+
+T = TypeVar("T")
+
+
+def wait_until(
+    condition: Callable[[], T],
+    *,
+    timeout: float,
+    interval: float = 0.1,
+    message: Callable[[], object] | str = "",
+) -> T:
+    """The first truthy value of ``condition()``, asked every ``interval`` seconds; an AssertionError
+    with ``message`` (or what it returns) once ``timeout`` seconds passed without one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {message() if callable(message) else message}")
+        time.sleep(interval)
 
 
 def free_port() -> int:
@@ -167,15 +189,11 @@ class HoldAfterEpoch(ray.train.UserCallback):
         self.epoch, self.folder = epoch, str(folder)
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        import time
-
         folder = Path(self.folder)
         if metrics[0].get("epoch") != self.epoch or (folder / "reported").exists():
             return
         (folder / "reported").write_text(str(self.epoch))
-        deadline = time.monotonic() + 60
-        while not (folder / "removed").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        hold_until_removed(folder)
 
 
 class HoldThenPace(HoldAfterEpoch):
@@ -188,8 +206,6 @@ class HoldThenPace(HoldAfterEpoch):
         self.full, self.pause_s = full, pause_s
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        import time
-
         super().after_report(run_context, metrics, checkpoint)
         if metrics[0].get("workers", self.full) < self.full:
             (Path(self.folder) / "small").write_text(str(metrics[0]["epoch"]))
@@ -205,15 +221,19 @@ class HoldAfterFirstResult(ray.tune.Callback):
         self.folder = Path(folder)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        import json
-        import time
-
         if (self.folder / "reported").exists():
             return
         (self.folder / "reported").write_text(json.dumps({"trial": trial.trial_id, "pid": result["pid"]}))
-        deadline = time.monotonic() + 60
-        while not (self.folder / "removed").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        hold_until_removed(self.folder)
+
+
+def hold_until_removed(folder: Path) -> None:
+    """Holds the caller until the test writes ``<folder>/removed`` (at most a minute; then the run
+    goes on, and the test's own assertions say what did not happen)."""
+    try:
+        wait_until(lambda: (folder / "removed").exists(), timeout=60)
+    except AssertionError:
+        pass
 
 
 # Where a node of a bare cluster takes its Python from, and what it lacks: the jobs must get those
@@ -237,19 +257,21 @@ def ray_client_env(bare: bool = False) -> dict[str, str]:
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    """Waits until ``url`` answers (any status: a 401 without the token is up); fails at once when
+    ``proc``, the server, exited."""
+
+    def answers() -> bool:
         try:
             urllib.request.urlopen(url, timeout=5)
-            return
-        except urllib.error.HTTPError:  # answering (401 without the token) is up
-            return
+        except urllib.error.HTTPError:
+            return True
         except OSError:
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+                raise RuntimeError(f"{url}: the server exited with {proc.returncode}") from None
+            return False
+        return True
+
+    wait_until(answers, timeout=timeout, interval=0.5, message=url)
 
 
 def k8s_manifest(file: str, kind: str) -> dict:

@@ -8,10 +8,28 @@ import json
 import os
 import shutil
 import subprocess
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import ray
+import requests
 import yaml
+
+from tests.helpers import (
+    free_port,
+    mlflow_store,
+    png,
+    register_model,
+    tiny_model,
+    tiny_model_config,
+    wait_until,
+)
+from tests.imagegen import CLASSES
 
 HERE = Path(__file__).parent
 MANIFEST = HERE.parent / "k8s" / "monitoring.yaml"
@@ -72,8 +90,6 @@ class LivePrometheus:
     Serve application (other tests' job gauges in this Ray session are dropped at scrape)."""
 
     def __init__(self, folder: Path, target: str, application: str) -> None:
-        from tests.helpers import free_port
-
         self.port = free_port()
         (folder / "rules.yaml").write_text(yaml.safe_dump(rule_groups()))
         config = {
@@ -104,31 +120,21 @@ class LivePrometheus:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 60) -> None:
-        import time
-
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(self.url + "/-/ready", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
+        def ready() -> bool:
             assert self.proc.poll() is None, Path(self.log.name).read_text()[-2000:]
-            time.sleep(0.5)
-        raise AssertionError("prometheus did not become ready")
+            try:
+                return requests.get(self.url + "/-/ready", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(ready, timeout=timeout, interval=0.5, message="prometheus did not become ready")
 
     def alerts(self) -> dict[str, str]:
         """alertname -> state (pending or firing) of every active alert."""
-        import requests
-
         data = requests.get(self.url + "/api/v1/alerts", timeout=5).json()["data"]["alerts"]
         return {a["labels"]["alertname"]: a["state"] for a in data}
 
     def value(self, expr: str) -> float | None:
-        import requests
-
         result = requests.get(self.url + "/api/v1/query", params={"query": expr}, timeout=5).json()
         rows = result["data"]["result"]
         return float(rows[0]["value"][1]) if rows else None
@@ -155,73 +161,58 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return out
 
 
-def test_a_healthy_service_raises_no_alert_faults_raise_theirs_and_every_panel_has_data(
-    ray_session, image_tree, tmp_path
-):
-    """A live service (prediction log, shadow rollout, hot reload on) scraped every second for over a
-    minute past its model load: no alert pending or firing, the loaded-model gauge still there. Then
-    a training run and a scoring run (with its drift check) in this process, refused images at a
-    high rate (the refusal alert pending, not the error rate), and every dashboard query has data.
-    Beside it, a deployment whose registry has no model: the no-model alert is pending there. Each
-    Prometheus sees its own applications (other tests' job gauges in this Ray are dropped)."""
-    import threading
-    import time
+@dataclass(kw_only=True)
+class LiveService:
+    """A served model under steady traffic, with three Prometheus servers loaded with our rules:
+    one watching it (``prom``), one a deployment whose registry has no model (``prom_empty``), one
+    every application, for the dashboard (``prom_all``). Each sees only its own applications
+    (other tests' job gauges in this Ray are dropped)."""
 
-    import numpy as np
-    import ray
-    import requests
+    cfg: Any
+    models: list[str]
+    prom: LivePrometheus
+    prom_empty: LivePrometheus
+    prom_all: LivePrometheus
+    loaded_at: float
+    good_traffic: threading.Event  # cleared: the client sends what is not an image
+
+
+@pytest.fixture(scope="module")
+def live(ray_session, tmp_path_factory):
     from ray import serve
 
-    from hotdog_ray.config import load_config
     from hotdog_ray.registry import set_alias
-    from hotdog_ray.score import score
     from hotdog_ray.server.launch import deployment
-    from hotdog_ray.train import run_training
-    from tests.helpers import free_port, mlflow_store, png, register_model, tiny_model, tiny_model_config
-    from tests.imagegen import CLASSES
 
     prometheus_binary()
-    settings = ("serve.cpus_per_replica=0.25", "serve.reload_interval_s=0")
+    tmp = tmp_path_factory.mktemp("alerts")
     cfg = tiny_model_config(
-        tmp_path / "store",
+        tmp / "store",
         "serve.cpus_per_replica=0.25",
         "serve.reload_interval_s=2",
         "rollout.mode=shadow",
-        f"prediction_log.location={tmp_path / 'predictions'}",
+        f"prediction_log.location={tmp / 'predictions'}",
         "prediction_log.flush_interval_s=0.5",
     )
     models = [register_model(cfg, tiny_model(CLASSES, seed=i), CLASSES, name="alerting")[1] for i in range(3)]
     set_alias(cfg.tracking, models[0])
     set_alias(cfg.tracking, models[1], alias=cfg.tracking.challenger_alias)
-    empty = tiny_model_config(tmp_path / "empty", *settings)  # a registry with no model in it
+    # A registry with no model in it.
+    empty = tiny_model_config(tmp / "empty", "serve.cpus_per_replica=0.25", "serve.reload_interval_s=0")
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     target = f"127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}"
-    for name in ("healthy", "no-model", "dashboard"):
-        (tmp_path / name).mkdir()
-    prom = LivePrometheus(tmp_path / "healthy", target, "alerting")
-    prom_empty = LivePrometheus(tmp_path / "no-model", target, "no-model")
-    prom_all = LivePrometheus(tmp_path / "dashboard", target, ".*")
+    proms = []
+    for name, apps in (("healthy", "alerting"), ("no-model", "no-model"), ("dashboard", ".*")):
+        (tmp / name).mkdir()
+        proms.append(LivePrometheus(tmp / name, target, apps))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    stop = threading.Event()
-    images = [png(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)) for i in range(8)]
-    body = {"good": True}
-
-    def traffic() -> None:
-        i = 0
-        while not stop.is_set():
-            data = images[i % len(images)] if body["good"] else b"not an image"
-            try:
-                requests.post(url + "/predict", data=data, headers={"content-type": "image/png"}, timeout=10)
-                requests.get(url + "/no-model/model", timeout=10)  # the empty app's traffic: its 503s
-            except requests.RequestException:
-                pass
-            i += 1
-            time.sleep(0.05)
-
-    sender = threading.Thread(target=traffic, daemon=True)
+    stop, good = threading.Event(), threading.Event()
+    good.set()
+    sender = threading.Thread(
+        target=steady_traffic, args=(f"http://127.0.0.1:{port}", stop, good), daemon=True
+    )
     try:
-        for p in (prom, prom_empty, prom_all):
+        for p in proms:
             p.wait_ready()
         serve.run(deployment(cfg).bind(cfg.model_dump(mode="json")), name="alerting", route_prefix="/")
         serve.run(
@@ -229,68 +220,113 @@ def test_a_healthy_service_raises_no_alert_faults_raise_theirs_and_every_panel_h
         )
         loaded_at = time.monotonic()
         sender.start()
-        # Until the replica's first metrics report (Ray's interval is 10 s) the model is absent
-        # from the endpoint and the no-model alert is rightly pending: watch from the first report.
-        deadline = loaded_at + 60
-        while time.monotonic() < deadline and prom.value('sum(ray_hotdog_model_info{role="champion"})') != 1:
-            time.sleep(1)
-        time.sleep(3)  # a few rule evaluations on the new data
-        seen: dict[str, str] = {}
-        moved = False
-        while time.monotonic() - loaded_at < 65:  # past the 20 s after which Ray drops stale gauges
-            seen |= prom.alerts()
-            if not moved and time.monotonic() - loaded_at > 25:
-                set_alias(cfg.tracking, models[2])  # a new champion: the replica reloads in place
-                moved = True
-            time.sleep(2)
-        assert seen == {}, seen  # healthy: nothing pending, nothing firing
-        assert prom.value('sum(ray_hotdog_model_info{role="champion"})') == 1.0
-        assert prom.value("sum(rate(ray_hotdog_requests_total[30s]))") > 1
-        # No model: its own alert, and its 503s count as failed requests (both pending, then paging).
-        assert prom_empty.alerts() == {"HotdogNoModelLoaded": "pending", "HotdogHighErrorRate": "pending"}
-
-        # The jobs the dashboard shows, in this process: a training run, then a nightly scoring
-        # run of its model, whose drift check compares the night with the model's reference.
-        jobs = load_config(
-            None,
-            [
-                f"data.root={image_tree.root}",
-                "data.image_size=16",
-                "model.name=first_cnn",
-                "model.filters=4",
-                "train.num_workers=0",
-                "train.epochs=2",
-                "train.batch_size=8",
-                f"train.storage_path={tmp_path / 'runs'}",
-                f"tracking.uri={mlflow_store(tmp_path / 'jobs')}",
-            ],
+        yield LiveService(
+            cfg=cfg,
+            models=models,
+            prom=proms[0],
+            prom_empty=proms[1],
+            prom_all=proms[2],
+            loaded_at=loaded_at,
+            good_traffic=good,
         )
-        trained = run_training(jobs, run_name="dashboard", evaluate_test=False)
-        score(
-            jobs,
-            input=str(image_tree.root / "test"),
-            output=str(tmp_path / "scores"),
-            date="2026-12-06",
-            model=f"models:/{jobs.tracking.registered_model}/{trained.model_version}",
-        )
-
-        body["good"] = False  # a client that sends what is not an image, 20 times a second
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and prom.alerts().get("HotdogHighRefusalRate") != "pending":
-            time.sleep(2)
-        assert prom.alerts() == {"HotdogHighRefusalRate": "pending"}  # refused, not failed
-
-        queries = dashboard_queries()
-        missing = queries
-        deadline = time.monotonic() + 60  # the jobs' last values reach the endpoint within a report
-        while missing and time.monotonic() < deadline:
-            missing = [(panel, q) for panel, q in queries if prom_all.value(q) is None]
-            time.sleep(2)
-        assert missing == [], missing  # every panel has data when its feature runs
     finally:
         stop.set()
         for app in ("alerting", "no-model"):
             serve.delete(app)
         serve.shutdown()
-        for p in (prom, prom_empty, prom_all):
+        for p in proms:
             p.stop()
+
+
+def steady_traffic(url: str, stop: threading.Event, good: threading.Event) -> None:
+    """About 20 requests a second to each app until ``stop``: photos while ``good`` is set, else
+    bytes that are not an image; the empty app's answers are its 503s."""
+    images = [png(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)) for i in range(8)]
+    i = 0
+    while not stop.is_set():
+        data = images[i % len(images)] if good.is_set() else b"not an image"
+        try:
+            requests.post(url + "/predict", data=data, headers={"content-type": "image/png"}, timeout=10)
+            requests.get(url + "/no-model/model", timeout=10)
+        except requests.RequestException:
+            pass
+        i += 1
+        time.sleep(0.05)  # the pace of the traffic, not a wait for a condition
+
+
+# The tests below run in this order on one live service.
+
+
+def test_a_healthy_service_raises_no_alert_through_a_reload_and_past_gauge_eviction(live):
+    """Scraped every second for over a minute past its model load (with prediction log, shadow
+    rollout and a hot reload on): no alert pending or firing, the loaded-model gauge still there."""
+    from hotdog_ray.registry import set_alias
+
+    # Until the replica's first metrics report (Ray's interval is 10 s) the model is absent
+    # from the endpoint and the no-model alert is rightly pending: watch from the first report.
+    champion_loaded = 'sum(ray_hotdog_model_info{role="champion"})'
+    wait_until(lambda: live.prom.value(champion_loaded) == 1, timeout=60, interval=1, message=champion_loaded)
+    time.sleep(3)  # a few rule evaluations on the new data
+    seen: dict[str, str] = {}
+    moved = False
+    while time.monotonic() - live.loaded_at < 65:  # past the 20 s after which Ray drops stale gauges
+        seen |= live.prom.alerts()
+        if not moved and time.monotonic() - live.loaded_at > 25:
+            set_alias(live.cfg.tracking, live.models[2])  # a new champion: the replica reloads in place
+            moved = True
+        time.sleep(2)  # one look per two scrapes, for the whole minute
+    assert seen == {}, seen  # healthy: nothing pending, nothing firing
+    assert live.prom.value(champion_loaded) == 1.0
+    assert live.prom.value("sum(rate(ray_hotdog_requests_total[30s]))") > 1
+
+
+def test_a_deployment_without_a_model_raises_the_no_model_alert(live):
+    """Its own alert, and its 503s count as failed requests (both pending, then paging)."""
+    expected = {"HotdogNoModelLoaded": "pending", "HotdogHighErrorRate": "pending"}
+    wait_until(
+        lambda: live.prom_empty.alerts() == expected, timeout=60, interval=2, message=live.prom_empty.alerts
+    )
+
+
+def test_refused_images_raise_the_refusal_alert_not_the_error_rate(live):
+    live.good_traffic.clear()  # a client that sends what is not an image, 20 times a second
+    wait_until(lambda: live.prom.alerts().get("HotdogHighRefusalRate") == "pending", timeout=60, interval=2)
+    assert live.prom.alerts() == {"HotdogHighRefusalRate": "pending"}  # refused, not failed
+
+
+def test_every_dashboard_panel_has_data_when_its_feature_runs(live, image_tree, tmp_path):
+    """The jobs the dashboard shows, in this process: a training run, then a nightly scoring run of
+    its model, whose drift check compares the night with the model's reference."""
+    from hotdog_ray.config import load_config
+    from hotdog_ray.score import score
+    from hotdog_ray.train import run_training
+
+    jobs = load_config(
+        None,
+        [
+            f"data.root={image_tree.root}",
+            "data.image_size=16",
+            "model.name=first_cnn",
+            "model.filters=4",
+            "train.num_workers=0",
+            "train.epochs=2",
+            "train.batch_size=8",
+            f"train.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri={mlflow_store(tmp_path / 'jobs')}",
+        ],
+    )
+    trained = run_training(jobs, run_name="dashboard", evaluate_test=False)
+    score(
+        jobs,
+        input=str(image_tree.root / "test"),
+        output=str(tmp_path / "scores"),
+        date="2026-12-06",
+        model=f"models:/{jobs.tracking.registered_model}/{trained.model_version}",
+    )
+    queries = dashboard_queries()
+
+    def missing() -> list[tuple[str, str]]:
+        return [(panel, q) for panel, q in queries if live.prom_all.value(q) is None]
+
+    # The jobs' last values reach the endpoint within a report.
+    wait_until(lambda: not missing(), timeout=60, interval=2, message=missing)

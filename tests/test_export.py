@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -27,7 +26,7 @@ from hotdog_ray.models import build_model
 from hotdog_ray.onnxrt import onnx_session
 from hotdog_ray.predict import Predictor, choose_runtime
 from hotdog_ray.promote import force
-from tests.helpers import free_port, register_model, stop_command, tiny_model, tiny_model_config
+from tests.helpers import free_port, register_model, stop_command, tiny_model, tiny_model_config, wait_http
 from tests.imagegen import CLASSES, LEVELS, encode
 
 ZOO_AT_SMALL_SIZES = [
@@ -199,16 +198,7 @@ def test_mlflow_models_serve_answers_a_post_on_loopback(champion, tmp_path):
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
+        wait_http(f"http://127.0.0.1:{port}/ping", timeout=90, proc=proc)
         body = {
             "dataframe_split": {
                 "columns": ["image"],

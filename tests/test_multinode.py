@@ -8,17 +8,22 @@ stays within its time budget; within any run it comes last (see conftest), after
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, Callable
 
 import pytest
 
 from hotdog_ray.config import load_config
 from hotdog_ray.registry import client
 from hotdog_ray.train import run_training
-from tests.helpers import HoldThenPace, mlflow_store
+from tests.helpers import HoldThenPace, mlflow_store, wait_until
 
 pytestmark = pytest.mark.multinode
 
@@ -73,22 +78,40 @@ def _training_config(s3_server, image_tree, mlflow_server, *overrides: str):
     return load_config(None, [*common, *overrides])
 
 
-def _train_in_background(cfg, run_name: str, callback) -> tuple[threading.Thread, dict]:
-    """``run_training`` in a thread (the test changes the cluster meanwhile): the thread, and the dict
-    that gets its outcome (``out``) or its exception (``error``)."""
+def _in_background(work: Callable[[], Any]) -> tuple[threading.Thread, dict]:
+    """``work()`` in a thread (the test changes the cluster meanwhile): the thread, and the dict that
+    gets its outcome (``out``) or its exception (``error``)."""
     result: dict = {}
 
-    def train() -> None:
+    def run() -> None:
         try:
-            result["out"] = run_training(
-                cfg, run_name=run_name, register=False, evaluate_test=False, callbacks=[callback]
-            )
+            result["out"] = work()
         except Exception as exc:  # noqa: BLE001 - reported by the test's assertions
             result["error"] = exc
 
-    thread = threading.Thread(target=train, daemon=True)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, result
+
+
+def _train_in_background(cfg, run_name: str, callback) -> tuple[threading.Thread, dict]:
+    """``run_training`` in a thread: see :func:`_in_background`."""
+    return _in_background(
+        lambda: run_training(
+            cfg, run_name=run_name, register=False, evaluate_test=False, callbacks=[callback]
+        )
+    )
+
+
+def _replace_node(cluster, node_id: str, pause_s: float = 0.0, marker: Path | None = None) -> None:
+    """Removes the node ``node_id`` at once, as a lost machine goes (then writes ``marker``), and
+    after ``pause_s`` a new node of the same size joins in its place."""
+    index = next(i for i, n in enumerate(cluster.nodes) if n.node_id == node_id)
+    cluster.cluster.remove_node(cluster.nodes[index], allow_graceful=False)
+    if marker is not None:
+        marker.write_text("1")
+    time.sleep(pause_s)  # how long the cluster runs short of the node
+    cluster.nodes[index] = cluster.cluster.add_node(num_cpus=NODE_CPUS)
 
 
 def _alive(cluster, class_name: str = "") -> list:
@@ -146,11 +169,18 @@ def test_elastic_training_goes_on_without_a_lost_node_and_grows_back(
     assert sorted(m.step for m in mlflow.get_metric_history(out.run_id, "val_loss")) == list(range(epochs))
 
 
+def _on_two_nodes(cluster, class_name: str) -> list | None:
+    """The live actors of ``class_name`` when they run on two nodes, else None."""
+    found = [a for a in _alive(cluster, class_name) if a.node_id is not None]
+    return found if len({a.node_id for a in found}) == 2 else None
+
+
 def _wait_for(marker, thread: threading.Thread, result: dict, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not marker.exists():
-        assert thread.is_alive() and time.monotonic() < deadline, (marker.name, result)
-        time.sleep(0.1)
+    def there() -> bool:
+        assert thread.is_alive(), (marker.name, result)
+        return marker.exists()
+
+    wait_until(there, timeout=seconds, message=lambda: (marker.name, result))
 
 
 def test_local_stores_are_refused_on_several_nodes_unless_shared(cluster, image_tree, tmp_path):
@@ -182,8 +212,7 @@ def test_a_sweep_spreads_over_nodes_and_a_lost_nodes_trial_restarts_from_its_che
     """Two trials of 2 CPUs: one per node. After the first result, that trial's node is removed and a
     replacement joins: the trial restarts there from its S3 checkpoint in its own MLflow run, and each
     planned trial ends once, FINISHED, with one point per epoch."""
-    import json
-
+    from hotdog_ray.tracking import child_runs
     from hotdog_ray.tune import run_sweep
     from tests.helpers import HoldAfterFirstResult
 
@@ -210,37 +239,24 @@ def test_a_sweep_spreads_over_nodes_and_a_lost_nodes_trial_restarts_from_its_che
             "tune.promote=false",
         ],
     )
-    result: dict = {}
-
-    def sweep() -> None:
-        try:
-            result["out"] = run_sweep(cfg, name="spread", callbacks=[HoldAfterFirstResult(tmp_path)])
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            result["error"] = exc
-
-    thread = threading.Thread(target=sweep, daemon=True)
-    thread.start()
+    thread, result = _in_background(
+        lambda: run_sweep(cfg, name="spread", callbacks=[HoldAfterFirstResult(tmp_path)])
+    )
     _wait_for(tmp_path / "reported", thread, result, 180)
     first = json.loads((tmp_path / "reported").read_text())
-    deadline = time.monotonic() + 60
-    while True:  # the second trial's process may still be starting when the first reports
-        trials = _alive(cluster, "ImplicitFunc")
-        if len({a.node_id for a in trials}) == 2 or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert len({a.node_id for a in trials}) == 2, [(a.class_name, a.node_id) for a in _alive(cluster)]
+    # The second trial's process may still be starting when the first reports.
+    trials = wait_until(
+        lambda: _on_two_nodes(cluster, "ImplicitFunc"),
+        timeout=60,
+        interval=1,
+        message=lambda: [(a.class_name, a.node_id) for a in _alive(cluster)],
+    )
     (node_id,) = {a.node_id for a in trials if a.pid == first["pid"]}
-    index = next(i for i, n in enumerate(cluster.nodes) if n.node_id == node_id)
-    cluster.cluster.remove_node(cluster.nodes[index], allow_graceful=False)
-    (tmp_path / "removed").write_text("1")
-    cluster.nodes[index] = cluster.cluster.add_node(num_cpus=NODE_CPUS)
+    _replace_node(cluster, node_id, marker=tmp_path / "removed")
     thread.join(timeout=300)
     assert not thread.is_alive() and "error" not in result, result
     out = result["out"]
     assert [t["status"] for t in out.trials] == ["finished", "finished"]
-
-    from hotdog_ray.tracking import child_runs
-
     mlflow = client(cfg.tracking)
     children = child_runs(cfg.tracking, out.run_id)
     assert sorted(r.data.tags["trial_id"] for r in children) == sorted(t["trial_id"] for t in out.trials)
@@ -254,11 +270,6 @@ def test_serve_replicas_on_two_nodes_keep_answering_when_one_node_goes(cluster, 
     """Two replicas of 2 CPUs, one per node, under load at concurrency 8 from another process: a
     node is removed mid-run. At most the requests in flight on it fail, the app keeps answering,
     and a second replica runs again once a node joins."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from ray import serve
 
     from hotdog_ray.registry import set_alias
@@ -287,24 +298,13 @@ def test_serve_replicas_on_two_nodes_keep_answering_when_one_node_goes(cluster, 
 
         assert len({r.node_id for r in replicas()}) == 2
         requests, concurrency = 3000, 8
-        load = subprocess.Popen(
-            [
-                sys.executable,
-                str(Path(__file__).parents[1] / "bench" / "loadgen.py"),
-                f"{url}/predict",
-                *("--requests", str(requests), "--concurrency", str(concurrency), "--json"),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        loadgen = [sys.executable, str(Path(__file__).parents[1] / "bench" / "loadgen.py"), f"{url}/predict"]
+        loadgen += ["--requests", str(requests), "--concurrency", str(concurrency), "--json"]
+        load = subprocess.Popen(loadgen, stdout=subprocess.PIPE, text=True)
         try:
-            time.sleep(4)  # under load
+            time.sleep(4)  # four seconds of load before the loss
             assert load.poll() is None, "the load ended before a node could be removed"
-            node_id = replicas()[0].node_id
-            index = next(i for i, n in enumerate(cluster.nodes) if n.node_id == node_id)
-            cluster.cluster.remove_node(cluster.nodes[index], allow_graceful=False)
-            time.sleep(2)
-            cluster.nodes[index] = cluster.cluster.add_node(num_cpus=NODE_CPUS)
+            _replace_node(cluster, replicas()[0].node_id, pause_s=2)
             out, _ = load.communicate(timeout=300)
         finally:
             if load.poll() is None:
@@ -312,10 +312,12 @@ def test_serve_replicas_on_two_nodes_keep_answering_when_one_node_goes(cluster, 
         stats = json.loads(out)
         print(f"serve across nodes, one lost under load: {json.dumps(stats)}")
         assert stats["errors"] <= concurrency and stats["ok"] + stats["errors"] == requests, stats
-        deadline = time.monotonic() + 180
-        while len({r.node_id for r in replicas()}) < 2 or not wait_ready(url, timeout=5):
-            assert time.monotonic() < deadline, serve.status()
-            time.sleep(1)
+        wait_until(
+            lambda: len({r.node_id for r in replicas()}) == 2 and wait_ready(url, timeout=5),
+            timeout=180,
+            interval=1,
+            message=serve.status,
+        )
     finally:
         serve.shutdown()
 
@@ -336,11 +338,10 @@ def test_scoring_loses_a_model_actors_node_and_still_accounts_for_every_file(
     from tests.helpers import register_model, tiny_model, tiny_model_config
     from tests.imagegen import CLASSES, LEVELS, encode
 
-    folder = tmp_path / "incoming"
-    files = 240
+    folder, files = tmp_path / "incoming", 240
+    folder.mkdir()
     for i in range(files):
         cls = CLASSES[i % len(CLASSES)]
-        (folder / f"{cls}_{i}.png").parent.mkdir(parents=True, exist_ok=True)
         (folder / f"{cls}_{i}.png").write_bytes(encode(LEVELS[cls], "RGB", "PNG", (24, 24), seed=i))
     bucket = s3_server.bucket("scoring")
     source = s3_server.upload_dir(folder, bucket, "incoming/2026-11-30")
@@ -354,26 +355,14 @@ def test_scoring_loses_a_model_actors_node_and_still_accounts_for_every_file(
     )
     set_alias(cfg.tracking, register_model(cfg, tiny_model(CLASSES), CLASSES, name="spread-scoring")[1])
     output = f"s3://{bucket}/predictions"
-    result: dict = {}
+    thread, result = _in_background(lambda: score(cfg, input=source, output=output, date="2026-11-30"))
 
-    def run() -> None:
-        try:
-            result["summary"] = score(cfg, input=source, output=output, date="2026-11-30")
-        except Exception as exc:  # noqa: BLE001 - examined below
-            result["error"] = exc
+    def actors_on_two_nodes() -> list | None:
+        assert thread.is_alive(), result
+        return _on_two_nodes(cluster, "Scorer")
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 180
-    while True:
-        actors = [a for a in _alive(cluster, "Scorer") if a.node_id is not None]
-        if len({a.node_id for a in actors}) == 2:
-            break
-        assert thread.is_alive() and time.monotonic() < deadline, result
-        time.sleep(0.05)
-    index = next(i for i, n in enumerate(cluster.nodes) if n.node_id == actors[0].node_id)
-    cluster.cluster.remove_node(cluster.nodes[index], allow_graceful=False)
-    cluster.nodes[index] = cluster.cluster.add_node(num_cpus=NODE_CPUS)
+    actors = wait_until(actors_on_two_nodes, timeout=180, interval=0.05, message=lambda: result)
+    _replace_node(cluster, actors[0].node_id)
     thread.join(timeout=300)
     assert not thread.is_alive()
     final = storage.resolve(f"{output}/date=2026-11-30")
@@ -382,7 +371,7 @@ def test_scoring_loses_a_model_actors_node_and_still_accounts_for_every_file(
         assert final.fs.get_file_info(final.path).type.name == "NotFound"
         print(f"scoring across nodes, one lost: failed clearly ({result['error']})")
         return
-    summary = result["summary"]
+    summary = result["out"]
     assert (summary.files, summary.scored) == (files, files)
     table = pads.dataset(final.path, filesystem=final.fs, format="parquet").to_table()
     paths = table["path"].to_pylist()

@@ -7,7 +7,9 @@ import datetime as dt
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pytest
 
 from hotdog_ray.bundle import ModelBundle, model_meta
@@ -15,7 +17,7 @@ from hotdog_ray.errors import ConfigError, ScoreError
 from hotdog_ray.predict import Predictor
 from hotdog_ray.registry import set_alias
 from hotdog_ray.score import expand, run_date, score
-from tests.helpers import register_model, tiny_model, tiny_model_config
+from tests.helpers import register_model, set_args, tiny_model, tiny_model_config, wait_until
 from tests.imagegen import CLASSES, LEVELS, VARIANTS, encode, truncated_jpeg
 
 BAD = {
@@ -41,9 +43,38 @@ class Killed(BaseException):
     """Stands for the process dying at that call (nothing after it runs)."""
 
 
+class DiesOnSecondMove(pafs.LocalFileSystem):
+    """A local disk whose process dies at the second rename."""
+
+    moves = 0
+
+    def move(self, src, dest):
+        DiesOnSecondMove.moves += 1
+        if DiesOnSecondMove.moves == 2:
+            raise Killed
+        return super().move(src, dest)
+
+
+class DiesOnDelete(pafs.S3FileSystem):
+    """An object store whose process dies at the first delete."""
+
+    def delete_file(self, path):
+        raise Killed
+
+
+class ScoredBlocks:
+    """Stands for the scoring dataset: its blocks, as the driver iterates them."""
+
+    def __init__(self, blocks: list[pa.Table]) -> None:
+        self.blocks = blocks
+
+    def iter_batches(self, **kwargs):
+        assert kwargs == {"batch_size": None, "batch_format": "pyarrow"}
+        return iter(self.blocks)
+
+
 def _staged(fs, path: str, score_id: str, n: int) -> None:
-    """A run's staged output: one Parquet file (named apart per run, as Ray Data names them)."""
-    import pyarrow as pa
+    """A run's staged output: one Parquet file (named after its run, as the scoring driver names them)."""
     import pyarrow.parquet as pq
 
     fs.create_dir(path)
@@ -57,19 +88,8 @@ def _runs(fs, path: str) -> list[str]:
 
 def test_a_run_killed_while_publishing_locally_loses_nothing(tmp_path):
     """Two renames swap the partition; killed between them, the next run puts the old one back first."""
-    import pyarrow.fs as pafs
-
     from hotdog_ray import storage
     from hotdog_ray.publish import publish, restore_interrupted_publish
-
-    class DiesOnSecondMove(pafs.LocalFileSystem):
-        moves = 0
-
-        def move(self, src, dest):
-            DiesOnSecondMove.moves += 1
-            if DiesOnSecondMove.moves == 2:
-                raise Killed
-            return super().move(src, dest)
 
     day = dt.date(2026, 11, 23)
     out = storage.resolve(str(tmp_path / "predictions"))
@@ -90,7 +110,6 @@ def test_a_run_killed_while_publishing_locally_loses_nothing(tmp_path):
 def test_the_driver_writes_every_scored_block_into_files_named_after_the_run(tmp_path, monkeypatch):
     """Blocks are gathered into row groups and rolled into a new file at the size limit; every row
     lands once, in order, and the progress line counts them as they arrive."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from hotdog_ray import score as scoring
@@ -101,17 +120,12 @@ def test_the_driver_writes_every_scored_block_into_files_named_after_the_run(tmp
     monkeypatch.setattr(scoring, "ROWS_PER_FILE", 25)
     blocks = [pa.table({"path": [f"f{i}-{j}" for j in range(7)]}) for i in range(9)]  # 63 rows
 
-    class Blocks:
-        def iter_batches(self, **kwargs):
-            assert kwargs == {"batch_size": None, "batch_format": "pyarrow"}
-            return iter(blocks)
-
     out = storage.resolve(str(tmp_path / "out"))
     job = scoring.ScorePlan(
         day=dt.date(2026, 11, 23), input="in", fs=None, paths=[], out=out, score_id="2026-11-23-abc"
     )
     progress = Progress(63, 0.0, "scored")
-    assert scoring.write_rows(Blocks(), job, progress) == 63
+    assert scoring.write_rows(ScoredBlocks(blocks), job, progress) == 63
 
     files = sorted(Path(job.staging.path).iterdir())
     assert [f.name for f in files] == [f"2026-11-23-abc_{i:06d}.parquet" for i in range(3)]
@@ -125,14 +139,8 @@ def test_the_driver_writes_every_scored_block_into_files_named_after_the_run(tmp
 
 def test_a_run_killed_while_publishing_to_s3_loses_nothing(s3):
     """S3 has no rename: new files go in before the old ones go, so a crash never leaves rows missing."""
-    import pyarrow.fs as pafs
-
     from hotdog_ray import storage
     from hotdog_ray.publish import publish
-
-    class DiesOnDelete(pafs.S3FileSystem):
-        def delete_file(self, path):
-            raise Killed
 
     bucket = s3.bucket("publish")
     out = storage.resolve(f"s3://{bucket}/predictions")
@@ -327,6 +335,15 @@ def test_a_missing_input_fails_before_any_work(scoring, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def small_photos(folder: Path, n: int) -> list[str]:
+    """``n`` 12-pixel grayscale PNGs of the three classes in ``folder``; their names, in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"img_{i:04d}.png" for i in range(n)]
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(encode(LEVELS[CLASSES[i % 3]], "L", "PNG", (12, 12), seed=i))
+    return names
+
+
 def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(
     ray_session, scoring, tmp_path, joining_env
 ):
@@ -337,35 +354,15 @@ def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(
     import signal
     import subprocess
     import sys
-    import time
 
     cfg, predictor = scoring
-    incoming = tmp_path / "incoming"
-    names = []
-    for i in range(1500):
-        name = f"img_{i:04d}.png"
-        (incoming / name).parent.mkdir(parents=True, exist_ok=True)
-        (incoming / name).write_bytes(encode(LEVELS[CLASSES[i % 3]], "L", "PNG", (12, 12), seed=i))
-        names.append(name)
-    out = tmp_path / "predictions"
+    incoming, out = tmp_path / "incoming", tmp_path / "predictions"
+    names = small_photos(incoming, 1500)
     part = out / "date=2026-11-23"
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve().parents[1] / "jobs" / "batch_score.py"),
-        "--input",
-        str(incoming),
-        "--output",
-        str(out),
-        "--date",
-        "2026-11-23",
-        "--json",
-        "--set",
-        f"tracking.uri={cfg.tracking.uri}",
-        "--set",
-        "score.batch_size=8",
-        "--set",
-        "data.files_per_task=16",
-    ]
+    job = Path(__file__).resolve().parents[1] / "jobs" / "batch_score.py"
+    settings = [f"tracking.uri={cfg.tracking.uri}", "score.batch_size=8", "data.files_per_task=16"]
+    cmd = [sys.executable, str(job), "--input", str(incoming), "--output", str(out), "--date", "2026-11-23"]
+    cmd += ["--json", *set_args(settings)]
     # Large batches where nothing is to be killed; small ones keep the victim writing for a while.
     fast = cfg.model_copy(update={"score": cfg.score.model_copy(update={"batch_size": 64})})
     first_run = score(fast, input=str(incoming), output=str(out), date="2026-11-23").score_id
@@ -374,16 +371,11 @@ def test_a_killed_run_leaves_the_partition_as_it_was_and_a_rerun_completes_it(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=joining_env, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and victim.poll() is None:
-            staged = (
-                list((out / "_staging").glob("date=2026-11-23-*/*.parquet"))
-                if (out / "_staging").exists()
-                else []
-            )
-            if staged:
-                break
-            time.sleep(0.05)
+        wait_until(
+            lambda: victim.poll() is not None or list(out.glob("_staging/date=2026-11-23-*/*.parquet")),
+            timeout=300,
+            interval=0.05,
+        )
         assert victim.poll() is None, "the run finished before it could be killed"
     finally:
         os.killpg(victim.pid, signal.SIGKILL)

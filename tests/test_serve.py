@@ -12,7 +12,9 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,6 +39,7 @@ from tests.helpers import (
     stop_command,
     tiny_model,
     tiny_model_config,
+    wait_until,
 )
 from tests.imagegen import CLASSES, LEVELS, encode, truncated_jpeg
 
@@ -110,8 +113,7 @@ def listening_process(port: int, timeout: float = 10):
     Polled: HAProxy hands its socket to a new process on every config reload."""
     import psutil
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening():
         for proc in psutil.process_iter(["name"]):
             try:
                 conns = proc.net_connections("tcp")
@@ -119,8 +121,12 @@ def listening_process(port: int, timeout: float = 10):
                 continue
             if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
                 return proc
-        time.sleep(0.2)
-    return None
+        return None
+
+    try:
+        return wait_until(listening, timeout=timeout, interval=0.2)
+    except AssertionError:
+        return None
 
 
 def listener(port: int, timeout: float = 10) -> str:
@@ -298,12 +304,11 @@ def test_a_promoted_model_is_served_without_a_failed_request(app):
     for t in threads:
         t.start()
     try:
-        time.sleep(1.5)
+        wait_until(lambda: len(seen) >= 20, timeout=30, interval=0.05)  # under load before the switch
         set_alias(app.cfg.tracking, version)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any(v == version for _, _, v, _ in seen[-5:]):
-            time.sleep(0.2)
-        time.sleep(1.0)
+        wait_until(lambda: any(v == version for _, _, v, _ in seen[-5:]), timeout=30, interval=0.2)
+        switched = len(seen)
+        wait_until(lambda: len(seen) >= switched + 20, timeout=30, interval=0.05)  # and after it
     finally:
         stop.set()
         for t in threads:
@@ -321,89 +326,85 @@ def test_a_promoted_model_is_served_without_a_failed_request(app):
     assert requests.get(app.url + "/model", timeout=10).json()["version"] == version
 
 
+def serve_deploy(tmp_path: Path, settings: Path, dashboard: str, token: int) -> None:
+    """``serve deploy`` of the app ``ondemand`` through the dashboard's REST API, polling off, with
+    ``reload_token`` set to ``token``: a new token is a user_config change."""
+    import yaml
+
+    application = {
+        "name": "ondemand",
+        "route_prefix": "/ondemand",
+        "import_path": "hotdog_ray.server.launch:build_app",
+        # The second runtime: these answers must equal the offline predictor too.
+        "args": {"config": str(settings), "set": ["serve.reload_interval_s=0", "predict.runtime=torch"]},
+        "deployments": [{"name": "hotdog", "user_config": {"reload_token": token, "model_uri": None}}],
+    }
+    config = tmp_path / f"serve-{token}.yaml"
+    config.write_text(yaml.safe_dump({"applications": [application]}))
+    # Ray 2.60 clusters use token auth; the CLI sends the token with this set.
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "serve"), "deploy", str(config), "-a", dashboard],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def alive_replicas(application: str) -> set[str]:
+    from ray.util.state import list_actors
+
+    return {
+        a.actor_id
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+        if a.class_name.startswith(f"ServeReplica:{application}:")
+    }
+
+
+def served_version(url: str) -> str | None:
+    """The model version the app at ``url`` serves, or None while it does not answer."""
+    try:
+        r = requests.get(url + "/model", timeout=10)
+    except requests.RequestException:  # the proxy may hold a request while the app starts
+        return None
+    return r.json()["version"] if r.status_code == 200 else None
+
+
+def wait_for_version(url: str, want: str | None = None, timeout: float = 90) -> str:
+    """The version the app serves, once it answers (and serves ``want``, when given)."""
+    return wait_until(
+        lambda: (v := served_version(url)) is not None and (want is None or v == want) and v,
+        timeout=timeout,
+        interval=0.25,
+        message=lambda: served_version(url),
+    )
+
+
 def test_a_user_config_change_reloads_in_place(app, tmp_path):
     """With polling off, a moved alias is picked up only when the app's user_config changes, and
     then in place: after ``serve deploy`` with a new reload_token the same replica serves the new model."""
-    import os
-
     import ray
     import yaml
     from ray import serve
-    from ray.util.state import list_actors
 
     settings = tmp_path / "ondemand.yaml"
     settings.write_text(yaml.safe_dump(app.cfg.model_dump(mode="json")))
     dashboard = f"http://{ray.init(ignore_reinit_error=True).dashboard_url}"
     url = app.url + "/ondemand"
-
-    def deploy(token: int) -> None:
-        config = tmp_path / f"serve-{token}.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "applications": [
-                        {
-                            "name": "ondemand",
-                            "route_prefix": "/ondemand",
-                            "import_path": "hotdog_ray.server.launch:build_app",
-                            # The second runtime: these answers must equal the offline predictor too.
-                            "args": {
-                                "config": str(settings),
-                                "set": ["serve.reload_interval_s=0", "predict.runtime=torch"],
-                            },
-                            "deployments": [
-                                {"name": "hotdog", "user_config": {"reload_token": token, "model_uri": None}}
-                            ],
-                        }
-                    ]
-                }
-            )
-        )
-        # Ray 2.60 clusters use token auth; the CLI sends the token with this set.
-        done = subprocess.run(
-            [str(Path(sys.executable).parent / "serve"), "deploy", str(config), "-a", dashboard],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "RAY_AUTH_MODE": "token"},
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-
-    def replicas() -> set[str]:
-        return {
-            a.actor_id
-            for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-            if a.class_name.startswith("ServeReplica:ondemand:")
-        }
-
-    def model_version(want: str | None = None, timeout: float = 90) -> str | None:
-        """The version the app serves, once it answers (and serves ``want``, when given)."""
-        deadline, seen = time.monotonic() + timeout, None
-        while time.monotonic() < deadline:
-            try:
-                r = requests.get(url + "/model", timeout=10)
-                seen = r.json()["version"] if r.status_code == 200 else None
-            except requests.RequestException:  # the proxy may hold a request while the app starts
-                seen = None
-            if seen is not None and (want is None or seen == want):
-                return seen
-            time.sleep(0.25)
-        return seen
-
-    deploy(0)
+    serve_deploy(tmp_path, settings, dashboard, token=0)
     try:
-        before = model_version()
-        assert before is not None, "the app deployed through the REST API did not start"
+        before = wait_for_version(url)
         assert requests.get(url + "/model", timeout=10).json()["runtime"] == "torch"
-        running = replicas()
+        running = alive_replicas("ondemand")
         version, model = register(app.cfg, seed=5)
         app.models[version] = model
         set_alias(app.cfg.tracking, version)
-        time.sleep(1.5)
-        assert model_version() == before  # no polling: the alias moved, the app did not notice
-        deploy(1)
-        assert model_version(want=version) == version
-        assert running and replicas() == running, "the replica was replaced, not reconfigured in place"
+        time.sleep(1.5)  # a negative: time for a poll that must not happen (reload_interval_s=0)
+        assert wait_for_version(url) == before  # no polling: the alias moved, the app did not notice
+        serve_deploy(tmp_path, settings, dashboard, token=1)
+        assert wait_for_version(url, want=version) == version
+        assert running and alive_replicas("ondemand") == running, "replaced, not reconfigured in place"
         data = encode(LEVELS["cat"], "RGB", "JPEG", (20, 20))
         r = requests.post(url + "/predict", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
         assert r.json()["probabilities"] == pytest.approx(
@@ -460,31 +461,31 @@ def test_api_keys_close_the_prediction_endpoints_and_leave_the_probes_open(app):
         serve.delete("keyed")
 
 
-def test_shadow_and_canary_rollouts_and_the_promotion_gate(app, tmp_path, capsys):
-    """A challenger on live traffic. Shadow: under concurrent load no request fails, every answer is
-    the champion's, and the challenger scored the same requests off the response path; the replica's
-    figures reach the rollout store, `hotdog rollout report` adds them up, and `hotdog promote --force`
-    refuses below rollout.min_requests / min_agreement and moves the alias above them. Canary at
-    0.2: over 1,000 requests the challenger answers a share within binomial bounds, and each answer
-    names the version that gave it."""
+@dataclass(kw_only=True)
+class Rollout:
+    """A champion and a challenger of one registered model, served as ``/shadow`` and ``/canary``
+    (canary fraction 0.2), their figures flushed to the rollout store every half second."""
+
+    cfg: Any
+    champion: str
+    challenger: str
+
+
+@pytest.fixture(scope="module")
+def rollout_apps(app, tmp_path_factory):
     from ray import serve
 
-    from hotdog_ray import rollout
-    from hotdog_ray.cli import main
     from hotdog_ray.config import apply_overrides, from_dict
-    from hotdog_ray.promote import force, set_challenger
+    from hotdog_ray.promote import set_challenger
     from hotdog_ray.server.launch import deployment
 
-    cfg = from_dict(
-        apply_overrides(
-            app.cfg.model_dump(mode="json"),
-            [
-                "tracking.registered_model=rollout-model",
-                f"rollout.store={tmp_path}",
-                "rollout.flush_interval_s=0.5",
-            ],
-        )
-    )
+    store = tmp_path_factory.mktemp("rollout")
+    overrides = [
+        "tracking.registered_model=rollout-model",
+        f"rollout.store={store}",
+        "rollout.flush_interval_s=0.5",
+    ]
+    cfg = from_dict(apply_overrides(app.cfg.model_dump(mode="json"), overrides))
     champion, _ = register(cfg, seed=7)
     challenger, _ = register(cfg, seed=8)
     set_alias(cfg.tracking, champion)
@@ -497,54 +498,84 @@ def test_shadow_and_canary_rollouts_and_the_promotion_gate(app, tmp_path, capsys
     try:
         for mode in ("shadow", "canary"):
             assert wait_ready(f"{app.url}/{mode}", timeout=60)
-        data = encode(LEVELS["cat"], "RGB", "JPEG", (24, 24))
-
-        load = subprocess.run(
-            [sys.executable, str(REPO / "bench" / "loadgen.py"), f"{app.url}/shadow/predict"]
-            + ["--requests", "400", "--concurrency", "8", "--json"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert json.loads(load.stdout)["errors"] == 0, load.stdout + load.stderr[-2000:]
-        seen = {app.post("/shadow/predict", data=data).json()["model"]["version"] for _ in range(50)}
-        assert seen == {champion}
-        deadline = time.monotonic() + 30
-        while (replica := requests.get(f"{app.url}/shadow/rollout", timeout=10).json())["shadowed"] < 450:
-            assert time.monotonic() < deadline, replica
-            time.sleep(0.2)
-        assert replica["challenger"] == f"models:/rollout-model/{challenger}"
-        while (stored := rollout.report(cfg, champion, challenger)).shadowed < replica["shadowed"]:
-            assert time.monotonic() < deadline, stored.summary()
-            time.sleep(0.2)
-        assert stored.served == stored.shadowed and stored.canary == 0 and 0 <= stored.agreement <= 1
-        assert all(ms > 0 for ms in stored.summary()["p50_latency_ms"].values())
-
-        assert main(["rollout", "report", "--json", *set_args(rollout_args(cfg))]) == 0
-        printed = json.loads(capsys.readouterr().out)
-        assert printed["shadowed"] >= stored.shadowed and printed["challenger"] == challenger
-
-        def gated(**limits):
-            return cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update=limits)})
-
-        refused = force(gated(min_requests=stored.shadowed + 10_000), challenger)
-        assert not refused.promoted and "shadow requests" in refused.reason
-        if stored.agreement < 1:
-            refused = force(gated(min_requests=10, min_agreement=1.0), challenger)
-            assert not refused.promoted and "agreement" in refused.reason
-        assert registry.alias_version(cfg.tracking) == champion
-
-        answered = [app.post("/canary/predict", data=data).json()["model"]["version"] for _ in range(1000)]
-        by_challenger = answered.count(challenger)
-        assert set(answered) == {champion, challenger}
-        assert 143 <= by_challenger <= 257, by_challenger  # 200 +- 4.5 standard deviations
-        assert (
-            requests.get(f"{app.url}/canary/rollout", timeout=10).json()["served_by_challenger"]
-            == by_challenger
-        )
+        yield Rollout(cfg=cfg, champion=champion, challenger=challenger)
     finally:
         for mode in ("shadow", "canary"):
             serve.delete(mode)
+
+
+def test_a_shadow_rollout_answers_with_the_champion_and_stores_the_challengers_figures(
+    app, rollout_apps, capsys
+):
+    """Under concurrent load no request fails, every answer is the champion's, and the challenger
+    scored the same requests off the response path; the replica's figures reach the rollout store
+    and `hotdog rollout report` adds them up."""
+    from hotdog_ray import rollout
+    from hotdog_ray.cli import main
+
+    cfg, champion, challenger = rollout_apps.cfg, rollout_apps.champion, rollout_apps.challenger
+    load = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "loadgen.py"), f"{app.url}/shadow/predict"]
+        + ["--requests", "400", "--concurrency", "8", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert json.loads(load.stdout)["errors"] == 0, load.stdout + load.stderr[-2000:]
+    data = encode(LEVELS["cat"], "RGB", "JPEG", (24, 24))
+    seen = {app.post("/shadow/predict", data=data).json()["model"]["version"] for _ in range(50)}
+    assert seen == {champion}
+
+    def figures() -> dict:
+        return requests.get(f"{app.url}/shadow/rollout", timeout=10).json()
+
+    replica = wait_until(
+        lambda: (f := figures())["shadowed"] >= 450 and f, timeout=30, interval=0.2, message=figures
+    )
+    assert replica["challenger"] == f"models:/rollout-model/{challenger}"
+    stored = wait_until(
+        lambda: (r := rollout.report(cfg, champion, challenger)).shadowed >= replica["shadowed"] and r,
+        timeout=30,
+        interval=0.2,
+        message=lambda: rollout.report(cfg, champion, challenger).summary(),
+    )
+    assert stored.served == stored.shadowed and stored.canary == 0 and 0 <= stored.agreement <= 1
+    assert all(ms > 0 for ms in stored.summary()["p50_latency_ms"].values())
+    assert main(["rollout", "report", "--json", *set_args(rollout_args(cfg))]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["shadowed"] >= stored.shadowed and printed["challenger"] == challenger
+
+
+def test_the_promotion_gate_refuses_a_challenger_below_the_rollout_limits(rollout_apps):
+    """`hotdog promote --force` refuses below rollout.min_requests / min_agreement: the alias stays."""
+    from hotdog_ray import rollout
+    from hotdog_ray.promote import force
+
+    cfg, champion, challenger = rollout_apps.cfg, rollout_apps.champion, rollout_apps.challenger
+    stored = rollout.report(cfg, champion, challenger)
+
+    def gated(**limits):
+        return cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update=limits)})
+
+    refused = force(gated(min_requests=stored.shadowed + 10_000), challenger)
+    assert not refused.promoted and "shadow requests" in refused.reason
+    if stored.shadowed >= 10 and stored.agreement < 1:
+        refused = force(gated(min_requests=10, min_agreement=1.0), challenger)
+        assert not refused.promoted and "agreement" in refused.reason
+    assert registry.alias_version(cfg.tracking) == champion
+
+
+def test_a_canary_answers_its_share_with_the_challenger_and_says_which_answered(app, rollout_apps):
+    """Canary at 0.2: over 1,000 requests the challenger answers a share within binomial bounds, and
+    each answer names the version that gave it."""
+    champion, challenger = rollout_apps.champion, rollout_apps.challenger
+    data = encode(LEVELS["cat"], "RGB", "JPEG", (24, 24))
+    answered = [app.post("/canary/predict", data=data).json()["model"]["version"] for _ in range(1000)]
+    by_challenger = answered.count(challenger)
+    assert set(answered) == {champion, challenger}
+    assert 143 <= by_challenger <= 257, by_challenger  # 200 +- 4.5 standard deviations
+    figures = requests.get(f"{app.url}/canary/rollout", timeout=10).json()
+    assert figures["served_by_challenger"] == by_challenger
 
 
 def test_batcher_takes_what_queued_while_a_batch_ran_one_batch_at_a_time():
@@ -822,15 +853,66 @@ def _current_version(app) -> str:
 
 
 @pytest.mark.ray_head
+class SteadyClients:
+    """Clients posting one image to ``url`` back to back until stopped: each request's (sent,
+    answered, "200" or the failure), and the request ids of the answers."""
+
+    def __init__(self, url: str, data: bytes, count: int = 4) -> None:
+        self.url, self.data = url, data
+        self.outcomes: list[tuple[float, float, str]] = []
+        self.answered_ids: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def _client(self) -> None:
+        with requests.Session() as http:
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    answer = http.post(self.url, data=self.data, timeout=60)
+                    status = str(answer.status_code)
+                    if answer.status_code == 200:
+                        self.answered_ids.append(answer.json()["request_id"])
+                except requests.RequestException as exc:
+                    status = type(exc).__name__
+                self.outcomes.append((t0, time.monotonic(), status))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=70)
+
+
+def hotdog_serve_command(tmp_path: Path, port: int) -> list[str]:
+    """``hotdog serve`` of the bundle at ``tmp_path/bundle``, logging answers to ``tmp_path/answers``
+    only at shutdown (the stop must write them all)."""
+    settings = [
+        f"serve.port={port}",
+        "serve.cpus_per_replica=0.5",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"prediction_log.location={tmp_path / 'answers'}",
+        "prediction_log.flush_interval_s=600",
+    ]
+    return [
+        str(Path(sys.executable).parent / "hotdog"),
+        "serve",
+        "--model",
+        str(tmp_path / "bundle"),
+    ] + set_args(settings)
+
+
 def test_hotdog_serve_command_serves_a_bundle_and_drains_on_sigterm(tmp_path):
     """``hotdog serve`` as a user runs it: its own Ray, the page and the API on the configured port,
     a model given as a bundle folder; SIGTERM under load (what docker stop, systemd and Kubernetes
     send) drains it: every request in flight when the signal came is answered, and it exits 0. The
     prediction log, flushed only at shutdown here, then holds exactly one row per answer."""
-    import os
     import signal
 
     import ray
+
+    from hotdog_ray import predlog
 
     ray.shutdown()  # the command starts its own Ray, as on a laptop
     cfg = load_config(None, ["data.image_size=16", "model.name=first_cnn", "model.filters=4"])
@@ -838,26 +920,15 @@ def test_hotdog_serve_command_serves_a_bundle_and_drains_on_sigterm(tmp_path):
     model = build_model("first_cnn", len(CLASSES), 16, filters=4).eval()
     save_bundle(tmp_path / "bundle", model, model_meta(cfg, list(CLASSES)))
     port = free_port()
-    cmd = [
-        str(Path(sys.executable).parent / "hotdog"),
-        "serve",
-        "--model",
-        str(tmp_path / "bundle"),
-        "--set",
-        f"serve.port={port}",
-        "--set",
-        "serve.cpus_per_replica=0.5",
-        "--set",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "--set",
-        f"prediction_log.location={tmp_path / 'answers'}",
-        "--set",
-        "prediction_log.flush_interval_s=600",  # nothing written before the stop: the stop must write it all
-    ]
     log = open(tmp_path / "serve.log", "w")
     env = {k: v for k, v in os.environ.items() if k != HAPROXY_ENV}  # the config decides, not the suite's env
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        hotdog_serve_command(tmp_path, port),
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -871,45 +942,23 @@ def test_hotdog_serve_command_serves_a_bundle_and_drains_on_sigterm(tmp_path):
         assert "Is it a hotdog?" in requests.get(url + "/", timeout=10).text
         assert listener(port) == "haproxy"  # serve.haproxy's default in the Ray the command started
 
-        outcomes: list[tuple[float, float, str]] = []  # (sent, answered, "200" or the failure)
-        answered_ids = [r.json()["request_id"]]
-        stop = threading.Event()
-
-        def client() -> None:
-            with requests.Session() as http:
-                while not stop.is_set():
-                    t0 = time.monotonic()
-                    try:
-                        answer = http.post(url + "/predict", data=data, timeout=60)
-                        status = str(answer.status_code)
-                        if answer.status_code == 200:
-                            answered_ids.append(answer.json()["request_id"])
-                    except requests.RequestException as exc:
-                        status = type(exc).__name__
-                    outcomes.append((t0, time.monotonic(), status))
-
-        clients = [threading.Thread(target=client) for _ in range(4)]
-        for c in clients:
-            c.start()
-        time.sleep(2)
+        clients = SteadyClients(url + "/predict", data)
+        wait_until(lambda: len(clients.outcomes) >= 20, timeout=30, interval=0.05)  # under load
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)  # to the command itself, as a process manager does
         try:
             code = proc.wait(timeout=90)
         finally:
-            stop.set()
-            for c in clients:
-                c.join(timeout=70)
+            clients.stop()
         assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
-        in_flight = [o for o in outcomes if o[0] < signalled]
+        in_flight = [o for o in clients.outcomes if o[0] < signalled]
         assert any(o[1] > signalled for o in in_flight), "no request was in flight at the signal"
         assert {o[2] for o in in_flight} == {"200"}, sorted({o[2] for o in in_flight})
-        from hotdog_ray import predlog
-
         # Every answer a client got is in the log; at most the requests whose answer the stop cut
         # off on its way back are in it besides.
+        answered = [r.json()["request_id"], *clients.answered_ids]
         logged = predlog.read(str(tmp_path / "answers"))["request_id"].to_pylist()
-        assert len(set(logged)) == len(logged) and set(answered_ids) <= set(logged)
-        assert len(logged) - len(answered_ids) <= sum(o[2] != "200" for o in outcomes)
+        assert len(set(logged)) == len(logged) and set(answered) <= set(logged)
+        assert len(logged) - len(answered) <= sum(o[2] != "200" for o in clients.outcomes)
     finally:
         stop_command(proc, own_ray=True)

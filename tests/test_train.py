@@ -22,7 +22,7 @@ from hotdog_ray.loop import EarlyStopping, Loop, check_loss, per_worker_batch
 from hotdog_ray.model_store import load_model
 from hotdog_ray.registry import client
 from hotdog_ray.train import run_training
-from tests.helpers import KillAWorkerAfterEpoch, mlflow_store, set_args, stop_command
+from tests.helpers import KillAWorkerAfterEpoch, mlflow_store, set_args, stop_command, wait_until
 
 
 def tiny_overrides(tmp_path, root: str, *overrides: str) -> list[str]:
@@ -264,12 +264,17 @@ def test_ctrl_c_ends_a_training_run_killed(image_tree, tmp_path, joining_env):
     )
     try:
         # Wait for the first epoch's line: the MLflow run is open by then.
-        deadline = time.monotonic() + 180
-        while "epoch 1/200" not in (tmp_path / "train.log").read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()[
-                -3000:
-            ]
-            time.sleep(0.2)
+
+        def first_epoch() -> bool:
+            assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+            return "epoch 1/200" in (tmp_path / "train.log").read_text()
+
+        wait_until(
+            first_epoch,
+            timeout=180,
+            interval=0.2,
+            message=lambda: (tmp_path / "train.log").read_text()[-3000:],
+        )
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130, (tmp_path / "train.log").read_text()[-3000:]
     finally:

@@ -29,7 +29,7 @@ from hotdog_ray.tune import (
     trial_resources,
 )
 from hotdog_ray.tune_results import epochs_saved, format_trials
-from tests.helpers import mlflow_store, set_args
+from tests.helpers import mlflow_store, set_args, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -280,13 +280,9 @@ def test_killed_sweep_resumes_and_accounts_for_every_trial(image_tree, tmp_path,
         args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     cfg = load_config(None, overrides)
-    deadline = time.monotonic() + 300
     try:
-        while time.monotonic() < deadline and first.poll() is None:
-            if _finished_trials(cfg) >= 1:
-                time.sleep(2.5)
-                break
-            time.sleep(0.5)
+        wait_until(lambda: first.poll() is not None or _finished_trials(cfg) >= 1, timeout=300, interval=0.5)
+        time.sleep(2.5)  # past Tune's next state save (every second here), so the trial is on record
         assert first.poll() is None, "the sweep ended before it could be interrupted"
         assert _finished_trials(cfg) >= 1, (tmp_path / "first.log").read_text()[-3000:]
     finally:
