@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
+import ray
 import ray.train
 import ray.tune
 import yaml
@@ -276,3 +278,40 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
 
 def k8s_manifest(file: str, kind: str) -> dict:
     return next(d for d in yaml.safe_load_all((K8S / file).read_text()) if d and d["kind"] == kind)
+
+
+def scrape(pattern: str) -> dict[tuple[str, ...], float]:
+    """Samples of the node's Prometheus text whose line matches ``pattern``: {labels: value}."""
+    port = ray.nodes()[0]["MetricsExportPort"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not re.match(pattern, line):
+            continue
+        series, value = line.rsplit(" ", 1)
+        out[series] = float(value)
+    return out
+
+
+def total(pattern: str, **labels: str) -> float:
+    """Sum of the samples matching ``pattern`` that carry every label given."""
+    return sum(
+        v
+        for series, v in scrape(pattern).items()
+        if all(f'{k}="{val}"' in series for k, val in labels.items())
+    )
+
+
+class GaugesSetOnce:
+    """A job (a Ray actor) that sets each of our gauges, and one plain Ray gauge, once and lives on."""
+
+    def set_once(self, run: str, gauges: dict[str, tuple[str, ...]]) -> None:
+        from ray.util import metrics as ray_metrics
+
+        from hotdog_ray.telemetry import _make
+
+        self.ours = {n: _make(n, ray_metrics) for n in gauges}
+        for name, labels in gauges.items():
+            self.ours[name].set(3.0, tags={k: run for k in labels})
+        self.plain = ray_metrics.Gauge("hotdog_test_plain_gauge", tag_keys=("run",))
+        self.plain.set(3.0, tags={"run": run})

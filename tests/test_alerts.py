@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,15 @@ import requests
 import yaml
 
 from tests.helpers import (
+    GaugesSetOnce,
     free_port,
     mlflow_store,
     png,
     register_model,
+    scrape,
     tiny_model,
     tiny_model_config,
+    total,
     wait_until,
 )
 from tests.imagegen import CLASSES
@@ -175,6 +179,8 @@ class LiveService:
     prom_all: LivePrometheus
     loaded_at: float
     good_traffic: threading.Event  # cleared: the client sends what is not an image
+    gauges_run: str  # the label of the gauges GaugesSetOnce set once, at the service's start
+    gauges_set_at: float
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +217,12 @@ def live(ray_session, tmp_path_factory):
     sender = threading.Thread(
         target=steady_traffic, args=(f"http://127.0.0.1:{port}", stop, good), daemon=True
     )
+    # Every gauge we export, set once in a process that lives on, beside a plain Ray gauge: checked
+    # once the healthy minute is over, long past Ray's eviction of unrefreshed gauges.
+    gauges_run = f"keeper-{uuid.uuid4().hex[:8]}"
+    keeper = ray.remote(num_cpus=0)(GaugesSetOnce).remote()
+    ray.get(keeper.set_once.remote(gauges_run, exported_gauges()))
+    gauges_set_at = time.monotonic()
     try:
         for p in proms:
             p.wait_ready()
@@ -228,8 +240,11 @@ def live(ray_session, tmp_path_factory):
             prom_all=proms[2],
             loaded_at=loaded_at,
             good_traffic=good,
+            gauges_run=gauges_run,
+            gauges_set_at=gauges_set_at,
         )
     finally:
+        ray.kill(keeper)
         stop.set()
         for app in ("alerting", "no-model"):
             serve.delete(app)
@@ -278,6 +293,31 @@ def test_a_healthy_service_raises_no_alert_through_a_reload_and_past_gauge_evict
     assert seen == {}, seen  # healthy: nothing pending, nothing firing
     assert live.prom.value(champion_loaded) == 1.0
     assert live.prom.value("sum(rate(ray_hotdog_requests_total[30s]))") > 1
+
+
+def exported_gauges() -> dict[str, tuple[str, ...]]:
+    """Our gauges, with their labels."""
+    from hotdog_ray.telemetry import SERIES
+
+    return {n: labels for n, (kind, labels, _) in SERIES.items() if kind == "gauge"}
+
+
+def test_every_gauge_set_once_is_still_exported_long_after_ray_drops_unrefreshed_ones(live):
+    """Ray's agent drops the plain gauge after two report intervals (20 s), so the test can tell;
+    every one of ours, set once at the same time, stays."""
+    gauges, run = exported_gauges(), live.gauges_run
+
+    def seen() -> tuple[float, set[str]]:
+        # Gauges without labels cannot carry the run: present at all is what they can show.
+        ours = {n for n, labels in gauges.items() if scrape(rf"ray_{n}\{{.*{run if labels else ''}")}
+        return total(r"ray_hotdog_test_plain_gauge\{", run=run), ours
+
+    wait_until(
+        lambda: seen() == (0.0, set(gauges)) and time.monotonic() - live.gauges_set_at > 25,
+        timeout=60,
+        interval=2,
+        message=seen,
+    )
 
 
 def test_a_deployment_without_a_model_raises_the_no_model_alert(live):

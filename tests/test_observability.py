@@ -7,9 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +20,17 @@ from hotdog_ray import predlog
 from hotdog_ray.predlog import Entry, PredictionLog
 from hotdog_ray.registry import set_alias
 from hotdog_ray.server.launch import wait_ready
-from tests.helpers import free_port, png, register_model, set_args, tiny_model, tiny_model_config, wait_until
+from tests.helpers import (
+    free_port,
+    png,
+    register_model,
+    scrape,
+    set_args,
+    tiny_model,
+    tiny_model_config,
+    total,
+    wait_until,
+)
 from tests.imagegen import CLASSES
 
 
@@ -106,31 +114,6 @@ def test_sampling_keeps_about_the_rate(tmp_path):
 # --- a Serve app with the log and metrics on --------------------------------------------------------
 
 
-def scrape(pattern: str) -> dict[tuple[str, ...], float]:
-    """Samples of the node's Prometheus text whose line matches ``pattern``: {labels: value}."""
-    import ray
-
-    port = ray.nodes()[0]["MetricsExportPort"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not re.match(pattern, line):
-            continue
-        series, value = line.rsplit(" ", 1)
-        out[series] = float(value)
-    return out
-
-
-def total(pattern: str, **labels: str) -> float:
-    """Sum of the samples matching ``pattern`` that carry every label given."""
-    return sum(
-        v
-        for series, v in scrape(pattern).items()
-        if all(f'{k}="{val}"' in series for k, val in labels.items())
-    )
-
-
-@pytest.mark.parametrize("where", ["local", "s3"])
 @contextlib.contextmanager
 def served_app(cfg, name: str, port: int, env: dict[str, str] | None = None) -> Iterator[None]:
     """``cfg``'s Serve app ``name`` on ``port`` (its replica with ``env``), ready, for the block; deleted
@@ -173,6 +156,7 @@ def post_png(url: str, data: bytes, status: int) -> requests.Response:
     return r
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_known_requests_show_in_metrics_and_the_log(where, ray_session, tmp_path, request):
     """N known requests to a real Serve app: the node's metrics endpoint counts them by status and
     class, with a batch-size observation each; the prediction log (a folder, or a bucket on moto's
@@ -345,54 +329,3 @@ def check_rollout_report(report: dict, ours: dict, shadow: dict, truth: dict) ->
         expected = sum(answers[r] == truth[r] for r in truth) / len(truth)
         assert report["accuracy"][role]["labelled"] == n
         assert report["accuracy"][role]["accuracy"] == pytest.approx(expected)
-
-
-class GaugesSetOnce:
-    """A job (a Ray actor) that sets each of our gauges, and one plain Ray gauge, once and lives on."""
-
-    def set_once(self, run: str, gauges: dict[str, tuple[str, ...]]) -> None:
-        from ray.util import metrics as ray_metrics
-
-        from hotdog_ray.telemetry import _make
-
-        self.ours = {n: _make(n, ray_metrics) for n in gauges}
-        for name, labels in gauges.items():
-            self.ours[name].set(3.0, tags={k: run for k in labels})
-        self.plain = ray_metrics.Gauge("hotdog_test_plain_gauge", tag_keys=("run",))
-        self.plain.set(3.0, tags={"run": run})
-
-
-def test_every_gauge_set_once_is_still_exported_long_after_ray_drops_unrefreshed_ones(ray_session):
-    """Every gauge we export, set once in a process that lives on, against a plain Ray gauge set once
-    beside them: Ray's agent drops the plain one after two report intervals (20 s); ours stay."""
-    import uuid
-
-    import ray
-
-    from hotdog_ray.telemetry import SERIES
-
-    run = f"keeper-{uuid.uuid4().hex[:8]}"
-    gauges = {n: labels for n, (kind, labels, _) in SERIES.items() if kind == "gauge"}
-
-    def present() -> set[str]:
-        # Gauges without labels cannot carry the run: present at all is what they can show.
-        return {n for n, labels in gauges.items() if scrape(rf"ray_{n}\{{.*{run if labels else ''}")}
-
-    job = ray.remote(num_cpus=0)(GaugesSetOnce).remote()
-    try:
-        ray.get(job.set_once.remote(run, gauges))
-        set_at = time.monotonic()
-
-        def seen() -> tuple[float, set[str]]:
-            return total(r"ray_hotdog_test_plain_gauge\{", run=run), present()
-
-        # Ray drops the gauge that nobody set again (so the test can tell), and keeps ours, past
-        # its 20 s eviction.
-        wait_until(
-            lambda: seen() == (0.0, set(gauges)) and time.monotonic() - set_at > 25,
-            timeout=60,
-            interval=2,
-            message=seen,
-        )
-    finally:
-        ray.kill(job)

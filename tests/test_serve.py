@@ -852,7 +852,6 @@ def _current_version(app) -> str:
     return requests.get(app.url + "/model", timeout=10).json()["version"]
 
 
-@pytest.mark.ray_head
 class SteadyClients:
     """Clients posting one image to ``url`` back to back until stopped: each request's (sent,
     answered, "200" or the failure), and the request ids of the answers."""
@@ -903,6 +902,7 @@ def hotdog_serve_command(tmp_path: Path, port: int) -> list[str]:
     ] + set_args(settings)
 
 
+@pytest.mark.ray_head
 def test_hotdog_serve_command_serves_a_bundle_and_drains_on_sigterm(tmp_path):
     """``hotdog serve`` as a user runs it: its own Ray, the page and the API on the configured port,
     a model given as a bundle folder; SIGTERM under load (what docker stop, systemd and Kubernetes
