@@ -20,6 +20,4 @@ def app():
     cfg = load_config(os.environ.get("HOTDOG_BENCH_CONFIG") or None, overrides)
     service = ModelService(cfg, os.environ["HOTDOG_BENCH_MODEL"])
     service.refresh()
-    return create_api(
-        ServerContext.create(service, cfg.serve, cfg.prediction_log, cfg.data.max_image_pixels, direct_infer)
-    )
+    return create_api(ServerContext.create(service, cfg.serve, cfg.prediction_log, cfg.data, direct_infer))

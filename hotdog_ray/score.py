@@ -254,7 +254,7 @@ def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any, actors: int) ->
     guards = {
         "size": predictor.image_size,
         "max_pixels": cfg.data.max_image_pixels,
-        "min_side": cfg.serve.limits.min_image_side,
+        "min_side": cfg.data.min_image_side,
     }
     # Reading and decoding share their resources so that Ray Data fuses them into one task (bytes
     # never cross the object store), and that half a CPU each leaves room beside the model actors.

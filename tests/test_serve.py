@@ -61,7 +61,7 @@ class App:
         return Predictor(
             ModelBundle(self.models[version], model_meta(self.cfg, list(CLASSES))),
             device="cpu",
-            min_side=self.cfg.serve.limits.min_image_side,
+            min_side=self.cfg.data.min_image_side,
         )
 
     def post(self, path: str, **kwargs) -> requests.Response:
@@ -764,7 +764,7 @@ def test_the_api_matches_its_openapi_schema(app):
     from schemathesis.specs.openapi.media_types import unregister_all
     from schemathesis.transport.serialization import Binary
 
-    images = images_as_documented(app.cfg.serve.limits.min_image_side)
+    images = images_as_documented(app.cfg.data.min_image_side)
     schemathesis.openapi.format("binary", images.map(Binary))
     schemathesis.openapi.media_type("image/*", images, aliases=["application/octet-stream"])
     try:

@@ -88,6 +88,11 @@ class DataSettings(Section):
     max_image_pixels: int = Field(
         MAX_PIXELS, ge=1, description="larger images are rejected as decompression bombs"
     )
+    min_image_side: int = Field(
+        8,
+        ge=1,
+        description="serving and scoring refuse images smaller than this on a side (training keeps them)",
+    )
     cache: CacheSettings = Field(default_factory=CacheSettings)
 
     @model_validator(mode="after")

@@ -88,7 +88,7 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
 MOVED: dict[str, str] = {
     "serve.max_upload_bytes": "serve.limits.max_upload_bytes",
     "serve.max_images_per_request": "serve.limits.max_images_per_request",
-    "serve.min_image_side": "serve.limits.min_image_side",
+    "serve.min_image_side": "data.min_image_side",
     "serve.min_replicas": "serve.autoscaling.min_replicas",
     "serve.max_replicas": "serve.autoscaling.max_replicas",
     "serve.target_ongoing_requests": "serve.autoscaling.target_ongoing_requests",

@@ -11,11 +11,11 @@ from hotdog_ray.config.base import Section
 
 
 class LimitsSettings(Section):
-    """What one HTTP request may hold; beyond it the client gets a 4xx with the reason."""
+    """What one HTTP request may hold; beyond it the client gets a 4xx with the reason (the image
+    guards themselves, data.min_image_side and data.max_image_pixels, are every stage's)."""
 
     max_upload_bytes: int = Field(10_000_000, ge=1, description="larger request bodies get 413")
     max_images_per_request: int = Field(32, ge=1, description="POST /predict/batch limit")
-    min_image_side: int = Field(8, ge=1, description="smaller images are refused")
 
 
 class AutoscalingSettings(Section):

@@ -11,7 +11,7 @@ from typing import Awaitable, Callable
 import numpy as np
 from starlette.requests import Request
 
-from hotdog_ray.config import PredictionLogSettings, ServeSettings
+from hotdog_ray.config import DataSettings, PredictionLogSettings, ServeSettings
 from hotdog_ray.predict import Predictor
 from hotdog_ray.predlog import FEEDBACK, Entry, FeedbackLog, PredictionLog
 from hotdog_ray.server.keys import api_keys
@@ -47,7 +47,8 @@ class ServerContext:
 
     service: ModelService
     settings: ServeSettings
-    max_pixels: int
+    max_pixels: int  # the image guards (data.max_image_pixels, data.min_image_side)
+    min_side: int
     infer: Infer
     telemetry: Telemetry
     prediction_log: PredictionLog | None = None
@@ -60,7 +61,7 @@ class ServerContext:
         service: ModelService,
         settings: ServeSettings,
         answers: PredictionLogSettings,
-        max_pixels: int,
+        images: DataSettings,
         infer: Infer,
     ) -> "ServerContext":
         """The context of a server process: its prediction and feedback logs when
@@ -82,7 +83,8 @@ class ServerContext:
         return cls(
             service=service,
             settings=settings,
-            max_pixels=max_pixels,
+            max_pixels=images.max_image_pixels,
+            min_side=images.min_image_side,
             infer=infer,
             telemetry=telemetry,
             prediction_log=plog,

@@ -38,7 +38,7 @@ class HotdogReplica:
         self._passes = PassRunner()
         self.service = ModelService(self.cfg)
         self.context = ServerContext.create(
-            self.service, s, self.cfg.prediction_log, self.cfg.data.max_image_pixels, self.infer
+            self.service, s, self.cfg.prediction_log, self.cfg.data, self.infer
         )
         self._shadows = ShadowQueue(self.context, s.max_batch_size)
         await asyncio.to_thread(self.service.refresh)

@@ -127,7 +127,7 @@ def install(app: FastAPI, ctx: ServerContext) -> None:
     set, and ``/feedback`` only when feedback is on."""
     build_schema = app.openapi
     limits = {
-        "min_side": ctx.settings.limits.min_image_side,
+        "min_side": ctx.min_side,
         "max_pixels": ctx.max_pixels,
         "max_bytes": ctx.settings.limits.max_upload_bytes,
         "max_images": ctx.settings.limits.max_images_per_request,

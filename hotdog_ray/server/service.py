@@ -82,7 +82,7 @@ class ModelService:
             self.cfg,
             key,
             max_pixels=self.cfg.data.max_image_pixels,
-            min_side=s.limits.min_image_side,
+            min_side=self.cfg.data.min_image_side,
             top_k=s.top_k,
             device="cuda" if s.gpus_per_replica > 0 else "cpu",
             threads=cpu_threads(s.cpus_per_replica),
