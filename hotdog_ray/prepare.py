@@ -95,8 +95,8 @@ def sample_plan(seed: int = 0, ratios: tuple[float, float, float] = (0.7, 0.15, 
 
     # scikit-learn only for the sample: the CLI's parser reads this module's LAYOUTS, and --help
     # must not wait a second and a half for it.
-    from sklearn.datasets import load_digits  # noqa: PLC0415 - see above
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415 - see above
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - only for the sample; --help stays fast
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415 - only for the sample
 
     digits = load_digits()
     # Scans hold 0..16; stretch to the full 8-bit range so the PNGs look like what they are.

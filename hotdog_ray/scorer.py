@@ -59,7 +59,7 @@ class Scorer:
             self.forward = functools.partial(run_onnx, onnx_session(onnx, threads=threads))
         else:
             # The ONNX Runtime actor above never imports these: torch was half its start-up.
-            import torch  # noqa: PLC0415 - see above
+            import torch  # noqa: PLC0415 - the ONNX Runtime actor never imports torch
 
             from hotdog_ray.bundle import ModelBundle, build_from_meta  # noqa: PLC0415 - imports torch
             from hotdog_ray.predict import Predictor  # noqa: PLC0415 - imports torch

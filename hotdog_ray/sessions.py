@@ -68,7 +68,6 @@ class TrainSession:
     """A Ray Train worker: rank, device, shards, checkpoints and reports come from Train."""
 
     def __init__(self) -> None:
-
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -79,7 +78,6 @@ class TrainSession:
         return load_checkpoint_state(checkpoint) if checkpoint else None
 
     def prepare(self, model: nn.Module) -> nn.Module:
-
         return ray.train.torch.prepare_model(model)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
@@ -99,15 +97,27 @@ class InProcessSession:
         self.device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
         self.run = run
         self.state: dict[str, Any] | None = None  # the last checkpointed state
+        self.logged_before: set[int] = set()  # epochs in MLflow before this attempt resumed
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-        self.run.log_epoch(metrics)
+        # MLflow first: Tune may end a trial's process as soon as it reports its last epoch. An
+        # epoch an earlier attempt logged before it died (its checkpoint not yet durable) is trained
+        # again from the older checkpoint, but not logged twice: one point per epoch.
+        if int(metrics["epoch"]) not in self.logged_before:
+            self.run.log_epoch(metrics)
         if state is not None:
             self.state = state
         self._save(metrics, state)
+
+    def resumed(self, state: dict[str, Any] | None) -> dict[str, Any] | None:
+        """``state`` as the loop resumes from it, noting which epochs earlier attempts logged."""
+        self.state = state
+        if state is not None:
+            self.logged_before = self.run.metric_steps("val_loss")
+        return state
 
     def _save(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         raise NotImplementedError
@@ -118,20 +128,17 @@ class TrialSession(InProcessSession):
     restarted by a resumed sweep, or after its node was lost, continues from its last epoch."""
 
     def checkpoint_state(self) -> dict[str, Any] | None:
-
         for checkpoint in [*_trial_checkpoints(), tune.get_checkpoint()]:
             if checkpoint is None:
                 continue
             try:
-                self.state = load_checkpoint_state(checkpoint)
-                return self.state
+                return self.resumed(load_checkpoint_state(checkpoint))
             except Exception as exc:  # noqa: BLE001 - cut short by the loss of its node: an older one
                 log.warning("checkpoint %s cannot be read (%s): trying an older one", checkpoint.path, exc)
         self.state = None
         return None
 
     def _save(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-
         if state is None:
             tune.report(metrics)
         else:
@@ -180,8 +187,7 @@ class DriverSession(InProcessSession):
             return None
         self.latest = self.folder.join(names[-1])
         data = storage.read_bytes(self.folder.fs, self.latest.join(STATE_FILE).path)
-        self.state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        return self.state
+        return self.resumed(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
 
     def _save(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         if state is None:

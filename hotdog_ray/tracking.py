@@ -94,6 +94,10 @@ class Run:
             step=int(metrics["epoch"]),
         )
 
+    def metric_steps(self, key: str) -> set[int]:
+        """The steps at which ``key`` was logged (an epoch metric: the epochs on record)."""
+        return {m.step for m in self.client.get_metric_history(self.id, key)}
+
     def log_dict(self, data: Any, name: str) -> None:
         self.client.log_dict(self.id, data, name)
 

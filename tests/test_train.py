@@ -334,13 +334,37 @@ def test_fixed_seed_reproduces_an_augmented_cpu_run(ray_session, image_tree, tmp
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
 
 
+def test_an_epoch_an_attempt_logged_before_it_died_is_trained_again_but_logged_once(tmp_path):
+    """report() logs before it checkpoints (Tune may end a trial right after its last report): a
+    process that died in between left an epoch in MLflow but not on disk, and the next attempt,
+    resuming from the older checkpoint, trains that epoch again without logging it twice."""
+    from hotdog_ray import sessions, storage, tracking
+    from hotdog_ray.config import load_config
+
+    cfg = load_config(None, [f"tracking.uri={mlflow_store(tmp_path)}", "train.num_to_keep=3"])
+    folder = storage.resolve(str(tmp_path / "checkpoints" / "run"))
+    epoch = lambda e: {"epoch": e, "loss": 1.0 / (e + 1), "val_loss": 2.0 / (e + 1)}  # noqa: E731
+    with tracking.run(cfg.tracking, name="died") as run:
+        first = sessions.DriverSession(cfg, run, folder)
+        first.report(epoch(0), {"epoch": 0, "history": [epoch(0)]})
+        run.log_epoch(epoch(1))  # died after epoch 1's log, before its checkpoint
+        again = sessions.DriverSession(cfg, run, folder)
+        assert again.checkpoint_state()["epoch"] == 0  # so epoch 1 runs again
+        for e in (1, 2):
+            again.report(epoch(e), {"epoch": e, "history": [epoch(i) for i in range(e + 1)]})
+        history = run.client.get_metric_history(run.id, "val_loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert sessions.checkpoint_names(folder) == [f"checkpoint_{e:06d}" for e in range(3)]
+
+
 def test_a_restarted_trial_takes_the_newest_readable_checkpoint_of_its_folder(tmp_path, monkeypatch):
     """Tune may not have recorded a trial's last checkpoint (its node went before the driver asked):
     the trial reads its own folder, newest first, and skips one cut short."""
     import pyarrow.fs as pafs
     from ray import tune
 
-    from hotdog_ray import compat, sessions
+    from hotdog_ray import compat, sessions, tracking
+    from hotdog_ray.config import load_config
 
     for epoch in (0, 1):
         (tmp_path / f"checkpoint_00000{epoch}").mkdir()
@@ -356,11 +380,15 @@ def test_a_restarted_trial_takes_the_newest_readable_checkpoint_of_its_folder(tm
         "checkpoint_000001",
         "checkpoint_000000",
     ]
-    session = sessions.TrialSession.__new__(sessions.TrialSession)
-    assert session.checkpoint_state() == {"epoch": 1}
+    cfg = load_config(None, [f"tracking.uri={mlflow_store(tmp_path / 'store')}"])
+    with tracking.run(cfg.tracking, name="trial") as run:
+        session = sessions.TrialSession(cfg, run)
+        assert session.checkpoint_state() == {"epoch": 1}
 
-    monkeypatch.setattr(compat, "trial_storage", lambda: (_ for _ in ()).throw(RuntimeError("no session")))
-    assert sessions._trial_checkpoints() == [] and session.checkpoint_state() is None
+        monkeypatch.setattr(
+            compat, "trial_storage", lambda: (_ for _ in ()).throw(RuntimeError("no session"))
+        )
+        assert sessions._trial_checkpoints() == [] and session.checkpoint_state() is None
 
 
 def test_a_resumed_optimizer_keeps_its_state_on_the_models_device():
