@@ -165,8 +165,8 @@ def score(
     key = registry.resolve_model_ref(cfg.tracking, ref)
     restore_interrupted_publish(job.out, job.day)
     init_ray()
-    check_cluster(cfg, job.out.uri)
     actors = actor_count(cfg)
+    check_cluster(cfg, job.out.uri, actors)
     log.info("scoring %d files from %s with %s (%d actors)", len(job.paths), job.input, key, actors)
     t0 = time.perf_counter()
     # Fails here, before any work, if the model is missing (or lacks the ONNX graph asked for).
@@ -350,11 +350,12 @@ def actor_count(cfg: Config) -> int:
     return cfg.score.num_actors or auto_actors(alive_nodes(), _actor(cfg))
 
 
-def check_cluster(cfg: Config, output: str) -> None:
-    """Fail in seconds when the actors would leave no CPU for the decoding tasks (the job would
-    stall for good), or when actors on several nodes would write the output to local disks."""
+def check_cluster(cfg: Config, output: str, actors: int | None = None) -> None:
+    """Fail in seconds when ``actors`` model actors (default :func:`actor_count`) would leave no CPU
+    for the decoding tasks (the job would stall for good), or when actors on several nodes would
+    write the output to local disks."""
     check_capacity(
-        actor_count(cfg),
+        actors or actor_count(cfg),
         _actor(cfg),
         data_cpus=DECODE_CPUS,
         keys="score.num_actors or score.cpus_per_actor (score.gpus_per_actor)",

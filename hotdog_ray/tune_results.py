@@ -8,8 +8,6 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mlflow.tracking import MlflowClient
-
 from hotdog_ray import tracking
 from hotdog_ray.config import Config
 from hotdog_ray.evaluate import plot_sweep
@@ -69,9 +67,8 @@ def _trial_runs(cfg: Config, sweep_run_id: str, planned: int) -> dict[str, Any]:
     children: dict[str, Any] = {}
     for child in tracking.child_runs(cfg.tracking, sweep_run_id):
         if child.info.status == "RUNNING":
-            steps = {m.step for m in MlflowClient(uri).get_metric_history(child.info.run_id, METRIC)}
             handle = tracking.Run(uri, child.info.run_id)
-            if len(steps) >= planned:
+            if len(handle.metric_steps(METRIC)) >= planned:
                 handle.end("FINISHED")
             else:
                 handle.set_tags({"stopped": "asha or interrupted"})
