@@ -18,6 +18,7 @@ from hotdog_ray.bundle import ModelBundle, load_bundle
 from hotdog_ray.config import TrackingSettings
 from hotdog_ray.errors import ModelError
 from hotdog_ray.export import save_mlflow_model
+from hotdog_ray.process import interrupts_deferred
 from hotdog_ray.registry import MODEL_DIR, ONNX_TAG, client, tracking_uri
 from hotdog_ray.tracking import Run
 
@@ -43,15 +44,16 @@ def register(tracking: TrackingSettings, run_id: str) -> str:
     """
     mlflow, name = client(tracking), tracking.registered_model
     onnx = ensure_exported(tracking, run_id)
-    try:
-        mlflow.get_registered_model(name)
-    except MlflowException:
-        mlflow.create_registered_model(name, description="hotdog-ray image classifier")
-    run = mlflow.get_run(run_id)
-    source = f"{run.info.artifact_uri}/{MODEL_DIR}"
-    version = mlflow.create_model_version(
-        name, source, run_id=run_id, tags={"model": run.data.tags.get("model", ""), ONNX_TAG: onnx}
-    )
+    with interrupts_deferred():  # the run that registers ends KILLED on Ctrl-C: leave its store unlocked
+        try:
+            mlflow.get_registered_model(name)
+        except MlflowException:
+            mlflow.create_registered_model(name, description="hotdog-ray image classifier")
+        run = mlflow.get_run(run_id)
+        source = f"{run.info.artifact_uri}/{MODEL_DIR}"
+        version = mlflow.create_model_version(
+            name, source, run_id=run_id, tags={"model": run.data.tags.get("model", ""), ONNX_TAG: onnx}
+        )
     log.info("registered %s version %s (ONNX: %s)", name, version.version, onnx)
     return str(version.version)
 

@@ -42,6 +42,41 @@ def sigterm_interrupts(*, replace: bool = False) -> Iterator[None]:
             signal.signal(signal.SIGTERM, before if replace else signal.SIG_DFL)
 
 
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that arrive within the block take effect when it ends, not inside it.
+
+    For writes that must not be cut in half: a KeyboardInterrupt inside a SQLite write leaves the
+    process holding the database lock, so the run's own ``KILLED`` update then waits out the busy
+    timeout and fails. Only in the main thread, where handlers live (elsewhere signals never land).
+    Nested blocks defer to the outermost.
+    """
+    handlers = [signal.getsignal(sig) for sig in _DEFERRED]
+    # None: a handler set outside Python, which could not be put back
+    if threading.current_thread() is not threading.main_thread() or _defer in handlers or None in handlers:
+        yield
+        return
+    before = {sig: signal.signal(sig, _defer) for sig in _DEFERRED}
+    _pending.clear()
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(_pending):
+            signal.raise_signal(sig)  # now delivered to the handler the block replaced
+
+
+_pending: list[int] = []
+
+
+def _defer(signum: int, _frame: Any) -> None:
+    _pending.append(signum)
+
+
 def progress_line(what: str, done: int, total: int, elapsed_s: float) -> str:
     """``scored 1200 of 5000 files (24%), 85.3 files/s, about 45 s left`` (pure)."""
     rate = done / elapsed_s if elapsed_s > 0 else 0.0

@@ -11,18 +11,19 @@ The registry lives in :mod:`hotdog_ray.registry`, models in MLflow in :mod:`hotd
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from hotdog_ray.config import TrackingSettings
-from hotdog_ray.process import sigterm_interrupts
+from hotdog_ray.process import interrupts_deferred, sigterm_interrupts
 from hotdog_ray.registry import client, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _uncut(method: F) -> F:
+    """A store call that Ctrl-C or SIGTERM waits for (:func:`interrupts_deferred`), so the run's
+    own ``KILLED`` update never finds the database locked by a write it cut in half."""
+
+    @functools.wraps(method)
+    def whole(*args: Any, **kwargs: Any) -> Any:
+        with interrupts_deferred():
+            return method(*args, **kwargs)
+
+    return whole  # type: ignore[return-value]
+
+
 class Run:
     """One MLflow run: everything a stage logs goes through here."""
 
@@ -70,12 +86,14 @@ class Run:
             self._client = MlflowClient(self.uri)
         return self._client
 
+    @_uncut
     def log_params(self, params: dict[str, Any]) -> None:
         """Params in one request; MLflow caps a value at 500 characters."""
         self.client.log_batch(
             self.id, params=[Param(k, "" if v is None else str(v)[:500]) for k, v in params.items()]
         )
 
+    @_uncut
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """Finite metrics in one request (a remote server costs a round trip per call)."""
         now = int(time.time() * 1000)
@@ -94,26 +112,33 @@ class Run:
             step=int(metrics["epoch"]),
         )
 
+    @_uncut
     def metric_steps(self, key: str) -> set[int]:
         """The steps at which ``key`` was logged (an epoch metric: the epochs on record)."""
         return {m.step for m in self.client.get_metric_history(self.id, key)}
 
+    @_uncut
     def log_dict(self, data: Any, name: str) -> None:
         self.client.log_dict(self.id, data, name)
 
+    @_uncut
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.id, text, name)
 
+    @_uncut
     def log_figure(self, figure: Any, name: str) -> None:
         self.client.log_figure(self.id, figure, name)
 
+    @_uncut
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    @_uncut
     def tag(self, key: str) -> str | None:
         """A tag of this run, or None."""
         return self.client.get_run(self.id).data.tags.get(key)
 
+    @_uncut
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.id, status=status)
 

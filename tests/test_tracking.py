@@ -127,3 +127,43 @@ def test_sigterm_ends_the_run_killed_where_nothing_else_handles_it(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr
     assert _only_run(cfg).info.status == "KILLED"
+
+
+def test_signals_inside_a_deferred_block_land_when_it_ends():
+    """Ctrl-C inside the block is raised at its end (nested blocks: the outermost), once per signal
+    kind; the handlers it replaced are back afterwards."""
+    import signal
+
+    from hotdog_ray.process import interrupts_deferred
+
+    before = signal.getsignal(signal.SIGINT)
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            with interrupts_deferred():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+                reached.append("inner end")
+            reached.append("outer end")
+    assert reached == ["inner end", "outer end"]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_during_logging_leaves_the_store_free_to_end_the_run_killed(tmp_path):
+    """A KeyboardInterrupt that cuts a SQLite write in half leaves the process holding the database
+    lock, and the run's KILLED update then fails after MLflow's 20 s busy timeout. Ctrl-C at random
+    moments of a logging loop must always leave the run endable at once."""
+    import os
+    import random
+    import signal
+    import threading
+
+    cfg = load_config(None, [f"tracking.uri={mlflow_store(tmp_path)}"])
+    rng = random.Random(0)
+    for attempt in range(8):
+        with pytest.raises(KeyboardInterrupt):
+            with tracking.run(cfg.tracking, name=f"cut-{attempt}") as run:
+                threading.Timer(rng.uniform(0.05, 0.3), os.kill, (os.getpid(), signal.SIGINT)).start()
+                for step in range(100_000):
+                    run.log_metrics({"loss": 1.0}, step=step)
+        assert client(cfg.tracking).get_run(run.id).info.status == "KILLED"
