@@ -1,8 +1,9 @@
 """The model bundle: what a trained model is on disk, in MLflow and in the object store.
 
 A bundle is a folder with ``weights.pt`` (a plain state dict), ``model.json`` (zoo name,
-classes, input size, rescale, widths) and, when the export matched, ``model.onnx`` (see
-:mod:`hotdog_ray.export`). Loading rebuilds the network through the zoo and reads the weights
+classes, input size, rescale, widths, calibration), ``ood_bank.npy`` (the training images'
+features the out-of-distribution score compares with, :mod:`hotdog_ray.confidence`; read without
+pickle) and, when the export matched, ``model.onnx`` (see :mod:`hotdog_ray.export`). Loading rebuilds the network through the zoo and reads the weights
 with ``torch.load(weights_only=True)``: nothing is ever unpickled, so a bundle from an untrusted
 store cannot run code. Serving, scoring and evaluation depend on this module only.
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from hotdog_ray import zoo
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "model.json"
 ONNX_FILE = "model.onnx"
+BANK_FILE = "ood_bank.npy"
 PYFUNC_BUNDLE = "artifacts/bundle"  # where the bundle lies inside an MLflow model folder
 
 
@@ -42,6 +45,7 @@ class ModelBundle:
     model: torch.nn.Module
     meta: dict[str, Any]
     onnx: bytes | None = field(default=None, repr=False)  # the verified ONNX graph, when exported
+    ood_bank: np.ndarray | None = field(default=None, repr=False)  # None: trained before the OOD score
 
     @property
     def classes(self) -> list[str]:
@@ -84,15 +88,22 @@ def build_from_meta(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> tor
 
 
 def save_bundle(
-    directory: str | Path, model: torch.nn.Module, meta: dict[str, Any], onnx: bytes | None = None
+    directory: str | Path,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    onnx: bytes | None = None,
+    ood_bank: np.ndarray | None = None,
 ) -> None:
-    """Write ``model``, its spec and its ONNX graph (if any) into ``directory`` (created if missing)."""
+    """Write ``model``, its spec, its ONNX graph and its OOD bank (those it has) into ``directory``
+    (created if missing)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / WEIGHTS_FILE)
     (directory / SPEC_FILE).write_text(json.dumps(meta, indent=2))
     if onnx is not None:
         (directory / ONNX_FILE).write_bytes(onnx)
+    if ood_bank is not None:
+        np.save(directory / BANK_FILE, np.asarray(ood_bank, np.float32), allow_pickle=False)
 
 
 def bundle_dir(directory: str | Path) -> Path:
@@ -109,5 +120,10 @@ def load_bundle(directory: str | Path) -> ModelBundle:
     directory = bundle_dir(directory)
     meta = json.loads((directory / SPEC_FILE).read_text())
     state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    onnx = directory / ONNX_FILE
-    return ModelBundle(build_from_meta(meta, state), meta, onnx.read_bytes() if onnx.exists() else None)
+    onnx, bank = directory / ONNX_FILE, directory / BANK_FILE
+    return ModelBundle(
+        build_from_meta(meta, state),
+        meta,
+        onnx.read_bytes() if onnx.exists() else None,
+        np.load(bank, allow_pickle=False) if bank.exists() else None,
+    )

@@ -51,12 +51,18 @@ class Profile:
     confidence_edges: list[float]
     confidence_share: list[float]
     low_confidence_share: float
+    ood_share: float | None = None  # answers flagged out of distribution; None: not known
 
 
 def profile(
-    labels: Sequence[str], confidences: Sequence[float], classes: Sequence[str], low_confidence: float
+    labels: Sequence[str],
+    confidences: Sequence[float],
+    classes: Sequence[str],
+    low_confidence: float,
+    in_distribution: Sequence[bool | None] | None = None,
 ) -> Profile:
-    """The :class:`Profile` of answers (label and top probability each)."""
+    """The :class:`Profile` of answers (label and top probability each, and whether each image
+    looked like the training data where that is known)."""
     n = len(labels)
     counts = {c: 0 for c in classes}
     for label in labels:
@@ -72,7 +78,14 @@ def profile(
         confidence_edges=[round(float(e), 6) for e in edges],
         confidence_share=[float(h) / n if n else 0.0 for h in hist],
         low_confidence_share=float(np.mean(conf < low_confidence)) if n else 0.0,
+        ood_share=ood_share(in_distribution),
     )
+
+
+def ood_share(in_distribution: Sequence[bool | None] | None) -> float | None:
+    """The share flagged out of distribution among the answers where that is known (None: none known)."""
+    known = [flag for flag in ([] if in_distribution is None else in_distribution) if flag is not None]
+    return float(np.mean([not flag for flag in known])) if known else None
 
 
 def psi(expected: Sequence[float], actual: Sequence[float]) -> float:
@@ -100,6 +113,8 @@ class DriftReport:
     threshold: float
     flagged: bool
     reasons: list[str] = field(default_factory=list)
+    ood_share: float | None = None
+    reference_ood_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +127,11 @@ class DriftReport:
             f"  PSI of confidences       {self.psi_confidence:.4f}",
             f"  low-confidence share     {self.low_confidence_share:.3f}  "
             f"(reference {self.reference_low_confidence_share:.3f})",
+        ]
+        if self.ood_share is not None:
+            reference = "unknown" if self.reference_ood_share is None else f"{self.reference_ood_share:.3f}"
+            lines.append(f"  out-of-distribution share {self.ood_share:.3f}  (validation {reference})")
+        lines += [
             f"  {'class':<20}{'today':>10}{'reference':>12}",
         ]
         for c, share in self.class_share.items():
@@ -144,6 +164,12 @@ def compare(
         reasons.append(
             f"low-confidence answers rose by {rise:.3f} (> {settings.max_low_confidence_increase:g})"
         )
+    if today.ood_share is not None and reference.ood_share is not None:
+        ood_rise = today.ood_share - reference.ood_share
+        if ood_rise > settings.max_ood_increase:
+            reasons.append(
+                f"out-of-distribution answers rose by {ood_rise:.3f} (> {settings.max_ood_increase:g})"
+            )
     if today.n == 0:
         reasons = ["no answers that day"]
     return DriftReport(
@@ -160,6 +186,8 @@ def compare(
         threshold=settings.psi_threshold,
         flagged=bool(reasons),
         reasons=reasons,
+        ood_share=None if today.ood_share is None else round(today.ood_share, 6),
+        reference_ood_share=None if reference.ood_share is None else round(reference.ood_share, 6),
     )
 
 
@@ -183,7 +211,12 @@ def plot(report: DriftReport, reference: Profile, today: Profile):
     return fig
 
 
-def profile_from_probabilities(probs: np.ndarray, classes: Sequence[str], low_confidence: float) -> Profile:
+def profile_from_probabilities(
+    probs: np.ndarray,
+    classes: Sequence[str],
+    low_confidence: float,
+    in_distribution: Sequence[bool] | None = None,
+) -> Profile:
     """The profile of a model's answers given as class probabilities (N, C)."""
     best = probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
     return profile(
@@ -191,6 +224,7 @@ def profile_from_probabilities(probs: np.ndarray, classes: Sequence[str], low_co
         probs.max(axis=1) if len(probs) else [],
         classes,
         low_confidence,
+        in_distribution,
     )
 
 
@@ -221,18 +255,32 @@ def reference_for(cfg: "Config", version: str) -> Profile:
     return from_json(json.loads(text))
 
 
-def answers_of(table: "pa.Table", version_column: str) -> tuple[list[str], list[float], str | None]:
-    """(labels, confidences, the most frequent model version) of a table of answers; rows with an
-    error (a file scoring could not read) are left out."""
+@dataclass
+class Answers:
+    """A day's answers: label, top probability and (where known) the OOD flag each, and the most
+    frequent model version."""
+
+    labels: list[str]
+    confidences: list[float]
+    in_distribution: list[bool | None]
+    version: str | None
+
+
+def answers_of(table: "pa.Table", version_column: str) -> Answers:
+    """The :class:`Answers` of a table of answers; rows with an error (a file scoring could not
+    read) are left out."""
 
     if "error" in table.column_names:
         table = table.filter(pc.is_null(table["error"]))
-    labels = [str(x) for x in table["label"].to_pylist()]
-    conf = [float(x) for x in table["probability"].to_pylist()]
     versions = [v for v in table[version_column].to_pylist() if v]
-    # A reload mid-day leaves a few answers of the old version: the day is the majority's.
-    version = max(set(versions), key=versions.count) if versions else None
-    return labels, conf, version
+    flags = table["in_distribution"].to_pylist() if "in_distribution" in table.column_names else []
+    return Answers(
+        labels=[str(x) for x in table["label"].to_pylist()],
+        confidences=[float(x) for x in table["probability"].to_pylist()],
+        in_distribution=flags,
+        # A reload mid-day leaves a few answers of the old version: the day is the majority's.
+        version=max(set(versions), key=versions.count) if versions else None,
+    )
 
 
 def day_table(cfg: "Config", date: str, source: str) -> tuple["pa.Table", str]:
@@ -260,23 +308,23 @@ def read_parquet_folder(loc: "storage.Location") -> "pa.Table":
 
 
 def assess(
-    cfg: "Config",
-    labels: Sequence[str],
-    confidences: Sequence[float],
-    version: str | None,
-    *,
-    date: str,
-    source: str,
-    run: "Run",
+    cfg: "Config", answers: Answers, *, date: str, source: str, run: "Run", version: str | None = None
 ) -> DriftReport:
-    """The day's :class:`DriftReport` against its model's reference, logged to ``run`` (figures,
-    report and plot) and to the ``hotdog_drift_*`` gauges."""
+    """The day's :class:`DriftReport` against its model's reference (of ``answers.version``, else
+    ``version``, else the promoted one), logged to ``run`` (figures, report and plot) and to the
+    ``hotdog_drift_*`` gauges."""
 
-    version = version or registry.alias_version(cfg.tracking)
+    version = answers.version or version or registry.alias_version(cfg.tracking)
     if version is None:
         raise ConfigError(f"no answers on {date} name a model version, and no model is promoted")
     reference = reference_for(cfg, str(version))
-    today = profile(labels, confidences, reference.classes, cfg.monitor.low_confidence)
+    today = profile(
+        answers.labels,
+        answers.confidences,
+        reference.classes,
+        cfg.monitor.low_confidence,
+        answers.in_distribution,
+    )
     report = compare(reference, today, cfg.monitor, date=date, source=source, version=str(version))
     run.log_metrics(
         {
@@ -284,6 +332,7 @@ def assess(
             "drift_psi_confidence": report.psi_confidence,
             "drift_low_confidence_share": report.low_confidence_share,
             "drift_flagged": float(report.flagged),
+            **({} if report.ood_share is None else {"drift_ood_share": report.ood_share}),
         }
     )
     run.log_dict(report.to_dict(), "drift/report.json")
@@ -302,8 +351,7 @@ def check(cfg: "Config", date: str, source: str = "predictions") -> DriftReport:
     of its own."""
 
     table, version_column = day_table(cfg, date, source)
-    labels, conf, version = answers_of(table, version_column)
     with tracking.run(
         cfg.tracking, name=f"drift-{source}-{date}", tags={"kind": "drift", "date": date}
     ) as run:
-        return assess(cfg, labels, conf, version, date=date, source=source, run=run)
+        return assess(cfg, answers_of(table, version_column), date=date, source=source, run=run)

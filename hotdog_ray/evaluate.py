@@ -4,6 +4,7 @@ a per-class table and a confusion matrix. The metric functions are pure; plottin
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
@@ -18,15 +19,16 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from hotdog_ray import cache
+from hotdog_ray import cache, confidence
 from hotdog_ray.data import ImagePipeline, discover
-from hotdog_ray.models import probabilities
-from hotdog_ray.predict import Predictor
+from hotdog_ray.models import logits_and_features, probabilities
+from hotdog_ray.predict import Predictor, Scores
 from hotdog_ray.runtime import init_ray
 
 if TYPE_CHECKING:
     from hotdog_ray.bundle import ModelBundle
     from hotdog_ray.cache import CachedSplit
+    from hotdog_ray.confidence import Calibration
     from hotdog_ray.config import Config
     from hotdog_ray.predict import Predictor
 
@@ -74,42 +76,74 @@ def format_report(m: dict[str, Any]) -> str:
         lines.append(
             f"{row['class']:<20}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{row['support']:>10}"
         )
+    if "calibration" in m:
+        c = m["calibration"]
+        lines += [
+            "",
+            f"{'calibration':<20}{'before':>10}{'after':>10}   (temperature {c['temperature']:.3f})",
+            f"{'ECE':<20}{c['ece_uncalibrated']:>10.4f}{c['ece']:>10.4f}",
+            f"{'Brier score':<20}{c['brier_uncalibrated']:>10.4f}{c['brier']:>10.4f}",
+            f"in distribution    {c['in_distribution_rate']:.4f}  (share the OOD threshold accepts)",
+        ]
     return "\n".join(lines)
 
 
+@dataclass
+class Outputs:
+    """A network's raw outputs over a split: labels, logits and pooled last-convolution features."""
+
+    labels: np.ndarray
+    logits: np.ndarray
+    features: np.ndarray
+
+
 @torch.inference_mode()
+def outputs_of(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: str | torch.device = "cpu",
+) -> Outputs:
+    """The :class:`Outputs` over (images, labels) batches."""
+
+    model = model.to(device).eval()
+    ys, zs, fs = [], [], []
+    for x, y in batches:
+        logits, features = logits_and_features(model, x.to(device))
+        zs.append(logits.float().cpu().numpy())
+        fs.append(features.cpu().numpy())
+        ys.append(y.cpu().numpy())
+    if not ys:
+        return Outputs(np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32))
+    return Outputs(np.concatenate(ys), np.concatenate(zs), np.concatenate(fs))
+
+
 def predict_batches(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(labels, class probabilities) over (images, labels) batches."""
-
-    model = model.to(device).eval()
-    ys, ps = [], []
-    for x, y in batches:
-        ps.append(probabilities(model(x.to(device))).cpu().numpy())
-        ys.append(y.cpu().numpy())
-    if not ys:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    return np.concatenate(ys), np.concatenate(ps)
+    out = outputs_of(model, batches, device)
+    return out.labels, (
+        probabilities(torch.from_numpy(out.logits)).numpy() if len(out.labels) else out.logits
+    )
 
 
 def predict_cached(
     predictor: "Predictor", split: "CachedSplit", batch_size: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, class probabilities) over a decoded cache (:mod:`hotdog_ray.cache`), on the
-    predictor's runtime (what serving and scoring run)."""
-    ys, ps = [], []
+) -> tuple[np.ndarray, Scores]:
+    """(labels, scores) over a decoded cache (:mod:`hotdog_ray.cache`), on the predictor's runtime
+    (what serving and scoring run)."""
+    ys, scores = [], []
     for shard in split.shards:
         images = split.read_images(shard)
         ys.append(split.read_index(shard).column("label").to_numpy())
-        ps += [
+        scores += [
             predictor.predict_arrays(images[i : i + batch_size]) for i in range(0, len(images), batch_size)
         ]
     if not ys:
-        return np.zeros(0, np.int64), np.zeros((0, len(predictor.classes)), np.float32)
-    return np.concatenate(ys).astype(np.int64), np.concatenate(ps)
+        return np.zeros(0, np.int64), Scores.empty(len(predictor.classes))
+    return np.concatenate(ys).astype(np.int64), Scores(*(np.concatenate(part) for part in zip(*scores)))
 
 
 def evaluate_model(
@@ -139,8 +173,12 @@ def evaluate_model(
     cached, _ = cache.ensure(
         layout, split, data_cfg, cache.cache_root(cfg), lambda: ImagePipeline(data_cfg, layout)
     )
-    y, p = predict_cached(predictor, cached)
-    return compute_metrics(y, p.argmax(axis=1), bundle.classes)
+    y, scores = predict_cached(predictor, cached)
+    metrics = compute_metrics(y, scores.probabilities.argmax(axis=1), bundle.classes)
+    metrics["calibration"] = confidence.calibration_report(
+        scores.probabilities, y, predictor.calibration, scores.ood_score
+    )
+    return metrics
 
 
 def plot_curves(history: list[dict[str, float]]):
@@ -194,5 +232,33 @@ def plot_confusion(m: dict[str, Any]):
         ax=ax, colorbar=False, xticks_rotation=45 if n > 4 else 0
     )
     ax.set_title(f"test accuracy {m['accuracy']:.3f}, balanced {m['balanced_accuracy']:.3f}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(logits: np.ndarray, labels: np.ndarray, calibration: "Calibration") -> Figure:
+    """Reliability diagram: accuracy against confidence per bin, before and after scaling."""
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], "k:", label="perfectly calibrated")
+    for temperature, style, name in (
+        (1.0, "r-o", "uncalibrated"),
+        (calibration.temperature, "b-s", "calibrated"),
+    ):
+        probs = confidence.softmax(logits, temperature)
+        rows = confidence.reliability_bins(probs, labels)
+        ece = confidence.expected_calibration_error(probs, labels)
+        ax.plot(
+            [r["confidence"] for r in rows],
+            [r["accuracy"] for r in rows],
+            style,
+            label=f"{name} (T={temperature:.2f}, ECE {ece:.3f})",
+        )
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Reliability on the test split")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig

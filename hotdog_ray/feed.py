@@ -96,6 +96,16 @@ def in_order(
     return feed.batches(batch_size, rescale=rescale)
 
 
+def sample_of(
+    split: CachedSplit, settings: "CacheSettings", rescale: str, most: int, batch_size: int = 256
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """At most ``most`` images of the cached split, evenly spread over it (every class in its share),
+    unaugmented, on the CPU (the OOD score's bank of training features)."""
+    world = max(1, math.ceil(split.count / most))
+    feed = SplitFeed(split, rank=0, world=world, device=torch.device("cpu"), settings=settings)
+    return feed.batches(batch_size, rescale=rescale)
+
+
 class SplitFeed:
     """One worker's shard of a cached split and the batches of each epoch."""
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 
@@ -25,12 +26,14 @@ from hotdog_ray.tracking import Run
 log = logging.getLogger(__name__)
 
 
-def log_model(run: Run, model: torch.nn.Module, meta: dict[str, Any]) -> bool:
+def log_model(
+    run: Run, model: torch.nn.Module, meta: dict[str, Any], ood_bank: np.ndarray | None = None
+) -> bool:
     """The model as an MLflow model (bundle, ONNX graph, pyfunc) under the run's ``model/``
     artifacts (register it with :func:`register`); True when the ONNX export matched. The outcome
     is the run's ``onnx`` tag."""
     with tempfile.TemporaryDirectory() as tmp:
-        exported = save_mlflow_model(Path(tmp) / MODEL_DIR, model, meta)
+        exported = save_mlflow_model(Path(tmp) / MODEL_DIR, model, meta, ood_bank)
         run.client.log_artifacts(run.id, str(Path(tmp) / MODEL_DIR), MODEL_DIR)
     run.set_tags({ONNX_TAG: exported.tag})
     return exported.ok
@@ -67,7 +70,7 @@ def ensure_exported(tracking: TrackingSettings, run_id: str) -> str:
         bundle = load_model(tracking, f"runs:/{run_id}")
         meta = {k: v for k, v in bundle.meta.items() if k != "run_id"}
         log.info("run %s's model predates ONNX export: exporting it now", run_id)
-        log_model(run, bundle.model, meta)
+        log_model(run, bundle.model, meta, bundle.ood_bank)
         tag = run.tag(ONNX_TAG)
     return tag or ""
 

@@ -343,12 +343,35 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities, shape (N, num_classes) in both cases."""
+def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Class probabilities of ``logits / temperature``, shape (N, num_classes) in both cases."""
     if logits.shape[1] == 1:
-        p = torch.sigmoid(logits.float())
+        p = torch.sigmoid(logits.float() / temperature)
         return torch.cat([1 - p, p], dim=1)
-    return torch.softmax(logits.float(), dim=1)
+    return torch.softmax(logits.float() / temperature, dim=1)
+
+
+def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the last convolution's activations averaged over the image (N, channels): the
+    features the out-of-distribution score compares (:mod:`hotdog_ray.confidence`)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(_module, _inputs, output):
+        captured["a"] = output
+
+    handle = last_conv_layer(model).register_forward_hook(keep)
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    # ReLU again: a no-op after the zoo's in-place ReLU, and ResNet's last convolution has none.
+    return logits, torch.relu(captured["a"]).float().mean(dim=(2, 3))
+
+
+def knn_score(features: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`hotdog_ray.confidence.knn_score` in torch: ``1 - cos`` to the ``k``-th nearest bank row."""
+    similarity = F.normalize(features.float(), dim=1) @ bank.T
+    return 1.0 - similarity.topk(min(k, bank.shape[0]), dim=1).values[:, -1]
 
 
 def last_conv_layer(model: nn.Module) -> nn.Conv2d:

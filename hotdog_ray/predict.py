@@ -24,11 +24,12 @@ from matplotlib import colormaps
 from PIL import Image
 
 from hotdog_ray import model_store, registry
+from hotdog_ray.confidence import Calibration
 from hotdog_ray.errors import ModelError
-from hotdog_ray.export import check_batch
+from hotdog_ray.export import InferenceGraph, check_batch
 from hotdog_ray.images import MAX_PIXELS, ImageError, decode_rows, open_for_model, resize, to_model_input
-from hotdog_ray.models import last_conv_layer, probabilities
-from hotdog_ray.onnxrt import onnx_session, run_onnx
+from hotdog_ray.models import last_conv_layer
+from hotdog_ray.onnxrt import Scores, onnx_session, run_onnx
 
 if TYPE_CHECKING:
     from hotdog_ray.bundle import ModelBundle
@@ -41,6 +42,7 @@ __all__ = [
     "ImageError",
     "Prediction",
     "Predictor",
+    "Scores",
     "choose_runtime",
     "cpu_threads",
     "grad_cam",
@@ -53,12 +55,15 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 @dataclass
 class Prediction:
-    """The answer for one image: top class, every class's probability, the top k."""
+    """The answer for one image: top class, every class's calibrated probability, the top k, and
+    whether the image looks like anything the model was trained on (:mod:`hotdog_ray.confidence`)."""
 
     label: str
     probability: float
     probabilities: dict[str, float]
     top_k: list[dict[str, Any]]
+    ood_score: float | None = None  # None: a model exported before the score existed
+    in_distribution: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +71,8 @@ class Prediction:
             "probability": self.probability,
             "probabilities": self.probabilities,
             "top_k": self.top_k,
+            "ood_score": self.ood_score,
+            "in_distribution": self.in_distribution,
         }
 
 
@@ -76,15 +83,21 @@ class Explanation:
     overlay_png: bytes = field(repr=False)  # the heatmap over the photo
 
 
-def prediction_from(probs: np.ndarray, classes: Sequence[str], k: int) -> Prediction:
-    """A :class:`Prediction` from one row of class probabilities (pure)."""
+def prediction_from(
+    scores: Scores, classes: Sequence[str], k: int, calibration: Calibration = Calibration()
+) -> Prediction:
+    """A :class:`Prediction` from one image's :class:`Scores` (pure)."""
+    probs, ood = scores
     order = np.argsort(-probs, kind="stable")
     best = int(order[0])
+    known = ood is not None and np.isfinite(ood)
     return Prediction(
         label=classes[best],
         probability=float(probs[best]),
         probabilities={c: float(p) for c, p in zip(classes, probs)},
         top_k=[{"label": classes[i], "probability": float(probs[i])} for i in order[:k]],
+        ood_score=float(ood) if known else None,
+        in_distribution=bool(calibration.in_distribution(ood)) if known else True,
     )
 
 
@@ -137,6 +150,10 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = bundle.model.to(self.device).eval()
         self.max_pixels, self.min_side, self.top_k = max_pixels, min_side, top_k
+        self.calibration = Calibration.of(bundle.meta)
+        # The PyTorch runtime runs what the ONNX graph holds: the same calibration and OOD score.
+        self.graph = InferenceGraph(self.model, bundle.meta["rescale"], self.calibration, bundle.ood_bank)
+        self.graph.to(self.device).eval()
         self.session = None
         self.runtime = choose_runtime(runtime, self.device.type, bundle.onnx is not None)
         if self.runtime == "measure":
@@ -219,55 +236,55 @@ class Predictor:
         return resize(self.open(data), self.image_size)
 
     @torch.inference_mode()
-    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, C) for a uint8 NHWC batch."""
+    def predict_arrays(self, images: np.ndarray) -> Scores:
+        """The :class:`Scores` of a uint8 NHWC batch."""
         if len(images) == 0:
-            return np.zeros((0, len(self.classes)), np.float32)
+            return Scores.empty(len(self.classes))
         if self.runtime == ONNXRUNTIME:
             return run_onnx(self.session, images)
         # np.require copies only what PIL left read-only (torch wants writable memory)
         return self.predict_tensor(torch.from_numpy(np.require(images, requirements=["C", "W"])))
 
     @torch.inference_mode()
-    def predict_tensor(self, images: torch.Tensor) -> np.ndarray:
-        """Class probabilities (N, C) for a uint8 NHWC tensor, wherever it is (one decoded on the
-        device stays there)."""
+    def predict_tensor(self, images: torch.Tensor) -> Scores:
+        """The :class:`Scores` of a uint8 NHWC tensor, wherever it is (one decoded on the device
+        stays there)."""
         if self.runtime == ONNXRUNTIME:
             return run_onnx(self.session, images.cpu().numpy())
-        x = to_model_input(images.to(self.device), self.bundle.meta["rescale"])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.model(x)
-        return probabilities(logits).cpu().numpy()
+            probs, ood = self.graph(images.to(self.device))
+        return Scores(probs.float().cpu().numpy(), ood.float().cpu().numpy())
 
     def predict(self, data: bytes) -> Prediction:
         """One image's prediction; raises :class:`ImageError` on bad bytes."""
-        return self.predictions(self.predict_arrays(self.preprocess(data)[None]))[0]
+        return self.prediction(self.predict_arrays(self.preprocess(data)[None]).rows()[0])
 
-    def predict_many(self, images: Sequence[bytes]) -> list[np.ndarray | ImageError]:
-        """Each image's class probabilities, or its decoding error, in order, with one forward pass
+    def predict_many(self, images: Sequence[bytes]) -> list[Scores | ImageError]:
+        """Each image's :class:`Scores`, or its decoding error, in order, with one forward pass
         for the decodable ones."""
         return self.decode_and_predict(images)[0]
 
     def decode_and_predict(
         self, images: Sequence[bytes]
-    ) -> tuple[list[np.ndarray | ImageError], list[np.ndarray | None]]:
+    ) -> tuple[list[Scores | ImageError], list[np.ndarray | None]]:
         """:meth:`predict_many`, and the model inputs it decoded (None where decoding failed), which
         another model of the same input size can take as they are (a shadow rollout)."""
         rows = decode_rows(images, size=self.image_size, max_pixels=self.max_pixels, min_side=self.min_side)
         ok = rows.ok
-        probs = iter(self.predict_arrays(rows.images[ok]) if ok.any() else [])
-        results = [next(probs) if good else ImageError(e) for good, e in zip(ok, rows.errors)]
+        scores = iter(self.predict_arrays(rows.images[ok]).rows() if ok.any() else [])
+        results = [next(scores) if good else ImageError(e) for good, e in zip(ok, rows.errors)]
         return results, [x if good else None for x, good in zip(rows.images, ok)]
 
-    def predictions(self, probs: np.ndarray) -> list[Prediction]:
-        return [prediction_from(row, self.classes, self.top_k) for row in probs]
+    def prediction(self, scores: Scores) -> Prediction:
+        """One image's :class:`Scores` as its :class:`Prediction`."""
+        return prediction_from(scores, self.classes, self.top_k, self.calibration)
 
     def explain(self, data: bytes, *, display_size: int = 384) -> Explanation:
         """The prediction and a Grad-CAM heatmap of the top class over the photo."""
         arr = self.preprocess(data)  # the pixels predict() sees
         img = self.open(data, draft=False)  # the photo at full size, to draw on
-        prediction = self.predict_arrays(arr[None])[0]
-        target = int(np.argmax(prediction))
+        scores = self.predict_arrays(arr[None]).rows()[0]
+        target = int(np.argmax(scores.probabilities))
         x = to_model_input(
             torch.from_numpy(np.require(arr[None], requirements=["C", "W"])).to(self.device),
             self.bundle.meta["rescale"],
@@ -279,9 +296,7 @@ class Predictor:
             if scale < 1
             else img
         )
-        return Explanation(
-            self.predictions(prediction[None])[0], heatmap, overlay_png(np.asarray(shown), heatmap)
-        )
+        return Explanation(self.prediction(scores), heatmap, overlay_png(np.asarray(shown), heatmap))
 
 
 def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: int) -> np.ndarray:

@@ -45,6 +45,8 @@ SCHEMA = pa.schema(
         ("label", pa.string()),
         ("probability", pa.float64()),
         ("probabilities", pa.map_(pa.string(), pa.float64())),
+        ("ood_score", pa.float64()),  # null: a model without the score (and rows logged before it)
+        ("in_distribution", pa.bool_()),
         ("latency_ms", pa.float64()),
         ("image_bytes", pa.int64()),
         ("sha256", pa.string()),
@@ -76,6 +78,8 @@ class Entry:
     probabilities: dict[str, float]
     latency_ms: float
     image: bytes
+    ood_score: float | None = None
+    in_distribution: bool | None = None  # None: not known (a shadow's answer, a model without the score)
     time: float = 0.0
 
 
@@ -240,6 +244,8 @@ def _row(e: Entry) -> dict[str, Any]:
         "label": e.label,
         "probability": max(e.probabilities.values()),
         "probabilities": list(e.probabilities.items()),
+        "ood_score": e.ood_score,
+        "in_distribution": e.in_distribution,
         "latency_ms": round(e.latency_ms, 3),
         "image_bytes": len(e.image),
         # In the writer thread, not on the request path (hashlib releases the GIL on large inputs).

@@ -7,8 +7,9 @@ The package never imports this file (running it registers the model with MLflow)
 hotdog_ray importable where it loads (``mlflow models serve --env-manager local``).
 
 Input: a DataFrame with an ``image`` column of encoded image bytes (base64 in JSON requests).
-Output: ``label``, ``probability`` and ``probability_<class>`` per row; an image that cannot be
-decoded gets an empty label, NaN probabilities and the reason in ``error``.
+Output: ``label``, ``probability``, ``probability_<class>`` (calibrated), ``ood_score`` and
+``in_distribution`` per row; an image that cannot be decoded gets an empty label, NaN probabilities
+and the reason in ``error``.
 """
 
 import mlflow
@@ -34,14 +35,20 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         errors = [str(r) if isinstance(r, ImageError) else None for r in results]
         ok = np.asarray([e is None for e in errors], bool)
         probs = np.full((len(results), len(p.classes)), np.nan, np.float32)
+        ood = np.full(len(results), np.nan, np.float64)
         if ok.any():
-            probs[ok] = np.stack([r for r in results if not isinstance(r, ImageError)])
+            good = [r for r in results if not isinstance(r, ImageError)]
+            probs[ok] = np.stack([r.probabilities for r in good])
+            ood[ok] = [r.ood_score for r in good]
         best = np.where(ok, np.nan_to_num(probs, nan=-1).argmax(axis=1), -1)
         out = pd.DataFrame(
             {
                 "label": [p.classes[b] if b >= 0 else "" for b in best],
                 "probability": [float(probs[i, b]) if b >= 0 else np.nan for i, b in enumerate(best)],
                 **{probability_column(c): probs[:, j].astype(np.float64) for j, c in enumerate(p.classes)},
+                "ood_score": ood,
+                # NaN (a failed image, or a model exported before the score) is never flagged
+                "in_distribution": ~(ood > p.calibration.ood_threshold),
             }
         )
         if not ok.all():

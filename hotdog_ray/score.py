@@ -220,10 +220,14 @@ def _drift(cfg: Config, job: ScorePlan, summary: ScoreSummary, run: Any) -> dict
     before drift checks) is said in the summary, and the scores are published all the same."""
 
     table = drift.read_parquet_folder(job.staging)
-    labels, conf, version = drift.answers_of(table, "model_version")
     try:
         report = drift.assess(
-            cfg, labels, conf, version or summary.model_version, date=summary.date, source="scores", run=run
+            cfg,
+            drift.answers_of(table, "model_version"),
+            date=summary.date,
+            source="scores",
+            run=run,
+            version=summary.model_version,
         )
     except HotdogError as exc:
         log.warning("no drift check for this run: %s", exc)
@@ -271,6 +275,7 @@ def scoring_dataset(cfg: Config, job: ScorePlan, predictor: Any, actors: int) ->
             "meta": predictor.bundle.meta,
             "weights": weights_of(predictor.model),
             "onnx": predictor.bundle.onnx,
+            "ood_bank": predictor.bundle.ood_bank,
             "model": (predictor.info["name"], predictor.info["version"]),
             "score_id": job.score_id,
             "device": device,

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from hotdog_ray.confidence import Calibration
 from hotdog_ray.images import decode_rows
 from hotdog_ray.onnxrt import onnx_session, run_onnx
 
@@ -46,6 +47,7 @@ class Scorer:
         meta: dict[str, Any],
         weights: dict[str, np.ndarray],
         onnx: bytes | None,
+        ood_bank: np.ndarray | None,
         model: tuple[str, str | None],
         score_id: str,
         device: str,
@@ -66,11 +68,12 @@ class Scorer:
 
             # A copy: arrays from the object store are read-only, tensors want writable memory.
             network = build_from_meta(meta, {k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-            bundle = ModelBundle(network, meta, onnx)
+            bundle = ModelBundle(network, meta, onnx, ood_bank)
             predictor = Predictor(bundle, device=device, runtime=runtime, threads=threads)
             self.forward = predictor.predict_arrays
             self.forward_tensor = predictor.predict_tensor
         self.classes = list(meta["classes"])
+        self.ood_threshold = Calibration.of(meta).ood_threshold
         self.model_name, self.model_version = model  # as the driver's predictor names them
         self.score_id = score_id
 
@@ -93,13 +96,14 @@ class Scorer:
         errors = [str(e) if e else None for e in batch["error"]]
         ok = np.asarray([e is None for e in errors], bool)
         n, k = len(ok), len(classes)
-        probs = np.zeros((n, k), np.float32)
+        probs, ood = np.zeros((n, k), np.float32), np.full(n, np.nan, np.float32)
         if ok.any() and self.decode is not None:
-            probs[ok] = self.forward_tensor(images[torch.from_numpy(ok).to(images.device)])
+            probs[ok], ood[ok] = self.forward_tensor(images[torch.from_numpy(ok).to(images.device)])
         elif ok.any():
-            probs[ok] = self.forward(batch["image"][ok])
+            probs[ok], ood[ok] = self.forward(batch["image"][ok])
         best = probs.argmax(axis=1)
         failed = ~ok
+        known = ok & np.isfinite(ood)  # a model exported before the score: no score, never flagged
         # Column-wise: building per-row dicts for the map column cost an eighth of the forward pass.
         probabilities = pa.MapArray.from_arrays(
             np.arange(0, n * k + 1, k, dtype=np.int32),
@@ -117,6 +121,8 @@ class Scorer:
                 "label": pa.array(np.asarray(classes, object)[best], pa.string(), mask=failed),
                 "probability": pa.array(probs[np.arange(n), best], pa.float32(), mask=failed),
                 "probabilities": probabilities,
+                "ood_score": pa.array(ood, pa.float32(), mask=~known),
+                "in_distribution": pa.array(~(ood > self.ood_threshold), pa.bool_(), mask=failed),
                 "model_name": same(self.model_name, pa.string()),
                 "model_version": same(self.model_version, pa.string()),
                 "score_id": same(self.score_id, pa.string()),

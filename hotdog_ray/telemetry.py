@@ -36,6 +36,11 @@ SERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "hotdog_request_latency_seconds": ("histogram", ("endpoint",), "request latency, seconds"),
     "hotdog_batch_size": ("histogram", (), "images per forward pass in a Serve replica"),
     "hotdog_predictions": ("counter", ("label", "served_by"), "answers by predicted class"),
+    "hotdog_out_of_distribution": (
+        "counter",
+        ("version", "served_by"),
+        "answers whose image looks like nothing the model was trained on, by model version",
+    ),
     "hotdog_errors": ("counter", ("reason",), "refused requests and images by reason"),
     "hotdog_model_reloads": ("counter", ("role",), "models loaded by hot reload"),
     "hotdog_model_info": ("gauge", ("model", "version", "role"), "1 for each loaded model version"),
@@ -159,6 +164,8 @@ class Telemetry:
 
     def prediction(self, label: str, served_by: str, n: int = 1) -> None: ...
 
+    def out_of_distribution(self, version: str | None, served_by: str, n: int = 1) -> None: ...
+
     def error(self, reason: str, n: int = 1) -> None: ...
 
     def reload(self, role: str) -> None: ...
@@ -186,6 +193,9 @@ class ReplicaTelemetry(Telemetry):
 
     def prediction(self, label: str, served_by: str, n: int = 1) -> None:
         self._m["hotdog_predictions"].inc(n, tags={"label": label, "served_by": served_by})
+
+    def out_of_distribution(self, version: str | None, served_by: str, n: int = 1) -> None:
+        self._m["hotdog_out_of_distribution"].inc(n, tags={"version": str(version), "served_by": served_by})
 
     def error(self, reason: str, n: int = 1) -> None:
         self._m["hotdog_errors"].inc(n, tags={"reason": reason})

@@ -16,19 +16,21 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import ray.train
 from ray import tune
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 
-from hotdog_ray import cache, drift, evaluate, model_store, storage, tracking
+from hotdog_ray import cache, confidence, drift, evaluate, model_store, storage, tracking
 from hotdog_ray.bundle import model_meta
 from hotdog_ray.cache import CachedSplit
+from hotdog_ray.confidence import Calibration
 from hotdog_ray.config import Config, TrainSettings, flatten
 from hotdog_ray.data import discover
 from hotdog_ray.errors import TrainingError
 from hotdog_ray.evaluate import plot_curves
-from hotdog_ray.feed import in_order
+from hotdog_ray.feed import in_order, sample_of
 from hotdog_ray.loop import EpochLogger, build_network, fit_loop, train_loop_per_worker
 from hotdog_ray.runtime import check_capacity, check_shared_store, init_ray
 from hotdog_ray.sessions import (
@@ -144,9 +146,11 @@ def _finish(
     model = final_model(cfg, classes, state)
     skipped = {path: reason for c in caches.values() for path, reason in c.skipped.items()}
     _log_history(run, state, skipped)
-    test_metrics = _evaluate_test(run, model, caches["test"], cfg, classes) if evaluate_test else None
-    _log_reference_profile(run, model, caches["validation"], cfg, classes)
-    model_store.log_model(run, model, model_meta(cfg, classes))
+    calibration, bank = _calibrate(run, model, caches, cfg, classes)
+    test_metrics = (
+        _evaluate_test(run, model, caches["test"], cfg, classes, calibration, bank) if evaluate_test else None
+    )
+    model_store.log_model(run, model, model_meta(cfg, classes) | calibration.meta(), bank)
     version = model_store.register(cfg.tracking, run.id) if register else None
     return model, test_metrics, version, skipped
 
@@ -329,26 +333,51 @@ def _log_history(run: "Run", state: dict[str, Any], skipped: dict[str, str]) -> 
 
 
 def _evaluate_test(
-    run: "Run", model: nn.Module, test: CachedSplit, cfg: Config, classes: list[str]
+    run: "Run",
+    model: nn.Module,
+    test: CachedSplit,
+    cfg: Config,
+    classes: list[str],
+    calibration: Calibration,
+    bank: np.ndarray,
 ) -> dict[str, Any]:
-
-    y, p = evaluate.predict_batches(model, in_order(test, cfg.data.cache, cfg.data.rescale))
-    metrics = evaluate.compute_metrics(y, p.argmax(axis=1), classes)
+    """The test report with calibration before and after scaling and the share the OOD threshold
+    accepts, its metrics and pictures logged."""
+    out = evaluate.outputs_of(model, in_order(test, cfg.data.cache, cfg.data.rescale))
+    y, logits = out.labels, out.logits
+    probs = confidence.softmax(logits, calibration.temperature)
+    metrics = evaluate.compute_metrics(y, probs.argmax(axis=1), classes)
+    metrics["calibration"] = confidence.calibration_report(
+        probs, y, calibration, confidence.knn_score(out.features, bank, calibration.neighbours)
+    )
     run.log_metrics(
         {f"test_{k}": metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "majority_baseline")}
+        | {f"test_{k}": v for k, v in metrics["calibration"].items() if k != "temperature"}
     )
     run.log_dict(metrics, "evaluation/test_metrics.json")
     run.log_text(evaluate.format_report(metrics), "evaluation/test_report.txt")
     run.log_figure(evaluate.plot_confusion(metrics), "evaluation/confusion_matrix.png")
+    run.log_figure(evaluate.plot_reliability(logits, y, calibration), "evaluation/reliability.png")
     return metrics
 
 
-def _log_reference_profile(
-    run: "Run", model: nn.Module, validation: CachedSplit, cfg: Config, classes: list[str]
-) -> None:
-    """What the model's answers look like on the validation split: the reference that drift checks
-    compare a day's traffic with (:mod:`hotdog_ray.drift`)."""
-
-    _, probs = evaluate.predict_batches(model, in_order(validation, cfg.data.cache, cfg.data.rescale))
-    reference = drift.profile_from_probabilities(probs, classes, cfg.monitor.low_confidence)
+def _calibrate(
+    run: "Run", model: nn.Module, caches: dict[str, CachedSplit], cfg: Config, classes: list[str]
+) -> tuple[Calibration, np.ndarray]:
+    """The OOD bank (training images' features) and the temperature and OOD threshold fitted on
+    the validation split (:mod:`hotdog_ray.confidence`), logged; and the calibrated answers' profile
+    there: the reference that drift checks compare a day's traffic with (:mod:`hotdog_ray.drift`)."""
+    train = evaluate.outputs_of(
+        model, sample_of(caches["train"], cfg.data.cache, cfg.data.rescale, confidence.BANK_SIZE)
+    )
+    bank = confidence.normalise(train.features)
+    val = evaluate.outputs_of(model, in_order(caches["validation"], cfg.data.cache, cfg.data.rescale))
+    calibration = confidence.calibrate(val.logits, val.labels, val.features, bank, cfg.monitor.ood_acceptance)
+    run.log_metrics({"temperature": calibration.temperature, "ood_threshold": calibration.ood_threshold})
+    probs = confidence.softmax(val.logits, calibration.temperature)
+    in_distribution = calibration.in_distribution(
+        confidence.knn_score(val.features, bank, calibration.neighbours)
+    )
+    reference = drift.profile_from_probabilities(probs, classes, cfg.monitor.low_confidence, in_distribution)
     run.log_dict(drift.to_json(reference), drift.REFERENCE_ARTIFACT)
+    return calibration, bank

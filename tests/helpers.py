@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -16,7 +18,7 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import ray
@@ -315,3 +317,40 @@ class GaugesSetOnce:
             self.ours[name].set(3.0, tags={k: run for k in labels})
         self.plain = ray_metrics.Gauge("hotdog_test_plain_gauge", tag_keys=("run",))
         self.plain.set(3.0, tags={"run": run})
+
+
+@contextlib.contextmanager
+def browser_session(profile_root: Path) -> Iterator[Any]:
+    """A headless Chromium under Selenium, quit afterwards; the test is skipped where the machine has
+    no chromium and chromedriver (failed instead when HOTDOG_REQUIRE_BROWSER is set, as in CI)."""
+    import pytest
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not (browser and driver_path):
+        if os.environ.get("HOTDOG_REQUIRE_BROWSER"):
+            pytest.fail("HOTDOG_REQUIRE_BROWSER is set but chromium or chromedriver is missing")
+        pytest.skip(
+            "no chromium + chromedriver on this machine (apt-get install chromium chromium-driver; CI does)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile_root / 'profile'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

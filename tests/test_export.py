@@ -20,9 +20,10 @@ import torch
 
 from hotdog_ray import model_store, registry, tracking
 from hotdog_ray.bundle import ModelBundle, model_meta, save_bundle
+from hotdog_ray.confidence import Calibration, normalise
 from hotdog_ray.errors import ModelError
 from hotdog_ray.export import TOLERANCE, check_batch, export_onnx, probability_column
-from hotdog_ray.models import build_model
+from hotdog_ray.models import build_model, last_conv_layer
 from hotdog_ray.onnxrt import onnx_session
 from hotdog_ray.predict import Predictor, choose_runtime
 from hotdog_ray.promote import force
@@ -52,14 +53,20 @@ def meta_for(name: str, size: int, classes: int, rescale: str = "unit") -> dict:
 def test_every_zoo_model_exports_and_matches_pytorch(name, size):
     torch.manual_seed(0)
     model = build_model(name, 3, size).eval()
-    meta = meta_for(name, size, 3, "symmetric")
-    exported = export_onnx(model, meta)
+    meta = meta_for(name, size, 3, "symmetric") | Calibration(temperature=1.7, ood_threshold=0.2).meta()
+    # a bank of the model's own feature width: the graph holds the k-NN score for every architecture
+    width = last_conv_layer(model).out_channels
+    bank = normalise(np.random.default_rng(0).random((20, width)))
+    exported = export_onnx(model, meta, bank)
     assert exported.ok and exported.max_abs_diff <= TOLERANCE, exported.reason
     # Another batch size than the check's (the batch axis is dynamic), compared with the predictor.
     images = check_batch(size, n=7, seed=3)
-    got = onnx_session(exported.model).run(None, {"images": images})[0]
-    want = Predictor(ModelBundle(model, meta), device="cpu", runtime="torch").predict_arrays(images)
-    assert got.shape == (7, 3) and np.abs(got - want).max() <= TOLERANCE
+    got, ood = onnx_session(exported.model).run(None, {"images": images})
+    want = Predictor(ModelBundle(model, meta, ood_bank=bank), device="cpu", runtime="torch").predict_arrays(
+        images
+    )
+    assert got.shape == (7, 3) and np.abs(got - want.probabilities).max() <= TOLERANCE
+    assert ood.shape == (7,) and np.abs(ood - want.ood_score).max() <= TOLERANCE and np.isfinite(ood).all()
 
 
 def test_a_single_logit_model_gives_both_classes():
@@ -162,6 +169,8 @@ def expected_frame(predictor: Predictor, images: list[bytes]) -> pd.DataFrame:
             "label": [p.label for p in preds],
             "probability": [p.probability for p in preds],
             **{probability_column(c): [p.probabilities[c] for p in preds] for c in predictor.classes},
+            "ood_score": [np.nan if p.ood_score is None else p.ood_score for p in preds],
+            "in_distribution": [p.in_distribution for p in preds],
         }
     )
 

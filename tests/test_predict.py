@@ -13,10 +13,11 @@ from PIL import Image
 from torch import nn
 
 from hotdog_ray.bundle import ModelBundle, model_meta
+from hotdog_ray.confidence import Calibration
 from hotdog_ray.config import load_config
 from hotdog_ray.errors import ImageError
 from hotdog_ray.models import build_model
-from hotdog_ray.predict import Predictor, grad_cam, overlay_png, prediction_from
+from hotdog_ray.predict import Predictor, Scores, grad_cam, overlay_png, prediction_from
 from tests.helpers import png, png_header_claiming
 from tests.imagegen import CLASSES, LEVELS, encode, truncated_jpeg
 
@@ -95,17 +96,33 @@ def test_exif_rotation_is_applied():
 def test_a_batch_keeps_order_and_gives_one_error_per_bad_image(predictor):
     good = encode(LEVELS["cat"], "RGB", "JPEG", (30, 30))
     out = predictor.predict_many([good, b"", good, b"nope"])
-    assert [type(o).__name__ for o in out] == ["ndarray", "ImageError", "ndarray", "ImageError"]
+    assert [type(o).__name__ for o in out] == ["Scores", "ImageError", "Scores", "ImageError"]
     expected = list(predictor.predict(good).probabilities.values())
-    assert out[0].tolist() == out[2].tolist() == pytest.approx(expected)
+    assert out[0].probabilities.tolist() == out[2].probabilities.tolist() == pytest.approx(expected)
+    # a model saved without an OOD bank has no score, and is never flagged
+    assert np.isnan(out[0].ood_score) and predictor.predict(good).ood_score is None
     assert predictor.predict_many([b""])[0].args[0] == "empty file"
 
 
 def test_prediction_lists_every_class_and_the_top_k():
-    p = prediction_from(np.array([0.1, 0.7, 0.2], np.float32), ["a", "b", "c"], k=2)
+    p = prediction_from(Scores(np.array([0.1, 0.7, 0.2], np.float32), -3.0), ["a", "b", "c"], k=2)
     assert (p.label, p.probability) == ("b", pytest.approx(0.7))
     assert [t["label"] for t in p.top_k] == ["b", "c"]
     assert sum(p.probabilities.values()) == pytest.approx(1.0)
+    assert (p.ood_score, p.in_distribution) == (-3.0, True)  # no threshold: nothing is flagged
+
+
+def test_a_score_past_the_threshold_flags_the_answer_and_a_missing_score_never_does():
+    calibration = Calibration(temperature=1.5, ood_threshold=-2.0)
+    probs = np.array([0.2, 0.8], np.float32)
+    assert prediction_from(Scores(probs, -2.5), ["a", "b"], 1, calibration).in_distribution is True
+    assert prediction_from(Scores(probs, -2.0), ["a", "b"], 1, calibration).in_distribution is True
+    far = prediction_from(Scores(probs, -1.0), ["a", "b"], 1, calibration)
+    assert (far.in_distribution, far.label, far.ood_score) == (False, "b", -1.0)  # the label stays
+    old = prediction_from(
+        Scores(probs, float("nan")), ["a", "b"], 1, calibration
+    )  # exported before the score
+    assert (old.ood_score, old.in_distribution) == (None, True)
 
 
 def _brightness_model(single_logit: bool) -> nn.Module:

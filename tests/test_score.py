@@ -219,7 +219,7 @@ from hotdog_ray.scorer import Scorer
 
 folder = Path(sys.argv[1])
 meta = json.loads((folder / "meta.json").read_text())
-actor = Scorer(meta=meta, weights={}, onnx=(folder / "model.onnx").read_bytes(),
+actor = Scorer(meta=meta, weights={}, onnx=(folder / "model.onnx").read_bytes(), ood_bank=None,
                model=("hotdog-classifier", "1"), score_id="run", device="cpu", runtime="onnxruntime", threads=1)
 images = np.load(folder / "images.npy")
 n = len(images)  # the last one marked undecodable
@@ -256,7 +256,7 @@ def test_a_cpu_scoring_actor_runs_the_onnx_graph_without_importing_pytorch(scori
     assert got["torch"] is False
     n = len(CLASSES)
     assert got["error"] == [None] * n + ["bad"] and got["probabilities"][n] is None
-    expected = predictor.predict_arrays(images[:n])
+    expected = predictor.predict_arrays(images[:n]).probabilities
     for row, want in zip(got["probabilities"][:n], expected, strict=True):
         assert [row[c] for c in predictor.classes] == pytest.approx(want.tolist(), abs=1e-6)
 

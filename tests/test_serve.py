@@ -31,6 +31,7 @@ from hotdog_ray.registry import set_alias
 from hotdog_ray.server.launch import HAPROXY_ENV, haproxy_threads, wait_ready
 from hotdog_ray.server.shadow import ShadowQueue
 from tests.helpers import (
+    browser_session,
     free_port,
     png,
     png_header_claiming,
@@ -786,49 +787,15 @@ def test_the_api_matches_its_openapi_schema(app):
         unregister_all()  # the media types registered above
 
 
-def _chromium() -> tuple[str, str] | None:
-    import shutil
-
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
 def test_web_page_in_headless_chromium(app, tmp_path):
     """Pick a photo on the page: the label, the probabilities and the heatmap appear."""
-    import os
-
-    found = _chromium()
-    if found is None:
-        if os.environ.get("HOTDOG_REQUIRE_BROWSER"):
-            pytest.fail("HOTDOG_REQUIRE_BROWSER is set but chromium or chromedriver is missing")
-        pytest.skip(
-            "no chromium + chromedriver on this machine (apt-get install chromium chromium-driver; CI does)"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     photo = tmp_path / "dog.jpg"
     photo.write_bytes(encode(LEVELS["dog"], "RGB", "JPEG", (60, 40)))
     expected = app.offline(_current_version(app)).predict(photo.read_bytes())
-    options = webdriver.ChromeOptions()
-    options.binary_location = found[0]
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(found[1]), options=options)
-    try:
+    with browser_session(tmp_path) as driver:
         driver.get(app.url + "/")
         WebDriverWait(driver, 30).until(lambda d: "version" in d.find_element(By.ID, "model").text)
         driver.find_element(By.ID, "file").send_keys(str(photo))
@@ -844,8 +811,6 @@ def test_web_page_in_headless_chromium(app, tmp_path):
         assert rows and rows[0].text.startswith(expected.label)
         # the heatmap really is an image the browser decoded
         assert driver.execute_script("return document.getElementById('heatmap').naturalWidth") == 60
-    finally:
-        driver.quit()
 
 
 def _current_version(app) -> str:

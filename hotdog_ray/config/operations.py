@@ -34,6 +34,18 @@ class MonitorSettings(Section):
     max_low_confidence_increase: float = Field(
         0.2, ge=0, le=1, description="flag a day whose low-confidence share rose by more than this"
     )
+    ood_acceptance: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="share of validation images the out-of-distribution threshold accepts (set at training)",
+    )
+    max_ood_increase: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="flag a day whose out-of-distribution share rose past the validation rate by more than this",
+    )
     progress_interval_s: float = Field(
         30.0, gt=0, description="hotdog score and inspect log a progress line this often"
     )

@@ -6,12 +6,11 @@ import asyncio
 import contextlib
 from typing import AsyncIterator
 
-import numpy as np
 from fastapi import FastAPI
 
 from hotdog_ray import __version__
 from hotdog_ray.errors import ImageError
-from hotdog_ray.predict import Predictor
+from hotdog_ray.predict import Predictor, Scores
 from hotdog_ray.server import schema
 from hotdog_ray.server.context import ServerContext, Shadow
 from hotdog_ray.server.http import HTTPError, RequestMetrics, http_error
@@ -41,13 +40,13 @@ def create_api(ctx: ServerContext) -> FastAPI:
     return app
 
 
-def one_result(result: np.ndarray | ImageError) -> np.ndarray:
-    """A batch's answer for one image: its probabilities, or its ImageError raised."""
+def one_result(result: Scores | ImageError) -> Scores:
+    """A batch's answer for one image: its scores, or its ImageError raised."""
     if isinstance(result, ImageError):
         raise result
     return result
 
 
-async def direct_infer(predictor: Predictor, data: bytes, shadow: Shadow | None = None) -> np.ndarray:
+async def direct_infer(predictor: Predictor, data: bytes, shadow: Shadow | None = None) -> Scores:
     """One image, one forward pass (no batching, no rollout: a plain server has no challenger)."""
     return one_result((await asyncio.to_thread(predictor.predict_many, [data]))[0])

@@ -12,7 +12,7 @@ import numpy as np
 from starlette.requests import Request
 
 from hotdog_ray.config import DataSettings, PredictionLogSettings, ServeSettings
-from hotdog_ray.predict import Predictor
+from hotdog_ray.predict import Predictor, Scores
 from hotdog_ray.predlog import FEEDBACK, Entry, FeedbackLog, PredictionLog
 from hotdog_ray.server.keys import api_keys
 from hotdog_ray.server.service import ModelService
@@ -33,7 +33,7 @@ class Shadow:
 
 # Runs the model on one encoded image: its probabilities, or raises ImageError; with a Shadow, the
 # challenger also scores the image later.
-Infer = Callable[[Predictor, bytes, "Shadow | None"], Awaitable[np.ndarray]]
+Infer = Callable[[Predictor, bytes, "Shadow | None"], Awaitable[Scores]]
 
 
 def model_of(predictor: Predictor) -> dict[str, str | None]:

@@ -7,14 +7,13 @@ import asyncio
 import logging
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI
 from ray import serve
 
 from hotdog_ray import rollout
 from hotdog_ray.config import from_dict
 from hotdog_ray.errors import ImageError
-from hotdog_ray.predict import Predictor
+from hotdog_ray.predict import Predictor, Scores
 from hotdog_ray.server.app import create_api, one_result
 from hotdog_ray.server.batching import MicroBatcher, PassRunner
 from hotdog_ray.server.context import ServerContext, Shadow
@@ -90,14 +89,14 @@ class HotdogReplica:
         if changed:
             await asyncio.to_thread(self.service.refresh)
 
-    async def infer(self, predictor: Predictor, data: bytes, shadow: Shadow | None = None) -> np.ndarray:
+    async def infer(self, predictor: Predictor, data: bytes, shadow: Shadow | None = None) -> Scores:
         return one_result(await self._batcher((predictor, data, shadow)))
 
     # Decoding and the forward pass run together, one worker thread hop per batch (none for a cheap
     # lone image, see PassRunner): a hop per request for decoding cost as much as decoding a small photo.
     async def infer_batch(
         self, items: list[tuple[Predictor, bytes, Shadow | None]]
-    ) -> list[np.ndarray | ImageError]:
+    ) -> list[Scores | ImageError]:
         self.service.telemetry.batch(len(items))
         # A batch may straddle a reload: each image runs on the model its request started with.
         out: list[Any] = [None] * len(items)
@@ -116,5 +115,7 @@ class HotdogReplica:
                 out[i] = result
                 shadow = items[i][2]
                 if shadow is not None and x is not None:
-                    self._shadows.offer(ShadowJob(champion=predictor, shadow=shadow, image=x, answer=result))
+                    self._shadows.offer(
+                        ShadowJob(champion=predictor, shadow=shadow, image=x, answer=result.probabilities)
+                    )
         return out

@@ -52,9 +52,11 @@ class AnswerBook:
     def record(self, result: dict[str, Any], data: bytes) -> None:
         result["request_id"] = self.request_id
         self.ctx.telemetry.prediction(result["label"], self.served_by)
+        model = result["model"]
+        if not result["in_distribution"]:
+            self.ctx.telemetry.out_of_distribution(model["version"], self.served_by)
         if self.ctx.prediction_log is None:
             return
-        model = result["model"]
         self.ctx.prediction_log.offer(
             Entry(
                 request_id=self.request_id,
@@ -64,6 +66,8 @@ class AnswerBook:
                 served_by=self.served_by,
                 label=result["label"],
                 probabilities=result["probabilities"],
+                ood_score=result["ood_score"],
+                in_distribution=result["in_distribution"],
                 latency_ms=1000 * (time.perf_counter() - self.started),
                 image=data,
             )
@@ -74,8 +78,7 @@ async def predict_one(
     ctx: ServerContext, predictor: Predictor, data: bytes, shadow: Shadow | None = None
 ) -> dict[str, Any]:
     """The app's inference (the replica's batching queue, or direct) on one image's bytes."""
-    probs = await ctx.infer(predictor, data, shadow)
-    return predictor.predictions(probs[None])[0].to_dict()
+    return predictor.prediction(await ctx.infer(predictor, data, shadow)).to_dict()
 
 
 async def explain_one(ctx: ServerContext, predictor: Predictor, data: bytes) -> dict[str, Any]:

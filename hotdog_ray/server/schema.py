@@ -99,6 +99,17 @@ _PREDICTION = {
                 "properties": {"label": {"type": "string"}, "probability": {"type": "number"}},
             },
         },
+        "ood_score": {
+            "type": ["number", "null"],
+            "description": "out-of-distribution score, the negative energy of the logits: higher is less "
+            "like the training images (null: a model exported before the score existed)",
+        },
+        "in_distribution": {
+            "type": "boolean",
+            "description": "false when ood_score is past the threshold set on the validation split (at "
+            "monitor.ood_acceptance of it): the image does not look like anything the model was trained "
+            "on, whatever the label's probability",
+        },
         "model": {
             "type": "object",
             "properties": {"name": {"type": "string"}, "version": {"type": ["string", "null"]}},
@@ -111,7 +122,9 @@ def answer(description: str, schema: dict[str, Any]) -> dict[int, dict[str, Any]
     return {200: {"description": description, "content": {"application/json": {"schema": schema}}}}
 
 
-PREDICTION = answer("the label, every class's probability and the top k", _PREDICTION)
+PREDICTION = answer(
+    "the label, every class's calibrated probability, the top k and the out-of-distribution flag", _PREDICTION
+)
 BATCH = answer(
     "one result (with its filename) or one error per image, in order",
     {"type": "object", "properties": {"results": {"type": "array", "items": _PREDICTION}}},

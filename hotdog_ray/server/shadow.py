@@ -76,4 +76,4 @@ def challenger_pass(challenger: Predictor, champion: Predictor, images: list[np.
     if challenger.image_size != champion.image_size:
         size = (challenger.image_size, challenger.image_size)
         images = [np.asarray(Image.fromarray(x).resize(size, Image.BILINEAR)) for x in images]
-    return challenger.predict_arrays(np.stack(images))
+    return challenger.predict_arrays(np.stack(images)).probabilities
