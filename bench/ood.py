@@ -1,12 +1,12 @@
 """The out-of-distribution detector against the plain maximum softmax probability, side by side.
 
-One run trains the preset's model with the real job (``run_training``: calibration and the OOD
-threshold fitted on its validation split), or takes ``--model``, then sends every image through
-the served path (``Predictor.predict_many``: decode, resize, the forward pass, the calibrated
-probabilities and the score) and reports, for each set of images the model never saw, the AUROC
-of telling it from the test split and the false-positive rate at 95% in-distribution acceptance,
-for the energy score the service uses and for the maximum softmax probability before scaling.
-Nothing is downloaded:
+One run trains the preset's model with the real job (``run_training``: calibration, the feature
+bank and the OOD threshold fitted on its splits), or takes ``--model``, then sends every image
+through the served path (``Predictor.predict_many``: decode, resize, the forward pass, the
+calibrated probabilities and the score) and reports, for each set of images the model never saw,
+the AUROC of telling it from the test split and the false-positive rate at 95% in-distribution
+acceptance, for the k-NN score the service uses (:mod:`hotdog_ray.confidence`), the maximum
+softmax probability before scaling and the energy of the logits. Nothing is downloaded:
 
 - in distribution: the preset's test split (the digits; generated photos for ``configs/hotdog.yaml``);
 - far: crops and rescales of scikit-learn's sample photos, uniform and Gaussian noise, blank and
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ACCEPTANCE = 0.95
 
@@ -92,21 +92,39 @@ def detection(inside: np.ndarray, outside: np.ndarray) -> dict[str, float]:
     }
 
 
+METHODS = ("knn", "msp", "energy")
+
+
 def scored(predictor, images: list[bytes]) -> dict[str, np.ndarray]:
-    """The served path's answers: both detectors' scores (higher: less familiar), labels and flags."""
-    from hotdog_ray.confidence import uncalibrated
+    """The served path's answers: each detector's score (higher: less familiar), labels and flags."""
+    import torch
+
+    from hotdog_ray.confidence import energy_score, uncalibrated
+    from hotdog_ray.images import to_model_input
     from hotdog_ray.predict import Scores
 
     rows = [r for r in predictor.predict_many(images) if isinstance(r, Scores)]
     assert len(rows) == len(images), "an image did not decode"
     probs = np.stack([r.probabilities for r in rows])
-    energy = np.array([r.ood_score for r in rows])
+    knn = np.array([r.ood_score for r in rows])
+    pixels = torch.from_numpy(np.stack([predictor.preprocess(x) for x in images]))
+    with torch.inference_mode():
+        logits = predictor.model(to_model_input(pixels, predictor.bundle.meta["rescale"])).numpy()
     return {
-        "energy": energy,
+        "knn": knn,
         "msp": -uncalibrated(probs, predictor.calibration.temperature).max(axis=1),
+        "energy": energy_score(logits),
         "label": probs.argmax(axis=1),
-        "in_distribution": predictor.calibration.in_distribution(energy),
+        "in_distribution": predictor.calibration.in_distribution(knn),
     }
+
+
+def uncalibrated_top(prediction, predictor) -> float:
+    """The top probability the answer would have had before temperature scaling."""
+    from hotdog_ray.confidence import uncalibrated
+
+    probs = np.array([list(prediction.probabilities.values())])
+    return uncalibrated(probs, predictor.calibration.temperature).max()
 
 
 def train(config: str | None, sets: list[str], root: Path) -> tuple[object, str]:
@@ -116,7 +134,7 @@ def train(config: str | None, sets: list[str], root: Path) -> tuple[object, str]
 
     data = root / "data"
     if config and "hotdog" in config:
-        from bench.gpu_check import CLASSES, photo
+        from gpu_check import CLASSES, photo  # the generated photos of the GPU check
 
         rng = np.random.default_rng(0)
         for split, n in (("train", 400), ("validation", 100), ("test", 200)):
@@ -174,7 +192,15 @@ def main() -> None:
         images, labels = test_split(args.data or cfg.data.root)
         inside = scored(predictor, images)
 
+    from sklearn.datasets import load_sample_image
+
+    from hotdog_ray.confidence import calibration_report
+
     truth = np.array([predictor.classes.index(label) for label in labels])
+    probs = np.stack([r.probabilities for r in predictor.predict_many(images)])
+    calibration = calibration_report(probs, truth, predictor.calibration, inside["knn"])
+    pagoda = predictor.predict(png(load_sample_image("china.jpg")))
+    raw_top = float(uncalibrated_top(pagoda, predictor))
     rng = np.random.default_rng(0)
     far = far_images(rng)
     sets = {name: scored(predictor, imgs) for name, imgs in far.items()}
@@ -187,11 +213,11 @@ def main() -> None:
         rows.append(
             {
                 "set": name,
-                "images": len(out["energy"]),
+                "images": len(out["knn"]),
                 "flagged": round(float(np.mean(~out["in_distribution"])), 4),
                 **{
                     f"{method}_{k}": v
-                    for method in ("energy", "msp")
+                    for method in METHODS
                     for k, v in detection(inside[method], out[method]).items()
                 },
             }
@@ -206,6 +232,19 @@ def main() -> None:
         "test_images": len(images),
         "test_accepted": round(float(np.mean(inside["in_distribution"])), 4),
         "test_accuracy": round(float(np.mean(inside["label"] == truth)), 4),
+        "test_ece_before_after": [round(calibration["ece_uncalibrated"], 4), round(calibration["ece"], 4)],
+        "test_brier_before_after": [
+            round(calibration["brier_uncalibrated"], 4),
+            round(calibration["brier"], 4),
+        ],
+        "pagoda": {
+            "label": pagoda.label,
+            "probability": round(pagoda.probability, 4),
+            "uncalibrated_probability": round(raw_top, 4),
+            "ood_score": round(pagoda.ood_score, 4),
+            "threshold": round(predictor.calibration.ood_threshold, 4),
+            "in_distribution": pagoda.in_distribution,
+        },
         "rows": rows,
     }
     print(
@@ -213,13 +252,15 @@ def main() -> None:
         f"{result['test_images']} images, accuracy {result['test_accuracy']}, accepted "
         f"{result['test_accepted']} (configured {result['configured_acceptance']})\n"
     )
-    print("| set | images | flagged | energy AUROC | energy FPR@95 | MSP AUROC | MSP FPR@95 |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"test ECE before/after scaling {result['test_ece_before_after']}, Brier {result['test_brier_before_after']}; "
+        f"china.jpg: {result['pagoda']}\n"
+    )
+    print("| set | images | flagged | k-NN AUROC / FPR@95 | MSP AUROC / FPR@95 | energy AUROC / FPR@95 |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(
-            f"| {r['set']} | {r['images']} | {r['flagged']:.3f} | {r['energy_auroc']:.3f} | "
-            f"{r['energy_fpr_at_95']:.3f} | {r['msp_auroc']:.3f} | {r['msp_fpr_at_95']:.3f} |"
-        )
+        cells = " | ".join(f"{r[m + '_auroc']:.3f} / {r[m + '_fpr_at_95']:.3f}" for m in METHODS)
+        print(f"| {r['set']} | {r['images']} | {r['flagged']:.3f} | {cells} |")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -6,7 +6,9 @@ would write otherwise (read, decode and preprocess with the same predictor, batc
 eager PyTorch, one process; run before and after the job, and averaged); the job runs
 ``predict.runtime`` (default: ONNX Runtime on the CPU). Printed: images/s of each
 and their ratio, and the peak memory of all processes on the machine above what was in use before
-(sampled every 0.2 s) for the job at each input size, to show it stays flat as inputs grow.
+(sampled every 0.2 s) for the job at each input size, to show it stays flat as inputs grow. The job's
+model carries a full out-of-distribution bank, as a trained one has; at the first size the job also
+runs ``--ood`` rounds with the flag on and off (the same weights without the bank), alternating.
 
     python bench/score.py --sizes 5000 50000                                        # small images
     python bench/score.py --config configs/hotdog.yaml --side 384 --sizes 2000 10000  # photos, 120 px model
@@ -21,12 +23,17 @@ import json
 import logging
 import os
 import platform
+import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ood_bank import full_bank_meta  # noqa: E402 - the bench folder is not a package
 
 
 def write_images(folder: Path, n: int, side: int = 48) -> None:
@@ -109,12 +116,43 @@ def stage_costs(files: list[Path], predictor, batch_size: int) -> dict[str, floa
     return {k: round(v, 2) for k, v in costs.items()}
 
 
+def flag_on_and_off(cfg, folder: Path, n: int, versions: dict[str, str], out: str, rounds: int) -> dict:
+    """The job on the same files with the OOD flag on (a model with a full bank) and off (the same
+    weights without one), alternating which goes first, ``rounds`` times each."""
+    from hotdog_ray.score import score
+
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for i in range(rounds):
+        for flag in ("on", "off") if i % 2 == 0 else ("off", "on"):
+            model = f"models:/{cfg.tracking.registered_model}/{versions[flag]}"
+            t0 = time.perf_counter()
+            summary = score(cfg, input=str(folder), output=f"{out}-{flag}", date="2026-11-23", model=model)
+            rates[flag].append(n / (time.perf_counter() - t0))
+            assert summary.files == n and summary.failed == 0
+    ratios = [round(a / b, 3) for a, b in zip(rates["on"], rates["off"])]
+    return {
+        "images": n,
+        "rounds": rounds,
+        "on_images_per_s": round(statistics.median(rates["on"]), 1),
+        "off_images_per_s": round(statistics.median(rates["off"]), 1),
+        "ratio": statistics.median(ratios),
+        "round_ratios": ratios,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/sample.yaml")
     ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000])
     ap.add_argument("--side", type=int, default=48, help="side of the generated JPEGs")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--ood",
+        type=int,
+        default=3,
+        metavar="ROUNDS",
+        help="rounds of the OOD flag on/off runs at the first size (0: none)",
+    )
     ap.add_argument("--out", default="bench/out/score.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -129,15 +167,20 @@ def main() -> None:
     from hotdog_ray.runtime import init_ray
     from hotdog_ray.score import score
 
-    rows = []
+    rows, ood_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(args.config, [f"tracking.uri=sqlite:///{tmp}/mlflow.db", *args.overrides])
         torch.manual_seed(0)
         classes = ["hotdog", "not_hotdog"]
         model = build_model(cfg.model.name, 2, cfg.data.image_size, filters=cfg.model.filters).eval()
-        with tracking.run(cfg.tracking, name="bench-score") as run:
-            model_store.log_model(run, model, model_meta(cfg, classes))
-        registry.set_alias(cfg.tracking, model_store.register(cfg.tracking, run.id))
+        # The job's model carries a full OOD bank; the same weights without one run the flag-off side.
+        meta, bank = full_bank_meta(model, model_meta(cfg, classes))
+        versions = {}
+        for flag, (m, b) in {"on": (meta, bank), "off": (model_meta(cfg, classes), None)}.items():
+            with tracking.run(cfg.tracking, name=f"bench-score-ood-{flag}") as run:
+                model_store.log_model(run, model, m, b)
+            versions[flag] = model_store.register(cfg.tracking, run.id)
+        registry.set_alias(cfg.tracking, versions["on"])
         init_ray()
         for n in args.sizes:
             folder = Path(tmp) / f"in-{n}"
@@ -155,6 +198,8 @@ def main() -> None:
             assert summary.files == n and summary.failed == 0
             after = baseline(files, predictor, cfg.score.batch_size)
             base = (before + after) / 2
+            if args.ood and n == args.sizes[0]:
+                ood_rows.append(flag_on_and_off(cfg, folder, n, versions, f"{tmp}/ood-{n}", args.ood))
             rows.append(
                 {
                     "images": n,
@@ -175,6 +220,7 @@ def main() -> None:
         "cpus_per_actor": cfg.score.cpus_per_actor,
         "batch_size": cfg.score.batch_size,
         "rows": rows,
+        "ood_flag": ood_rows,
         "stage_costs": costs,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "torch_threads": torch.get_num_threads(),
@@ -194,6 +240,11 @@ def main() -> None:
         f"  loop stages, ms per image: decode {costs['decode_ms']}, forward {costs['forward_ms_1_threads']} "
         f"on 1 thread / {costs['forward_ms_2_threads']} on 2"
     )
+    for r in ood_rows:
+        print(
+            f"  OOD flag, {r['images']} images, {r['rounds']} rounds each: on {r['on_images_per_s']} img/s, "
+            f"off {r['off_images_per_s']} img/s, on / off {r['ratio']} (rounds {r['round_ratios']})"
+        )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ In one run, on loopback, with the same model and the same FastAPI handlers (``cr
     a direct forward pass per request in eager PyTorch, no Ray; and the same process on ONNX Runtime,
     to show what Ray Serve adds on top of a fast runtime. Both run before and after the Serve rows,
     and the Serve rows are compared with the mean of the two.
-Serve replicas run ``predict.runtime`` (default auto: ONNX Runtime on the CPU). Two more Serve rows:
-a shadow rollout (a challenger scores every request too) and the prediction log at rate 1.0 (every
-answer written as Parquet), each as a ratio of the plain batching row.
+Serve replicas run ``predict.runtime`` (default auto: ONNX Runtime on the CPU) on a model with a full
+out-of-distribution bank, as a trained one has. Three more Serve rows: the same weights without the
+bank (the OOD flag off), a shadow rollout (a challenger scores every request too) and the prediction
+log at rate 1.0 (every answer written as Parquet); the batching row is compared with the first, the
+other two with the batching row.
 Each is loaded by ``bench/loadgen.py`` in its own process at concurrency 1 and 32, after an
 uncounted burst at 32 (``--settle``) so that every server is measured warm. Printed:
 requests/s, p50 and p99 latency, the throughput ratio at 32 and the p50 difference at 1. With
@@ -38,6 +40,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from ood_bank import full_bank_meta  # noqa: E402 - the bench folder is not a package
 
 
 def free_port() -> int:
@@ -83,8 +87,9 @@ def mean_of(before: dict, after: dict) -> dict:
     return {c: {k: (before[c][k] + after[c][k]) / 2 for k in ("rps", "p50_ms")} for c in before if c in after}
 
 
-def register_model(cfg, seed: int = 0) -> str:
-    """The preset's architecture with fresh weights, registered: speed does not depend on the weights."""
+def register_model(cfg, seed: int = 0, ood: bool = True) -> str:
+    """The preset's architecture with fresh weights, registered: speed does not depend on the weights.
+    ``ood``: with a full out-of-distribution bank, as a trained model has (without: the flag off)."""
     import torch
 
     from hotdog_ray import model_store, tracking
@@ -100,8 +105,9 @@ def register_model(cfg, seed: int = 0) -> str:
         filters=cfg.model.filters,
         dropout=cfg.model.dropout,
     ).eval()
+    meta, bank = full_bank_meta(model, model_meta(cfg, classes)) if ood else (model_meta(cfg, classes), None)
     with tracking.run(cfg.tracking, name="bench-serve") as run:
-        model_store.log_model(run, model, model_meta(cfg, classes))
+        model_store.log_model(run, model, meta, bank)
     return model_store.register(cfg.tracking, run.id)
 
 
@@ -187,6 +193,7 @@ def main() -> None:
         )
         version = register_model(cfg)
         model_uri = f"models:/{cfg.tracking.registered_model}/{version}"
+        no_ood_uri = f"models:/{cfg.tracking.registered_model}/{register_model(cfg, ood=False)}"
 
         # Baselines alone on the machine (no Ray), before and after the Serve rows, which are compared
         # with the mean of the two (the machine's speed drifts over a run): one uvicorn process, the
@@ -215,6 +222,8 @@ def main() -> None:
         log_root = f"{tmp}/prediction-log"
         runs = (
             ("Ray Serve, batching", cfg.serve.max_batch_size, "off", None),
+            # The same weights without the OOD bank: what the out-of-distribution flag costs.
+            ("Ray Serve, no OOD score", cfg.serve.max_batch_size, "no-ood", None),
             ("Ray Serve, no batching", 1, "off", None),
             ("Ray Serve, shadow", cfg.serve.max_batch_size, "shadow", None),
             # Every answer logged (rate 1.0): what the prediction log costs a replica.
@@ -226,11 +235,14 @@ def main() -> None:
             # Each round starts one row later: no row is always measured first (after Ray's start,
             # or right after the previous app was deleted).
             for name, batch, mode, location in runs[i % len(runs) :] + runs[: i % len(runs)]:
-                update = {"model_uri": None if mode != "off" else model_uri, "max_batch_size": batch}
+                uri = {"off": model_uri, "no-ood": no_ood_uri}.get(mode)  # None: the rollout's aliases
+                update = {"model_uri": uri, "max_batch_size": batch}
                 c = cfg.model_copy(
                     update={
                         "serve": cfg.serve.model_copy(update=update),
-                        "rollout": cfg.rollout.model_copy(update={"mode": mode}),
+                        "rollout": cfg.rollout.model_copy(
+                            update={"mode": "off" if mode == "no-ood" else mode}
+                        ),
                         "prediction_log": cfg.prediction_log.model_copy(
                             update={"location": location, "sample_rate": 1.0}
                         ),
@@ -271,6 +283,8 @@ def main() -> None:
         "shadow_p50_diff_ms_c1": p50_diffs(shadow_row, serve_row),
         "log_throughput_ratio_c32": ratios(log_row, serve_row),
         "log_p50_diff_ms_c1": p50_diffs(log_row, serve_row),
+        "ood_throughput_ratio_c32": ratios(serve_row, "Ray Serve, no OOD score"),
+        "ood_p50_diff_ms_c1": p50_diffs(serve_row, "Ray Serve, no OOD score"),
     }
     for i, rd in enumerate(rounds):  # every round's rows in the table
         for name, r in rd.items():
@@ -324,6 +338,8 @@ def main() -> None:
         "  throughput ratio at 32 (Serve batching / uvicorn + ONNX Runtime): "
         f"{said('throughput_ratio_c32_vs_onnxruntime')}"
     )
+    print(f"  OOD flag at 32 (with / without the bank): {said('ood_throughput_ratio_c32')}")
+    print(f"  OOD flag p50 at 1 (with - without): {said('ood_p50_diff_ms_c1', ' ms')}")
     print(f"  shadow rollout at 32 (shadow / off): {said('shadow_throughput_ratio_c32')}")
     print(f"  shadow rollout p50 at 1 (shadow - off): {said('shadow_p50_diff_ms_c1', ' ms')}")
     print(

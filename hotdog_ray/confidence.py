@@ -1,22 +1,22 @@
 """How far to trust an answer: temperature scaling and the out-of-distribution score (pure numpy).
 
-**Calibration.** A CNN trained on cross-entropy is over-confident: among answers given at 99% far
-fewer than 99% are right. Temperature scaling (Guo et al., 2017) divides the logits by one number
-``T`` fitted on the validation split to minimise its negative log-likelihood; the argmax, and so
-the accuracy, stays. :func:`expected_calibration_error` and :func:`brier_score` measure the effect.
+**Calibration.** A CNN's confidence is rarely its accuracy: trained long on cross-entropy it
+tends to over-confidence, with strong dropout and augmentation to under-confidence. Temperature
+scaling (Guo et al., 2017) divides the logits by one number ``T`` fitted on the validation split to
+minimise its negative log-likelihood (above 1 softens the answers, below 1 sharpens them); the
+argmax, and so the accuracy, stays. :func:`expected_calibration_error` and :func:`brier_score` measure the effect.
 
 **Out of distribution.** The score is the distance to the ``k``-th nearest training image in the
 model's own feature space (deep nearest neighbours, Sun et al., 2022): the last convolution's
 activations, averaged over the image and L2-normalised, against a bank of at most
 :data:`BANK_SIZE` training images' features stored with the model; the score is ``1 - cos`` to
 the ``k``-th neighbour, higher meaning less like the training data. The last convolution exists in
-every zoo model (Grad-CAM reads it too), its pooled width is 64 to 512, so a request costs one
-(bank x width) product on top of the network: a few percent of the smallest zoo model's forward
-pass. Scores on the logits alone (the maximum softmax probability; the energy ``-logsumexp(z)``,
-Liu et al., 2020) cost nothing more, but a CNN's logits stay confident far from its data: on the
-digits sample both give the pagoda photo a near-certain "7", which the neighbours flag
-(bench/ood.py runs all three side by side). The threshold is the validation split's score
-quantile at the configured acceptance rate.
+every zoo model (Grad-CAM reads it too) and its channels are few (tens to 512), so a request costs
+one (bank x channels) product on top of the network. Scores on the logits alone (the maximum
+softmax probability; the energy ``-logsumexp(z)``, Liu et al., 2020) cost nothing more, but a CNN's
+logits can stay confident far from its data, and they tell less apart: bench/ood.py runs all three
+side by side (its figures and the flag's cost are in bench/RESULTS.md). The threshold is the
+validation split's score quantile at the configured acceptance rate.
 """
 
 from __future__ import annotations

@@ -47,6 +47,28 @@ def test_one_class_days_are_flagged_and_a_sample_of_the_reference_is_not():
     assert report.flagged and any("low-confidence" in r for r in report.reasons)
 
 
+def test_a_day_of_out_of_distribution_answers_is_flagged_against_the_validation_rate():
+    rng = np.random.default_rng(1)
+    classes, settings = ["hotdog", "not_hotdog"], MonitorSettings()  # margin 0.1 over the validation rate
+
+    def day(n: int, ood_share: float | None):
+        labels = ["hotdog" if rng.random() < 0.5 else "not_hotdog" for _ in range(n)]
+        flags = None if ood_share is None else list(rng.random(n) >= ood_share)
+        return drift.profile(labels, rng.uniform(0.7, 1.0, n), classes, settings.low_confidence, flags)
+
+    reference = day(2000, 0.05)  # 95% of the validation split accepted
+    assert reference.ood_share == pytest.approx(0.05, abs=0.015)
+    usual = drift.compare(reference, day(500, 0.08), settings, date="d1", source="predictions", version="1")
+    assert not usual.flagged and usual.ood_share == pytest.approx(0.08, abs=0.03)
+    strange = drift.compare(reference, day(500, 0.3), settings, date="d2", source="predictions", version="1")
+    assert strange.flagged and any("out-of-distribution answers rose" in r for r in strange.reasons)
+    assert "out-of-distribution share" in strange.format()
+    # a reference of a model without the score, or a day without flags: nothing to compare
+    old = drift.compare(day(2000, None), day(500, 0.9), settings, date="d3", source="scores", version="1")
+    assert old.reference_ood_share is None and not any("out-of-distribution" in r for r in old.reasons)
+    assert drift.ood_share([True, None, False, None]) == 0.5 and drift.ood_share([None]) is None
+
+
 def test_progress_lines_come_at_the_interval_with_rate_and_time_left():
     now = [0.0]
     progress = Progress(1000, 10, "scored", clock=lambda: now[0])
