@@ -364,8 +364,8 @@ def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
         logits = model(x)
     finally:
         handle.remove()
-    # ReLU again: a no-op after the zoo's in-place ReLU, and ResNet's last convolution has none.
-    return logits, torch.relu(captured["a"]).float().mean(dim=(2, 3))
+    # The recipe CNNs' in-place ReLU has turned the captured output into its activation already.
+    return logits, captured["a"].float().mean(dim=(2, 3))
 
 
 def knn_score(features: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
