@@ -77,7 +77,6 @@ def test_training_calibrates_keeps_every_answer_and_stores_the_threshold(digits)
     metrics = run.data.metrics
     assert metrics["temperature"] > 0 and "ood_threshold" in metrics
     assert metrics["test_ece"] <= metrics["test_ece_uncalibrated"]
-    assert metrics["test_brier"] <= metrics["test_brier_uncalibrated"] + 1e-9
     artifacts = {
         a.path for a in registry.client(digits.cfg.tracking).list_artifacts(run.info.run_id, "evaluation")
     }

@@ -79,6 +79,14 @@ def test_mlflow_run_has_params_curves_artifacts_and_version(s3_run):
     assert [m.step for m in mlflow.get_metric_history(out.run_id, "val_loss")] == [0, 1]
     for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_majority_baseline"):
         assert key in run.data.metrics
+    for key in (
+        "temperature",
+        "test_ece",
+        "test_ece_uncalibrated",
+        "test_brier",
+        "test_in_distribution_rate",
+    ):
+        assert key in run.data.metrics  # calibration and the OOD threshold (tests/test_ood.py: their values)
     artifacts = {a.path for a in mlflow.list_artifacts(out.run_id)} | {
         a.path
         for d in ("model", "model/artifacts/bundle", "evaluation")
@@ -92,7 +100,9 @@ def test_mlflow_run_has_params_curves_artifacts_and_version(s3_run):
         "model/artifacts/bundle/weights.pt",
         "model/artifacts/bundle/model.json",
         "model/artifacts/bundle/model.onnx",
+        "model/artifacts/bundle/ood_bank.npy",
         "evaluation/confusion_matrix.png",
+        "evaluation/reliability.png",
         "evaluation/test_report.txt",
     } <= artifacts
     assert out.model_version == "1"
