@@ -129,7 +129,31 @@ def discover(
         layout.files[split] = files
         # The line Keras users know from flow_from_directory.
         log.info("%s: found %d files belonging to %d classes", split, len(files), len(labels))
+    if "train" in layout.files:
+        for extra in cfg.extra_roots:
+            _add_extra_train(layout, extra, subset)
     return layout
+
+
+def _add_extra_train(layout: DatasetLayout, root: str, subset: bool) -> None:
+    """``root``'s ``train/<class>/`` images into the layout's training split (``data.extra_roots``)."""
+    loc = storage.check_exists(root)
+    if type(loc.fs) is not type(layout.root.fs):
+        raise DataError(
+            f"data.extra_roots: {loc.uri} is on another kind of store than data.root {layout.root.uri}; "
+            "copy it beside the dataset"
+        )
+    folders = storage.list_dirs(loc.join("train")) if "train" in storage.list_dirs(loc) else []
+    unknown = sorted(set(folders) - set(layout.classes))
+    if unknown and not subset:
+        raise DataError(f"data.extra_roots: {loc.uri}/train has classes {unknown} that data.root does not")
+    index, added = layout.class_index(), 0
+    for name in sorted(set(folders) & set(layout.classes)):
+        for path, size, mtime in storage.list_file_stats(loc.join("train", name)):
+            layout.files["train"].append((path, index[name]))
+            layout.stats[path] = (size, mtime)
+            added += 1
+    log.info("train: %d more files from %s", added, loc.uri)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -150,7 +150,21 @@ def evaluate_model(
     cfg: "Config", bundle: "ModelBundle", *, root: str | None = None, split: str = "test"
 ) -> dict[str, Any]:
     """Metrics of a loaded model on ``split`` of ``root`` (default ``data.root``), run on
-    ``predict.runtime``.
+    ``predict.runtime`` (the images: :func:`cached_split_for`)."""
+
+    predictor = Predictor(bundle, runtime=cfg.predict.runtime)
+    y, scores = predict_cached(predictor, cached_split_for(cfg, bundle, root=root, split=split))
+    metrics = compute_metrics(y, scores.probabilities.argmax(axis=1), bundle.classes)
+    metrics["calibration"] = confidence.calibration_report(
+        scores.probabilities, y, predictor.calibration, scores.ood_score
+    )
+    return metrics
+
+
+def cached_split_for(
+    cfg: "Config", bundle: "ModelBundle", *, root: str | None = None, split: str = "test"
+) -> "CachedSplit":
+    """``split`` of ``root`` (default ``data.root``) decoded as ``bundle``'s model takes it.
 
     Images are read at the model's own input size and rescale and labelled with its own class
     list, so models trained at different sizes are compared on the same files. They come from the
@@ -169,16 +183,10 @@ def evaluate_model(
     )
     layout = discover(data_cfg, required=(split,))
     init_ray()
-    predictor = Predictor(bundle, runtime=cfg.predict.runtime)
     cached, _ = cache.ensure(
         layout, split, data_cfg, cache.cache_root(cfg), lambda: ImagePipeline(data_cfg, layout)
     )
-    y, scores = predict_cached(predictor, cached)
-    metrics = compute_metrics(y, scores.probabilities.argmax(axis=1), bundle.classes)
-    metrics["calibration"] = confidence.calibration_report(
-        scores.probabilities, y, predictor.calibration, scores.ood_score
-    )
-    return metrics
+    return cached
 
 
 def plot_curves(history: list[dict[str, float]]):

@@ -313,9 +313,18 @@ def build_network(cfg: Config, classes: list[str], *, pretrained: bool = True) -
     )
 
 
-def fit_loop(cfg: Config, classes: list[str], session: Session, caches: dict[str, CachedSplit]) -> None:
-    """The training loop: resume, then per epoch train, validate, early-stop and checkpoint."""
+def fit_loop(
+    cfg: Config,
+    classes: list[str],
+    session: Session,
+    caches: dict[str, CachedSplit],
+    start_weights: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The training loop: start from ``start_weights`` (a fine-tune) unless a checkpoint resumes,
+    then per epoch train, validate, early-stop and checkpoint."""
     loop = Loop(cfg, classes, session.device, session.rank)
+    if start_weights is not None:
+        loop.model.load_state_dict(start_weights)
     loop.resume(session.checkpoint_state())
     loop.model = session.prepare(loop.model)
     train_shard, val_shard = (
@@ -379,7 +388,13 @@ def _export_epoch(run: str, metrics: dict[str, Any]) -> None:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
     quiet_train_reports()
-    fit_loop(from_dict(loop_config["config"]), loop_config["classes"], TrainSession(), loop_config["caches"])
+    fit_loop(
+        from_dict(loop_config["config"]),
+        loop_config["classes"],
+        TrainSession(),
+        loop_config["caches"],
+        loop_config.get("start_weights"),
+    )
 
 
 class EpochLogger(ray.train.UserCallback):

@@ -83,6 +83,8 @@ def run_training(
     evaluate_test: bool = True,
     trial: SweepTrial | None = None,
     callbacks: list | None = None,
+    start_weights: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> TrainOutcome:
     """Train ``cfg`` end to end: data checks, MLflow run, fit, evaluation, registry.
 
@@ -93,6 +95,8 @@ def run_training(
         evaluate_test: evaluate on the test split and log the report (sweep trials skip it).
         trial: set by a Tune trial: its sweep's run and tags, and whether the loop runs in-process.
         callbacks: extra Ray Train callbacks (Tune's report callback in ``train``-mode trials).
+        start_weights: a state dict of the configured network to start from (a fine-tune).
+        tags: more tags of the run.
     """
     splits = ("train", "validation", *(("test",) if evaluate_test else ()))
     layout = discover(cfg.data, required=splits)
@@ -105,12 +109,14 @@ def run_training(
     with tracking.run(
         cfg.tracking,
         name=run_name,
-        tags=_run_tags(cfg, layout, trial),
+        tags=_run_tags(cfg, layout, trial) | (tags or {}),
         parent=trial.parent_run_id if trial else None,
         resume=trial.run_id if trial else None,
     ) as run:
         _log_inputs(run, cfg, layout.classes, caches, built)
-        state, checkpoint_path = fit(cfg, caches, layout.classes, run, run_name, trial, callbacks or [])
+        state, checkpoint_path = fit(
+            cfg, caches, layout.classes, run, run_name, trial, callbacks or [], start_weights
+        )
         model, test_metrics, version, skipped = _finish(
             run, cfg, layout.classes, caches, state, evaluate_test, register
         )
@@ -219,20 +225,21 @@ def fit(
     run_name: str,
     trial: SweepTrial | None,
     callbacks: list,
+    start_weights: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Run the loop where the config says; the last checkpoint's state and where it lies."""
 
     if trial is not None and trial.in_process:
         session = TrialSession(cfg, run)
-        fit_loop(cfg, classes, session, caches)
+        fit_loop(cfg, classes, session, caches, start_weights)
         state, path = session.state, tune.get_context().get_trial_dir()
     elif cfg.train.max_workers == 0:
         folder = storage.resolve(cfg.train.storage_path).join(run_name)
         session = DriverSession(cfg, run, folder)
-        fit_loop(cfg, classes, session, caches)
+        fit_loop(cfg, classes, session, caches, start_weights)
         state, path = session.state, (session.latest or folder).uri
     else:
-        state, path = _fit_ray_train(cfg, caches, classes, run, run_name, callbacks)
+        state, path = _fit_ray_train(cfg, caches, classes, run, run_name, callbacks, start_weights)
     diverged = run.tag(DIVERGED_TAG)
     if diverged:
         raise TrainingError(diverged)
@@ -267,6 +274,7 @@ def _fit_ray_train(
     run: "Run",
     run_name: str,
     callbacks: list,
+    start_weights: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Data-parallel fit on a Ray Train worker group; the last checkpoint's state and its path."""
 
@@ -279,6 +287,7 @@ def _fit_ray_train(
             "classes": classes,
             # Workers read their shards straight from the cache: no Ray Data execution per epoch.
             "caches": {name: caches[name] for name in ("train", "validation")},
+            "start_weights": start_weights,
         },
         scaling_config=scaling_config(cfg.train),
         torch_config=TorchConfig(backend=cfg.train.dist_backend),

@@ -9,15 +9,24 @@ import os
 # iterates os.environ and fails with KeyError '_MLFLOW_TELEMETRY_SESSION_ID' (seen once in CI, in a
 # training thread's runs/create). Off for the tests, their Ray workers and their MLflow servers.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import io
 import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.helpers import BUCKET, free_port, k8s_manifest, mlflow_store, ray_client_env, wait_http
 from tests.imagegen import write_image_tree
+
+if TYPE_CHECKING:
+    from hotdog_ray.config import Config
+    from hotdog_ray.predict import Predictor
+    from hotdog_ray.train import TrainOutcome
 
 
 @pytest.fixture(scope="session")
@@ -157,3 +166,60 @@ def mlflow_server(s3_server, tmp_path_factory):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@dataclass
+class Digits:
+    """The digits sample trained by the job (the champion of its own store) and the pagoda photo."""
+
+    cfg: "Config"
+    outcome: "TrainOutcome"
+    predictor: "Predictor"
+    test_files: list[Path]
+    pagoda: bytes
+
+
+@pytest.fixture(scope="session")
+def digits(ray_session, tmp_path_factory) -> Digits:
+    """``configs/sample.yaml`` trained for 8 epochs in the driver (calibration, OOD bank and all),
+    registered and promoted; shared by the OOD and gate tests."""
+    from sklearn.datasets import load_sample_image
+
+    from hotdog_ray import registry
+    from hotdog_ray.config import load_config
+    from hotdog_ray.predict import Predictor
+    from hotdog_ray.prepare import write_sample
+    from hotdog_ray.train import run_training
+
+    tmp = tmp_path_factory.mktemp("digits")
+    write_sample(str(tmp / "data"))
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "sample.yaml",
+        [
+            f"data.root={tmp / 'data'}",
+            f"tracking.uri={mlflow_store(tmp)}",
+            f"train.storage_path={tmp / 'checkpoints'}",
+            f"data.cache.root={tmp / 'cache'}",
+            f"prediction_log.location={tmp / 'answers'}",
+            "prediction_log.flush_interval_s=0.5",
+            "prediction_log.images=true",  # feedback becomes training data (tests/test_retrain.py)
+            f"rollout.store={tmp / 'rollout'}",
+            "train.num_workers=0",  # the loop in the driver: no worker group to start
+            "train.epochs=8",
+        ],
+    )
+    outcome = run_training(cfg)
+    registry.set_alias(cfg.tracking, outcome.model_version)
+    return Digits(
+        cfg=cfg,
+        outcome=outcome,
+        predictor=Predictor.from_config(cfg, device="cpu"),
+        test_files=sorted((tmp / "data" / "test").rglob("*.png")),
+        pagoda=jpeg(load_sample_image("china.jpg")),
+    )

@@ -354,3 +354,24 @@ def browser_session(profile_root: Path) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+@contextlib.contextmanager
+def serve_app(cfg, name: str) -> Iterator[str]:
+    """``cfg``'s app on Ray Serve (a quarter CPU a replica) on a free port of the session's Ray:
+    its URL, shut down afterwards (Serve's HTTP options are per instance: one app module at a time)."""
+    from ray import serve
+
+    from hotdog_ray.server.launch import deployment, wait_ready
+
+    port = free_port()
+    cfg = cfg.model_copy(deep=True)
+    cfg.serve.port, cfg.serve.cpus_per_replica = port, 0.25
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(deployment(cfg).bind(cfg.model_dump(mode="json")), name=name, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        assert wait_ready(url, timeout=60)
+        yield url
+    finally:
+        serve.shutdown()

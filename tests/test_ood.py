@@ -5,8 +5,6 @@ on Ray Serve (with the prediction log and the metric) and the web page in headle
 
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -15,61 +13,11 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 import requests
-from PIL import Image
 
 from hotdog_ray import predlog, registry
-from hotdog_ray.config import Config, load_config
 from hotdog_ray.predict import Predictor
-from hotdog_ray.prepare import write_sample
-from hotdog_ray.train import TrainOutcome, run_training
-from tests.helpers import browser_session, free_port, mlflow_store, total, wait_until
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def jpeg(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-@dataclass
-class Digits:
-    cfg: Config
-    outcome: TrainOutcome
-    predictor: Predictor
-    test_files: list[Path]
-    pagoda: bytes
-
-
-@pytest.fixture(scope="module")
-def digits(ray_session, tmp_path_factory) -> Digits:
-    from sklearn.datasets import load_sample_image
-
-    tmp = tmp_path_factory.mktemp("ood")
-    write_sample(str(tmp / "data"))
-    cfg = load_config(
-        REPO / "configs" / "sample.yaml",
-        [
-            f"data.root={tmp / 'data'}",
-            f"tracking.uri={mlflow_store(tmp)}",
-            f"train.storage_path={tmp / 'checkpoints'}",
-            f"data.cache.root={tmp / 'cache'}",
-            f"prediction_log.location={tmp / 'answers'}",
-            "prediction_log.flush_interval_s=0.5",
-            "train.num_workers=0",  # the loop in the driver: no worker group to start
-            "train.epochs=8",
-        ],
-    )
-    outcome = run_training(cfg)
-    registry.set_alias(cfg.tracking, outcome.model_version)
-    return Digits(
-        cfg=cfg,
-        outcome=outcome,
-        predictor=Predictor.from_config(cfg, device="cpu"),
-        test_files=sorted((tmp / "data" / "test").rglob("*.png")),
-        pagoda=jpeg(load_sample_image("china.jpg")),
-    )
+from tests.conftest import Digits
+from tests.helpers import browser_session, serve_app, total, wait_until
 
 
 def test_training_calibrates_keeps_every_answer_and_stores_the_threshold(digits):
@@ -159,19 +107,8 @@ def test_a_scoring_row_flags_the_pagoda(digits, tmp_path):
 
 @pytest.fixture(scope="module")
 def served(digits):
-    from ray import serve
-
-    from hotdog_ray.server.launch import deployment, wait_ready
-
-    port = free_port()
-    cfg = digits.cfg.model_copy(deep=True)
-    cfg.serve.port, cfg.serve.cpus_per_replica = port, 0.25
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(deployment(cfg).bind(cfg.model_dump(mode="json")), name="ood", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    assert wait_ready(url, timeout=60)
-    yield url
-    serve.shutdown()
+    with serve_app(digits.cfg, "ood") as url:
+        yield url
 
 
 def test_predict_flags_the_pagoda_logs_it_and_counts_it(digits, served):

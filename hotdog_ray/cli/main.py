@@ -150,6 +150,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = command(
+        "feedback",
+        "release_commands:cmd_feedback",
+        "export the prediction log's labelled answers into a dated dataset folder (data.extra_roots)",
+        True,
+    )
+    p.add_argument("action", choices=["export"])
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "retrain",
+        "release_commands:cmd_retrain",
+        "if new labels or drift call for it, fine-tune the champion on them into the challenger",
+        True,
+    )
+    p.add_argument("--force", action="store_true", help="retrain whatever the triggers say")
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "gate",
+        "release_commands:cmd_gate",
+        "check a registered version against the champion: accuracy with intervals, every class's "
+        "recall, invariance, live figures (exit 4 when it fails)",
+        True,
+    )
+    p.add_argument("version", help="the candidate's registry version")
+    p.add_argument("--data", help="dataset root of the test split (default: data.root)")
+    p.add_argument("--json", action="store_true")
+
+    p = command(
         "rollout",
         "release_commands:cmd_rollout",
         "the challenger against the champion on live traffic (rollout.mode)",

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from hotdog_ray import promote, registry, rollout
+from hotdog_ray import feedback, gate, model_store, promote, registry, retrain, rollout
 from hotdog_ray.cli.common import config_from_args
 from hotdog_ray.errors import ModelError
 from hotdog_ray.score import run_date
@@ -35,6 +35,47 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+GATE_FAILED = 4  # the exit status of a candidate the gate refuses
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+
+    cfg = config_from_args(args)
+    t = cfg.tracking
+    version = registry.alias_version(t)
+    if version is None:
+        raise ModelError(
+            f"{t.registered_model} has no {t.alias!r} version: its classes name the export's folders"
+        )
+    classes = model_store.load_model(t, f"models:/{t.registered_model}/{version}").classes
+    summary = feedback.export(cfg, classes)
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.line())
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+
+    outcome = retrain.retrain(config_from_args(args), force=args.force)
+    if args.json:
+        print(json.dumps(outcome.to_dict(), indent=2))
+    elif outcome.retrained:
+        print(
+            f"retrained version {outcome.champion} ({outcome.reason}): version {outcome.candidate} "
+            "is the challenger; hotdog gate judges it"
+        )
+    else:
+        print(outcome.reason)
+    return 0
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+
+    cfg = config_from_args(args)
+    report = gate.run_gate(cfg, args.version, data_root=args.data)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.passed else GATE_FAILED
+
+
 def cmd_rollout(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
@@ -61,6 +102,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         "accuracy": accuracy,
         "promotable": allowed,
         "why": why,
+        "gate": gate.recorded(cfg, challenger),
     }
     if args.json:
         print(json.dumps(out, indent=2))
@@ -82,4 +124,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             f"median confidence {fmt(out['median_confidence'][role], '.3f')}{labelled}"
         )
     print(f"  {'promotable' if allowed else 'not promotable'}: {why}")
+    recorded = out["gate"]
+    if recorded:
+        print(
+            f"  gate: {recorded.get(gate.GATE_TAG)} against champion version {recorded.get(gate.CHAMPION_TAG)}: "
+            f"{recorded.get(gate.REASONS_TAG)}"
+        )
+    else:
+        print(f"  gate: not run for version {challenger} (hotdog gate {challenger})")
     return 0

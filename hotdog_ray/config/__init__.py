@@ -19,7 +19,13 @@ from hotdog_ray.config.loading import (
     migrate,
     parse_override,
 )
-from hotdog_ray.config.operations import DEFAULT_TRACKING_URI, MonitorSettings, TrackingSettings
+from hotdog_ray.config.operations import (
+    DEFAULT_TRACKING_URI,
+    GateSettings,
+    MonitorSettings,
+    RetrainSettings,
+    TrackingSettings,
+)
 from hotdog_ray.config.serving import (
     AutoscalingSettings,
     LimitsSettings,
@@ -42,7 +48,9 @@ __all__ = [
     "DataSettings",
     "LimitsSettings",
     "ModelSettings",
+    "GateSettings",
     "MonitorSettings",
+    "RetrainSettings",
     "PredictSettings",
     "PredictionLogSettings",
     "RolloutSettings",

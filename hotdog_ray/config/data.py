@@ -73,6 +73,11 @@ class DataSettings(Section):
     """Where the images are and how they become tensors."""
 
     root: str = Field("data/sample", description="dataset root: local path, file://, s3:// or gs:// URI")
+    extra_roots: list[str] = Field(
+        default_factory=list,
+        description="more roots on the same store whose train/<class>/ images join the training split "
+        "(labelled feedback exported by hotdog feedback export)",
+    )
     image_size: int = Field(32, ge=8, le=1024, description="square side the images are resized to")
     rescale: Literal["unit", "symmetric"] = Field(
         "unit", description="unit: x/255 in [0, 1]; symmetric: x/127.5-1 in [-1, 1]"

@@ -56,3 +56,54 @@ class MonitorSettings(Section):
         description="hotdog score waits this long after a run so that Prometheus scrapes its hotdog_score_* "
         "series before the job's Ray goes (a nightly RayJob on Kubernetes: at least two scrape intervals)",
     )
+
+
+class GateSettings(Section):
+    """The promotion gate (``hotdog gate``): a candidate against the champion by more than one number."""
+
+    accuracy_margin: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="the candidate's accuracy and balanced accuracy may trail by at most this",
+    )
+    recall_margin: float = Field(
+        0.05, ge=0, le=1, description="no class's recall may drop by more than this (the slice check)"
+    )
+    invariance_margin: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="the share of test images whose label survives a flip, a brightness change or a crop "
+        "may trail the champion's by at most this",
+    )
+    bootstrap_samples: int = Field(
+        1000, ge=100, le=100_000, description="resamples for the confidence intervals"
+    )
+    min_live_requests: int = Field(
+        0, ge=0, description="shadow requests the live checks need (0: decide on the test split alone)"
+    )
+    max_p99_latency_ms: float | None = Field(
+        None, gt=0, description="the candidate's p99 latency on live traffic must stay under this"
+    )
+
+
+class RetrainSettings(Section):
+    """Closing the loop (``hotdog feedback export``, ``hotdog retrain``): when labelled feedback or
+    drift start a fine-tune of the champion."""
+
+    data_root: str | None = Field(
+        None,
+        description="where exported feedback goes, a dated folder a run (default: <prediction_log.location>/training-data)",
+    )
+    min_new_labels: int = Field(
+        50,
+        ge=1,
+        description="retrain once this many labelled images came in since the champion was registered",
+    )
+    drift_days: int = Field(7, ge=1, description="the days of drift checks looked at")
+    min_drift_days: int = Field(2, ge=1, description="retrain once this many of them were flagged")
+    epochs: int = Field(5, ge=1, description="epochs of the fine-tune from the champion's weights")
+    high_confidence: float = Field(
+        0.9, gt=0, le=1, description="feedback contradicting an answer this sure is counted as a surprise"
+    )
