@@ -84,6 +84,28 @@ def why_not(cfg: "Config", champion: str) -> str:
     )
 
 
+def fine_tune_config(cfg: "Config", meta: dict[str, Any], extra_roots: list[str]) -> "Config":
+    """``cfg`` made to train the champion's network again (its architecture, widths, input size,
+    rescale and classes, from its spec) for ``retrain.epochs``, with ``extra_roots`` added (pure).
+    The optimizer and the rest of training come from ``cfg``: run the job with the champion's preset."""
+    model = {k: meta.get(k) for k in ("name", "filters", "head_units", "dropout", "conv_dropout")}
+    return cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update=model),
+            "data": cfg.data.model_copy(
+                update={
+                    "image_size": meta["image_size"],
+                    "rescale": meta["rescale"],
+                    "classes": list(meta["classes"]),
+                    "max_classes": None,
+                    "extra_roots": [*cfg.data.extra_roots, *extra_roots],
+                }
+            ),
+            "train": cfg.train.model_copy(update={"epochs": cfg.retrain.epochs, "run_name": None}),
+        }
+    )
+
+
 def retrain(cfg: "Config", *, force: bool = False) -> Outcome:
     """Check the triggers and, if one fires, fine-tune the champion into the challenger."""
     t = cfg.tracking
@@ -99,12 +121,7 @@ def retrain(cfg: "Config", *, force: bool = False) -> Outcome:
     bundle = model_store.load_model(t, f"models:/{t.registered_model}/{champion}")
     export = feedback.export(cfg, bundle.classes) if cfg.prediction_log.location else None
     extra = feedback.exported_folders(cfg) if cfg.prediction_log.location or cfg.retrain.data_root else []
-    tuned = cfg.model_copy(
-        update={
-            "data": cfg.data.model_copy(update={"extra_roots": [*cfg.data.extra_roots, *extra]}),
-            "train": cfg.train.model_copy(update={"epochs": cfg.retrain.epochs, "run_name": None}),
-        }
-    )
+    tuned = fine_tune_config(cfg, bundle.meta, extra)
     tags = {FROM_TAG: champion, TRIGGER_TAG: reason[:5000], "kind": "retrain"}
     day = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
     outcome = run_training(
