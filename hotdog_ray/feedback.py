@@ -1,12 +1,12 @@
 """Training data from the field: the prediction log's answers that got a true label (``POST
 /feedback``) exported into the dataset layout (``hotdog feedback export``).
 
-An export writes ``<retrain.data_root>/<YYYY-MM-DD>/train/<true label>/<sha256>.<ext>``: a dataset
+An export writes ``<loop.data_root>/<YYYY-MM-DD>/train/<true label>/<sha256>.<ext>``: a dataset
 root that training adds to ``data.root`` through ``data.extra_roots``. Files are named by the
 image's hash, so an image is exported once however often the export runs or the image was
 labelled (the latest label wins); a labelled answer whose image the log did not keep
 (``prediction_log.images`` off) or whose label the model does not know is counted, never dropped
-silently. Answers the true label contradicts although the model was sure (``retrain.high_confidence``)
+silently. Answers the true label contradicts although the model was sure (``loop.high_confidence``)
 are the most useful ones: they are kept like the others and counted.
 """
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRAINING_DATA = "training-data"  # under prediction_log.location when retrain.data_root is not set
+TRAINING_DATA = "training-data"  # under prediction_log.location when loop.data_root is not set
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,9 @@ class ExportSummary:
 
 
 def data_root(cfg: "Config") -> storage.Location:
-    """Where exports go: ``retrain.data_root``, else ``<prediction_log.location>/training-data``."""
-    if cfg.retrain.data_root:
-        return storage.resolve(cfg.retrain.data_root)
+    """Where exports go: ``loop.data_root``, else ``<prediction_log.location>/training-data``."""
+    if cfg.loop.data_root:
+        return storage.resolve(cfg.loop.data_root)
     if not cfg.prediction_log.location:
         raise ConfigError("prediction_log.location is not set: there is no labelled feedback to export")
     return storage.resolve(cfg.prediction_log.location).join(TRAINING_DATA)
@@ -141,7 +141,7 @@ def export(cfg: "Config", classes: Sequence[str], *, day: dt.date | None = None)
         done.add(item.sha256)
         summary.exported += 1
         summary.per_class[item.label] = summary.per_class.get(item.label, 0) + 1
-        if item.answered != item.label and item.probability >= cfg.retrain.high_confidence:
+        if item.answered != item.label and item.probability >= cfg.loop.high_confidence:
             summary.surprising += 1
     log.info("%s", summary.line())
     return summary

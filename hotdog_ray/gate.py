@@ -1,17 +1,17 @@
 """The promotion gate: a registered candidate against the champion on the same test split, by
 more than one number (``hotdog gate VERSION``).
 
-Checks (thresholds in ``gate.*``), each with both values and pass or fail:
+Checks (thresholds in ``loop.*``), each with both values and pass or fail:
 
 - **accuracy** and **balanced accuracy**, with bootstrap 95% intervals: the candidate may trail by
-  at most ``gate.accuracy_margin``;
-- **slice check**: no class's recall may drop by more than ``gate.recall_margin``;
+  at most ``loop.accuracy_margin``;
+- **slice check**: no class's recall may drop by more than ``loop.recall_margin``;
 - **invariance** (a behavioural test in the style of CheckList): the share of test images whose
-  label stays the same under a horizontal flip, a small brightness change and a small crop may
-  trail the champion's by at most ``gate.invariance_margin``;
-- **live** (once ``gate.min_live_requests`` shadow requests exist): agreement with the champion
+  label stays the same under each of ``loop.invariances`` (a horizontal flip, a 15% brightness
+  change, a 90% centre crop) may trail the champion's by at most ``loop.invariance_margin``;
+- **live** (once ``loop.min_live_requests`` shadow requests exist): agreement with the champion
   (``rollout.min_agreement``), accuracy on labelled requests, and p99 latency under
-  ``gate.max_p99_latency_ms``.
+  ``loop.max_p99_latency_ms``.
 
 The decision and its reasons become tags of the candidate's registry version (``gate``,
 ``gate_reasons``, ``gate_champion``), which ``hotdog rollout report`` shows, and an MLflow run of its
@@ -98,8 +98,8 @@ def crop(images: np.ndarray, keep: float = 0.9) -> np.ndarray:
 
 PERTURBATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "horizontal flip": flip,
-    "brightness +15%": brighter,
-    "centre crop 90%": crop,
+    "brightness": brighter,
+    "crop": crop,
 }
 
 
@@ -154,7 +154,7 @@ def offline_checks(
     ):
         if c is not None and h is not None:
             out.append(not_worse(f"recall of {cls}", c, h, settings.recall_margin, "slice check"))
-    for name in PERTURBATIONS:
+    for name in settings.invariances:
         c = float(np.mean(candidate.perturbed[name] == candidate.labels))
         h = float(np.mean(champion.perturbed[name] == champion.labels))
         out.append(not_worse(f"same label under {name}", c, h, settings.invariance_margin, "invariance"))
@@ -162,8 +162,8 @@ def offline_checks(
 
 
 def live_checks(cfg: "Config", stats: rollout.RolloutStats, accuracy: dict[str, Any] | None) -> list[Check]:
-    """The live checks from a shadow rollout's figures; none below ``gate.min_live_requests``."""
-    g = cfg.gate
+    """The live checks from a shadow rollout's figures; none below ``loop.min_live_requests``."""
+    g = cfg.loop
     if g.min_live_requests == 0 or stats.shadowed < g.min_live_requests:
         return []
     out = [
@@ -224,7 +224,7 @@ class GateReport:
         ]
         if not any("(live)" in c.name for c in self.checks):
             lines.append(
-                f"  live checks not run: {self.live_requests} shadow requests (gate.min_live_requests)"
+                f"  live checks not run: {self.live_requests} shadow requests (loop.min_live_requests)"
             )
         return "\n".join(lines)
 
@@ -252,9 +252,8 @@ def answers_of(cfg: "Config", bundle: "ModelBundle", root: str | None) -> tuple[
             ]
         )
 
-    return y, Answers(
-        labels(images), {name: labels(change(images)) for name, change in PERTURBATIONS.items()}
-    )
+    changed = {name: labels(PERTURBATIONS[name](images)) for name in cfg.loop.invariances}
+    return y, Answers(labels(images), changed)
 
 
 def run_gate(cfg: "Config", version: str, *, data_root: str | None = None) -> GateReport:
@@ -275,10 +274,10 @@ def run_gate(cfg: "Config", version: str, *, data_root: str | None = None) -> Ga
     y_champion, ours = answers_of(cfg, champion, data_root)
     if not np.array_equal(y, y_champion):
         raise ModelError("the champion and the candidate read different test splits")
-    checks = offline_checks(y, theirs, ours, candidate.classes, cfg.gate)
+    checks = offline_checks(y, theirs, ours, candidate.classes, cfg.loop)
     stats = rollout.report(cfg, champion_version, version)
     accuracy = None
-    if cfg.prediction_log.location and stats.shadowed >= max(1, cfg.gate.min_live_requests):
+    if cfg.prediction_log.location and stats.shadowed >= max(1, cfg.loop.min_live_requests):
         _, accuracy = rollout.from_prediction_log(cfg, champion_version, version)
     checks += live_checks(cfg, stats, accuracy)
     return _record(cfg, GateReport(version, champion_version, checks, live_requests=stats.shadowed))

@@ -1,10 +1,10 @@
 """Retraining when the field says so (``hotdog retrain``, ``jobs/retrain.py``).
 
-The triggers (``retrain.*``): at least ``min_new_labels`` labelled images came in since the
+The triggers (``loop.*``): at least ``min_new_labels`` labelled images came in since the
 champion was registered, or drift checks flagged at least ``min_drift_days`` of the last
 ``drift_days`` days, or ``--force``. With none, nothing changes and one line says why. With one,
 the labelled feedback is exported (:mod:`hotdog_ray.feedback`), the champion's weights are
-fine-tuned for ``retrain.epochs`` with every export added to the training split
+fine-tuned for ``loop.epochs`` with every export added to the training split
 (``data.extra_roots``), and the result is registered as a candidate, tagged with the champion it
 started from and the trigger, and made the challenger (``tracking.challenger_alias``), which
 replicas with ``rollout.mode`` shadow and ``hotdog gate`` judges.
@@ -48,13 +48,13 @@ class Outcome:
 
 
 def flagged_days(cfg: "Config", now: float | None = None) -> list[str]:
-    """The days among the last ``retrain.drift_days`` whose drift check (``hotdog drift`` or a
+    """The days among the last ``loop.drift_days`` whose drift check (``hotdog drift`` or a
     nightly scoring run) was flagged, from MLflow."""
     mlflow = registry.client(cfg.tracking)
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is None:
         return []
-    since = dt.date.fromtimestamp(now or time.time()) - dt.timedelta(days=cfg.retrain.drift_days)
+    since = dt.date.fromtimestamp(now or time.time()) - dt.timedelta(days=cfg.loop.drift_days)
     found = mlflow.search_runs([experiment.experiment_id], "metrics.drift_flagged = 1", max_results=1000)
     days = {r.data.tags.get("date", "") for r in found}
     return sorted(d for d in days if d and d > since.isoformat())
@@ -64,12 +64,12 @@ def trigger(cfg: "Config", champion: str, *, force: bool = False) -> str | None:
     """Why to retrain now (None: no trigger fired)."""
     if force:
         return "forced"
-    r = cfg.retrain
+    r = cfg.loop
     created = registry.client(cfg.tracking).get_model_version(cfg.tracking.registered_model, champion)
     since = created.creation_timestamp / 1000
     new = [x for x in feedback.read_labelled(cfg) if x.time > since] if cfg.prediction_log.location else []
     if len(new) >= r.min_new_labels:
-        return f"{len(new)} new labelled images since version {champion} (retrain.min_new_labels {r.min_new_labels})"
+        return f"{len(new)} new labelled images since version {champion} (loop.min_new_labels {r.min_new_labels})"
     days = flagged_days(cfg)
     if len(days) >= r.min_drift_days:
         return f"drift flagged on {len(days)} of the last {r.drift_days} days ({', '.join(days)})"
@@ -77,7 +77,7 @@ def trigger(cfg: "Config", champion: str, *, force: bool = False) -> str | None:
 
 
 def why_not(cfg: "Config", champion: str) -> str:
-    r = cfg.retrain
+    r = cfg.loop
     return (
         f"no trigger: fewer than {r.min_new_labels} labelled images since version {champion}, drift "
         f"flagged on fewer than {r.min_drift_days} of the last {r.drift_days} days (--force retrains anyway)"
@@ -86,7 +86,7 @@ def why_not(cfg: "Config", champion: str) -> str:
 
 def fine_tune_config(cfg: "Config", meta: dict[str, Any], extra_roots: list[str]) -> "Config":
     """``cfg`` made to train the champion's network again (its architecture, widths, input size,
-    rescale and classes, from its spec) for ``retrain.epochs``, with ``extra_roots`` added (pure).
+    rescale and classes, from its spec) for ``loop.epochs``, with ``extra_roots`` added (pure).
     The optimizer and the rest of training come from ``cfg``: run the job with the champion's preset."""
     model = {k: meta.get(k) for k in ("name", "filters", "head_units", "dropout", "conv_dropout")}
     return cfg.model_copy(
@@ -101,7 +101,7 @@ def fine_tune_config(cfg: "Config", meta: dict[str, Any], extra_roots: list[str]
                     "extra_roots": [*cfg.data.extra_roots, *extra_roots],
                 }
             ),
-            "train": cfg.train.model_copy(update={"epochs": cfg.retrain.epochs, "run_name": None}),
+            "train": cfg.train.model_copy(update={"epochs": cfg.loop.epochs, "run_name": None}),
         }
     )
 
@@ -120,7 +120,7 @@ def retrain(cfg: "Config", *, force: bool = False) -> Outcome:
     log.info("retraining version %s: %s", champion, reason)
     bundle = model_store.load_model(t, f"models:/{t.registered_model}/{champion}")
     export = feedback.export(cfg, bundle.classes) if cfg.prediction_log.location else None
-    extra = feedback.exported_folders(cfg) if cfg.prediction_log.location or cfg.retrain.data_root else []
+    extra = feedback.exported_folders(cfg) if cfg.prediction_log.location or cfg.loop.data_root else []
     tuned = fine_tune_config(cfg, bundle.meta, extra)
     tags = {FROM_TAG: champion, TRIGGER_TAG: reason[:5000], "kind": "retrain"}
     day = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")

@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +25,7 @@ import numpy as np
 import ray
 import ray.train
 import ray.tune
+import requests
 import yaml
 from PIL import Image
 
@@ -375,3 +377,35 @@ def serve_app(cfg, name: str) -> Iterator[str]:
         yield url
     finally:
         serve.shutdown()
+
+
+class SteadyClients:
+    """Clients posting one image to ``url`` back to back until stopped: each request's (sent,
+    answered, "200" or the failure), and the request ids of the answers."""
+
+    def __init__(self, url: str, data: bytes, count: int = 4) -> None:
+        self.url, self.data = url, data
+        self.outcomes: list[tuple[float, float, str]] = []
+        self.answered_ids: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def _client(self) -> None:
+        with requests.Session() as http:
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    answer = http.post(self.url, data=self.data, timeout=60)
+                    status = str(answer.status_code)
+                    if answer.status_code == 200:
+                        self.answered_ids.append(answer.json()["request_id"])
+                except requests.RequestException as exc:
+                    status = type(exc).__name__
+                self.outcomes.append((t0, time.monotonic(), status))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=70)

@@ -12,7 +12,7 @@ import pytest
 
 from hotdog_ray import gate, model_store, registry, tracking
 from hotdog_ray.cli import main
-from hotdog_ray.config import GateSettings
+from hotdog_ray.config import LoopSettings
 from hotdog_ray.promote import set_challenger
 from hotdog_ray.train import run_training
 from tests.helpers import set_args
@@ -40,7 +40,7 @@ def test_perturbations_keep_the_shape_and_change_the_pixels():
 
 
 def test_the_offline_checks_name_what_failed():
-    settings = GateSettings(bootstrap_samples=100)
+    settings = LoopSettings(bootstrap_samples=100)
     y = np.array([0] * 50 + [1] * 50)
     champion = gate.Answers(y.copy(), {name: y.copy() for name in gate.PERTURBATIONS})
     same = gate.offline_checks(y, champion, champion, ["a", "b"], settings)

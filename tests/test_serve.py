@@ -31,6 +31,7 @@ from hotdog_ray.registry import set_alias
 from hotdog_ray.server.launch import HAPROXY_ENV, haproxy_threads, wait_ready
 from hotdog_ray.server.shadow import ShadowQueue
 from tests.helpers import (
+    SteadyClients,
     browser_session,
     free_port,
     png,
@@ -815,38 +816,6 @@ def test_web_page_in_headless_chromium(app, tmp_path):
 
 def _current_version(app) -> str:
     return requests.get(app.url + "/model", timeout=10).json()["version"]
-
-
-class SteadyClients:
-    """Clients posting one image to ``url`` back to back until stopped: each request's (sent,
-    answered, "200" or the failure), and the request ids of the answers."""
-
-    def __init__(self, url: str, data: bytes, count: int = 4) -> None:
-        self.url, self.data = url, data
-        self.outcomes: list[tuple[float, float, str]] = []
-        self.answered_ids: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client) for _ in range(count)]
-        for t in self._threads:
-            t.start()
-
-    def _client(self) -> None:
-        with requests.Session() as http:
-            while not self._stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    answer = http.post(self.url, data=self.data, timeout=60)
-                    status = str(answer.status_code)
-                    if answer.status_code == 200:
-                        self.answered_ids.append(answer.json()["request_id"])
-                except requests.RequestException as exc:
-                    status = type(exc).__name__
-                self.outcomes.append((t0, time.monotonic(), status))
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=70)
 
 
 def hotdog_serve_command(tmp_path: Path, port: int) -> list[str]:

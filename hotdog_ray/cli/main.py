@@ -168,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = command(
+        "loop",
+        "release_commands:cmd_loop",
+        "retrain if the field calls for it, shadow the candidate, gate it, promote or reject",
+        True,
+    )
+    p.add_argument("--force", action="store_true", help="retrain whatever the triggers say")
+    p.add_argument("--data", help="dataset root of the gate's test split (default: data.root)")
+    p.add_argument("--json", action="store_true")
+
+    p = command(
         "gate",
         "release_commands:cmd_gate",
         "check a registered version against the champion: accuracy with intervals, every class's "

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from hotdog_ray import feedback, gate, model_store, promote, registry, retrain, rollout
+from hotdog_ray import feedback, feedback_loop, gate, model_store, promote, registry, retrain, rollout
 from hotdog_ray.cli.common import config_from_args
 from hotdog_ray.errors import ModelError
 from hotdog_ray.score import run_date
@@ -65,6 +65,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         )
     else:
         print(outcome.reason)
+    return 0
+
+
+def cmd_loop(args: argparse.Namespace) -> int:
+
+    outcome = feedback_loop.run_loop(config_from_args(args), force=args.force, data_root=args.data)
+    print(json.dumps(outcome.to_dict(), indent=2) if args.json else outcome.line())
     return 0
 
 

@@ -21,9 +21,8 @@ from hotdog_ray.config.loading import (
 )
 from hotdog_ray.config.operations import (
     DEFAULT_TRACKING_URI,
-    GateSettings,
+    LoopSettings,
     MonitorSettings,
-    RetrainSettings,
     TrackingSettings,
 )
 from hotdog_ray.config.serving import (
@@ -48,9 +47,8 @@ __all__ = [
     "DataSettings",
     "LimitsSettings",
     "ModelSettings",
-    "GateSettings",
+    "LoopSettings",
     "MonitorSettings",
-    "RetrainSettings",
     "PredictSettings",
     "PredictionLogSettings",
     "RolloutSettings",

@@ -13,7 +13,7 @@ from pydantic import Field, ValidationError
 
 from hotdog_ray.config.base import Section
 from hotdog_ray.config.data import DataSettings
-from hotdog_ray.config.operations import GateSettings, MonitorSettings, RetrainSettings, TrackingSettings
+from hotdog_ray.config.operations import LoopSettings, MonitorSettings, TrackingSettings
 from hotdog_ray.config.serving import (
     PredictionLogSettings,
     PredictSettings,
@@ -40,8 +40,7 @@ class Config(Section):
     score: ScoreSettings = Field(default_factory=ScoreSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
-    gate: GateSettings = Field(default_factory=GateSettings)
-    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    loop: LoopSettings = Field(default_factory=LoopSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from hotdog_ray.config.base import Section
@@ -58,39 +60,10 @@ class MonitorSettings(Section):
     )
 
 
-class GateSettings(Section):
-    """The promotion gate (``hotdog gate``): a candidate against the champion by more than one number."""
-
-    accuracy_margin: float = Field(
-        0.01,
-        ge=0,
-        le=1,
-        description="the candidate's accuracy and balanced accuracy may trail by at most this",
-    )
-    recall_margin: float = Field(
-        0.05, ge=0, le=1, description="no class's recall may drop by more than this (the slice check)"
-    )
-    invariance_margin: float = Field(
-        0.05,
-        ge=0,
-        le=1,
-        description="the share of test images whose label survives a flip, a brightness change or a crop "
-        "may trail the champion's by at most this",
-    )
-    bootstrap_samples: int = Field(
-        1000, ge=100, le=100_000, description="resamples for the confidence intervals"
-    )
-    min_live_requests: int = Field(
-        0, ge=0, description="shadow requests the live checks need (0: decide on the test split alone)"
-    )
-    max_p99_latency_ms: float | None = Field(
-        None, gt=0, description="the candidate's p99 latency on live traffic must stay under this"
-    )
-
-
-class RetrainSettings(Section):
-    """Closing the loop (``hotdog feedback export``, ``hotdog retrain``): when labelled feedback or
-    drift start a fine-tune of the champion."""
+class LoopSettings(Section):
+    """The closed loop, in one place: when labelled feedback or drift start a fine-tune of the
+    champion (``hotdog retrain``), the gate that judges the candidate (``hotdog gate``), and how long
+    ``hotdog loop`` lets it shadow."""
 
     data_root: str | None = Field(
         None,
@@ -107,3 +80,39 @@ class RetrainSettings(Section):
     high_confidence: float = Field(
         0.9, gt=0, le=1, description="feedback contradicting an answer this sure is counted as a surprise"
     )
+    accuracy_margin: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="the candidate's accuracy and balanced accuracy may trail by at most this",
+    )
+    recall_margin: float = Field(
+        0.05, ge=0, le=1, description="no class's recall may drop by more than this (the slice check)"
+    )
+    invariance_margin: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="the share of test images whose label survives a flip, a brightness change or a crop "
+        "may trail the champion's by at most this",
+    )
+    invariances: list[Literal["horizontal flip", "brightness", "crop"]] = Field(
+        default_factory=lambda: ["horizontal flip", "brightness", "crop"],
+        description="changes the labels must survive: a horizontal flip, a 15% brightness change, a 90% centre "
+        "crop (leave out what your classes do not survive: a flipped digit is another glyph)",
+    )
+    bootstrap_samples: int = Field(
+        1000, ge=100, le=100_000, description="resamples for the confidence intervals"
+    )
+    min_live_requests: int = Field(
+        0, ge=0, description="shadow requests the gate's live checks need (0: decide on the test split alone)"
+    )
+    max_p99_latency_ms: float | None = Field(
+        None, gt=0, description="the candidate's p99 latency on live traffic must stay under this"
+    )
+    shadow_deadline_s: float = Field(
+        3600.0,
+        gt=0,
+        description="hotdog loop waits this long for min_live_requests shadow requests, then decides",
+    )
+    poll_interval_s: float = Field(10.0, gt=0, description="how often hotdog loop reads the shadow figures")
