@@ -259,6 +259,8 @@ def test_kustomization_covers_every_manifest_but_the_documented_ones():
         "rayjob-train.yaml",
         "rayjob-tune.yaml",
         "raycronjob-score.yaml",
+        "rayjob-loop.yaml",
+        "raycronjob-loop.yaml",
         "monitoring.yaml",
     }
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
@@ -302,7 +304,7 @@ def test_the_launcher_may_create_rayjobs_and_nothing_more():
 
 def test_raycronjob_runs_the_same_rayjob_as_the_cronjob():
     """One scoring job, two schedulers: RayCronJob's template is score-rayjob.yaml's spec."""
-    cron = next(d for _, d in k8s_documents() if d["kind"] == "RayCronJob")
+    cron = yaml.safe_load((K8S / "raycronjob-score.yaml").read_text())
     plain = next(d for _, d in k8s_documents() if d["kind"] == "CronJob")
     score = yaml.safe_load((K8S / "score-rayjob.yaml").read_text())
     assert cron["spec"]["jobTemplate"] == score["spec"]
@@ -310,6 +312,19 @@ def test_raycronjob_runs_the_same_rayjob_as_the_cronjob():
         plain["spec"]["schedule"],
         plain["spec"]["timeZone"],
     )
+
+
+def test_the_nightly_loop_runs_the_loop_rayjob_after_the_scoring_run():
+    """The closed loop's RayCronJob is rayjob-loop.yaml's spec, scheduled after the night's scoring
+    (whose drift check is one of its triggers), and its deadline ends a run before the next night's."""
+    cron = yaml.safe_load((K8S / "raycronjob-loop.yaml").read_text())
+    job = yaml.safe_load((K8S / "rayjob-loop.yaml").read_text())
+    assert cron["spec"]["jobTemplate"] == job["spec"]
+    assert job["spec"]["entrypoint"].startswith("python jobs/loop.py ")
+    score = yaml.safe_load((K8S / "raycronjob-score.yaml").read_text())
+    hour = lambda doc: int(doc["spec"]["schedule"].split()[1])  # noqa: E731
+    assert hour(cron) > hour(score) and cron["spec"]["timeZone"] == score["spec"]["timeZone"]
+    assert job["spec"]["activeDeadlineSeconds"] < 24 * 3600
 
 
 @pytest.mark.parametrize("item", [i for i in k8s_documents() if any(pod_specs(i[1]))], ids=_doc_id)
@@ -370,6 +385,8 @@ def test_every_ray_cluster_has_the_settings_shared_memory_and_gpu_wiring():
         "rayservice.yaml",
         "score-rayjob.yaml",
         "raycronjob-score.yaml",
+        "rayjob-loop.yaml",
+        "raycronjob-loop.yaml",
     }
     gpu_groups = 0
     for name, cluster in clusters:
