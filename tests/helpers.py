@@ -159,13 +159,31 @@ def tiny_model(classes: Sequence[str], seed: int = 0):
     return build_model("first_cnn", len(classes), 16, filters=4).eval()
 
 
-def register_model(cfg, model, classes: Sequence[str], name: str = "test-model") -> tuple[str, str]:
-    """Log ``model`` in a new run of ``cfg``'s store and register it: (run id, version)."""
-    from hotdog_ray import model_store, tracking
-    from hotdog_ray.bundle import model_meta
+def register_model(
+    cfg, model, classes: Sequence[str], name: str = "test-model", ood_threshold: float | None = None
+) -> tuple[str, str]:
+    """Log ``model`` in a new run of ``cfg``'s store and register it: (run id, version). With
+    ``ood_threshold`` it carries an OOD bank (its features of a few random images) and that
+    threshold (below 0: every answer is flagged out of distribution)."""
+    import torch
 
+    from hotdog_ray import confidence, model_store, tracking
+    from hotdog_ray.bundle import model_meta
+    from hotdog_ray.images import to_model_input
+    from hotdog_ray.models import logits_and_features
+
+    meta, bank = model_meta(cfg, list(classes)), None
+    if ood_threshold is not None:
+        size = meta["image_size"]
+        pixels = torch.from_numpy(
+            np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+        )
+        with torch.inference_mode():
+            _, features = logits_and_features(model, to_model_input(pixels, meta["rescale"]))
+        bank = confidence.normalise(features.numpy())
+        meta |= confidence.Calibration(ood_threshold=ood_threshold).meta()
     with tracking.run(cfg.tracking, name=name) as run:
-        model_store.log_model(run, model, model_meta(cfg, list(classes)))
+        model_store.log_model(run, model, meta, bank)
     return run.id, model_store.register(cfg.tracking, run.id)
 
 
