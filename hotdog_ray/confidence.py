@@ -74,28 +74,22 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature:
 def fit_temperature(
     logits: np.ndarray, labels: np.ndarray, *, low: float = 0.05, high: float = 20.0
 ) -> float:
-    """The temperature in [low, high] that minimises the negative log-likelihood of ``labels``.
+    """The temperature in [low, high] that minimises the negative log-likelihood of ``labels``
+    (a bounded search over log T, where the likelihood is unimodal); no images: 1.0."""
+    # Here, not at the top: the scoring actor imports this module for Calibration, and scipy.optimize
+    # would double its import time.
+    from scipy.optimize import minimize_scalar  # noqa: PLC0415 - training only; keeps the scoring actor's start short
 
-    The likelihood is unimodal in log T, so a golden-section search finds it without a gradient;
-    no images: 1.0.
-    """
     labels = np.asarray(labels, np.int64)
     if len(labels) == 0:
         return 1.0
-    a, b = np.log(low), np.log(high)
-    ratio = (np.sqrt(5) - 1) / 2
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    nll = {x: negative_log_likelihood(logits, labels, float(np.exp(x))) for x in (c, d)}
-    for _ in range(60):
-        if nll[c] < nll[d]:
-            b, d = d, c
-            c = b - ratio * (b - a)
-            nll[c] = negative_log_likelihood(logits, labels, float(np.exp(c)))
-        else:
-            a, c = c, d
-            d = a + ratio * (b - a)
-            nll[d] = negative_log_likelihood(logits, labels, float(np.exp(d)))
-    return float(np.exp((a + b) / 2))
+    found = minimize_scalar(
+        lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t))),
+        bounds=(np.log(low), np.log(high)),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    return float(np.exp(found.x))
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> list[dict[str, float]]:
@@ -175,8 +169,10 @@ class Calibration:
             method=str(ood.get("method", KNN)),
         )
 
-    def in_distribution(self, scores: np.ndarray) -> np.ndarray:
-        return np.asarray(scores) <= self.ood_threshold
+    def in_distribution(self, scores: np.ndarray | float) -> np.ndarray:
+        """Whether each score is within the threshold; a NaN score (a graph exported before the
+        score existed, or an image that failed) is never flagged."""
+        return ~(np.asarray(scores, np.float64) > self.ood_threshold)
 
 
 def calibrate(
@@ -209,5 +205,5 @@ def calibration_report(
         "brier_uncalibrated": brier_score(raw, labels),
         "brier": brier_score(probs, labels),
         "temperature": calibration.temperature,
-        "in_distribution_rate": float(np.mean(~(scores > calibration.ood_threshold))) if len(scores) else 1.0,
+        "in_distribution_rate": float(np.mean(calibration.in_distribution(scores))) if len(scores) else 1.0,
     }

@@ -90,14 +90,14 @@ def prediction_from(
     probs, ood = scores
     order = np.argsort(-probs, kind="stable")
     best = int(order[0])
-    known = ood is not None and np.isfinite(ood)
+    known = bool(np.isfinite(ood))
     return Prediction(
         label=classes[best],
         probability=float(probs[best]),
         probabilities={c: float(p) for c, p in zip(classes, probs)},
         top_k=[{"label": classes[i], "probability": float(probs[i])} for i in order[:k]],
         ood_score=float(ood) if known else None,
-        in_distribution=bool(calibration.in_distribution(ood)) if known else True,
+        in_distribution=bool(calibration.in_distribution(ood)),
     )
 
 

@@ -47,8 +47,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 "probability": [float(probs[i, b]) if b >= 0 else np.nan for i, b in enumerate(best)],
                 **{probability_column(c): probs[:, j].astype(np.float64) for j, c in enumerate(p.classes)},
                 "ood_score": ood,
-                # NaN (a failed image, or a model exported before the score) is never flagged
-                "in_distribution": ~(ood > p.calibration.ood_threshold),
+                "in_distribution": p.calibration.in_distribution(ood),
             }
         )
         if not ok.all():

@@ -73,7 +73,7 @@ class Scorer:
             self.forward = predictor.predict_arrays
             self.forward_tensor = predictor.predict_tensor
         self.classes = list(meta["classes"])
-        self.ood_threshold = Calibration.of(meta).ood_threshold
+        self.calibration = Calibration.of(meta)
         self.model_name, self.model_version = model  # as the driver's predictor names them
         self.score_id = score_id
 
@@ -122,7 +122,7 @@ class Scorer:
                 "probability": pa.array(probs[np.arange(n), best], pa.float32(), mask=failed),
                 "probabilities": probabilities,
                 "ood_score": pa.array(ood, pa.float32(), mask=~known),
-                "in_distribution": pa.array(~(ood > self.ood_threshold), pa.bool_(), mask=failed),
+                "in_distribution": pa.array(self.calibration.in_distribution(ood), pa.bool_(), mask=failed),
                 "model_name": same(self.model_name, pa.string()),
                 "model_version": same(self.model_version, pa.string()),
                 "score_id": same(self.score_id, pa.string()),
