@@ -14,13 +14,22 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import BUCKET, free_port, k8s_manifest, mlflow_store, ray_client_env, wait_http
+from tests.helpers import (
+    BUCKET,
+    free_port,
+    k8s_manifest,
+    mlflow_store,
+    postgres_bin,
+    postgres_database,
+    ray_client_env,
+    wait_http,
+)
 from tests.imagegen import write_image_tree
 
 if TYPE_CHECKING:
@@ -127,9 +136,24 @@ def pytest_collection_modifyitems(config, items):
     )
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str | None]:
+    """A real PostgreSQL for the session (the MLflow store of the operations guide and of k8s/), or
+    None where Debian's package is not installed; `.ci/run` installs it and sets
+    HOTDOG_REQUIRE_POSTGRES, so CI never runs without."""
+    if postgres_bin() is None:
+        if os.environ.get("HOTDOG_REQUIRE_POSTGRES"):
+            pytest.fail("HOTDOG_REQUIRE_POSTGRES is set and PostgreSQL is not installed")
+        yield None
+        return
+    with postgres_database() as uri:
+        yield uri
+
+
 @pytest.fixture(scope="module")
-def mlflow_server(s3_server, tmp_path_factory):
-    """The tracking server, run with k8s/mlflow.yaml's own command and environment (artifacts to S3),
+def mlflow_server(s3_server, postgres, tmp_path_factory):
+    """The tracking server, run with k8s/mlflow.yaml's own command and environment (artifacts to S3,
+    the store PostgreSQL through the Secret's URI form, SQLite where no PostgreSQL is installed),
     for the module; stopped by process id."""
     deployment = k8s_manifest("mlflow.yaml", "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -143,7 +167,7 @@ def mlflow_server(s3_server, tmp_path_factory):
         pass
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     # Stand-ins for the optional Secrets: a store of our own, moto's credentials.
-    env["MLFLOW_BACKEND_STORE_URI"] = mlflow_store(tmp_path_factory.mktemp("mlflow"))
+    env["MLFLOW_BACKEND_STORE_URI"] = postgres or mlflow_store(tmp_path_factory.mktemp("mlflow"))
     env.update(
         AWS_ENDPOINT_URL=s3_server.endpoint,
         AWS_ACCESS_KEY_ID="testing",

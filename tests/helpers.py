@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -13,10 +14,12 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
@@ -427,3 +430,72 @@ class SteadyClients:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=70)
+
+
+def postgres_bin() -> Path | None:
+    """The folder of Debian's PostgreSQL server programs (``initdb``, ``postgres``), newest first."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else None
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A PostgreSQL server of its own on loopback, with a password-protected role and database
+    ``mlflow``; yields the URI in the form the operations guide and ``k8s/secrets.example.yaml`` give
+    (``postgresql://mlflow:PASSWORD@HOST:PORT/mlflow``). Stopped by process id (SIGTERM: a smart
+    shutdown)."""
+    bin_dir = postgres_bin()
+    assert bin_dir is not None, "PostgreSQL is not installed (Debian's package: postgresql)"
+    # PostgreSQL refuses to run as root: as root, run it as Debian's `postgres` user.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    # A folder of its own in /tmp: pytest's are private to their owner, and the server's user must enter it.
+    folder = Path(tempfile.mkdtemp(prefix="hotdog-postgres-"))
+    password = uuid.uuid4().hex
+    (folder / "pw").write_text(password)
+    if as_user:
+        pg = pwd.getpwnam("postgres")
+        os.chown(folder, pg.pw_uid, pg.pw_gid)
+        os.chown(folder / "pw", pg.pw_uid, pg.pw_gid)
+    data = folder / "data"
+    init = subprocess.run(
+        [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "mlflow", f"--pwfile={folder / 'pw'}"]
+        + ["--auth=scram-sha-256", "-E", "UTF8"],
+        capture_output=True,
+        text=True,
+    )
+    assert init.returncode == 0, init.stdout + init.stderr
+    port = free_port()
+    proc = subprocess.Popen(
+        [*as_user, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(folder)]
+        + ["-c", "listen_addresses=127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    env = {**os.environ, "PGPASSWORD": password}
+    try:
+        wait_until(
+            lambda: (
+                proc.poll() is not None
+                or subprocess.run(
+                    [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True
+                ).returncode
+                == 0
+            ),
+            timeout=30,
+            message="PostgreSQL did not start",
+        )
+        assert proc.poll() is None, proc.stderr.read().decode()
+        subprocess.run(
+            [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        yield f"postgresql://mlflow:{password}@127.0.0.1:{port}/mlflow"
+    finally:
+        proc.terminate()  # runuser passes SIGTERM on to the server
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(folder, ignore_errors=True)

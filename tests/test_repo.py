@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,3 +63,64 @@ def test_no_test_file_is_named_like_a_ray_process():
     here = Path(__file__).resolve().parent
     names = [str(p.relative_to(here.parent)) for p in here.rglob("*.py")]
     assert not [(n, k) for n in names for k in keywords if k in n]
+
+
+def test_every_install_uses_the_constraints_file_which_pins_what_pyproject_asks_for():
+    for command in quickstart_commands():
+        assert "pip install -q -c constraints.txt -e " in command, command
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[_canonical(name)] = version
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = pyproject["dependencies"] + [
+        r for extra in pyproject["optional-dependencies"].values() for r in extra
+    ]
+    missing = [r for r in wanted if _canonical(re.split(r"[\[<>=!~ ;]", r, maxsplit=1)[0]) not in pins]
+    assert not missing, f"not pinned in constraints.txt (regenerate it, see its header): {missing}"
+
+
+def test_every_third_party_module_the_code_imports_is_declared_in_pyproject():
+    """Imports of the package, tests, benchmarks, jobs and the Serve config against the distributions
+    pyproject.toml declares (dependencies and every extra): an undeclared one works here only because
+    something else happened to install it."""
+    import sys
+    from importlib.metadata import packages_distributions
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {
+        _canonical(re.split(r"[\[<>=!~ ;]", r, maxsplit=1)[0])
+        for r in pyproject["dependencies"]
+        + [r for e in pyproject["optional-dependencies"].values() for r in e]
+    }
+    folders = ("hotdog_ray", "tests", "bench", "jobs", "serving")
+    local = set(folders) | {f.stem for d in folders for f in (ROOT / d).rglob("*.py")}
+    distributions = packages_distributions()
+    undeclared = {}
+    for folder in folders:
+        for file in (ROOT / folder).rglob("*.py"):
+            if "kuberay-crds" in file.parts:
+                continue
+            for module in _imported_modules(file):
+                if module in sys.stdlib_module_names or module in local:
+                    continue
+                names = {_canonical(d) for d in distributions.get(module, [module])}
+                if not names & declared:
+                    undeclared.setdefault(module, file.relative_to(ROOT).as_posix())
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+
+
+def _imported_modules(file: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.add(node.module.split(".")[0])
+    return modules
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
