@@ -37,6 +37,10 @@ class TrainingError(HotdogError, RuntimeError):
     """Training stopped and cannot go on by itself (diverged, or out of retries)."""
 
 
+class TrackingError(HotdogError, RuntimeError):
+    """The MLflow store cannot be used: unreachable, or its URI names no store MLflow knows."""
+
+
 class ModelError(HotdogError, LookupError):
     """A model reference that names no model in the tracking store, or a bundle that cannot load."""
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from hotdog_ray.config import DEFAULT_TRACKING_URI, TrackingSettings
-from hotdog_ray.errors import ModelError
+from hotdog_ray.errors import ModelError, TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,49 @@ def tracking_uri(tracking: TrackingSettings) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix) :]).absolute())
     return uri
+
+
+# What MLflow can store runs in, by URI scheme (a SQLAlchemy URI may name its driver: postgresql+psycopg).
+STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "file", "http", "https", "databricks")
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # the servers' default ports
+
+
+def check_store(tracking: TrackingSettings, timeout: float = 5.0) -> None:
+    """Fail in seconds, with a :class:`TrackingError` saying what to do, where the store cannot
+    work: an unknown scheme, a SQLite file in a missing folder, a server that does not answer.
+    MLflow itself retries an unreachable server for minutes before it gives up."""
+    uri = tracking_uri(tracking)
+    scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0] if "://" in uri else "file"
+    if scheme not in STORE_SCHEMES:
+        raise TrackingError(
+            f"tracking.uri {uri!r}: MLflow has no store for {scheme!r}; use sqlite:///PATH, "
+            "http(s)://HOST:PORT (an mlflow server) or postgresql://USER:PASSWORD@HOST:PORT/DB"
+        )
+    if scheme == "sqlite":
+        folder = Path(uri[len("sqlite:///") :]).parent
+        if not folder.is_dir():
+            raise TrackingError(f"tracking.uri {uri!r}: the folder {folder} does not exist; create it first")
+    if scheme in DATABASE_PORTS:
+        where = urllib.parse.urlsplit(uri)
+        address = (where.hostname or "localhost", where.port or DATABASE_PORTS[scheme])
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+        except OSError as exc:
+            raise TrackingError(
+                f"the MLflow store's database at {address[0]}:{address[1]} does not answer ({exc}): "
+                "start it, or correct tracking.uri / MLFLOW_TRACKING_URI"
+            ) from exc
+    if scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # it answers: a server without /health (a hosted MLflow) is still a server
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"MLflow tracking server {uri} does not answer ({reason}): start it (mlflow server "
+                "--port ...) or point tracking.uri / MLFLOW_TRACKING_URI at a running one"
+            ) from exc
 
 
 def client(tracking: TrackingSettings) -> MlflowClient:

@@ -68,7 +68,7 @@ def test_every_user_error_is_a_hotdog_error_and_exits_2(capsys):
     from hotdog_ray import errors
 
     user_errors = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
-    assert len(user_errors) == 10 and all(issubclass(c, errors.HotdogError) for c in user_errors)
+    assert len(user_errors) == 11 and all(issubclass(c, errors.HotdogError) for c in user_errors)
     assert main(["config", "--set", "train.epochs=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.epochs" in err[0]

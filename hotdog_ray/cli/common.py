@@ -7,10 +7,27 @@ import argparse
 from hotdog_ray.config import Config, dump_config, load_config
 from hotdog_ray.errors import ConfigError
 from hotdog_ray.process import lost_results
+from hotdog_ray.registry import check_store
+from hotdog_ray.server import preflight
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """The config of ``--config`` and ``--set``."""
     return load_config(args.config, args.overrides)
+
+
+def check_store_of(args: argparse.Namespace) -> None:
+    """For a command that uses the MLflow store: a one-line error within seconds when the store of
+    its config cannot work (see :func:`hotdog_ray.registry.check_store`)."""
+    check_store(config_from_args(args).tracking)
+
+
+def check_serve(args: argparse.Namespace) -> None:
+    """``hotdog serve``'s checks before Ray starts: a free port, a model to serve (a warning)."""
+    cfg = config_from_args(args)
+    if args.model:
+        cfg.serve.model_uri = args.model
+    preflight.check(cfg)
 
 
 def refuse_lost_results(cfg: Config, command: str) -> None:

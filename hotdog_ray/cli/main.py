@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from hotdog_ray import __version__
 from hotdog_ray.errors import HotdogError
@@ -29,15 +30,37 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line that points at ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hotdog", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="hotdog", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"hotdog-ray {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    def command(name: str, handler: str, help: str, config: bool = False) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: str, help: str, config: bool = False, store: bool = False, before: str = ""
+    ) -> argparse.ArgumentParser:
+        """A subcommand; ``store``: it uses the MLflow store, checked before it runs; ``before``:
+        ``module:function`` of further checks, run before the handler's module is imported."""
         p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, store=store, before=before)
         if config:
             add_config_args(p)
         return p
@@ -84,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train_commands:cmd_train",
         "train a model with Ray Train, track it in MLflow, evaluate on test",
         True,
+        store=True,
     )
     p.add_argument("--run-name", help="rerunning a name resumes it from its latest checkpoint")
     p.add_argument("--no-register", action="store_true", help="do not register the model version")
@@ -110,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train_commands:cmd_evaluate",
         "test-split metrics of a registered model, run or bundle",
         True,
+        store=True,
     )
     p.add_argument(
         "--model",
@@ -124,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train_commands:cmd_tune",
         "search filters, dropout and learning rate with Ray Tune and ASHA; promote the best",
         True,
+        store=True,
     )
     p.add_argument("--name", help="sweep name (default: tune.name, else a new one)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of that name")
@@ -134,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "release_commands:cmd_promote",
         "move the registry alias to a run's model if it beats the champion on test",
         True,
+        store=True,
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="MLflow run id whose logged model is the candidate")
@@ -163,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "release_commands:cmd_retrain",
         "if new labels or drift call for it, fine-tune the champion on them into the challenger",
         True,
+        store=True,
     )
     p.add_argument("--force", action="store_true", help="retrain whatever the triggers say")
     p.add_argument("--json", action="store_true")
@@ -172,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "release_commands:cmd_loop",
         "retrain if the field calls for it, shadow the candidate, gate it, promote or reject",
         True,
+        store=True,
     )
     p.add_argument("--force", action="store_true", help="retrain whatever the triggers say")
     p.add_argument("--data", help="dataset root of the gate's test split (default: data.root)")
@@ -183,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check a registered version against the champion: accuracy with intervals, every class's "
         "recall, invariance, live figures (exit 4 when it fails)",
         True,
+        store=True,
     )
     p.add_argument("version", help="the candidate's registry version")
     p.add_argument("--data", help="dataset root of the test split (default: data.root)")
@@ -205,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train_commands:cmd_runs",
         "recent training runs, sweeps and trials with their key metrics",
         True,
+        store=True,
     )
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=positive_int, default=20, help="at most this many rows (default: 20)")
     p.add_argument("--json", action="store_true")
 
     p = command(
@@ -214,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve_commands:cmd_score",
         "score a night's images with the promoted model into a Parquet partition",
         True,
+        store=True,
     )
     p.add_argument(
         "--input", help="prefix or list file of images; {date} becomes the run date (default: score.input)"
@@ -229,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve_commands:cmd_drift",
         "compare a day's answers with the model's validation profile (PSI); exit 3 when flagged",
         True,
+        store=True,
     )
     p.add_argument("--date", help="YYYY-MM-DD, today (default) or yesterday; UTC")
     p.add_argument(
@@ -244,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve_commands:cmd_serve",
         "serve the promoted model over HTTP with Ray Serve (API, web page, hot reload)",
         True,
+        store=True,
+        before="common:check_serve",
     )
     p.add_argument("--model", help="model to serve instead of serve.model_uri (default: the registry alias)")
 
@@ -254,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace) -> int:
     """Runs the parsed command: its handler, ``module:function`` in this package, imported now."""
     module, _, name = args.handler.partition(":")
+    if args.store:
+        # Before the command's own module, which may take seconds to import (torch, Ray): a wrong
+        # tracking.uri then fails at once.
+        importlib.import_module("hotdog_ray.cli.common").check_store_of(args)
+    if args.before:
+        check_module, _, check = args.before.partition(":")
+        getattr(importlib.import_module(f"hotdog_ray.cli.{check_module}"), check)(args)
     return getattr(importlib.import_module(f"hotdog_ray.cli.{module}"), name)(args)
 
 
@@ -272,6 +314,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args)
     except HotdogError as exc:
         print(f"hotdog {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not type(exc).__module__.startswith("mlflow.") or args.verbose:
+            raise
+        # MLflow's own errors are about the store or a name in it; its message, one line (-v: the traceback).
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"hotdog {args.command}: error: MLflow: {first} (-v shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hotdog {args.command}: interrupted", file=sys.stderr)

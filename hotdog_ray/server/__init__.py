@@ -7,7 +7,7 @@ challenger) and reloads it; :mod:`~hotdog_ray.server.batching` groups requests i
 nothing of Ray, so the same routes also run in one plain uvicorn process (``bench/serve.py``'s
 baseline); :mod:`~hotdog_ray.server.replica` is the Serve ingress and
 :mod:`~hotdog_ray.server.launch` starts it (``hotdog serve``, and ``build_app``, the import path of
-``serving/serve_config.yaml``).
+``serving/serve_config.yaml``), after :mod:`~hotdog_ray.server.preflight`'s checks.
 
 Hot reload: every ``serve.reload_interval_s`` a replica resolves its model reference (the
 registry alias by default) and, when it names another version, loads it beside the old one and
