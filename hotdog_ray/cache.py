@@ -32,6 +32,7 @@ from hotdog_ray import storage
 from hotdog_ray.data import DatasetLayout, ImagePipeline
 from hotdog_ray.errors import DataError
 from hotdog_ray.process import Progress
+from hotdog_ray.tables import render
 
 if TYPE_CHECKING:
     from hotdog_ray.config import Config, DataSettings
@@ -328,18 +329,26 @@ def list_caches(root: storage.Location) -> list[dict[str, Any]]:
 
 def format_caches(rows: list[dict[str, Any]], where: str) -> str:
     """``hotdog cache ls``'s table of :func:`list_caches` rows (pure)."""
-    lines = [f"decoded-image caches in {where}: {len(rows)}"]
-    if rows:
-        lines.append(
-            f"{'key':<34}{'split':<12}{'size':>6}{'images':>9}{'unreadable':>12}{'MB':>10}  created / dataset"
-        )
-    for r in rows:
-        state = r["created"] if r["finished"] else "unfinished (no manifest)"
-        lines.append(
-            f"{r['key']:<34}{r['split']:<12}{r['image_size'] or '-':>6}{r['images']:>9}{r['unreadable']:>12}"
-            f"{r['bytes'] / 1e6:>10.1f}  {state}  {r['dataset']}"
-        )
-    return "\n".join(lines)
+    head = f"decoded-image caches in {where}: {len(rows)}"
+    if not rows:
+        return head
+    table = render(
+        ["key", "split", "size", "images", "unreadable", "MB", "created", "dataset"],
+        (
+            [
+                r["key"],
+                r["split"],
+                r["image_size"],
+                r["images"],
+                r["unreadable"],
+                f"{r['bytes'] / 1e6:.1f}",
+                r["created"] if r["finished"] else "unfinished (no manifest)",
+                r["dataset"],
+            ]
+            for r in rows
+        ),
+    )
+    return f"{head}\n{table}"
 
 
 def remove(root: storage.Location, key: str) -> int:

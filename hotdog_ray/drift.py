@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from hotdog_ray import predlog, registry, storage, telemetry, tracking
 from hotdog_ray.errors import ConfigError, ModelError
+from hotdog_ray.tables import render
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -131,11 +132,11 @@ class DriftReport:
         if self.ood_share is not None:
             reference = "unknown" if self.reference_ood_share is None else f"{self.reference_ood_share:.3f}"
             lines.append(f"  out-of-distribution share {self.ood_share:.3f}  (validation {reference})")
-        lines += [
-            f"  {'class':<20}{'today':>10}{'reference':>12}",
+        shares = [
+            [c, f"{share:.3f}", f"{self.reference_class_share.get(c, 0.0):.3f}"]
+            for c, share in self.class_share.items()
         ]
-        for c, share in self.class_share.items():
-            lines.append(f"  {c:<20}{share:>10.3f}{self.reference_class_share.get(c, 0.0):>12.3f}")
+        lines += ["", render(["class", "today", "reference"], shares)]
         return "\n".join(lines)
 
 

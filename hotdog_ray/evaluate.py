@@ -14,9 +14,9 @@ from sklearn.metrics import (
     ConfusionMatrixDisplay,
     accuracy_score,
     balanced_accuracy_score,
+    classification_report,
     confusion_matrix,
     f1_score,
-    precision_recall_fscore_support,
 )
 
 from hotdog_ray import cache, confidence
@@ -24,6 +24,7 @@ from hotdog_ray.data import ImagePipeline, discover
 from hotdog_ray.models import logits_and_features, probabilities
 from hotdog_ray.predict import Predictor, Scores
 from hotdog_ray.runtime import init_ray
+from hotdog_ray.tables import render
 
 if TYPE_CHECKING:
     from hotdog_ray.bundle import ModelBundle
@@ -42,9 +43,10 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) 
     y_pred = np.asarray(y_pred)
     labels = list(range(len(classes)))
     counts = np.bincount(y_true, minlength=len(classes))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    report = dict(
+        labels=labels, target_names=list(classes), zero_division=0, digits=3
+    )  # one call for the table and the numbers, so they never disagree
+    per_class = classification_report(y_true, y_pred, output_dict=True, **report)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
@@ -53,39 +55,46 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) 
         "majority_class": classes[int(counts.argmax())],
         "num_images": int(len(y_true)),
         "per_class": [
-            {"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for c, p, r, f, s in zip(classes, precision, recall, f1, support)
+            {
+                "class": c,
+                "precision": float(per_class[c]["precision"]),
+                "recall": float(per_class[c]["recall"]),
+                "f1": float(per_class[c]["f1-score"]),
+                "support": int(per_class[c]["support"]),
+            }
+            for c in classes
         ],
+        "classification_report": classification_report(y_true, y_pred, **report),
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "classes": list(classes),
     }
 
 
 def format_report(m: dict[str, Any]) -> str:
-    """The metrics as the table the recipes print after training."""
-    lines = [
-        f"test images        {m['num_images']}",
-        f"accuracy           {m['accuracy']:.4f}",
-        f"balanced accuracy  {m['balanced_accuracy']:.4f}",
-        f"macro F1           {m['macro_f1']:.4f}",
-        f"majority baseline  {m['majority_baseline']:.4f}  (always '{m['majority_class']}')",
-        "",
-        f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}",
+    """The metrics as the recipes print them after training: the headline figures, scikit-learn's
+    classification report, and calibration before and after temperature scaling."""
+    headline = [
+        ["test images", m["num_images"], ""],
+        ["accuracy", f"{m['accuracy']:.4f}", ""],
+        ["balanced accuracy", f"{m['balanced_accuracy']:.4f}", ""],
+        ["macro F1", f"{m['macro_f1']:.4f}", ""],
+        ["majority baseline", f"{m['majority_baseline']:.4f}", f"always '{m['majority_class']}'"],
     ]
-    for row in m["per_class"]:
-        lines.append(
-            f"{row['class']:<20}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{row['support']:>10}"
-        )
+    parts = [render(["", "", ""], headline), m["classification_report"].rstrip()]
     if "calibration" in m:
         c = m["calibration"]
-        lines += [
-            "",
-            f"{'calibration':<20}{'before':>10}{'after':>10}   (temperature {c['temperature']:.3f})",
-            f"{'ECE':<20}{c['ece_uncalibrated']:>10.4f}{c['ece']:>10.4f}",
-            f"{'Brier score':<20}{c['brier_uncalibrated']:>10.4f}{c['brier']:>10.4f}",
-            f"in distribution    {c['in_distribution_rate']:.4f}  (share the OOD threshold accepts)",
-        ]
-    return "\n".join(lines)
+        parts.append(
+            render(
+                ["calibration", "before", "after"],
+                [
+                    ["ECE", f"{c['ece_uncalibrated']:.4f}", f"{c['ece']:.4f}"],
+                    ["Brier score", f"{c['brier_uncalibrated']:.4f}", f"{c['brier']:.4f}"],
+                ],
+            )
+            + f"\ntemperature {c['temperature']:.3f}; in distribution {c['in_distribution_rate']:.4f} "
+            "(the share the OOD threshold accepts)"
+        )
+    return "\n\n".join(parts)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from hotdog_ray import model_store, registry, rollout, tracking
 from hotdog_ray.errors import ModelError
 from hotdog_ray.evaluate import cached_split_for
 from hotdog_ray.predict import Predictor
+from hotdog_ray.tables import render
 
 if TYPE_CHECKING:
     from hotdog_ray.bundle import ModelBundle
@@ -113,12 +114,19 @@ class Check:
     passed: bool
     detail: str = ""
 
-    def line(self) -> str:
-        def fmt(v: float | None) -> str:
-            return "-" if v is None else f"{v:.4f}"
+    def row(self) -> list[str | None]:
+        """The check as a row of the gate's table: result, name, both figures, detail."""
 
-        mark = "pass" if self.passed else "FAIL"
-        return f"  {mark:<5} {self.name:<36}{fmt(self.candidate):>10}{fmt(self.champion):>10}  {self.detail}"
+        def fmt(v: float | None) -> str | None:
+            return None if v is None else f"{v:.4f}"
+
+        return [
+            "pass" if self.passed else "FAIL",
+            self.name,
+            fmt(self.candidate),
+            fmt(self.champion),
+            self.detail,
+        ]
 
 
 def not_worse(name: str, candidate: float, champion: float, margin: float, detail: str = "") -> Check:
@@ -219,8 +227,7 @@ class GateReport:
         head = f"gate: version {self.candidate} against champion version {self.champion}: "
         lines = [
             head + ("PASS" if self.passed else "FAIL") + f" ({self.reason()})",
-            f"  {'':<5} {'check':<36}{'candidate':>10}{'champion':>10}",
-            *(c.line() for c in self.checks),
+            render(["", "check", "candidate", "champion", "detail"], (c.row() for c in self.checks)),
         ]
         if not any("(live)" in c.name for c in self.checks):
             lines.append(

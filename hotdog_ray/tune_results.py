@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from hotdog_ray import tracking
 from hotdog_ray.config import Config
 from hotdog_ray.evaluate import plot_sweep
+from hotdog_ray.tables import render
 
 if TYPE_CHECKING:
     from hotdog_ray.promote import Decision
@@ -157,15 +158,20 @@ def epochs_saved(trials: list[dict[str, Any]], max_epochs: int) -> str:
 def format_trials(trials: list[dict[str, Any]]) -> str:
     """The trials table as text, best first (pure)."""
     keys = sorted({k for t in trials for k in t["params"]})
-    head = f"{'trial':<14}{'status':<10}{'epochs':>7}{'val_loss':>10}{'val_acc':>9}  " + "  ".join(keys)
-    lines = [head]
-    for t in trials:
-        acc = f"{t['best_val_accuracy']:.4f}" if t["best_val_accuracy"] is not None else "-"
-        values = "  ".join(_fmt(t["params"].get(k)) for k in keys)
-        lines.append(
-            f"{t['trial_id']:<14}{t['status']:<10}{t['epochs']:>7}{t['best_val_loss']:>10.4f}{acc:>9}  {values}"
-        )
-    return "\n".join(lines)
+    return render(
+        ["trial", "status", "epochs", "val_loss", "val_acc", *keys],
+        (
+            [
+                t["trial_id"],
+                t["status"],
+                t["epochs"],
+                f"{t['best_val_loss']:.4f}",
+                None if t["best_val_accuracy"] is None else f"{t['best_val_accuracy']:.4f}",
+                *(_fmt(t["params"].get(k)) for k in keys),
+            ]
+            for t in trials
+        ),
+    )
 
 
 def _fmt(v: Any) -> str:

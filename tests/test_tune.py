@@ -222,7 +222,7 @@ def test_sweep_stops_poor_trials_and_nests_every_trial_in_mlflow(good_sweep):
         # the sweep's driver decoded the data once: every trial read the same cache
         assert child.data.metrics["decoded_images"] == 0 and child.data.metrics["data_executions"] == 0
     lines = format_trials(out.trials).splitlines()
-    assert len(lines) == 1 + len(out.trials) and lines[1].startswith(out.best["trial_id"])
+    assert len(lines) == 2 + len(out.trials) and lines[2].startswith(out.best["trial_id"])  # header, rule
 
 
 def test_best_trial_is_promoted_and_a_worse_sweep_keeps_the_champion(good_sweep, image_tree, tmp_path):
@@ -347,4 +347,6 @@ def test_runs_lists_the_sweep_and_its_trials(good_sweep, capsys):
     trials = [r for r in rows if r["parent"] == out.run_id]
     assert len(trials) == len(out.trials) and {r["kind"] for r in trials} == {"trial"}
     assert main(["runs", "--set", f"tracking.uri={cfg.tracking.uri}"]) == 0
-    assert out.name in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert out.name in table
+    assert all(r["name"] in table for r in trials)  # whole names: no two trials read the same

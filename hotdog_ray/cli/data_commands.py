@@ -14,6 +14,7 @@ from hotdog_ray.errors import HotdogError
 from hotdog_ray.inspection import inspect
 from hotdog_ray.prepare import prepare, write_sample
 from hotdog_ray.runtime import init_ray, show_progress_bars
+from hotdog_ray.tables import render
 
 log = logging.getLogger("hotdog_ray")
 
@@ -59,19 +60,21 @@ def format_inspect(report: dict[str, Any]) -> str:
         f"dataset {report['root']}: {report['images']} images in {report['num_classes']} classes, "
         f"{report['unreadable']} unreadable",
         "",
-        f"{'split':<11}{'images':>8}{'unreadable':>12}  {'majority class':<18}{'share':>7}  size range (WxH)",
+        render(
+            ["split", "images", "unreadable", "majority class", "share", "size range (WxH)"],
+            (
+                [split, rep["images"], rep["unreadable_count"], rep["majority_class"]]
+                + [f"{rep['majority_share']:.1%}", _size_range(rep["min_size"], rep["max_size"])]
+                for split, rep in report["splits"].items()
+            ),
+        ),
+        "",
+        render(
+            ["class", *report["splits"]],
+            ([c, *(r["counts"][c] for r in report["splits"].values())] for c in report["classes"]),
+            title="images per class",
+        ),
     ]
-    for split, rep in report["splits"].items():
-        lo, hi = rep["min_size"], rep["max_size"]
-        size = f"{lo[0]}x{lo[1]} .. {hi[0]}x{hi[1]}" if lo else "-"
-        lines.append(
-            f"{split:<11}{rep['images']:>8}{rep['unreadable_count']:>12}  {str(rep['majority_class']):<18}"
-            f"{rep['majority_share']:>7.1%}  {size}"
-        )
-    width = max(8, *(len(c) + 2 for c in report["classes"]))
-    lines += ["", "images per class:", f"{'class':<{width}}" + "".join(f"{s:>12}" for s in report["splits"])]
-    for c in report["classes"]:
-        lines.append(f"{c:<{width}}" + "".join(f"{r['counts'][c]:>12}" for r in report["splits"].values()))
     for split, rep in report["splits"].items():
         if rep["majority_share"] >= 0.6:
             lines.append(
@@ -85,6 +88,10 @@ def format_inspect(report: dict[str, Any]) -> str:
         if len(bad) > 20:
             lines.append(f"  ... and {len(bad) - 20} more (--json lists all)")
     return "\n".join(lines)
+
+
+def _size_range(lo: list[int] | None, hi: list[int] | None) -> str | None:
+    return f"{lo[0]}x{lo[1]} .. {hi[0]}x{hi[1]}" if lo and hi else None
 
 
 def cmd_cache(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from hotdog_ray.evaluate import evaluate_model, format_report
 from hotdog_ray.model_store import load_model
 from hotdog_ray.models import zoo_table
 from hotdog_ray.registry import default_model_ref, tracking_uri
+from hotdog_ray.tables import render
 from hotdog_ray.tracking import recent_runs
 from hotdog_ray.train import run_training
 from hotdog_ray.tune import run_sweep
@@ -62,13 +63,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print(
-        f"{'model':<12}{'input':>7}{'classes':>9}{'parameters':>13}{'trainable':>12}  {'width key':<18}source"
-    )
-    for r in rows:
-        print(
-            f"{r['name']:<12}{r['image_size']:>7}{r['num_classes']:>9}{r['parameters']:>13,}{r['trainable']:>12,}  "
-            f"{r['width_key']:<18}{r['source']}"
+        render(
+            ["model", "input", "classes", "parameters", "trainable", "width key", "source"],
+            (
+                [r["name"], r["image_size"], r["num_classes"], f"{r['parameters']:,}", f"{r['trainable']:,}"]
+                + [r["width_key"], r["source"]]
+                for r in rows
+            ),
         )
+    )
     print(
         "\nwidth key: the setting tune.filters searches; model.filters is a recipe CNN's base convolution width, "
         "model.head_units the units of a transfer model's new dense head"
@@ -115,14 +118,23 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    fmt = lambda v: None if v is None else f"{v:.4f}"  # noqa: E731
     print(
-        f"{'started':<17}{'kind':<7}{'status':<10}{'val_loss':>9}{'val_acc':>9}{'test_bal':>9}  {'name':<40}run id"
-    )
-    for r in rows:
-        start = datetime.datetime.fromtimestamp(r["start"] / 1000).strftime("%Y-%m-%d %H:%M")
-        print(
-            f"{start:<17}{r['kind']:<7}{r['status']:<10}{fmt(r['val_loss']):>9}{fmt(r['val_accuracy']):>9}"
-            f"{fmt(r['test_balanced_accuracy']):>9}  {r['name'][:39]:<40}{r['run_id']}"
+        render(
+            ["started", "kind", "status", "val_loss", "val_acc", "test_bal", "name", "run id"],
+            (
+                [
+                    datetime.datetime.fromtimestamp(r["start"] / 1000).strftime("%Y-%m-%d %H:%M"),
+                    r["kind"],
+                    r["status"],
+                    fmt(r["val_loss"]),
+                    fmt(r["val_accuracy"]),
+                    fmt(r["test_balanced_accuracy"]),
+                    r["name"],
+                    r["run_id"],
+                ]
+                for r in rows
+            ),
         )
+    )
     return 0
