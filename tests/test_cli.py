@@ -91,3 +91,20 @@ def test_only_jobs_run_from_rays_working_dir_copy_check_their_stores(tmp_path, m
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     scoring = load_config(None, ["score.output=predictions"])
     assert [p.split("=")[0] for p in lost_results(scoring, "score", cwd=copy)] == ["score.output"]
+
+
+def test_mlflows_notices_only_with_verbose(tmp_path):
+    """A fresh store: MLflow announces its schema migrations, which say nothing about the command."""
+
+    def runs(*flags: str, store: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "hotdog_ray", *flags, "runs", "--set", f"tracking.uri=sqlite:///{store}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return proc.stdout + proc.stderr
+
+    assert "Creating initial MLflow database tables" not in runs(store=str(tmp_path / "quiet.db"))
+    assert "Creating initial MLflow database tables" in runs("-v", store=str(tmp_path / "loud.db"))

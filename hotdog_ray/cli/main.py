@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import NoReturn
 
@@ -50,7 +51,9 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hotdog", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, with Ray's and MLflow's own notices"
+    )
     parser.add_argument("--version", action="version", version=f"hotdog-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -61,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         ``module:function`` of further checks, run before the handler's module is imported."""
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(handler=handler, store=store, before=before)
+        # -v after the command too (`python jobs/train.py -v` is `hotdog train -v`)
+        p.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+        )
         if config:
             add_config_args(p)
         return p
@@ -296,15 +303,44 @@ def run_command(args: argparse.Namespace) -> int:
     if args.before:
         check_module, _, check = args.before.partition(":")
         getattr(importlib.import_module(f"hotdog_ray.cli.{check_module}"), check)(args)
-    return getattr(importlib.import_module(f"hotdog_ray.cli.{module}"), name)(args)
+    handler = getattr(importlib.import_module(f"hotdog_ray.cli.{module}"), name)
+    if not args.verbose:
+        quiet_libraries()
+    return handler(args)
+
+
+# Ray's and MLflow's notices that every run would print, and that say nothing about this run: the
+# token-auth notice, Ray Data's per-dataset banners and progress-bar notice, MLflow's schema migrations
+# and input-example checks. At these levels by default; -v shows them all.
+QUIET_LOGGERS = {
+    "ray._private.authentication": logging.ERROR,
+    "ray.data": logging.WARNING,
+    "ray.data._internal.progress": logging.ERROR,
+    "mlflow": logging.WARNING,
+    "alembic": logging.WARNING,
+}
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Our own INFO lines (DEBUG with ``-v``); the libraries' chatter only with ``-v``."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:
+        # MLflow's download progress bars (tqdm, one per model load) and its log level; set before
+        # Ray starts, so its workers inherit them.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """:data:`QUIET_LOGGERS` at their levels; again after a command's module is imported, because
+    Ray Data and MLflow set their loggers' levels when they are first imported."""
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
