@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -96,10 +97,18 @@ def test_only_jobs_run_from_rays_working_dir_copy_check_their_stores(tmp_path, m
 def test_mlflows_notices_only_with_verbose(tmp_path):
     """A fresh store: MLflow announces its schema migrations, which say nothing about the command."""
 
+    # main() run in this process by other tests leaves its quiet settings in os.environ
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    }
+
     def runs(*flags: str, store: str) -> str:
         proc = subprocess.run(
             [sys.executable, "-m", "hotdog_ray", *flags, "runs", "--set", f"tracking.uri=sqlite:///{store}"],
             cwd=tmp_path,
+            env=env,
             capture_output=True,
             text=True,
             check=True,
