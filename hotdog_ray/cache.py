@@ -112,6 +112,20 @@ class CachedSplit:
         loc = self.folder.join(shard["index"])
         return pq.read_table(pa.BufferReader(storage.read_bytes(loc.fs, loc.path)))
 
+    def images_at(self, rows: np.ndarray) -> np.ndarray:
+        """The images at cache positions ``rows`` (sorted or not), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out: list[np.ndarray | None] = [None] * len(rows)
+        start = 0
+        for shard in self.shards:
+            inside = np.flatnonzero((rows >= start) & (rows < start + shard["rows"]))
+            if len(inside):
+                images = self.read_images(shard)
+                for i in inside:
+                    out[i] = np.asarray(images[rows[i] - start])
+            start += shard["rows"]
+        return np.stack(out) if len(rows) else np.zeros((0,), np.uint8)
+
     def labels(self) -> np.ndarray:
         """Every image's label, in cache order."""
         parts = [self.read_index(s).column("label").to_numpy() for s in self.shards]

@@ -253,6 +253,35 @@ def plot_confusion(m: dict[str, Any]):
     return fig
 
 
+def misclassified(probs: np.ndarray, labels: np.ndarray, most: int = 25) -> np.ndarray:
+    """Positions of the wrong answers, the most confident first, at most ``most`` (pure)."""
+    predicted = probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    return wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")][:most]
+
+
+def plot_misclassified(
+    images: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: list[str]
+) -> Figure:
+    """A grid of test images the model got wrong (as the Food-101 recipe ends), each titled with
+    its true and predicted class and the confidence of the prediction."""
+    n = len(images)
+    cols = min(5, max(1, n))
+    rows = max(1, -(-n // cols))
+    fig = Figure(figsize=(2.4 * cols, 2.6 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, label, p in zip(axes, images, labels, probs):
+        guess = int(p.argmax())
+        ax.imshow(image.squeeze(), cmap="gray" if image.ndim == 2 or image.shape[-1] == 1 else None)
+        ax.set_title(f"true {classes[label]}\npredicted {classes[guess]} ({p[guess]:.0%})", fontsize=8)
+    if n == 0:
+        axes[0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    fig.tight_layout()
+    return fig
+
+
 def plot_reliability(logits: np.ndarray, labels: np.ndarray, calibration: "Calibration") -> Figure:
     """Reliability diagram: accuracy against confidence per bin, before and after scaling."""
     fig = Figure(figsize=(5.5, 5))

@@ -367,6 +367,11 @@ def _evaluate_test(
     run.log_text(evaluate.format_report(metrics), "evaluation/test_report.txt")
     run.log_figure(evaluate.plot_confusion(metrics), "evaluation/confusion_matrix.png")
     run.log_figure(evaluate.plot_reliability(logits, y, calibration), "evaluation/reliability.png")
+    wrong = evaluate.misclassified(probs, y)
+    run.log_figure(
+        evaluate.plot_misclassified(test.images_at(wrong), y[wrong], probs[wrong], classes),
+        "evaluation/misclassified.png",
+    )
     return metrics
 
 

@@ -10,7 +10,14 @@ import pytest
 
 from hotdog_ray.cli import main
 from hotdog_ray.data import ImagePipeline, iter_torch_batches
-from hotdog_ray.evaluate import compute_metrics, format_report, plot_confusion, predict_batches
+from hotdog_ray.evaluate import (
+    compute_metrics,
+    format_report,
+    misclassified,
+    plot_confusion,
+    plot_misclassified,
+    predict_batches,
+)
 from tests.helpers import register_model, tiny_model, tiny_model_config
 from tests.imagegen import CLASSES
 
@@ -51,6 +58,20 @@ def test_report_and_confusion_plot_name_every_class():
     fig = plot_confusion(m)
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert labels == list(CLASSES)
+
+
+def test_the_misclassified_grid_shows_the_most_confident_mistakes_with_both_labels():
+    probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.3, 0.6], [0.05, 0.15, 0.8]])
+    labels = np.array([0, 0, 2, 0])  # rows 1 and 3 wrong, row 3 the more confident
+    wrong = misclassified(probs, labels)
+    assert wrong.tolist() == [3, 1] and misclassified(probs, labels, most=1).tolist() == [3]
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    fig = plot_misclassified(images, labels[wrong], probs[wrong], list(CLASSES))
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == [
+        f"true {CLASSES[0]}\npredicted {CLASSES[2]} (80%)",
+        f"true {CLASSES[0]}\npredicted {CLASSES[1]} (70%)",
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,14 @@ def test_cached_pixels_equal_a_fresh_decode_and_bad_files_are_counted(train_cach
     assert seen == split.count
 
 
+def test_images_at_picks_rows_across_shards_in_the_order_asked(train_cache):
+    _, _, split, _ = train_cache
+    every = np.concatenate([split.read_images(shard) for shard in split.shards])
+    rows = np.array([split.count - 1, 0, 6, 5])  # shards of 5: the last, the first, two in the second
+    assert np.array_equal(split.images_at(rows), every[rows])
+    assert len(split.images_at(np.array([], np.int64))) == 0
+
+
 def test_a_second_fit_over_the_same_data_decodes_nothing(train_cache):
     cfg, root, split, _ = train_cache
     layout = discover(cfg, required=())

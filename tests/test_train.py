@@ -103,6 +103,7 @@ def test_mlflow_run_has_params_curves_artifacts_and_version(s3_run):
         "model/artifacts/bundle/ood_bank.npy",
         "evaluation/confusion_matrix.png",
         "evaluation/reliability.png",
+        "evaluation/misclassified.png",
         "evaluation/test_report.txt",
     } <= artifacts
     assert out.model_version == "1"
