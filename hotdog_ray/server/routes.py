@@ -241,6 +241,10 @@ class FeedbackIn(BaseModel):
             "description": "feedback is off: prediction_log.location is not set",
             "content": ERRORS[401]["content"],
         },
+        503: {
+            "description": "the prediction log's writer is behind; try again later",
+            "content": ERRORS[401]["content"],
+        },
     },
 )
 async def feedback(request: Request, body: FeedbackIn) -> JSONResponse:
