@@ -623,18 +623,3 @@ def test_dockerfile_dependency_list_is_pyprojects():
     ).stdout
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert out.splitlines() == [*PYPROJECT["project"]["dependencies"], *extras["optuna"], *extras["server"]]
-
-
-# --- docs --------------------------------------------------------------------------------------------
-
-
-def test_the_operations_guide_and_readme_name_files_that_exist():
-    import re
-
-    for doc in (REPO / "docs" / "operations.md", REPO / "README.md"):
-        named = set(
-            re.findall(r"\b((?:k8s|cluster|serving|configs|jobs)/[\w.-]+\.(?:yaml|py))", doc.read_text())
-        )
-        assert named, doc
-        missing = sorted(n for n in named if not (REPO / n).is_file())
-        assert not missing, f"{doc.name} names {missing}"

@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_documented_postgres_uri_is_the_one_the_guide_and_secret_give():
-    guide = (REPO / "docs" / "operations.md").read_text()
+    for guide in ("tracking.md", "cluster.md"):
+        assert "--backend-store-uri postgresql://" in (REPO / "docs" / guide).read_text(), guide
     secret = (REPO / "k8s" / "secrets.example.yaml").read_text()
-    assert "--backend-store-uri postgresql://" in guide
     assert "MLFLOW_BACKEND_STORE_URI: postgresql://" in secret
 
 

@@ -471,7 +471,7 @@ def test_an_autoscaling_cluster_waits_for_nodes_instead_of_failing(ray_session, 
 def test_a_driver_joining_a_cluster_shows_each_worker_line_once(joining_env, tmp_path):
     """A driver that joins a running Ray (RAY_ADDRESS, as under `ray job submit`) gets each line a
     worker writes exactly once. (Nodes started on one machine with a shared --temp-dir each stream
-    the other's worker logs too, which doubles them: docs/operations.md.)"""
+    the other's worker logs too, which doubles them: docs/cluster.md.)"""
     script = tmp_path / "driver.py"
     script.write_text(
         "import logging, ray\n"

@@ -65,7 +65,9 @@ class TrainSettings(Section):
     )
     use_gpu: bool = False
     cpus_per_worker: float = Field(
-        1.0, gt=0, description="CPUs a worker takes; workers that leave Ray Data no CPU are refused before training starts"
+        1.0,
+        gt=0,
+        description="CPUs a worker takes; workers that leave Ray Data no CPU are refused before training starts",
     )
     gpus_per_worker: float = Field(1.0, gt=0, description="below 1: workers share GPUs")
     placement_strategy: Literal["PACK", "SPREAD"] = Field(

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import ray
 from ray import serve
 
+from hotdog_ray import registry
 from hotdog_ray.config import Config, ServeSettings, load_config
 from hotdog_ray.process import sigterm_interrupts
 from hotdog_ray.runtime import init_ray
@@ -108,6 +109,12 @@ def run(cfg: Config, *, blocking: bool = True, name: str = "hotdog") -> None:
         )
     else:
         set_serve_env(cfg.serve, drain_s=5)
+    # The store as this process sees it: replicas run in other processes, with the working directory
+    # and environment of the Ray they run on, where `sqlite:///mlflow.db` or MLFLOW_TRACKING_URI
+    # would name another store, or none.
+    cfg = cfg.model_copy(
+        update={"tracking": cfg.tracking.model_copy(update={"uri": registry.tracking_uri(cfg.tracking)})}
+    )
     init_ray()
     # Ctrl-C or SIGTERM (docker stop, systemd, Kubernetes) at any point, even while the app is still
     # starting, stops Serve cleanly: replicas finish the requests they hold before they exit.
