@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = command(
         "runs",
-        "train_commands:cmd_runs",
+        "tracking_commands:cmd_runs",
         "recent training runs, sweeps and trials with their key metrics",
         True,
         store=True,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 
@@ -13,7 +12,6 @@ from hotdog_ray.model_store import load_model
 from hotdog_ray.models import zoo_table
 from hotdog_ray.registry import default_model_ref, tracking_uri
 from hotdog_ray.tables import render
-from hotdog_ray.tracking import recent_runs
 from hotdog_ray.train import run_training
 from hotdog_ray.tune import run_sweep
 from hotdog_ray.tune_results import epochs_saved, format_trials, max_epochs
@@ -109,32 +107,4 @@ def cmd_tune(args: argparse.Namespace) -> int:
         )
     print(f"MLflow sweep run id {out.run_id}; resume with: hotdog tune --name {out.name} --resume ...")
     print(f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri(cfg.tracking)}")
-    return 0
-
-
-def cmd_runs(args: argparse.Namespace) -> int:
-
-    rows = recent_runs(config_from_args(args).tracking, args.limit)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    fmt = lambda v: None if v is None else f"{v:.4f}"  # noqa: E731
-    print(
-        render(
-            ["started", "kind", "status", "val_loss", "val_acc", "test_bal", "name", "run id"],
-            (
-                [
-                    datetime.datetime.fromtimestamp(r["start"] / 1000).strftime("%Y-%m-%d %H:%M"),
-                    r["kind"],
-                    r["status"],
-                    fmt(r["val_loss"]),
-                    fmt(r["val_accuracy"]),
-                    fmt(r["test_balanced_accuracy"]),
-                    r["name"],
-                    r["run_id"],
-                ]
-                for r in rows
-            ),
-        )
-    )
     return 0
