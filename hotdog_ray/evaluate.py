@@ -43,9 +43,8 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) 
     y_pred = np.asarray(y_pred)
     labels = list(range(len(classes)))
     counts = np.bincount(y_true, minlength=len(classes))
-    report = dict(
-        labels=labels, target_names=list(classes), zero_division=0, digits=3
-    )  # one call for the table and the numbers, so they never disagree
+    # The numbers and the printed table from the same arguments, so they never disagree.
+    report = dict(labels=labels, target_names=list(classes), zero_division=0, digits=3)
     per_class = classification_report(y_true, y_pred, output_dict=True, **report)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),

@@ -40,18 +40,30 @@ def command_lines(block: str) -> list[str]:
     return lines
 
 
-def hotdog_args(line: str) -> list[str] | None:
-    """The ``hotdog`` arguments a command line runs (``hotdog ...``, ``python jobs/X.py ...``, either
+def doc_commands() -> list[tuple[str, str, list[str]]]:
+    """Every command line of the docs' bash blocks: (document, line, its words with the leading
+    ``VAR=value`` assignments and a trailing ``&`` taken off)."""
+    found = []
+    for doc in DOCS:
+        for block in code_blocks(doc):
+            for line in command_lines(block):
+                try:
+                    words = shlex.split(line, comments=True)
+                except ValueError:  # a quote a shell would also refuse: not a command we can read
+                    continue
+                while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+                    words = words[1:]
+                words = [w for w in words if w != "&"]
+                if words:
+                    found.append((doc.relative_to(REPO).as_posix(), line, words))
+    return found
+
+
+def hotdog_args(words: list[str]) -> list[str] | None:
+    """The ``hotdog`` arguments a command runs (``hotdog ...``, ``python jobs/X.py ...``, either
     after ``ray job submit ... --``), or None for another program."""
-    try:
-        words = shlex.split(line, comments=True)
-    except ValueError:
-        return None
-    if "--" in words and words[:3] == ["ray", "job", "submit"] or "submit" in words[:4]:
-        words = words[words.index("--") + 1 :] if "--" in words else words
-    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):  # VAR=value before a command
-        words = words[1:]
-    words = [w for w in words if w != "&"]
+    if words[:3] == ["ray", "job", "submit"] and "--" in words:
+        words = words[words.index("--") + 1 :]
     if words and Path(words[0]).name == "hotdog":
         return words[1:]
     if len(words) > 1 and Path(words[0]).name in ("python", "python3") and words[1].startswith("jobs/"):
@@ -60,14 +72,9 @@ def hotdog_args(line: str) -> list[str] | None:
 
 
 def all_hotdog_commands() -> list[tuple[str, str, list[str]]]:
-    found = []
-    for doc in DOCS:
-        for block in code_blocks(doc):
-            for line in command_lines(block):
-                args = hotdog_args(line)
-                if args is not None:
-                    found.append((doc.relative_to(REPO).as_posix(), line, args))
-    return found
+    return [
+        (doc, line, args) for doc, line, words in doc_commands() if (args := hotdog_args(words)) is not None
+    ]
 
 
 def test_the_readme_is_a_landing_page_of_at_most_150_lines():
@@ -105,23 +112,11 @@ def test_every_hotdog_command_in_the_docs_parses(doc, line, args, capsys):
 
 
 def click_commands() -> list[tuple[str, str, list[str]]]:
-    """``ray``, ``serve`` and ``mlflow`` command lines of the docs, with their arguments."""
-    found = []
-    for doc in DOCS:
-        for block in code_blocks(doc):
-            for line in command_lines(block):
-                try:
-                    words = shlex.split(line, comments=True)
-                except ValueError:
-                    continue
-                while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
-                    words = words[1:]
-                words = [w for w in words if w != "&"]
-                if words and words[0] in ("ray", "serve", "mlflow") and hotdog_args(line) is None:
-                    found.append((doc.relative_to(REPO).as_posix(), line, words))
-                elif words[:3] == ["ray", "job", "submit"]:  # its options; the entrypoint is the job's
-                    found.append((doc.relative_to(REPO).as_posix(), line, words))
-    return found
+    """``ray``, ``serve`` and ``mlflow`` command lines of the docs (``ray job submit`` whole: its
+    options, and the job's entrypoint after ``--``, which click takes as arguments)."""
+    return [
+        (doc, line, words) for doc, line, words in doc_commands() if words[0] in ("ray", "serve", "mlflow")
+    ]
 
 
 @pytest.mark.parametrize("doc, line, words", click_commands(), ids=lambda v: v if isinstance(v, str) else "")

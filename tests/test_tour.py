@@ -79,7 +79,8 @@ class Background:
     def __init__(self, folder: Path, env: dict[str, str]) -> None:
         self.folder, self.env, self.procs = folder, env, []
 
-    def start(self, command: str) -> subprocess.Popen:
+    def start(self, command: str, ready: str) -> None:
+        """Run ``command`` (without its ``&``) and wait until ``ready`` answers 200."""
         log = self.folder / f"background-{len(self.procs)}.log"
         with log.open("w") as out:
             proc = subprocess.Popen(
@@ -90,9 +91,22 @@ class Background:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        proc.log = log  # type: ignore[attr-defined]
         self.procs.append(proc)
-        return proc
+
+        def answers_200() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"{command}: exited with {proc.returncode}: {log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(ready, timeout=5) as answer:
+                    return answer.status == 200
+            except (OSError, urllib.error.URLError):
+                return False
+
+        wait_until(
+            answers_200,
+            timeout=120,
+            message=lambda: f"{command}: {ready} never ready:\n{log.read_text()[-3000:]}",
+        )
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -129,13 +143,10 @@ def test_the_readmes_five_minute_tour_works_as_printed(after_quickstart):
     try:
         for line in lines[1:]:
             if line.endswith("&"):
-                proc = background.start(line)
-                port = re.search(r"--port (\d+)", line)
-                url = f"http://127.0.0.1:{port.group(1)}/health" if port else "http://127.0.0.1:8000/readyz"
-                wait_until(
-                    lambda: _answers_200(url, proc),
-                    timeout=120,
-                    message=lambda: f"{line}: {url} never ready:\n{proc.log.read_text()[-3000:]}",
+                port = re.search(r"--port (\d+)", line)  # mlflow ui's; hotdog serve's is 8000
+                background.start(
+                    line,
+                    f"http://127.0.0.1:{port.group(1)}/health" if port else "http://127.0.0.1:8000/readyz",
                 )
                 continue
             out = run(line, folder, env)
@@ -168,12 +179,7 @@ def test_every_serving_example_answers_as_documented(after_quickstart):
     }
     background = Background(folder, env)
     try:
-        proc = background.start(start)
-        wait_until(
-            lambda: _answers_200("http://127.0.0.1:8000/readyz", proc),
-            timeout=120,
-            message=lambda: f"{start}:\n{proc.log.read_text()[-3000:]}",
-        )
+        background.start(start, "http://127.0.0.1:8000/readyz")
         for script, shown in cases:
             got = json.loads(run(script, folder, env).strip().splitlines()[-1])
             same_fields(got, shown, script.split()[-1])
@@ -181,13 +187,3 @@ def test_every_serving_example_answers_as_documented(after_quickstart):
                 assert got == shown
     finally:
         background.stop()
-
-
-def _answers_200(url: str, proc: subprocess.Popen) -> bool:
-    if proc.poll() is not None:
-        raise AssertionError(f"exited with {proc.returncode}: {proc.log.read_text()[-3000:]}")
-    try:
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            return answer.status == 200
-    except (OSError, urllib.error.URLError):
-        return False

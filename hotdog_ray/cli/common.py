@@ -12,8 +12,11 @@ from hotdog_ray.server import preflight
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The config of ``--config`` and ``--set``."""
-    return load_config(args.config, args.overrides)
+    """The config of ``--config`` and ``--set``, loaded once a command: its preflight and the
+    command itself share it (and a moved key's warning is said once)."""
+    if getattr(args, "loaded_config", None) is None:
+        args.loaded_config = load_config(args.config, args.overrides)
+    return args.loaded_config
 
 
 def check_store_of(args: argparse.Namespace) -> None:
@@ -23,7 +26,9 @@ def check_store_of(args: argparse.Namespace) -> None:
 
 
 def check_serve(args: argparse.Namespace) -> None:
-    """``hotdog serve``'s checks before Ray starts: a free port, a model to serve (a warning)."""
+    """``hotdog serve``'s checks before Ray starts: the store answers, the port is free, and a
+    model to serve (a warning)."""
+    check_store_of(args)
     cfg = config_from_args(args)
     if args.model:
         cfg.serve.model_uri = args.model

@@ -49,6 +49,10 @@ def positive_int(text: str) -> int:
     return value
 
 
+# The preflight of every command that uses the MLflow store: the store answers (hotdog_ray.registry.check_store).
+STORE = "common:check_store_of"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hotdog", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -58,12 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def command(
-        name: str, handler: str, help: str, config: bool = False, store: bool = False, before: str = ""
+        name: str, handler: str, help: str, config: bool = False, preflight: str = ""
     ) -> argparse.ArgumentParser:
-        """A subcommand; ``store``: it uses the MLflow store, checked before it runs; ``before``:
-        ``module:function`` of further checks, run before the handler's module is imported."""
+        """A subcommand; ``preflight``: ``module:function`` of its checks, run before the handler's
+        module is imported (:data:`STORE` for every command that uses the MLflow store)."""
         p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(handler=handler, store=store, before=before)
+        p.set_defaults(handler=handler, preflight=preflight)
         # -v after the command too (`python jobs/train.py -v` is `hotdog train -v`)
         p.add_argument(
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
@@ -114,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train_commands:cmd_train",
         "train a model with Ray Train, track it in MLflow, evaluate on test",
         True,
-        store=True,
+        preflight=STORE,
     )
     p.add_argument("--run-name", help="rerunning a name resumes it from its latest checkpoint")
     p.add_argument("--no-register", action="store_true", help="do not register the model version")
@@ -141,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train_commands:cmd_evaluate",
         "test-split metrics of a registered model, run or bundle",
         True,
-        store=True,
+        preflight=STORE,
     )
     p.add_argument(
         "--model",
@@ -156,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train_commands:cmd_tune",
         "search filters, dropout and learning rate with Ray Tune and ASHA; promote the best",
         True,
-        store=True,
+        preflight=STORE,
     )
     p.add_argument("--name", help="sweep name (default: tune.name, else a new one)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of that name")
@@ -167,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "release_commands:cmd_promote",
         "move the registry alias to a run's model if it beats the champion on test",
         True,
-        store=True,
+        preflight=STORE,
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="MLflow run id whose logged model is the candidate")
@@ -197,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         "release_commands:cmd_retrain",
         "if new labels or drift call for it, fine-tune the champion on them into the challenger",
         True,
-        store=True,
+        preflight=STORE,
     )
     p.add_argument("--force", action="store_true", help="retrain whatever the triggers say")
     p.add_argument("--json", action="store_true")
@@ -207,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "release_commands:cmd_loop",
         "retrain if the field calls for it, shadow the candidate, gate it, promote or reject",
         True,
-        store=True,
+        preflight=STORE,
     )
     p.add_argument("--force", action="store_true", help="retrain whatever the triggers say")
     p.add_argument("--data", help="dataset root of the gate's test split (default: data.root)")
@@ -219,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check a registered version against the champion: accuracy with intervals, every class's "
         "recall, invariance, live figures (exit 4 when it fails)",
         True,
-        store=True,
+        preflight=STORE,
     )
     p.add_argument("version", help="the candidate's registry version")
     p.add_argument("--data", help="dataset root of the test split (default: data.root)")
@@ -242,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tracking_commands:cmd_runs",
         "recent training runs, sweeps and trials with their key metrics",
         True,
-        store=True,
+        preflight=STORE,
     )
     p.add_argument("--limit", type=positive_int, default=20, help="at most this many rows (default: 20)")
     p.add_argument("--json", action="store_true")
@@ -252,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve_commands:cmd_score",
         "score a night's images with the promoted model into a Parquet partition",
         True,
-        store=True,
+        preflight=STORE,
     )
     p.add_argument(
         "--input", help="prefix or list file of images; {date} becomes the run date (default: score.input)"
@@ -268,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve_commands:cmd_drift",
         "compare a day's answers with the model's validation profile (PSI); exit 3 when flagged",
         True,
-        store=True,
+        preflight=STORE,
     )
     p.add_argument("--date", help="YYYY-MM-DD, today (default) or yesterday; UTC")
     p.add_argument(
@@ -284,8 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve_commands:cmd_serve",
         "serve the promoted model over HTTP with Ray Serve (API, web page, hot reload)",
         True,
-        store=True,
-        before="common:check_serve",
+        preflight="common:check_serve",
     )
     p.add_argument("--model", help="model to serve instead of serve.model_uri (default: the registry alias)")
 
@@ -296,12 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace) -> int:
     """Runs the parsed command: its handler, ``module:function`` in this package, imported now."""
     module, _, name = args.handler.partition(":")
-    if args.store:
+    if args.preflight:
         # Before the command's own module, which may take seconds to import (torch, Ray): a wrong
-        # tracking.uri then fails at once.
-        importlib.import_module("hotdog_ray.cli.common").check_store_of(args)
-    if args.before:
-        check_module, _, check = args.before.partition(":")
+        # tracking.uri or a taken port then fails at once.
+        check_module, _, check = args.preflight.partition(":")
         getattr(importlib.import_module(f"hotdog_ray.cli.{check_module}"), check)(args)
     handler = getattr(importlib.import_module(f"hotdog_ray.cli.{module}"), name)
     if not args.verbose:
