@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import pyarrow.fs as pafs
+import ray
 import ray._private.state as ray_state
 import ray.train._internal.session as train_session
 import ray.train.v2._internal.execution.context as train_v2_context
@@ -34,3 +35,10 @@ def autoscaling_max_resources() -> dict[str, float] | None:
     """The most of each resource the cluster's autoscaler may start (None on a fixed cluster): Ray
     exposes only the resources of the nodes running now."""
     return ray_state.state.get_max_resources_from_cluster_config()
+
+
+def metrics_report_interval_s() -> float:
+    """How often this process's metrics reach the node's agent (Ray's ``metrics_report_interval_ms``,
+    10 s by default, floored at 1 s as Ray floors it); the agent drops a gauge not set again within
+    two of them. Ray exposes the system config only as ``ray._config``."""
+    return max(ray._config.metrics_report_interval_ms(), 1000) / 1000

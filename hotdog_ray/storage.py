@@ -116,11 +116,18 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(allow_delayed_open=True, **kwargs)
 
 
+def is_local(uri: str | os.PathLike) -> bool:
+    """Whether ``uri`` names a local path (a plain path or ``file://``), not object storage or a
+    registry URI such as ``models:/``."""
+    scheme = urlparse(os.fspath(uri)).scheme
+    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+
+
 def resolve(uri: str | os.PathLike) -> Location:
     """Turn a path or URI into a :class:`Location`. Does no I/O."""
     uri = os.fspath(uri)
     parsed = urlparse(uri)
-    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
+    if is_local(uri):
         local = parsed.path if parsed.scheme == "file" else uri
         path = str(Path(local).expanduser().absolute())
         return Location(pafs.LocalFileSystem(), path, uri)
@@ -139,8 +146,7 @@ def resolve(uri: str | os.PathLike) -> Location:
 def pinned(uri: str | os.PathLike) -> str:
     """``uri`` with a local relative path made absolute (other URIs unchanged), for processes
     that run in another working directory (Tune trials run in their trial folder)."""
-    loc = resolve(uri)
-    return loc.path if loc.is_local else loc.uri
+    return resolve(uri).path if is_local(uri) else os.fspath(uri)
 
 
 def check_exists(uri: str | os.PathLike, *, kind: str = "dataset") -> Location:

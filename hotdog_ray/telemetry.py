@@ -24,6 +24,8 @@ from ray import serve
 from ray.serve import metrics as serve_series
 from ray.util import metrics as ray_metrics
 
+from hotdog_ray import compat
+
 log = logging.getLogger(__name__)
 
 LATENCY_S = [0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -133,14 +135,11 @@ class KeptGauge:
 _KEEPER: list[GaugeKeeper] = []  # one per process, made by the first gauge
 
 
-# Half of Ray's default metrics report interval (10 s): every report carries a fresh point.
-GAUGE_REFRESH_S = 5.0
-
-
 def gauge_keeper() -> GaugeKeeper:
-    """This process's keeper."""
+    """This process's keeper, refreshing at half of Ray's metrics report interval: every report
+    carries a fresh point, whatever interval the cluster runs with."""
     if not _KEEPER:
-        _KEEPER.append(GaugeKeeper(GAUGE_REFRESH_S))
+        _KEEPER.append(GaugeKeeper(compat.metrics_report_interval_s() / 2))
     return _KEEPER[0]
 
 

@@ -225,7 +225,7 @@ def live(ray_session, tmp_path_factory):
         target=steady_traffic, args=(f"http://127.0.0.1:{port}", stop, good), daemon=True
     )
     # Every gauge we export, set once in a process that lives on, beside a plain Ray gauge: checked
-    # once the healthy minute is over, long past Ray's eviction of unrefreshed gauges.
+    # once the healthy watch is over, long past Ray's eviction of unrefreshed gauges.
     gauges_run = f"keeper-{uuid.uuid4().hex[:8]}"
     keeper = ray.remote(num_cpus=0)(GaugesSetOnce).remote()
     ray.get(keeper.set_once.remote(gauges_run, exported_gauges()))
@@ -280,26 +280,35 @@ def steady_traffic(url: str, stop: threading.Event, good: threading.Event) -> No
 
 
 def test_a_healthy_service_raises_no_alert_through_a_reload_and_past_gauge_eviction(live):
-    """Scraped every second for over a minute past its model load (with prediction log, shadow
-    rollout and a hot reload on): no alert pending or firing, the loaded-model gauge still there."""
+    """Scraped every second for six gauge lifetimes past its model load (with prediction log, shadow
+    rollout and a hot reload half-way): no alert pending or firing, the loaded-model gauge still there."""
     from hotdog_ray.registry import set_alias
 
-    # Until the replica's first metrics report (Ray's interval is 10 s) the model is absent
-    # from the endpoint and the no-model alert is rightly pending: watch from the first report.
+    # Until the replica's first metrics report the model is absent from the endpoint and the
+    # no-model alert is rightly pending: watch from the first report.
     champion_loaded = 'sum(ray_hotdog_model_info{role="champion"})'
     wait_until(lambda: live.prom.value(champion_loaded) == 1, timeout=60, interval=1, message=champion_loaded)
     time.sleep(3)  # a few rule evaluations on the new data
     seen: dict[str, str] = {}
     moved = False
-    while time.monotonic() - live.loaded_at < 65:  # past the 20 s after which Ray drops stale gauges
+    # Three times past Ray's dropping of unrefreshed gauges, a reload, three times again.
+    reload_at = 3 * gauge_ttl_s()
+    while time.monotonic() - live.loaded_at < 2 * reload_at:
         seen |= live.prom.alerts()
-        if not moved and time.monotonic() - live.loaded_at > 25:
+        if not moved and time.monotonic() - live.loaded_at > reload_at:
             set_alias(live.cfg.tracking, live.models[2])  # a new champion: the replica reloads in place
             moved = True
-        time.sleep(2)  # one look per two scrapes, for the whole minute
+        time.sleep(2)  # one look per two scrapes, for the whole watch
     assert seen == {}, seen  # healthy: nothing pending, nothing firing
     assert live.prom.value(champion_loaded) == 1.0
     assert live.prom.value("sum(rate(ray_hotdog_requests_total[30s]))") > 1
+
+
+def gauge_ttl_s() -> float:
+    """How long Ray's agent keeps a gauge not set again: two report intervals."""
+    from hotdog_ray.compat import metrics_report_interval_s
+
+    return 2 * metrics_report_interval_s()
 
 
 def exported_gauges() -> dict[str, tuple[str, ...]]:
@@ -310,8 +319,8 @@ def exported_gauges() -> dict[str, tuple[str, ...]]:
 
 
 def test_every_gauge_set_once_is_still_exported_long_after_ray_drops_unrefreshed_ones(live):
-    """Ray's agent drops the plain gauge after two report intervals (20 s), so the test can tell;
-    every one of ours, set once at the same time, stays."""
+    """Ray's agent drops the plain gauge after two report intervals, so the test can tell; every
+    one of ours, set once at the same time, stays."""
     gauges, run = exported_gauges(), live.gauges_run
 
     def seen() -> tuple[float, set[str]]:
@@ -320,7 +329,7 @@ def test_every_gauge_set_once_is_still_exported_long_after_ray_drops_unrefreshed
         return total(r"ray_hotdog_test_plain_gauge\{", run=run), ours
 
     wait_until(
-        lambda: seen() == (0.0, set(gauges)) and time.monotonic() - live.gauges_set_at > 25,
+        lambda: seen() == (0.0, set(gauges)) and time.monotonic() - live.gauges_set_at > 1.25 * gauge_ttl_s(),
         timeout=60,
         interval=2,
         message=seen,

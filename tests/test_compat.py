@@ -47,3 +47,11 @@ def test_trial_storage_raises_outside_a_trial_and_reads_ray_trains_storage_conte
 
 def test_autoscaling_max_resources_answers_on_a_running_ray(ray_session):
     assert compat.autoscaling_max_resources() is None  # the session's Ray has no autoscaler
+
+
+def test_metrics_report_interval_is_the_one_the_session_started_ray_with(ray_session):
+    from hotdog_ray.telemetry import gauge_keeper
+    from tests.conftest import METRICS_REPORT_MS
+
+    assert compat.metrics_report_interval_s() == METRICS_REPORT_MS / 1000
+    assert gauge_keeper().period_s == METRICS_REPORT_MS / 2000  # a fresh point in every report

@@ -207,30 +207,56 @@ def test_train_and_score_rayjobs_run_on_a_ray_head(ray_head, platform, s3_server
     ]
 
 
-def _submit_sample_training(
+def _start_sample_training(
     address: str, *options: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
+) -> subprocess.Popen:
     """`ray job submit --working-dir <checkout> -- python jobs/train.py --config configs/sample.yaml`."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--"]
     cmd += ["python", "jobs/train.py", "--config", "configs/sample.yaml", *options]
-    return subprocess.run(cmd, env=env or _env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(
+        cmd, env=env or _env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
-def test_a_failing_job_fails_the_submission_with_the_reason(ray_head, tmp_path):
-    proc = _submit_sample_training(ray_head, "--set", f"data.root={tmp_path / 'nothing'}")
-    out = proc.stdout + proc.stderr
+@dataclass(kw_only=True)
+class Refused:
+    """A submission that must fail: its exit status and what it printed."""
+
+    returncode: int
+    out: str
+
+
+@pytest.fixture(scope="module")
+def refused(ray_head, tmp_path_factory) -> dict[str, Refused]:
+    """The two submissions below, sent at once: each spends most of its time waiting for its job."""
+    missing = tmp_path_factory.mktemp("jobs") / "nothing"
+    started = {
+        str(missing): _start_sample_training(ray_head, "--set", f"data.root={missing}"),
+        # The README's first cluster command, as a new user types it (no MLFLOW_TRACKING_URI).
+        "as typed": _start_sample_training(
+            ray_head, env={k: v for k, v in _env().items() if k != "MLFLOW_TRACKING_URI"}
+        ),
+    }
+    return {
+        name: Refused(out=proc.communicate(timeout=300)[0], returncode=proc.wait())
+        for name, proc in started.items()
+    }
+
+
+def test_a_failing_job_fails_the_submission_with_the_reason(refused):
+    (missing,) = (name for name in refused if name != "as typed")
+    proc = refused[missing]
     assert proc.returncode != 0
-    assert "failed" in out.lower()
-    assert str(tmp_path / "nothing") in out  # the job's own error names what is missing
+    assert "failed" in proc.out.lower()
+    assert missing in proc.out  # the job's own error names what is missing
 
 
-def test_a_job_that_would_lose_its_results_refuses_to_start(ray_head):
+def test_a_job_that_would_lose_its_results_refuses_to_start(refused):
     """The README's first cluster command, as a new user types it: Ray runs the job from its own
     copy of the working directory, without data/ (.gitignored) and deleted with the session, so
     the default SQLite store and relative paths would vanish: the job says so and does nothing."""
-    env = {k: v for k, v in _env().items() if k != "MLFLOW_TRACKING_URI"}
-    proc = _submit_sample_training(ray_head, env=env)
-    out = proc.stdout + proc.stderr
+    proc = refused["as typed"]
+    out = proc.out
     assert proc.returncode != 0 and "failed" in out.lower()
     assert "runs from Ray's copy of its working directory" in out
     assert "set MLFLOW_TRACKING_URI" in out  # the default sqlite:///mlflow.db

@@ -93,6 +93,7 @@ def test_pinned_makes_local_relative_paths_absolute_only(tmp_path, monkeypatch):
     assert pinned("data/sample") == str(tmp_path / "data" / "sample")
     assert pinned(f"file://{tmp_path}/x") == f"{tmp_path}/x"
     assert pinned("s3://bucket/prefix") == "s3://bucket/prefix"
+    assert pinned("models:/digits@champion") == "models:/digits@champion"  # hotdog serve pins its model_uri
 
 
 class ThrottlingProxy:

@@ -187,3 +187,5 @@ def test_every_serving_example_answers_as_documented(after_quickstart):
                 assert got == shown
     finally:
         background.stop()
+    # The log is where the command's folder says, not in the working directory of the Ray it joined.
+    assert list((folder / "answers").glob("date=*/*.parquet"))

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import ray
 from ray import serve
 
-from hotdog_ray import registry
+from hotdog_ray import registry, storage
 from hotdog_ray.config import Config, ServeSettings, load_config
 from hotdog_ray.process import sigterm_interrupts
 from hotdog_ray.runtime import init_ray
@@ -109,17 +109,30 @@ def run(cfg: Config, *, blocking: bool = True, name: str = "hotdog") -> None:
         )
     else:
         set_serve_env(cfg.serve, drain_s=5)
-    # The store as this process sees it: replicas run in other processes, with the working directory
-    # and environment of the Ray they run on, where `sqlite:///mlflow.db` or MLFLOW_TRACKING_URI
-    # would name another store, or none.
-    cfg = cfg.model_copy(
-        update={"tracking": cfg.tracking.model_copy(update={"uri": registry.tracking_uri(cfg.tracking)})}
-    )
+    cfg = as_seen_here(cfg)
     init_ray()
     # Ctrl-C or SIGTERM (docker stop, systemd, Kubernetes) at any point, even while the app is still
     # starting, stops Serve cleanly: replicas finish the requests they hold before they exit.
     with sigterm_interrupts(replace=True):
         _serve_until_interrupted(cfg, name, blocking)
+
+
+def as_seen_here(cfg: Config) -> Config:
+    """``cfg`` with its store and local paths as this process sees them: replicas run in other
+    processes, with the working directory and environment of the Ray they run on, where
+    `sqlite:///mlflow.db`, MLFLOW_TRACKING_URI or `prediction_log.location=answers` would name
+    another place, or none."""
+    model_uri, log_at = cfg.serve.model_uri, cfg.prediction_log.location
+    return cfg.model_copy(
+        update={
+            "tracking": cfg.tracking.model_copy(update={"uri": registry.tracking_uri(cfg.tracking)}),
+            "serve": cfg.serve.model_copy(update={"model_uri": model_uri and storage.pinned(model_uri)}),
+            "prediction_log": cfg.prediction_log.model_copy(
+                update={"location": log_at and storage.pinned(log_at)}
+            ),
+            "rollout": cfg.rollout.model_copy(update={"store": storage.pinned(cfg.rollout.store)}),
+        }
+    )
 
 
 def _serve_until_interrupted(cfg: Config, name: str, blocking: bool) -> None:
