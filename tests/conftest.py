@@ -38,9 +38,6 @@ if TYPE_CHECKING:
     from hotdog_ray.train import TrainOutcome
 
 
-METRICS_REPORT_MS = 2000
-
-
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole run: starting Ray costs seconds, and two instances on one
@@ -54,10 +51,6 @@ def ray_session():
     # Serve's tests run as `hotdog serve` does by default (HAProxy, throughput mode), with a short
     # drain (the env reaches the `hotdog serve` subprocess too).
     set_serve_env(ServeSettings(), drain_s=1)
-    # Metrics reach the node's endpoint every 2 s instead of Ray's 10 s (read by the processes Ray
-    # starts): the tests that wait for a report wait a fifth as long, and the gauges' refresh is
-    # held to a cluster's own interval (hotdog_ray.telemetry.gauge_keeper).
-    os.environ["RAY_metrics_report_interval_ms"] = str(METRICS_REPORT_MS)
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
