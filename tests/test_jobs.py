@@ -218,37 +218,40 @@ def _start_sample_training(
     )
 
 
-@dataclass(kw_only=True)
-class Refused:
-    """A submission that must fail: its exit status and what it printed."""
-
-    returncode: int
-    out: str
+@pytest.fixture(scope="module")
+def missing_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jobs") / "nothing"
 
 
 @pytest.fixture(scope="module")
-def refused(ray_head, tmp_path_factory) -> dict[str, Refused]:
-    """The two submissions below, sent at once: each spends most of its time waiting for its job."""
-    missing = tmp_path_factory.mktemp("jobs") / "nothing"
+def refused(ray_head, missing_root) -> dict[str, subprocess.CompletedProcess]:
+    """The two submissions below, sent at once (each spends most of its time waiting for its job);
+    stopped by process id if they outlive the wait."""
     started = {
-        str(missing): _start_sample_training(ray_head, "--set", f"data.root={missing}"),
+        "missing data": _start_sample_training(ray_head, "--set", f"data.root={missing_root}"),
         # The README's first cluster command, as a new user types it (no MLFLOW_TRACKING_URI).
         "as typed": _start_sample_training(
             ray_head, env={k: v for k, v in _env().items() if k != "MLFLOW_TRACKING_URI"}
         ),
     }
-    return {
-        name: Refused(out=proc.communicate(timeout=300)[0], returncode=proc.wait())
-        for name, proc in started.items()
-    }
+    try:
+        outputs = {name: proc.communicate(timeout=300)[0] for name, proc in started.items()}
+        return {
+            name: subprocess.CompletedProcess(proc.args, proc.returncode, outputs[name])
+            for name, proc in started.items()
+        }
+    finally:
+        for proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
-def test_a_failing_job_fails_the_submission_with_the_reason(refused):
-    (missing,) = (name for name in refused if name != "as typed")
-    proc = refused[missing]
+def test_a_failing_job_fails_the_submission_with_the_reason(refused, missing_root):
+    proc = refused["missing data"]
     assert proc.returncode != 0
-    assert "failed" in proc.out.lower()
-    assert missing in proc.out  # the job's own error names what is missing
+    assert "failed" in proc.stdout.lower()
+    assert str(missing_root) in proc.stdout  # the job's own error names what is missing
 
 
 def test_a_job_that_would_lose_its_results_refuses_to_start(refused):
@@ -256,7 +259,7 @@ def test_a_job_that_would_lose_its_results_refuses_to_start(refused):
     copy of the working directory, without data/ (.gitignored) and deleted with the session, so
     the default SQLite store and relative paths would vanish: the job says so and does nothing."""
     proc = refused["as typed"]
-    out = proc.out
+    out = proc.stdout
     assert proc.returncode != 0 and "failed" in out.lower()
     assert "runs from Ray's copy of its working directory" in out
     assert "set MLFLOW_TRACKING_URI" in out  # the default sqlite:///mlflow.db
