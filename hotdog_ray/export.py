@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import mlflow
 import numpy as np
-import onnx
 import pandas as pd
 import torch
 from mlflow.models import ModelSignature
@@ -159,6 +158,9 @@ def _export(graph: torch.nn.Module, images: np.ndarray) -> bytes:
 
 
 def _check_graph(data: bytes) -> None:
+    # Only an export checks a graph; serving and scoring import this module through the model
+    # store, and onnx's import (its ml_dtypes extension) would lengthen every replica's start.
+    import onnx  # noqa: PLC0415 - an export's check alone needs onnx (see above)
 
     onnx.checker.check_model(onnx.load_from_string(data))
 

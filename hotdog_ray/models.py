@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import io
 import logging
+from types import ModuleType
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision import models as tvm
-from torchvision.models import resnet18 as tv_resnet18
-from torchvision.models import vgg16 as tv_vgg16
 
 from hotdog_ray import storage, zoo
 from hotdog_ray.errors import ModelError
@@ -195,12 +193,22 @@ class Transfer(nn.Module):
         return self.head(self.backbone(x))
 
 
+def _torchvision_models() -> ModuleType:
+    """torchvision's model zoo, imported by the transfer models alone: torchvision's import loads
+    torch._dynamo, which every training worker, Serve replica and scorer of a recipe CNN would pay
+    for at start-up without using it."""
+    from torchvision import models  # noqa: PLC0415 - only transfer models need torchvision (see docstring)
+
+    return models
+
+
 def _load_backbone_weights(module: nn.Module, weights: str | None, name: str) -> None:
     """Pretrained weights: ``torchvision`` (download) or a state-dict file at a path or URI."""
     if not weights:
         log.warning("%s backbone has random weights (model.pretrained_weights not set)", name)
         return
     if weights == "torchvision":
+        tvm = _torchvision_models()
         enum = {"vgg16": tvm.VGG16_Weights.IMAGENET1K_V1, "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1}[
             name
         ]
@@ -235,7 +243,7 @@ def vgg16(
     ``dropout`` replaces the first dropout; the second stays the recipe's 0.2.
     """
 
-    base = tv_vgg16(weights=None)
+    base = _torchvision_models().vgg16(weights=None)
     _load_backbone_weights(base, pretrained_weights, "vgg16")
     side = _spatial(image_size, [("pool", 2)] * 5)
     head = nn.Sequential(
@@ -261,7 +269,7 @@ def resnet18(
 ) -> nn.Module:
     """ResNet-18 (frozen) without its classifier + a head: dense ``head_units``, dropout, dense classes."""
 
-    base = tv_resnet18(weights=None)
+    base = _torchvision_models().resnet18(weights=None)
     _load_backbone_weights(base, pretrained_weights, "resnet18")
     base.fc = nn.Identity()
     head = nn.Sequential(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "ray", "mlflow", "onnxruntime")
+HEAVY = ("torch", "torchvision", "ray", "mlflow", "onnx", "onnxruntime")
 
 
 def loaded_after(statement: str) -> list[str]:
@@ -35,6 +35,10 @@ def test_config_registry_and_tracking_import_without_torch():
         ("hotdog_ray.storage", []),
         ("hotdog_ray.zoo", []),
         ("hotdog_ray.scorer", ["onnxruntime"]),  # the ONNX Runtime scoring actor
+        # Processes that start often: a recipe CNN's replica and training worker load neither
+        # torchvision (only transfer models need it) nor onnx (only an export checks a graph).
+        ("hotdog_ray.server.replica", ["mlflow", "onnxruntime", "ray", "torch"]),
+        ("hotdog_ray.loop", ["ray", "torch"]),
     ],
 )
 def test_light_modules_stay_light(module, allowed):
