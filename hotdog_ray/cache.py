@@ -194,17 +194,21 @@ def build(pipeline: "ImagePipeline", split: str, root: storage.Location, key: st
     build_id = uuid.uuid4().hex[:8]
     total = len(pipeline.layout.files[split])
     log.info("%s: decoding %d files once into cache %s", split, total, folder.uri)
-    ds = pipeline.dataset(split, augment=False, keep_paths=True)
+    ds = pipeline.dataset(split, augment=False, keep_paths=True, keep_errors=True)
     ds.context.execution_options.preserve_order = True  # the same files give the same cache
     progress = Progress(total, 30.0, f"{split} cached")
     shards: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
     t0 = time.monotonic()
     for batch in ds.iter_batches(batch_size=cfg.cache.shard_images, batch_format="numpy"):
-        shards.append(write_shard(folder, f"{build_id}-{len(shards):05d}", batch))
-        progress.update(sum(s["rows"] for s in shards))
+        errors = np.asarray(batch.pop("error")).astype(str)
+        bad = errors != ""
+        skipped.update(zip(np.asarray(batch["path"])[bad].astype(str).tolist(), errors[bad].tolist()))
+        if not bad.all():
+            good = {column: values[~bad] for column, values in batch.items()}
+            shards.append(write_shard(folder, f"{build_id}-{len(shards):05d}", good))
+        progress.update(sum(s["rows"] for s in shards) + len(skipped))
     count = sum(s["rows"] for s in shards)
-    in_split = {p for p, _ in pipeline.layout.files[split]}
-    skipped = {p: r for p, r in pipeline.skipped().items() if p in in_split}
     if count + len(skipped) != total:
         raise DataError(f"{split}: cache build saw {count} images and {len(skipped)} unreadable of {total}")
     manifest = _manifest(pipeline, split, key, count, shards, skipped)

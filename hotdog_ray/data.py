@@ -176,14 +176,15 @@ def decode_batch(
     epoch: int = 0,
     on_skip: Callable[[list[tuple[str, str]]], None] | None = None,
     keep_paths: bool = False,
+    keep_errors: bool = False,
 ) -> dict[str, np.ndarray]:
     """Decode a batch of ``{"bytes", "path"}`` rows into ``image``, ``label`` and an ``ok`` flag.
 
     Unreadable files keep their row (a zero image, ``ok`` False) and are passed to ``on_skip``
     with the reason; the caller drops them with an Arrow filter, which keeps the column types
     even when a whole block was bad. Paths are strings and cannot go into torch batches, so
-    they are kept only on request. With ``seed``, each image's augmentation is drawn from
-    (seed, epoch, path).
+    they are kept only on request, as is each row's reason (``error``, "" where it decoded). With
+    ``seed``, each image's augmentation is drawn from (seed, epoch, path).
     """
     decoded = decode_rows(batch["bytes"], size=size, max_pixels=max_pixels)
     images, ok = decoded.images, decoded.ok
@@ -202,6 +203,8 @@ def decode_batch(
     out = {"image": images, "label": labels, "ok": ok}
     if keep_paths:
         out["path"] = np.asarray([str(p) for p in batch["path"]], dtype=object)
+    if keep_errors:
+        out["error"] = np.asarray(decoded.errors, dtype=object)
     return out
 
 
@@ -305,8 +308,7 @@ class ImagePipeline:
     def __init__(self, cfg: "DataSettings", layout: DatasetLayout) -> None:
         self.cfg = cfg
         self.layout = layout
-
-        self._skip_log = ray.remote(SkipLog).options(**on_this_node()).remote()
+        self._skip_log: Any = None  # the SkipLog actor, started by the first dataset that drops rows
 
     @classmethod
     def from_config(
@@ -322,6 +324,7 @@ class ImagePipeline:
         keep_paths: bool = False,
         shuffle_seed: int | None = None,
         epoch: int = 0,
+        keep_errors: bool = False,
     ) -> "ray.data.Dataset":
         """The split as a lazy Ray dataset of ``{"image": uint8 HWC, "label"[, "path"]}`` rows.
 
@@ -330,6 +333,10 @@ class ImagePipeline:
         one class at a time collapses to predicting the current one. The seed also fixes every
         augmentation draw (with ``epoch``), so with ``preserve_order`` each epoch's rows are
         reproducible. ``augment`` applies the config's augmentation per image on the CPU (train only).
+
+        Unreadable files are dropped and recorded for :meth:`skipped`; with ``keep_errors`` their
+        rows stay, with the reason in an ``error`` column ("" where the file decoded), for a consumer
+        that reads every row itself (the cache build) and needs no actor to tally them.
         """
 
         if split not in self.layout.files:
@@ -353,15 +360,24 @@ class ImagePipeline:
                 "transform": transform,
                 "seed": shuffle_seed,
                 "epoch": epoch,
-                "on_skip": _Reporter(self._skip_log),
+                "on_skip": None if keep_errors else _Reporter(self._skip_log_actor()),
                 "keep_paths": keep_paths,
+                "keep_errors": keep_errors,
             },
         )
+        if keep_errors:
+            return decoded.drop_columns(["ok"])
         return decoded.filter(expr=col("ok") == True).drop_columns(["ok"])  # noqa: E712 (an expression)
 
-    def skipped(self) -> dict[str, str]:
-        """Every unreadable file met so far, with the reason."""
+    def _skip_log_actor(self) -> Any:
+        if self._skip_log is None:
+            self._skip_log = ray.remote(SkipLog).options(**on_this_node()).remote()
+        return self._skip_log
 
+    def skipped(self) -> dict[str, str]:
+        """Every unreadable file the datasets that drop them met so far, with the reason."""
+        if self._skip_log is None:
+            return {}
         return ray.get(self._skip_log.get.remote())
 
 

@@ -9,6 +9,10 @@ import os
 # iterates os.environ and fails with KeyError '_MLFLOW_TELEMETRY_SESSION_ID' (seen once in CI, in a
 # training thread's runs/create). Off for the tests, their Ray workers and their MLflow servers.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# The tests' `mlflow ui` and `mlflow server` run without MLflow's job runner, as k8s/mlflow.yaml
+# runs the server: its huey consumers serve GenAI features this project does not use.
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+os.environ.setdefault("MLFLOW_WORKERS", "1")  # `mlflow ui`'s web workers (4 by default) for one client
 import io
 import subprocess
 import uuid
