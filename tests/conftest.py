@@ -26,6 +26,7 @@ from PIL import Image
 
 from tests.helpers import (
     BUCKET,
+    SharedServe,
     free_port,
     k8s_manifest,
     mlflow_store,
@@ -58,6 +59,21 @@ def ray_session():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_serve(ray_session) -> Iterator[SharedServe]:
+    """One Serve instance for the session's in-process apps (see :class:`tests.helpers.SharedServe`)."""
+    shared = SharedServe()
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture()
+def serve_stopped(shared_serve) -> None:
+    """No Serve running on the session's Ray: for a test whose subprocess starts Serve itself on
+    its own port (Serve's HTTP options are one per instance)."""
+    shared_serve.stop()
 
 
 @pytest.fixture()

@@ -379,25 +379,52 @@ def browser_session(profile_root: Path) -> Iterator[Any]:
         driver.quit()
 
 
+class SharedServe:
+    """Ray Serve on the session's Ray, for the tests that deploy their apps in-process: started
+    when a test first needs it and kept between tests and modules (a start and a shutdown cost
+    seconds and three processes), each test deleting the apps it made. :meth:`stop` is for a test
+    whose subprocess runs Serve itself (``hotdog serve``, the GPU check); the next user starts it
+    again, on a fresh port."""
+
+    def __init__(self) -> None:
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        from ray import serve
+
+        if self.port is None:
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            self.port = port
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        from ray import serve
+
+        if self.port is not None and ray.is_initialized():
+            serve.shutdown()
+        self.port = None
+
+
 @contextlib.contextmanager
-def serve_app(cfg, name: str) -> Iterator[str]:
-    """``cfg``'s app on Ray Serve (a quarter CPU a replica) on a free port of the session's Ray:
-    its URL, shut down afterwards (Serve's HTTP options are per instance: one app module at a time)."""
+def serve_app(cfg, name: str, shared: SharedServe, route_prefix: str = "/") -> Iterator[str]:
+    """``cfg``'s app ``name`` on the session's Serve (a quarter CPU a replica) at ``route_prefix``:
+    its URL once ready, the app deleted afterwards."""
     from ray import serve
 
     from hotdog_ray.server.launch import deployment, wait_ready
 
-    port = free_port()
+    base = shared.url
     cfg = cfg.model_copy(deep=True)
-    cfg.serve.port, cfg.serve.cpus_per_replica = port, 0.25
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg.serve.port, cfg.serve.cpus_per_replica = shared.port, 0.25
     try:
-        serve.run(deployment(cfg).bind(cfg.model_dump(mode="json")), name=name, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
+        serve.run(deployment(cfg).bind(cfg.model_dump(mode="json")), name=name, route_prefix=route_prefix)
+        url = base + route_prefix.rstrip("/")
         assert wait_ready(url, timeout=60)
         yield url
     finally:
-        serve.shutdown()
+        serve.delete(name)
 
 
 class SteadyClients:

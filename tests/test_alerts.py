@@ -184,7 +184,7 @@ class LiveService:
 
 
 @pytest.fixture(scope="module")
-def live(ray_session, tmp_path_factory):
+def live(shared_serve, tmp_path_factory):
     from ray import serve
 
     from hotdog_ray.registry import set_alias
@@ -212,18 +212,14 @@ def live(ray_session, tmp_path_factory):
     set_alias(cfg.tracking, models[1], alias=cfg.tracking.challenger_alias)
     # A registry with no model in it.
     empty = tiny_model_config(tmp / "empty", "serve.cpus_per_replica=0.25", "serve.reload_interval_s=0")
-    port = free_port()
     target = f"127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}"
     proms = []
     for name, apps in (("healthy", "alerting"), ("no-model", "no-model"), ("dashboard", ".*")):
         (tmp / name).mkdir()
         proms.append(LivePrometheus(tmp / name, target, apps))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     stop, good = threading.Event(), threading.Event()
     good.set()
-    sender = threading.Thread(
-        target=steady_traffic, args=(f"http://127.0.0.1:{port}", stop, good), daemon=True
-    )
+    sender = threading.Thread(target=steady_traffic, args=(shared_serve.url, stop, good), daemon=True)
     # Every gauge we export, set once in a process that lives on, beside a plain Ray gauge: checked
     # once the healthy watch is over, long past Ray's eviction of unrefreshed gauges.
     gauges_run = f"keeper-{uuid.uuid4().hex[:8]}"
@@ -255,7 +251,6 @@ def live(ray_session, tmp_path_factory):
         stop.set()
         for app in ("alerting", "no-model"):
             serve.delete(app)
-        serve.shutdown()
         for p in proms:
             p.stop()
 

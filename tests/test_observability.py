@@ -21,7 +21,7 @@ from hotdog_ray.predlog import Entry, PredictionLog
 from hotdog_ray.registry import set_alias
 from hotdog_ray.server.launch import wait_ready
 from tests.helpers import (
-    free_port,
+    SharedServe,
     png,
     register_model,
     scrape,
@@ -115,24 +115,24 @@ def test_sampling_keeps_about_the_rate(tmp_path):
 
 
 @contextlib.contextmanager
-def served_app(cfg, name: str, port: int, env: dict[str, str] | None = None) -> Iterator[None]:
-    """``cfg``'s Serve app ``name`` on ``port`` (its replica with ``env``), ready, for the block; deleted
-    after it (the replica's shutdown writes what its prediction log still holds)."""
+def served_app(cfg, name: str, shared: SharedServe, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``cfg``'s Serve app ``name`` on the session's Serve (its replica with ``env``): its URL once
+    ready, for the block; deleted after it (the replica's shutdown writes what its prediction log
+    still holds)."""
     from ray import serve
 
     from hotdog_ray.server.launch import deployment
 
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = shared.url
     dep = deployment(cfg)
     if env:
         dep = dep.options(ray_actor_options={**dep.ray_actor_options, "runtime_env": {"env_vars": env}})
     serve.run(dep.bind(cfg.model_dump(mode="json")), name=name, route_prefix="/")
     try:
-        assert wait_ready(f"http://127.0.0.1:{port}", timeout=60)
-        yield
+        assert wait_ready(url, timeout=60)
+        yield url
     finally:
         serve.delete(name)
-        serve.shutdown()
 
 
 def log_location(where: str, tmp_path: Path, request) -> tuple[Any, dict[str, str]]:
@@ -157,13 +157,12 @@ def post_png(url: str, data: bytes, status: int) -> requests.Response:
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_known_requests_show_in_metrics_and_the_log(where, ray_session, tmp_path, request):
+def test_known_requests_show_in_metrics_and_the_log(where, shared_serve, tmp_path, request):
     """N known requests to a real Serve app: the node's metrics endpoint counts them by status and
     class, with a batch-size observation each; the prediction log (a folder, or a bucket on moto's
     S3) holds exactly one row per answer once the app is deleted."""
     from hotdog_ray.predict import Predictor
 
-    port = free_port()
     app_name = f"monitored-{where}"
     log_root, env = log_location(where, tmp_path, request)
     cfg = tiny_model_config(
@@ -181,8 +180,7 @@ def test_known_requests_show_in_metrics_and_the_log(where, ray_session, tmp_path
     offline = Predictor.from_config(cfg, f"models:/{cfg.tracking.registered_model}/{version}", device="cpu")
     expected = Counter(offline.predict(img).label for img in images)
 
-    url = f"http://127.0.0.1:{port}"
-    with served_app(cfg, app_name, port, env):
+    with served_app(cfg, app_name, shared_serve, env) as url:
         ids = [post_png(url, img, 200).json()["request_id"] for img in images]
         for _ in range(3):  # refused: not an image
             post_png(url, b"nope", 422)
@@ -261,7 +259,7 @@ def answer_and_label(url: str, images: list[bytes], theirs: Any) -> tuple[dict, 
     return ours, shadow, truth
 
 
-def test_shadow_answers_and_feedback_give_each_version_its_accuracy(ray_session, tmp_path, capsys):
+def test_shadow_answers_and_feedback_give_each_version_its_accuracy(shared_serve, tmp_path, capsys):
     """A shadow rollout with the prediction log: the metrics count the shadow's answers by agreement
     and label, the log holds both versions' answers under one request id, POST /feedback stores true
     labels, and `hotdog rollout report --since today` gives agreement and each version's accuracy as
@@ -270,17 +268,14 @@ def test_shadow_answers_and_feedback_give_each_version_its_accuracy(ray_session,
     from hotdog_ray.predict import Predictor
     from hotdog_ray.promote import set_challenger
 
-    port, cfg = (
-        free_port(),
-        tiny_model_config(
-            tmp_path,
-            "serve.reload_interval_s=0",
-            "serve.cpus_per_replica=0.25",
-            "rollout.mode=shadow",
-            f"prediction_log.location={tmp_path / 'log'}",
-            "prediction_log.flush_interval_s=0.3",
-            f"rollout.store={tmp_path / 'rollout'}",
-        ),
+    cfg = tiny_model_config(
+        tmp_path,
+        "serve.reload_interval_s=0",
+        "serve.cpus_per_replica=0.25",
+        "rollout.mode=shadow",
+        f"prediction_log.location={tmp_path / 'log'}",
+        "prediction_log.flush_interval_s=0.3",
+        f"rollout.store={tmp_path / 'rollout'}",
     )
     _, champion = register_model(cfg, tiny_model(CLASSES, seed=11), CLASSES, name="champion")
     _, challenger = register_model(cfg, tiny_model(CLASSES, seed=12), CLASSES, name="challenger")
@@ -288,8 +283,7 @@ def test_shadow_answers_and_feedback_give_each_version_its_accuracy(ray_session,
     set_challenger(cfg, challenger)
     theirs = Predictor.from_config(cfg, f"models:/{cfg.tracking.registered_model}/{challenger}", device="cpu")
     images = [png(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)) for i in range(10)]
-    url = f"http://127.0.0.1:{port}"
-    with served_app(cfg, "shadowed", port):
+    with served_app(cfg, "shadowed", shared_serve) as url:
         ours, shadow, truth = answer_and_label(url, images, theirs)
         bad = requests.post(url + "/feedback", json={"request_id": "no spaces", "label": "cat"}, timeout=30)
         documented = requests.get(url + "/openapi.json", timeout=10).json()["paths"]["/feedback"]["post"]

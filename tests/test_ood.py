@@ -106,8 +106,8 @@ def test_a_scoring_row_flags_the_pagoda(digits, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def served(digits):
-    with serve_app(digits.cfg, "ood") as url:
+def served(digits, shared_serve):
+    with serve_app(digits.cfg, "ood", shared_serve) as url:
         yield url
 
 

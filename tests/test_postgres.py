@@ -22,7 +22,9 @@ def test_documented_postgres_uri_is_the_one_the_guide_and_secret_give():
     assert "MLFLOW_BACKEND_STORE_URI: postgresql://" in secret
 
 
-def test_train_promote_and_serve_against_mlflow_on_postgres(ray_session, postgres, mlflow_server, tmp_path):
+def test_train_promote_and_serve_against_mlflow_on_postgres(
+    ray_session, shared_serve, postgres, mlflow_server, tmp_path
+):
     if postgres is None:
         pytest.skip("PostgreSQL is not installed (Debian's package postgresql; CI installs it)")
     from hotdog_ray.config import load_config
@@ -55,7 +57,7 @@ def test_train_promote_and_serve_against_mlflow_on_postgres(ray_session, postgre
     assert promote.returncode == 0, promote.stderr[-3000:]
 
     digit = sorted((tmp_path / "data" / "test").rglob("*.png"))[0]
-    with serve_app(cfg, "postgres") as url:
+    with serve_app(cfg, "postgres", shared_serve) as url:
         answer = requests.post(
             f"{url}/predict", data=digit.read_bytes(), headers={"Content-Type": "image/png"}, timeout=30
         )

@@ -55,12 +55,12 @@ def accuracy(predictor: Predictor, files: list[Path]) -> float:
 
 
 @pytest.fixture(scope="module")
-def served(digits):
+def served(digits, shared_serve):
     """The champion served with a shadow rollout: a challenger, once there is one, scores every
     request too; replicas poll the aliases twice a second and write their figures as often."""
     cfg = digits.cfg.model_copy(deep=True)
     cfg.rollout.mode, cfg.rollout.flush_interval_s, cfg.serve.reload_interval_s = "shadow", 0.5, 0.5
-    with serve_app(cfg, "retrain") as url:
+    with serve_app(cfg, "retrain", shared_serve) as url:
         yield url
 
 

@@ -71,16 +71,16 @@ class App:
 
 
 @pytest.fixture(scope="module")
-def app(ray_session, tmp_path_factory):
+def app(shared_serve, tmp_path_factory):
     from ray import serve
 
     from hotdog_ray.server.launch import deployment
 
     tmp = tmp_path_factory.mktemp("serve")
-    port = free_port()
+    url = shared_serve.url
     cfg = tiny_model_config(
         tmp,
-        f"serve.port={port}",
+        f"serve.port={shared_serve.port}",
         "serve.reload_interval_s=0.5",
         "serve.cpus_per_replica=0.25",
         "serve.limits.max_upload_bytes=300000",
@@ -88,12 +88,12 @@ def app(ray_session, tmp_path_factory):
     )
     version, model = register(cfg, seed=1)
     set_alias(cfg.tracking, version)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(deployment(cfg).bind(cfg.model_dump(mode="json")), name="hotdog", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    assert wait_ready(url, timeout=60)
-    yield App(cfg, url, {version: model})
-    serve.shutdown()
+    try:
+        assert wait_ready(url, timeout=60)
+        yield App(cfg, url, {version: model})
+    finally:
+        serve.delete("hotdog")
 
 
 def test_health_readiness_model_and_docs(app):

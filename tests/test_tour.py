@@ -51,9 +51,11 @@ def same_fields(got: object, shown: object, where: str = "answer") -> None:
 
 
 @pytest.fixture(scope="module")
-def after_quickstart(ray_session, tmp_path_factory):
+def after_quickstart(ray_session, shared_serve, tmp_path_factory):
     """A folder as the Quickstart's command 1 leaves it: the sample written and trained on by the
-    job (two epochs in the driver instead of 30 epochs on a worker), the store in ./mlflow.db."""
+    job (two epochs in the driver instead of 30 epochs on a worker), the store in ./mlflow.db; no
+    Serve running (the documents' `hotdog serve` starts its own on port 8000)."""
+    shared_serve.stop()
     folder = tmp_path_factory.mktemp("tour")
     for shared in ("configs", "jobs"):
         (folder / shared).symlink_to(REPO / shared)
