@@ -526,3 +526,31 @@ def postgres_database() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def listening_process(port: int, timeout: float = 10):
+    """The local process listening on ``port`` (a psutil.Process; None if none is found in ``timeout``).
+
+    Polled: HAProxy hands its socket to a new process on every config reload."""
+    import psutil
+
+    def listening():
+        for proc in psutil.process_iter(["name"]):
+            try:
+                conns = proc.net_connections("tcp")
+            except (psutil.AccessDenied, psutil.NoSuchProcess):
+                continue
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+                return proc
+        return None
+
+    try:
+        return wait_until(listening, timeout=timeout, interval=0.2)
+    except AssertionError:
+        return None
+
+
+def listener(port: int, timeout: float = 10) -> str:
+    """The name of the local process listening on ``port`` ("" if none is found in ``timeout``)."""
+    proc = listening_process(port, timeout)
+    return proc.info["name"] if proc else ""
