@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -129,6 +130,20 @@ def test_sigterm_ends_the_run_killed_where_nothing_else_handles_it(tmp_path):
     assert _only_run(cfg).info.status == "KILLED"
 
 
+@pytest.fixture()
+def ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in this process for the test, as at a terminal: a suite started
+    as a background job (`cmd &`, a CI runner's shell) inherits SIGINT ignored."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_signals_inside_a_deferred_block_land_when_it_ends():
     """Ctrl-C inside the block is raised at its end (nested blocks: the outermost), once per signal
     kind; the handlers it replaced are back afterwards."""
@@ -149,6 +164,7 @@ def test_signals_inside_a_deferred_block_land_when_it_ends():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_during_logging_leaves_the_store_free_to_end_the_run_killed(tmp_path):
     """A KeyboardInterrupt that cuts a SQLite write in half leaves the process holding the database
     lock, and the run's KILLED update then fails after MLflow's 20 s busy timeout. Ctrl-C at random
