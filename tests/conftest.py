@@ -13,6 +13,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # runs the server: its huey consumers serve GenAI features this project does not use.
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ.setdefault("MLFLOW_WORKERS", "1")  # `mlflow ui`'s web workers (4 by default) for one client
+# Ray's processes report metrics every 2 s instead of 10: the alert and metrics tests wait for
+# reports (and for the agent's eviction of unrefreshed gauges, two reports), five times less.
+# Telemetry reads the interval Ray runs with (compat.metrics_report_interval_s), so the code path is
+# the production one. Every Ray process of the run (the session's, `ray start` heads, subprocesses)
+# inherits it.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 import io
 import subprocess
 import uuid
