@@ -199,6 +199,7 @@ def build(pipeline: "ImagePipeline", split: str, root: storage.Location, key: st
     progress = Progress(total, 30.0, f"{split} cached")
     shards: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
+    count = 0
     t0 = time.monotonic()
     for batch in ds.iter_batches(batch_size=cfg.cache.shard_images, batch_format="numpy"):
         errors = np.asarray(batch.pop("error")).astype(str)
@@ -207,8 +208,8 @@ def build(pipeline: "ImagePipeline", split: str, root: storage.Location, key: st
         if not bad.all():
             good = {column: values[~bad] for column, values in batch.items()}
             shards.append(write_shard(folder, f"{build_id}-{len(shards):05d}", good))
-        progress.update(sum(s["rows"] for s in shards) + len(skipped))
-    count = sum(s["rows"] for s in shards)
+            count += shards[-1]["rows"]
+        progress.update(count + len(skipped))
     if count + len(skipped) != total:
         raise DataError(f"{split}: cache build saw {count} images and {len(skipped)} unreadable of {total}")
     manifest = _manifest(pipeline, split, key, count, shards, skipped)

@@ -181,10 +181,11 @@ def decode_batch(
     """Decode a batch of ``{"bytes", "path"}`` rows into ``image``, ``label`` and an ``ok`` flag.
 
     Unreadable files keep their row (a zero image, ``ok`` False) and are passed to ``on_skip``
-    with the reason; the caller drops them with an Arrow filter, which keeps the column types
-    even when a whole block was bad. Paths are strings and cannot go into torch batches, so
-    they are kept only on request, as is each row's reason (``error``, "" where it decoded). With
-    ``seed``, each image's augmentation is drawn from (seed, epoch, path).
+    with the reason; the streaming datasets drop them with an Arrow filter (which keeps the column
+    types even when a whole block was bad), and a consumer that asked for ``keep_errors`` drops
+    them itself. Paths are strings and cannot go into torch batches, so they are kept only on
+    request, as is each row's reason (``error``, "" where it decoded). With ``seed``, each image's
+    augmentation is drawn from (seed, epoch, path).
     """
     decoded = decode_rows(batch["bytes"], size=size, max_pixels=max_pixels)
     images, ok = decoded.images, decoded.ok

@@ -68,6 +68,18 @@ def test_bad_files_are_counted_once_across_epochs(ray_session, image_tree):
     assert len(pipeline.skipped()) == sum(b.startswith("train/") for b in image_tree.bad)
 
 
+def test_keep_errors_keeps_every_row_with_its_reason_and_starts_no_skip_log(ray_session, image_tree):
+    """The cache build's view: one row per file, the bad ones with their reason, nothing tallied
+    by an actor (the consumer reads every row itself)."""
+    pipeline = ImagePipeline.from_config(DataSettings(root=str(image_tree.root), image_size=8))
+    rows = pipeline.dataset("train", keep_paths=True, keep_errors=True).take_all()
+    errors = {r["path"].split("/train/", 1)[1]: r["error"] for r in rows}
+    bad = {b.removeprefix("train/") for b in image_tree.bad if b.startswith("train/")}
+    assert len(rows) == image_tree.good_count("train") + len(bad)
+    assert {path for path, error in errors.items() if error} == bad
+    assert "ok" not in rows[0] and pipeline.skipped() == {}
+
+
 def test_only_train_is_augmented(ray_session, image_tree):
     cfg = DataSettings(
         root=str(image_tree.root),
