@@ -274,6 +274,7 @@ def steady_traffic(url: str, stop: threading.Event, good: threading.Event) -> No
 # The tests below run in this order on one live service.
 
 
+@pytest.mark.e2e
 def test_a_healthy_service_raises_no_alert_through_a_reload_and_past_gauge_eviction(live):
     """Scraped every second for over three gauge lifetimes past its model load (65 s at Ray's default
     report interval; with prediction log, shadow rollout and a hot reload on): no alert pending or
@@ -314,6 +315,7 @@ def exported_gauges() -> dict[str, tuple[str, ...]]:
     return {n: labels for n, (kind, labels, _) in SERIES.items() if kind == "gauge"}
 
 
+@pytest.mark.e2e
 def test_every_gauge_set_once_is_still_exported_long_after_ray_drops_unrefreshed_ones(live):
     """Ray's agent drops the plain gauge after two report intervals, so the test can tell; every
     one of ours, set once at the same time, stays."""
@@ -332,6 +334,7 @@ def test_every_gauge_set_once_is_still_exported_long_after_ray_drops_unrefreshed
     )
 
 
+@pytest.mark.e2e
 def test_a_deployment_without_a_model_raises_the_no_model_alert(live):
     """Its own alert, and its 503s count as failed requests (both pending, then paging)."""
     expected = {"HotdogNoModelLoaded": "pending", "HotdogHighErrorRate": "pending"}
@@ -340,12 +343,14 @@ def test_a_deployment_without_a_model_raises_the_no_model_alert(live):
     )
 
 
+@pytest.mark.e2e
 def test_refused_images_raise_the_refusal_alert_not_the_error_rate(live):
     live.good_traffic.clear()  # a client that sends what is not an image, 20 times a second
     wait_until(lambda: live.prom.alerts().get("HotdogHighRefusalRate") == "pending", timeout=60, interval=2)
     assert live.prom.alerts() == {"HotdogHighRefusalRate": "pending"}  # refused, not failed
 
 
+@pytest.mark.e2e
 def test_every_dashboard_panel_has_data_when_its_feature_runs(live, image_tree, tmp_path):
     """The jobs the dashboard shows, in this process: a training run, then a nightly scoring run of
     its model, whose drift check compares the night with the model's reference."""

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.py"
 
 
+@pytest.mark.e2e
 def test_gpu_check_smoke_runs_every_step_and_reports_it(tmp_path, joining_env, serve_stopped):
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--smoke", "--out", str(tmp_path)],

@@ -34,7 +34,7 @@ from tests.helpers import k8s_manifest as _manifest
 from tests.helpers import ray_client_env as _env
 from tests.helpers import wait_http as _wait_http
 
-pytestmark = pytest.mark.ray_head
+pytestmark = [pytest.mark.ray_head, pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"

@@ -22,6 +22,7 @@ def test_documented_postgres_uri_is_the_one_the_guide_and_secret_give():
     assert "MLFLOW_BACKEND_STORE_URI: postgresql://" in secret
 
 
+@pytest.mark.e2e
 def test_train_promote_and_serve_against_mlflow_on_postgres(
     ray_session, shared_serve, postgres, mlflow_server, tmp_path
 ):

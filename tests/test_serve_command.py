@@ -42,6 +42,7 @@ def hotdog_serve_command(tmp_path: Path, port: int) -> list[str]:
 
 
 @pytest.mark.ray_head
+@pytest.mark.e2e
 def test_hotdog_serve_command_serves_a_bundle_and_drains_on_sigterm(tmp_path):
     """``hotdog serve`` as a user runs it: its own Ray, the page and the API on the configured port,
     a model given as a bundle folder; SIGTERM under load (what docker stop, systemd and Kubernetes

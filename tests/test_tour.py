@@ -20,6 +20,8 @@ from ray import serve
 
 from tests.helpers import wait_until
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

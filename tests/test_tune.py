@@ -189,6 +189,7 @@ def good_sweep(ray_session, image_tree, tmp_path_factory):
     return cfg, out
 
 
+@pytest.mark.e2e
 def test_sweep_stops_poor_trials_and_nests_every_trial_in_mlflow(good_sweep):
     cfg, out = good_sweep
     assert len(out.trials) == 3
@@ -225,6 +226,7 @@ def test_sweep_stops_poor_trials_and_nests_every_trial_in_mlflow(good_sweep):
     assert len(lines) == 2 + len(out.trials) and lines[2].startswith(out.best["trial_id"])  # header, rule
 
 
+@pytest.mark.e2e
 def test_best_trial_is_promoted_and_a_worse_sweep_keeps_the_champion(good_sweep, image_tree, tmp_path):
     cfg, out = good_sweep
     assert out.decision.promoted and out.decision.champion_version is None
@@ -249,6 +251,7 @@ def test_best_trial_is_promoted_and_a_worse_sweep_keeps_the_champion(good_sweep,
     assert mlflow.get_run(second.run_id).data.tags["promotion"] == "kept"
 
 
+@pytest.mark.e2e
 def test_killed_sweep_resumes_and_accounts_for_every_trial(image_tree, tmp_path, joining_env):
     """The sweep's driver is killed after its first trial finished; a second run with --resume
     finishes the rest, and every planned trial ends up in the trials table and in MLflow.
@@ -334,6 +337,7 @@ def test_optuna_missing_fails_before_any_mlflow_run_is_opened(ray_session, image
     assert experiment is None or mlflow.search_runs([experiment.experiment_id]) == []
 
 
+@pytest.mark.e2e
 def test_runs_lists_the_sweep_and_its_trials(good_sweep, capsys):
     import json
 
