@@ -124,3 +124,18 @@ def _imported_modules(file: Path) -> set[str]:
 
 def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_marker_the_docs_select_by_is_registered_and_carried_by_tests(pytestconfig):
+    """The documented quick run (`pytest -m 'not e2e and not multinode'`) deselects by marker name;
+    pytest accepts an unknown name there and silently selects every test, so a renamed marker
+    would turn the quick run into the whole suite without a word."""
+    registered = {line.split(":", 1)[0].strip() for line in pytestconfig.getini("markers")}
+    texts = [(ROOT / "README.md").read_text(), (ROOT / "docs" / "development.md").read_text()]
+    expressions = {e for text in texts for e in re.findall(r"pytest -m '([^']+)'", text)}
+    assert expressions, "the docs name no -m selection"
+    names = {w for e in expressions for w in re.findall(r"\w+", e)} - {"and", "or", "not"}
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    for name in names:
+        assert name in registered, f"-m selects by {name!r}, which pyproject does not register"
+        assert f"pytest.mark.{name}" in tests, f"no test is marked {name!r}"
